@@ -1,0 +1,269 @@
+"""Pure numerics of integer quantization: ranges to encodings, quantize, dequantize.
+
+Definitions match AIMET's (``scale = (max - min) / (2^b - 1)``, ``offset = round(min / scale)``,
+``offset = -zero_point`` on the unsigned grid, symmetric grids of :mod:`onnxqat.spec`) and the
+ONNX ``QuantizeLinear`` / ``DequantizeLinear`` operators (``x / scale`` in float32, round half to
+even, saturate to the grid). These functions are the reference every graph lowering is tested
+against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from onnxqat.errors import EncodingsError
+from onnxqat.spec import MAX_BITWIDTH, MIN_BITWIDTH, QuantSpec
+
+__all__ = [
+    "Encoding",
+    "MIN_SCALE",
+    "compute_encoding",
+    "grid_bounds",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "broadcast_shape",
+]
+
+# Smallest scale we emit: float32 epsilon (AIMET's floor for 4- to 16-bit grids). A constant-zero
+# tensor gets this scale instead of a division by zero.
+MIN_SCALE = float(np.finfo(np.float32).eps)
+
+
+def grid_bounds(bitwidth: int, signed: bool, strict_symmetric: bool = False) -> tuple[int, int]:
+    """Integer range ``(qmin, qmax)`` of a grid.
+
+    >>> grid_bounds(8, signed=False), grid_bounds(8, signed=True), grid_bounds(8, True, True)
+    ((0, 255), (-128, 127), (-127, 127))
+    """
+    if signed:
+        half = 1 << (bitwidth - 1)
+        return -half + int(strict_symmetric), half - 1
+    return 0, (1 << bitwidth) - 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Encoding:
+    """Scale and zero point of one quantizer, per tensor (0-d arrays) or per channel (1-d arrays).
+
+    ``x_q = clamp(round(x / scale) + zero_point, qmin, qmax)`` and ``x = (x_q - zero_point) * scale``.
+    """
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    bitwidth: int
+    signed: bool
+    symmetric: bool
+    strict_symmetric: bool = False
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        scale = np.asarray(self.scale, dtype=np.float32)
+        zp = np.asarray(self.zero_point)
+        if not np.issubdtype(zp.dtype, np.integer):
+            if not np.all(np.isfinite(zp)) or np.any(zp != np.round(zp)):
+                raise EncodingsError(f"zero point must be integral, got {zp.tolist()}")
+        zp = zp.astype(np.int64)
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "zero_point", zp)
+        if not MIN_BITWIDTH <= self.bitwidth <= MAX_BITWIDTH:
+            raise EncodingsError(
+                f"bitwidth must be between {MIN_BITWIDTH} and {MAX_BITWIDTH}, got {self.bitwidth}"
+            )
+        if scale.ndim > 1 or scale.shape != zp.shape:
+            raise EncodingsError(
+                f"scale {scale.shape} and zero point {zp.shape} must be equal 0-d or 1-d shapes"
+            )
+        if (scale.ndim == 1) != (self.axis is not None):
+            raise EncodingsError("a per-channel encoding needs an axis, a per-tensor one none")
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            raise EncodingsError(f"scale must be finite and > 0, got {scale.ravel()[:8].tolist()}")
+        if self.strict_symmetric and not (self.symmetric and self.signed):
+            raise EncodingsError("a strict symmetric encoding must be symmetric and signed")
+        if self.symmetric and np.any(zp != 0):
+            raise EncodingsError("a symmetric encoding has zero point 0")
+        qmin, qmax = self.qmin, self.qmax
+        if np.any(zp < qmin) or np.any(zp > qmax):
+            raise EncodingsError(f"zero point outside the grid [{qmin}, {qmax}]: {zp.tolist()}")
+
+    # -- grid ---------------------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        return grid_bounds(self.bitwidth, self.signed, self.strict_symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        return grid_bounds(self.bitwidth, self.signed, self.strict_symmetric)[1]
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    @property
+    def container_bits(self) -> int:
+        """Bits of the ONNX integer type holding the values (8 or 16)."""
+        return 8 if self.bitwidth <= 8 else 16
+
+    @property
+    def container_dtype(self) -> np.dtype:
+        return np.dtype(f"{'int' if self.signed else 'uint'}{self.container_bits}")
+
+    @property
+    def narrow(self) -> bool:
+        """True when the grid is smaller than its container type (needs an explicit clip)."""
+        info = np.iinfo(self.container_dtype)
+        return (self.qmin, self.qmax) != (int(info.min), int(info.max))
+
+    @property
+    def min(self) -> np.ndarray:
+        return ((self.qmin - self.zero_point) * self.scale.astype(np.float64)).astype(np.float32)
+
+    @property
+    def max(self) -> np.ndarray:
+        return ((self.qmax - self.zero_point) * self.scale.astype(np.float64)).astype(np.float32)
+
+    # -- AIMET conventions ----------------------------------------------------------------------
+    @property
+    def aimet_offset(self) -> np.ndarray:
+        """AIMET's offset: ``x = (q' + offset) * scale`` with ``q'`` on ``[0, 2^b - 1]``."""
+        return (self.qmin - self.zero_point).astype(np.int64)
+
+    @classmethod
+    def from_aimet(
+        cls,
+        *,
+        bitwidth: int,
+        is_symmetric: bool,
+        scale: np.ndarray | list[float] | float,
+        offset: np.ndarray | list[int] | int,
+        axis: int | None = None,
+    ) -> Encoding:
+        """Build from AIMET's (scale, offset) pair; raises :class:`EncodingsError` if impossible."""
+        scale_arr = np.asarray(scale, dtype=np.float64)
+        offset_arr = np.asarray(offset, dtype=np.float64)
+        if scale_arr.shape != offset_arr.shape:
+            raise EncodingsError(f"{scale_arr.size} scales but {offset_arr.size} offsets")
+        if not np.all(np.isfinite(offset_arr)) or np.any(offset_arr != np.round(offset_arr)):
+            raise EncodingsError(f"offset must be integral, got {offset_arr.ravel()[:8].tolist()}")
+        if not MIN_BITWIDTH <= bitwidth <= MAX_BITWIDTH:
+            raise EncodingsError(
+                f"bitwidth must be between {MIN_BITWIDTH} and {MAX_BITWIDTH}, got {bitwidth}"
+            )
+        off = offset_arr.astype(np.int64)
+        half = 1 << (bitwidth - 1)
+        if is_symmetric:
+            first = int(off.ravel()[0]) if off.size else 0
+            if np.any(off != first):
+                raise EncodingsError("symmetric per-channel encodings must share one offset")
+            if first == -half:
+                return cls(scale_arr, np.zeros_like(off), bitwidth, True, True, False, axis)
+            if first == -half + 1:
+                return cls(scale_arr, np.zeros_like(off), bitwidth, True, True, True, axis)
+            if first == 0:
+                return cls(scale_arr, np.zeros_like(off), bitwidth, False, True, False, axis)
+            raise EncodingsError(
+                f"symmetric {bitwidth}-bit offset must be {-half}, {-half + 1} or 0, got {first}"
+            )
+        zp = -off
+        if np.any(zp < 0) or np.any(zp > 2 * half - 1):
+            raise EncodingsError(
+                f"offset outside the {bitwidth}-bit grid: {off.ravel()[:8].tolist()}"
+            )
+        return cls(scale_arr, zp, bitwidth, False, False, False, axis)
+
+    def with_axis(self, axis: int | None) -> Encoding:
+        return dataclasses.replace(self, axis=axis)
+
+    def equals(self, other: Encoding) -> bool:
+        return (
+            self.bitwidth == other.bitwidth
+            and self.signed == other.signed
+            and self.symmetric == other.symmetric
+            and self.strict_symmetric == other.strict_symmetric
+            and self.axis == other.axis
+            and np.array_equal(self.scale, other.scale)
+            and np.array_equal(self.zero_point, other.zero_point)
+        )
+
+    def __repr__(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        return (
+            f"Encoding({kind} {'int' if self.signed else 'uint'}{self.bitwidth}, "
+            f"scale={self.scale.ravel()[:4].tolist()}, zp={self.zero_point.ravel()[:4].tolist()}, "
+            f"axis={self.axis})"
+        )
+
+
+def compute_encoding(
+    min_val: np.ndarray | float, max_val: np.ndarray | float, spec: QuantSpec
+) -> Encoding:
+    """Encoding for an observed range, following AIMET's grid definitions.
+
+    The range is first widened to include zero. Asymmetric: ``scale = (max - min) / (2^b - 1)``,
+    ``zero_point = -round(min / scale)``. Symmetric: ``scale = max(|min|, |max|) / (2^(b-1) - 1)``
+    on the signed grid, or ``max / (2^b - 1)`` on the unsigned grid when the range is non-negative
+    and ``spec.unsigned_symmetric`` is set. Per-channel when ``min_val`` is 1-d.
+
+    >>> e = compute_encoding(-1.0, 3.0, QuantSpec(bitwidth=8))
+    >>> float(e.scale), int(e.zero_point), e.aimet_offset.item()
+    (0.01568627543747425, 64, -64)
+    """
+    lo = np.minimum(np.asarray(min_val, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(max_val, dtype=np.float64), 0.0)
+    if lo.shape != hi.shape or lo.ndim > 1:
+        raise ValueError(f"min {lo.shape} and max {hi.shape} must be equal 0-d or 1-d shapes")
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise ValueError("cannot compute an encoding from a non-finite range")
+    axis = spec.axis if lo.ndim == 1 else None
+    b = spec.bitwidth
+    if spec.symmetric:
+        unsigned = spec.unsigned_symmetric and bool(np.all(lo >= 0))
+        if unsigned:
+            scale = _floor_scale(hi / ((1 << b) - 1))
+            return Encoding(scale, np.zeros(lo.shape, np.int64), b, False, True, False, axis)
+        abs_max = np.maximum(-lo, hi)
+        scale = _floor_scale(abs_max / ((1 << (b - 1)) - 1))
+        return Encoding(
+            scale, np.zeros(lo.shape, np.int64), b, True, True, spec.strict_symmetric, axis
+        )
+    scale = _floor_scale((hi - lo) / ((1 << b) - 1))
+    zp = -np.rint(lo / scale.astype(np.float64)).astype(np.int64)
+    zp = np.clip(zp, 0, (1 << b) - 1)
+    return Encoding(scale, zp, b, False, False, False, axis)
+
+
+def _floor_scale(scale: np.ndarray) -> np.ndarray:
+    return np.maximum(scale, MIN_SCALE).astype(np.float32)
+
+
+def broadcast_shape(enc: Encoding, ndim: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel parameter along ``enc.axis`` of an ``ndim`` tensor."""
+    if enc.axis is None:
+        return ()
+    axis = enc.axis % ndim
+    return tuple(enc.scale.shape[0] if i == axis else 1 for i in range(ndim))
+
+
+def quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:
+    """ONNX ``QuantizeLinear`` on ``enc``'s grid: float32 division, round half to even, saturate."""
+    x = np.asarray(x, dtype=np.float32)
+    shape = broadcast_shape(enc, x.ndim)
+    scale = enc.scale.reshape(shape)
+    zp = enc.zero_point.reshape(shape)
+    q = np.rint(x / scale).astype(np.float64) + zp
+    return np.clip(q, enc.qmin, enc.qmax).astype(enc.container_dtype)
+
+
+def dequantize(q: np.ndarray, enc: Encoding) -> np.ndarray:
+    """ONNX ``DequantizeLinear``: ``(q - zero_point) * scale`` in float32."""
+    q = np.asarray(q)
+    shape = broadcast_shape(enc, q.ndim)
+    diff = (q.astype(np.int64) - enc.zero_point.reshape(shape)).astype(np.float32)
+    return diff * enc.scale.reshape(shape)
+
+
+def fake_quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:
+    """Quantize then dequantize (what the simulation computes for a quantized tensor)."""
+    return dequantize(quantize(x, enc), enc)

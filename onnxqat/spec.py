@@ -1,0 +1,69 @@
+"""Frozen, validated descriptions of *how* a tensor is quantized.
+
+A :class:`QuantSpec` says which integer grid a quantizer uses; it carries no numbers that depend
+on data. The numbers (scale, zero point) live in :class:`onnxqat.qparams.Encoding`.
+
+Grids follow AIMET's definitions:
+
+* asymmetric: unsigned grid ``[0, 2^b - 1]`` with a zero point;
+* symmetric: signed grid ``[-2^(b-1), 2^(b-1) - 1]``, zero point 0;
+* strict symmetric: signed grid ``[-(2^(b-1) - 1), 2^(b-1) - 1]``;
+* unsigned symmetric: a symmetric quantizer whose observed range is non-negative uses the
+  unsigned grid ``[0, 2^b - 1]`` with zero point 0 (when ``unsigned_symmetric`` is set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from onnxqat.errors import ConfigError
+
+__all__ = ["QuantSpec", "MIN_BITWIDTH", "MAX_BITWIDTH"]
+
+MIN_BITWIDTH = 4
+MAX_BITWIDTH = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one quantizer maps floats to integers.
+
+    Attributes:
+        bitwidth: Number of bits of the integer grid, 4 to 16.
+        symmetric: Zero point fixed at the grid's centre (signed grid) instead of data-driven.
+        strict_symmetric: Symmetric grid without its most negative value.
+        unsigned_symmetric: Let a symmetric quantizer switch to the unsigned grid when the observed
+            data is non-negative (AIMET's default for activations after Relu).
+        axis: Per-channel axis of the quantized tensor, or None for one scale per tensor.
+
+    >>> QuantSpec(bitwidth=8, symmetric=True).with_axis(0).axis
+    0
+    """
+
+    bitwidth: int = 8
+    symmetric: bool = False
+    strict_symmetric: bool = False
+    unsigned_symmetric: bool = True
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bitwidth, bool) or not isinstance(self.bitwidth, int):
+            raise ConfigError(f"bitwidth must be an integer, got {self.bitwidth!r}")
+        if not MIN_BITWIDTH <= self.bitwidth <= MAX_BITWIDTH:
+            raise ConfigError(
+                f"bitwidth must be between {MIN_BITWIDTH} and {MAX_BITWIDTH}, got {self.bitwidth}"
+            )
+        if self.strict_symmetric and not self.symmetric:
+            raise ConfigError("strict_symmetric requires symmetric=True")
+        if self.axis is not None and (isinstance(self.axis, bool) or not isinstance(self.axis, int)):
+            raise ConfigError(f"axis must be an integer or None, got {self.axis!r}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def with_axis(self, axis: int | None) -> QuantSpec:
+        return dataclasses.replace(self, axis=axis)
+
+    def replace(self, **changes: object) -> QuantSpec:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
