@@ -1,0 +1,367 @@
+"""Typed quantization config, loadable from JSON in AIMET's config vocabulary.
+
+The JSON keys follow AIMET's quantsim config (``defaults``, ``params``, ``op_type``,
+``supergroups``, ``model_input``, ``model_output``) so AIMET config files load as they are
+(AIMET's ``"True"``/``"False"`` strings are accepted and converted once, here). Two keys are
+onnxqat's own: ``exclude`` (node names and op types left float) and ``nodes`` (per-node bitwidth
+overrides, e.g. for mixed precision). Unknown keys are errors, so a typo never silently does
+nothing.
+
+Two presets ship with the package:
+
+* ``onnxruntime`` (default): quantizers where onnxruntime's CPU provider has integer kernels
+  (Conv, MatMul, Gemm, Add, Mul, pooling, Concat, Softmax, ...) and at the boundaries of float-only
+  ops, so the deployed QDQ model runs fused integer kernels without Q/DQ churn.
+* ``aimet``: every op output quantized, as AIMET's default config (for targets such as HTP that
+  run every op in integer arithmetic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+from onnxqat.errors import ConfigError
+
+__all__ = ["ParamRule", "OpTypeRule", "NodeOverride", "QuantSimConfig", "load_config", "PRESETS"]
+
+PRESETS = ("onnxruntime", "aimet")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRule:
+    """How a parameter role ("weight" or "bias") is quantized; None = inherit."""
+
+    is_quantized: bool | None = None
+    is_symmetric: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTypeRule:
+    """Overrides for all nodes of one op type; None = inherit the defaults."""
+
+    is_output_quantized: bool | None = None
+    is_input_quantized: bool | None = None
+    is_symmetric: bool | None = None
+    per_channel_quantization: bool | None = None
+    params: Mapping[str, ParamRule] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeOverride:
+    """Overrides for one node, by node name (mixed precision, selective quantization)."""
+
+    activation_bw: int | None = None
+    param_bw: int | None = None
+    is_output_quantized: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSimConfig:
+    """Placement and grid rules. Build with :func:`load_config` or :meth:`from_dict`."""
+
+    output_quantized: bool = True
+    activation_symmetric: bool = False
+    param_quantized: bool = True
+    param_symmetric: bool = True
+    strict_symmetric: bool = False
+    unsigned_symmetric: bool = True
+    per_channel_quantization: bool = False
+    params: Mapping[str, ParamRule] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+    op_types: Mapping[str, OpTypeRule] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+    supergroups: tuple[tuple[str, ...], ...] = ()
+    model_input_quantized: bool = True
+    model_output_quantized: bool = True
+    exclude_nodes: frozenset[str] = frozenset()
+    exclude_op_types: frozenset[str] = frozenset()
+    nodes: Mapping[str, NodeOverride] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+
+    def __post_init__(self) -> None:
+        for group in self.supergroups:
+            if len(group) < 2:
+                raise ConfigError(f"a supergroup needs at least two op types, got {list(group)}")
+
+    # -- queries used by the annotation pass -----------------------------------------------------
+    def op_rule(self, op_type: str) -> OpTypeRule:
+        return self.op_types.get(op_type, _EMPTY_RULE)
+
+    def param_rule(self, op_type: str, role: str) -> tuple[bool, bool]:
+        """(is_quantized, is_symmetric) of parameter ``role`` of an ``op_type`` node."""
+        quantized, symmetric = self.param_quantized, self.param_symmetric
+        general = self.params.get(role)
+        if general is not None:
+            quantized = _pick(general.is_quantized, quantized)
+            symmetric = _pick(general.is_symmetric, symmetric)
+        specific = self.op_rule(op_type).params.get(role)
+        if specific is not None:
+            quantized = _pick(specific.is_quantized, quantized)
+            symmetric = _pick(specific.is_symmetric, symmetric)
+        return quantized, symmetric
+
+    def per_channel_for(self, op_type: str) -> bool:
+        return _pick(self.op_rule(op_type).per_channel_quantization, self.per_channel_quantization)
+
+    def output_quantized_for(self, op_type: str) -> bool:
+        return _pick(self.op_rule(op_type).is_output_quantized, self.output_quantized)
+
+    def input_quantized_for(self, op_type: str) -> bool:
+        return bool(self.op_rule(op_type).is_input_quantized)
+
+    def activation_symmetric_for(self, op_type: str) -> bool:
+        return _pick(self.op_rule(op_type).is_symmetric, self.activation_symmetric)
+
+    def with_overrides(self, **changes: Any) -> QuantSimConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- JSON ------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> QuantSimConfig:
+        return _Parser(source).config(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict in the same vocabulary :meth:`from_dict` reads."""
+        out: dict[str, Any] = {
+            "defaults": {
+                "ops": {
+                    "is_output_quantized": self.output_quantized,
+                    "is_symmetric": self.activation_symmetric,
+                },
+                "params": {
+                    "is_quantized": self.param_quantized,
+                    "is_symmetric": self.param_symmetric,
+                },
+                "strict_symmetric": self.strict_symmetric,
+                "unsigned_symmetric": self.unsigned_symmetric,
+                "per_channel_quantization": self.per_channel_quantization,
+            },
+            "params": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.params.items()},
+            "op_type": {},
+            "supergroups": [{"op_list": list(g)} for g in self.supergroups],
+            "model_input": {"is_input_quantized": self.model_input_quantized},
+            "model_output": {"is_output_quantized": self.model_output_quantized},
+            "exclude": {
+                "nodes": sorted(self.exclude_nodes),
+                "op_types": sorted(self.exclude_op_types),
+            },
+            "nodes": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.nodes.items()},
+        }
+        for op_type, rule in self.op_types.items():
+            entry = _drop_none(
+                {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule) if f.name != "params"}
+            )
+            if rule.params:
+                entry["params"] = {k: _drop_none(dataclasses.asdict(v)) for k, v in rule.params.items()}
+            out["op_type"][op_type] = entry
+        return out
+
+
+_EMPTY_RULE = OpTypeRule()
+
+
+def _pick(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
+def _drop_none(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+class _Parser:
+    """Validating JSON reader; every error names the key path it is about."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {path}: {message}")
+
+    def obj(self, value: Any, path: str, allowed: set[str]) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.fail(path, f"expected an object, got {type(value).__name__}")
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise self.fail(path, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        return value
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if isinstance(value, bool):
+            return value
+        if value in ("True", "true"):
+            return True
+        if value in ("False", "false"):
+            return False
+        raise self.fail(path, f"expected true/false, got {value!r}")
+
+    def opt_bool(self, d: Mapping[str, Any], key: str, path: str) -> bool | None:
+        return self.boolean(d[key], f"{path}.{key}") if key in d else None
+
+    def bitwidth(self, value: Any, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 4 <= value <= 16:
+            raise self.fail(path, f"expected a bitwidth from 4 to 16, got {value!r}")
+        return value
+
+    def names(self, value: Any, path: str) -> frozenset[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(path, "expected a list of strings")
+        return frozenset(value)
+
+    def param_rules(self, value: Any, path: str) -> Mapping[str, ParamRule]:
+        rules = {}
+        for role, body in self.obj(value, path, {"weight", "bias"}).items():
+            p = f"{path}.{role}"
+            body = self.obj(body, p, {"is_quantized", "is_symmetric"})
+            rules[role] = ParamRule(
+                is_quantized=self.opt_bool(body, "is_quantized", p),
+                is_symmetric=self.opt_bool(body, "is_symmetric", p),
+            )
+        return types.MappingProxyType(rules)
+
+    def config(self, data: Mapping[str, Any]) -> QuantSimConfig:
+        top = self.obj(
+            data,
+            "$",
+            {
+                "defaults",
+                "params",
+                "op_type",
+                "supergroups",
+                "model_input",
+                "model_output",
+                "exclude",
+                "nodes",
+            },
+        )
+        kw: dict[str, Any] = {}
+        defaults = self.obj(
+            top.get("defaults", {}),
+            "defaults",
+            {"ops", "params", "strict_symmetric", "unsigned_symmetric", "per_channel_quantization"},
+        )
+        ops = self.obj(defaults.get("ops", {}), "defaults.ops", {"is_output_quantized", "is_symmetric"})
+        params = self.obj(
+            defaults.get("params", {}), "defaults.params", {"is_quantized", "is_symmetric"}
+        )
+        for key, src, path in (
+            ("output_quantized", (ops, "is_output_quantized"), "defaults.ops"),
+            ("activation_symmetric", (ops, "is_symmetric"), "defaults.ops"),
+            ("param_quantized", (params, "is_quantized"), "defaults.params"),
+            ("param_symmetric", (params, "is_symmetric"), "defaults.params"),
+            ("strict_symmetric", (defaults, "strict_symmetric"), "defaults"),
+            ("unsigned_symmetric", (defaults, "unsigned_symmetric"), "defaults"),
+            ("per_channel_quantization", (defaults, "per_channel_quantization"), "defaults"),
+        ):
+            value = self.opt_bool(src[0], src[1], path)
+            if value is not None:
+                kw[key] = value
+        if "params" in top:
+            kw["params"] = self.param_rules(top["params"], "params")
+        if "op_type" in top:
+            op_types = {}
+            op_fields = {
+                "is_output_quantized",
+                "is_input_quantized",
+                "is_symmetric",
+                "per_channel_quantization",
+                "params",
+            }
+            for op_type, body in self.obj(top["op_type"], "op_type", set(top["op_type"])).items():
+                p = f"op_type.{op_type}"
+                body = self.obj(body, p, op_fields)
+                op_types[op_type] = OpTypeRule(
+                    is_output_quantized=self.opt_bool(body, "is_output_quantized", p),
+                    is_input_quantized=self.opt_bool(body, "is_input_quantized", p),
+                    is_symmetric=self.opt_bool(body, "is_symmetric", p),
+                    per_channel_quantization=self.opt_bool(body, "per_channel_quantization", p),
+                    params=self.param_rules(body.get("params", {}), f"{p}.params"),
+                )
+            kw["op_types"] = types.MappingProxyType(op_types)
+        if "supergroups" in top:
+            groups = top["supergroups"]
+            if not isinstance(groups, list):
+                raise self.fail("supergroups", "expected a list of {\"op_list\": [...]} objects")
+            parsed = []
+            for i, g in enumerate(groups):
+                g = self.obj(g, f"supergroups[{i}]", {"op_list"})
+                ops_list = g.get("op_list")
+                if (
+                    not isinstance(ops_list, list)
+                    or len(ops_list) < 2
+                    or not all(isinstance(o, str) for o in ops_list)
+                ):
+                    raise self.fail(f"supergroups[{i}].op_list", "expected two or more op types")
+                parsed.append(tuple(ops_list))
+            kw["supergroups"] = tuple(parsed)
+        if "model_input" in top:
+            mi = self.obj(top["model_input"], "model_input", {"is_input_quantized"})
+            value = self.opt_bool(mi, "is_input_quantized", "model_input")
+            if value is not None:
+                kw["model_input_quantized"] = value
+        if "model_output" in top:
+            mo = self.obj(top["model_output"], "model_output", {"is_output_quantized"})
+            value = self.opt_bool(mo, "is_output_quantized", "model_output")
+            if value is not None:
+                kw["model_output_quantized"] = value
+        if "exclude" in top:
+            ex = self.obj(top["exclude"], "exclude", {"nodes", "op_types"})
+            kw["exclude_nodes"] = self.names(ex.get("nodes", []), "exclude.nodes")
+            kw["exclude_op_types"] = self.names(ex.get("op_types", []), "exclude.op_types")
+        if "nodes" in top:
+            nodes = {}
+            for name, body in self.obj(top["nodes"], "nodes", set(top["nodes"])).items():
+                p = f"nodes.{name}"
+                body = self.obj(body, p, {"activation_bw", "param_bw", "is_output_quantized"})
+                nodes[name] = NodeOverride(
+                    activation_bw=(
+                        self.bitwidth(body["activation_bw"], f"{p}.activation_bw")
+                        if "activation_bw" in body
+                        else None
+                    ),
+                    param_bw=(
+                        self.bitwidth(body["param_bw"], f"{p}.param_bw") if "param_bw" in body else None
+                    ),
+                    is_output_quantized=self.opt_bool(body, "is_output_quantized", p),
+                )
+            kw["nodes"] = types.MappingProxyType(nodes)
+        return QuantSimConfig(**kw)
+
+
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | QuantSimConfig | None) -> QuantSimConfig:
+    """A config from a preset name, a JSON file path, a dict, or an existing config.
+
+    ``None`` gives the ``onnxruntime`` preset.
+    """
+    if isinstance(source, QuantSimConfig):
+        return source
+    if source is None:
+        source = "onnxruntime"
+    if isinstance(source, Mapping):
+        return QuantSimConfig.from_dict(source)
+    text_source = os.fspath(source)
+    if text_source in PRESETS:
+        text = resources.files("onnxqat").joinpath("configs").joinpath(f"{text_source}.json").read_text()
+        return QuantSimConfig.from_dict(json.loads(text), source=f"preset {text_source}")
+    try:
+        with open(text_source, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{text_source}: no such config file (presets: {', '.join(PRESETS)})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{text_source}: cannot read config: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{text_source}: not valid JSON: {e}") from None
+    return QuantSimConfig.from_dict(data, source=text_source)
