@@ -1,0 +1,98 @@
+"""Small helpers over onnx-ir graphs shared by the passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "FLOAT_TYPES",
+    "is_float",
+    "const_array",
+    "is_constant",
+    "NameScope",
+    "all_graphs",
+    "node_label",
+    "opset_version",
+    "make_initializer",
+]
+
+FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+)
+
+
+def is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in FLOAT_TYPES
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """True for initializers (also those listed as graph inputs in old IR versions)."""
+    return value is not None and value.const_value is not None and value.producer() is None
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of a constant tensor, or None."""
+    if not is_constant(value):
+        return None
+    assert value is not None and value.const_value is not None
+    return value.const_value.numpy()
+
+
+def all_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    """``graph`` and every subgraph nested in its nodes' attributes."""
+    yield graph
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield attr.as_graph()
+            elif attr.type == ir.AttributeType.GRAPHS:
+                yield from attr.as_graphs()
+
+
+def node_label(node: ir.Node) -> str:
+    return f"{node.op_type} node '{node.name}'" if node.name else f"unnamed {node.op_type} node"
+
+
+def opset_version(model: ir.Model, domain: str = "") -> int:
+    return int(model.opset_imports.get(domain, 0))
+
+
+class NameScope:
+    """Fresh names that collide with no value or node name anywhere in the model."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._taken: set[str] = set()
+        for graph in all_graphs(model.graph):
+            self._taken.update(v.name for v in graph.inputs if v.name)
+            self._taken.update(graph.initializers)
+            for node in graph:
+                if node.name:
+                    self._taken.add(node.name)
+                self._taken.update(v.name for v in node.outputs if v.name)
+                self._taken.update(v.name for v in node.inputs if v is not None and v.name)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._taken:
+            name = f"{base}_{i}"
+            i += 1
+        self._taken.add(name)
+        return name
+
+    def reserve(self, names: Iterable[str]) -> None:
+        self._taken.update(names)
+
+
+def make_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer holding ``array`` (name must be fresh)."""
+    value = ir.Value(
+        name=name,
+        const_value=ir.tensor(array, name=name),
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+    )
+    graph.register_initializer(value)
+    return value

@@ -1,0 +1,1 @@
+"""Graph passes over onnx-ir models (canonicalise, fold BatchNorm, annotate, insert/strip QDQ)."""

@@ -1,0 +1,397 @@
+"""Annotation: decide where quantizers go, by rules from a :class:`QuantSimConfig`.
+
+Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, in order:
+
+1. Excluded nodes (by name or op type) get no quantizers.
+2. Weights (constant weight inputs of Conv, ConvTranspose, Gemm, MatMul) get param quantizers,
+   per channel on the output-channel axis of each op when configured. Constant biases of nodes
+   whose data input and weight are quantized become int32 with the derived scale.
+3. Model inputs are quantized when ``model_input.is_input_quantized``.
+4. An op output inside a supergroup (e.g. Conv followed by Relu, the only consumer) is left float;
+   the supergroup's last output carries the quantizer.
+5. Outputs of data-movement ops (Reshape, Transpose, MaxPool, ...) reuse their input's quantizer.
+6. Other outputs are quantized when the op type's ``is_output_quantized`` says so, when a consumer's
+   op type has ``is_input_quantized``, or when they are model outputs and
+   ``model_output.is_output_quantized``.
+7. All float inputs and the output of a Concat share one quantizer.
+
+Every float tensor left unquantized gets the reason in ``plan.skipped``.
+"""
+
+from __future__ import annotations
+
+import types
+
+import onnx_ir as ir
+
+from onnxqat.config import QuantSimConfig
+from onnxqat.graph import is_constant, is_float
+from onnxqat.plan import ActivationQuantizer, BiasQuantizer, ParamQuantizer, QuantPlan
+from onnxqat.spec import QuantSpec
+
+__all__ = ["annotate", "DATA_MOVEMENT_OPS", "WEIGHT_OPS", "weight_input_index", "weight_channel_axis"]
+
+# Ops whose output holds (a subset or rearrangement of) its first input's values: quantizing the
+# output with the input's encoding is exact and lets onnxruntime run them on integers.
+DATA_MOVEMENT_OPS = frozenset(
+    {
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Identity",
+        "MaxPool",
+        "GlobalMaxPool",
+        "Slice",
+        "Split",
+        "Expand",
+        "Tile",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Gather",
+    }
+)
+
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+
+
+def weight_input_index(node: ir.Node) -> int | None:
+    """Index of the constant weight input of a weight op, or None."""
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return 1 if len(node.inputs) > 1 and is_constant(node.inputs[1]) else None
+    if node.op_type in ("Gemm", "MatMul"):
+        if len(node.inputs) > 1 and is_constant(node.inputs[1]):
+            return 1
+        if is_constant(node.inputs[0]) and not is_constant(node.inputs[1]):
+            return 0
+    return None
+
+
+def weight_channel_axis(node: ir.Node, index: int, rank: int) -> int | None:
+    """Output-channel axis of a weight input, or None when per-channel does not apply."""
+    op = node.op_type
+    if op == "Conv":
+        return 0
+    if op == "ConvTranspose":
+        return 1
+    if op == "Gemm" and index == 1:
+        return 0 if _int_attr(node, "transB", 0) else 1
+    if op == "MatMul" and index == 1 and rank >= 2:
+        return rank - 1
+    return None
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.as_int())
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def add(self, x: str) -> None:
+        self.parent.setdefault(x, x)
+
+    def find(self, x: str) -> str:
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def __contains__(self, x: str) -> bool:
+        return x in self.parent
+
+
+def annotate(
+    model: ir.Model,
+    config: QuantSimConfig,
+    *,
+    param_bw: int = 8,
+    activation_bw: int = 8,
+) -> QuantPlan:
+    """Apply the placement rules to ``model`` (BatchNorm already folded, shapes inferred)."""
+    return _Annotator(model, config, param_bw, activation_bw).run()
+
+
+class _Annotator:
+    def __init__(self, model: ir.Model, config: QuantSimConfig, param_bw: int, act_bw: int) -> None:
+        self.graph = model.graph
+        self.config = config
+        self.param_bw = param_bw
+        self.act_bw = act_bw
+        self.groups = _UnionFind()
+        self.group_spec: dict[str, QuantSpec] = {}
+        self.order: list[str] = []  # quantized tensors in creation order
+        self.skipped: dict[str, str] = {}
+        self.nodes = list(self.graph)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def excluded(self, node: ir.Node) -> str | None:
+        if node.name in self.config.exclude_nodes:
+            return f"node '{node.name}' excluded by config"
+        if node.op_type in self.config.exclude_op_types:
+            return f"op type {node.op_type} excluded by config"
+        return None
+
+    def act_spec(self, node: ir.Node | None) -> QuantSpec:
+        bw = self.act_bw
+        symmetric = self.config.activation_symmetric
+        if node is not None:
+            override = self.config.nodes.get(node.name)
+            if override is not None and override.activation_bw is not None:
+                bw = override.activation_bw
+            symmetric = self.config.activation_symmetric_for(node.op_type)
+        return QuantSpec(
+            bitwidth=bw,
+            symmetric=symmetric,
+            strict_symmetric=symmetric and self.config.strict_symmetric,
+            unsigned_symmetric=self.config.unsigned_symmetric,
+        )
+
+    def new_group(self, tensor: str, spec: QuantSpec) -> None:
+        self.groups.add(tensor)
+        self.group_spec[tensor] = spec
+        self.order.append(tensor)
+
+    def tie(self, tensor: str, to: str) -> None:
+        self.groups.add(tensor)
+        self.groups.union(to, tensor)
+        self.order.append(tensor)
+
+    def quantized(self, tensor: str) -> bool:
+        return tensor in self.groups
+
+    def skip(self, value: ir.Value, reason: str) -> None:
+        if is_float(value) and value.name and not self.quantized(value.name):
+            self.skipped.setdefault(value.name, reason)
+
+    # -- rules ---------------------------------------------------------------------------------
+    def supergroup_interiors(self) -> dict[str, str]:
+        """Tensors strictly inside a supergroup chain -> reason."""
+        interior: dict[str, str] = {}
+        for node in self.nodes:
+            if self.excluded(node):
+                continue
+            for group in self.config.supergroups:
+                if node.op_type != group[0]:
+                    continue
+                chain = [node]
+                for op_type in group[1:]:
+                    out = chain[-1].outputs[0]
+                    users = [u.node for u in out.uses()]
+                    if (
+                        out.is_graph_output()
+                        or len(users) != 1
+                        or users[0].op_type != op_type
+                        or self.excluded(users[0])
+                    ):
+                        break
+                    chain.append(users[0])
+                else:
+                    label = "+".join(group)
+                    for member in chain[:-1]:
+                        interior[member.outputs[0].name] = f"inside supergroup {label}"
+        return interior
+
+    def demanded(self) -> dict[str, str]:
+        """Tensors that a consumer or the model-output rule needs quantized -> why."""
+        demand: dict[str, str] = {}
+        for node in self.nodes:
+            if self.excluded(node) or not self.config.input_quantized_for(node.op_type):
+                continue
+            for value in node.inputs:
+                if is_float(value) and not is_constant(value):
+                    assert value is not None
+                    demand.setdefault(value.name, f"input of {node.op_type} node '{node.name}'")
+        if self.config.model_output_quantized:
+            for value in self.graph.outputs:
+                demand.setdefault(value.name, "model output")
+        return demand
+
+    def run(self) -> QuantPlan:
+        interior = self.supergroup_interiors()
+        demand = self.demanded()
+
+        for value in self.graph.inputs:
+            if not is_float(value) or is_constant(value):
+                continue
+            if self.config.model_input_quantized or value.name in demand:
+                self.new_group(value.name, self.act_spec(None))
+            else:
+                self.skip(value, "model input (model_input.is_input_quantized is false)")
+
+        for node in self.nodes:
+            self.visit_outputs(node, interior, demand)
+
+        self.tie_concats()
+        activations = self.activation_quantizers()
+        by_tensor = {t: q.name for q in activations for t in q.tensors}
+        params, biases = self.params(by_tensor)
+        self.explain_constants({q.name for q in params} | {b.name for b in biases})
+        return QuantPlan(
+            activations=activations,
+            params=tuple(params),
+            biases=tuple(biases),
+            skipped=types.MappingProxyType(dict(self.skipped)),
+        )
+
+    def visit_outputs(self, node: ir.Node, interior: dict[str, str], demand: dict[str, str]) -> None:
+        excluded = self.excluded(node)
+        override = self.config.nodes.get(node.name)
+        for out in node.outputs:
+            if not is_float(out):
+                continue
+            name = out.name
+            if excluded:
+                self.skip(out, excluded)
+            elif name in interior:
+                self.skip(out, interior[name])
+            elif (
+                node.op_type in DATA_MOVEMENT_OPS
+                and node.inputs
+                and node.inputs[0] is not None
+                and self.quantized(node.inputs[0].name)
+            ):
+                self.tie(name, node.inputs[0].name)
+            elif override is not None and override.is_output_quantized is not None:
+                if override.is_output_quantized:
+                    self.new_group(name, self.act_spec(node))
+                else:
+                    self.skip(out, f"node '{node.name}': is_output_quantized false in config")
+            elif self.config.output_quantized_for(node.op_type) or name in demand:
+                self.new_group(name, self.act_spec(node))
+            elif node.op_type in DATA_MOVEMENT_OPS:
+                self.skip(out, f"{node.op_type} reuses its input's encoding and its input is float")
+            else:
+                self.skip(
+                    out,
+                    f"op type {node.op_type}: output not quantized by config and no consumer "
+                    "needs a quantized input",
+                )
+
+    def tie_concats(self) -> None:
+        for node in self.nodes:
+            if node.op_type != "Concat" or self.excluded(node):
+                continue
+            out = node.outputs[0]
+            if not self.quantized(out.name):
+                continue
+            for value in node.inputs:
+                if not is_float(value):
+                    continue
+                assert value is not None
+                if not self.quantized(value.name):
+                    if is_constant(value):
+                        self.new_group(value.name, self.group_spec[self.groups.find(out.name)])
+                    else:
+                        continue
+                self.groups.union(out.name, value.name)
+
+    def activation_quantizers(self) -> tuple[ActivationQuantizer, ...]:
+        members: dict[str, list[str]] = {}
+        for tensor in self.order:
+            members.setdefault(self.groups.find(tensor), []).append(tensor)
+        quantizers = []
+        for tensors in members.values():
+            specs = [self.group_spec[t] for t in tensors if t in self.group_spec]
+            spec = max(specs, key=lambda s: s.bitwidth)
+            quantizers.append(ActivationQuantizer(tensors[0], spec, tuple(tensors)))
+        return tuple(quantizers)
+
+    def params(
+        self, by_tensor: dict[str, str]
+    ) -> tuple[list[ParamQuantizer], list[BiasQuantizer]]:
+        weights: dict[str, ParamQuantizer] = {}
+        bias_candidates: list[tuple[ir.Node, ir.Value, ir.Value]] = []
+        for node in self.nodes:
+            if node.op_type not in WEIGHT_OPS or self.excluded(node):
+                continue
+            index = weight_input_index(node)
+            if index is None:
+                continue
+            weight = node.inputs[index]
+            assert weight is not None
+            if not is_float(weight):
+                continue
+            quantize, symmetric = self.config.param_rule(node.op_type, "weight")
+            if not quantize:
+                self.skip(weight, f"weights of {node.op_type}: params not quantized by config")
+                continue
+            spec = self.param_spec(node, weight, index, symmetric)
+            previous = weights.get(weight.name)
+            if previous is not None:
+                if previous.spec != spec:
+                    spec = previous.spec.with_axis(None) if previous.spec.axis != spec.axis else previous.spec
+                weights[weight.name] = ParamQuantizer(weight.name, spec, previous.consumers + (node.name,))
+            else:
+                weights[weight.name] = ParamQuantizer(weight.name, spec, (node.name,))
+            if node.op_type in _BIAS_OPS and len(node.inputs) > 2 and node.inputs[2] is not None:
+                bias_candidates.append((node, node.inputs[2], weight))
+
+        biases = []
+        for node, bias, weight in bias_candidates:
+            reason = self.bias_problem(node, bias, weight, weights[weight.name])
+            if reason:
+                self.skip(bias, reason)
+                continue
+            data = node.inputs[0]
+            assert data is not None
+            biases.append(BiasQuantizer(bias.name, node.name, by_tensor[data.name], weight.name))
+        return list(weights.values()), biases
+
+    def param_spec(self, node: ir.Node, weight: ir.Value, index: int, symmetric: bool) -> QuantSpec:
+        bw = self.param_bw
+        override = self.config.nodes.get(node.name)
+        if override is not None and override.param_bw is not None:
+            bw = override.param_bw
+        axis = None
+        rank = len(weight.shape) if weight.shape is not None else 0
+        if self.config.per_channel_for(node.op_type):
+            axis = weight_channel_axis(node, index, rank)
+        return QuantSpec(
+            bitwidth=bw,
+            symmetric=symmetric,
+            strict_symmetric=symmetric and self.config.strict_symmetric,
+            unsigned_symmetric=False,
+            axis=axis,
+        )
+
+    def bias_problem(
+        self, node: ir.Node, bias: ir.Value, weight_value: ir.Value, weight: ParamQuantizer
+    ) -> str | None:
+        if not is_float(bias) or not is_constant(bias):
+            return f"bias of {node.op_type} node '{node.name}' is not a float constant"
+        quantize, _ = self.config.param_rule(node.op_type, "bias")
+        if not quantize:
+            return "bias: params.bias.is_quantized is false in config"
+        if len(bias.uses()) != 1:
+            return "bias shared by several nodes"
+        data = node.inputs[0]
+        if data is None or not self.quantized(data.name):
+            return f"bias of '{node.name}': the node's input is not quantized"
+        if len(weight.consumers) > 1 and weight.spec.axis is not None:
+            return f"bias of '{node.name}': weight shared by several nodes"
+        shape = bias.shape
+        if shape is None or len(shape) != 1:
+            return f"bias of '{node.name}' is not a 1-d tensor"
+        if weight.spec.axis is not None:
+            assert weight_value.shape is not None
+            if weight_value.shape[weight.spec.axis] != shape[0]:
+                return f"bias of '{node.name}': channel count differs from the weight's (grouped op)"
+        return None
+
+    def explain_constants(self, quantized: set[str]) -> None:
+        for node in self.nodes:
+            for value in node.inputs:
+                if value is not None and is_constant(value) and value.name not in quantized:
+                    self.skip(value, f"constant input of {node.op_type} node '{node.name}' (not a weight)")

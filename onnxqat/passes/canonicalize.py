@@ -1,0 +1,74 @@
+"""Bring an exported model into the form the other passes expect.
+
+* Constant nodes become initializers (exporters such as PaddlePaddle keep weights in Constant nodes;
+  they are weights all the same).
+* Initializers listed as graph inputs (old IR versions) become plain initializers.
+* Every node and value has a unique name.
+* Models below opset 13 are upgraded to 13 (per-channel DequantizeLinear needs its ``axis``).
+* Shapes and dtypes are inferred where onnx can.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    LiftConstantsToInitializersPass,
+    NameFixPass,
+    RemoveInitializersFromInputsPass,
+    ShapeInferencePass,
+)
+from onnx_ir.passes.common._c_api_utils import call_onnx_api
+
+from onnxqat.errors import ModelError
+from onnxqat.graph import opset_version
+
+__all__ = ["UpgradeOpsetPass", "canonical_passes", "MIN_OPSET"]
+
+MIN_OPSET = 13
+
+
+class UpgradeOpsetPass(ir.passes.FunctionalPass):
+    """Convert the default-domain opset up to ``target`` with onnx's version converter."""
+
+    def __init__(self, target: int = MIN_OPSET) -> None:
+        super().__init__()
+        self.target = target
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        current = opset_version(model)
+        if current >= self.target:
+            return ir.passes.PassResult(model.clone(), modified=False)
+        tensors = {name: v.const_value for name, v in model.graph.initializers.items()}
+        try:
+            converted = call_onnx_api(
+                lambda proto: onnx.version_converter.convert_version(proto, self.target), model
+            )
+        except Exception as e:  # the converter raises bare RuntimeErrors and more
+            raise ModelError(f"cannot upgrade the model from opset {current} to {self.target}: {e}") from None
+        new = ir.from_proto(converted)
+        kept_inputs = [v for v in new.graph.inputs if v.name not in tensors]
+        by_name = {v.name: v for v in new.graph.inputs}
+        new.graph.inputs.clear()
+        new.graph.inputs.extend(kept_inputs)
+        for name, tensor in tensors.items():
+            value = new.graph.initializers.get(name) or by_name.get(name)
+            if value is None:
+                continue
+            if value.const_value is None:
+                value.const_value = tensor
+            if name not in new.graph.initializers:
+                new.graph.register_initializer(value)
+        return ir.passes.PassResult(new, modified=True)
+
+
+def canonical_passes() -> ir.passes.PassManager:
+    return ir.passes.PassManager(
+        [
+            LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
+            RemoveInitializersFromInputsPass(),
+            NameFixPass(),
+            UpgradeOpsetPass(MIN_OPSET),
+            ShapeInferencePass(strict_mode=False),
+        ]
+    )

@@ -1,0 +1,230 @@
+"""Insert QuantizeLinear/DequantizeLinear pairs for a plan and its encodings.
+
+Two flavours of the same graph:
+
+* ``fold_weights=False`` (the simulation): weights stay float initializers followed by
+  ``[Clip] -> QuantizeLinear -> DequantizeLinear``, so the model follows its weights.
+* ``fold_weights=True`` (the deployable model): weights are stored as integer initializers
+  followed by ``DequantizeLinear``; what onnxruntime fuses into integer kernels. Generated names
+  are short (``q7_scale``) to keep the file small; the model's own names are kept.
+
+Activations get ``[Clip] -> QuantizeLinear -> DequantizeLinear`` in both; the Clip appears only
+for grids narrower than their container type (e.g. 4-bit values in int8, strict symmetric).
+Tied tensors share one pair of scale/zero-point initializers. Quantized biases are int32
+initializers with ``DequantizeLinear`` (scale = input scale x weight scale).
+
+Graph inputs and outputs keep their names: a quantized graph output is produced by the
+DequantizeLinear node and the float tensor before it gets a fresh name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxqat.graph import NameScope, const_array, make_initializer, opset_version
+from onnxqat.plan import QuantPlan
+from onnxqat.qparams import Encoding, quantize
+
+__all__ = ["InsertQDQPass", "bias_encoding", "quantize_bias", "qdq_domain"]
+
+_INT32 = np.iinfo(np.int32)
+
+
+def qdq_domain(model: ir.Model, enc: Encoding) -> str:
+    """ONNX domain of Q/DQ nodes for ``enc``: 16-bit types need opset 21 or the contrib ops."""
+    if enc.container_bits == 16 and opset_version(model) < 21:
+        return "com.microsoft"
+    return ""
+
+
+def bias_encoding(input_enc: Encoding, weight_enc: Encoding) -> tuple[np.ndarray, int | None]:
+    """float32 scale of an int32 bias and its axis (None for per-tensor)."""
+    scale = (input_enc.scale.astype(np.float32) * weight_enc.scale.astype(np.float32)).astype(np.float32)
+    return np.maximum(scale, np.finfo(np.float32).tiny), (0 if scale.ndim == 1 else None)
+
+
+def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``round(bias / scale)`` saturated to int32 (round half to even, float32 division)."""
+    q = np.rint(bias.astype(np.float32) / scale.astype(np.float32)).astype(np.float64)
+    return np.clip(q, _INT32.min, _INT32.max).astype(np.int32)
+
+
+class InsertQDQPass(ir.passes.FunctionalPass):
+    """Return a copy of the model with Q/DQ pairs for every quantizer of ``plan``."""
+
+    def __init__(
+        self, plan: QuantPlan, encodings: Mapping[str, Encoding], *, fold_weights: bool
+    ) -> None:
+        super().__init__()
+        missing = [name for name in plan.quantizer_names() if name not in encodings and not _is_bias(plan, name)]
+        if missing:
+            raise ValueError(f"no encoding for quantizer(s) {missing[:5]}: calibrate first")
+        self.plan = plan
+        self.encodings = encodings
+        self.fold_weights = fold_weights
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model = model.clone()
+        _Inserter(model, self.plan, self.encodings, self.fold_weights).run()
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _is_bias(plan: QuantPlan, name: str) -> bool:
+    return any(b.name == name for b in plan.biases)
+
+
+class _Inserter:
+    def __init__(
+        self, model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding], fold: bool
+    ) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.plan = plan
+        self.encodings = encodings
+        self.fold = fold
+        self.names = NameScope(model)
+        self.values = _values_by_name(self.graph)
+        self.nodes = {node.name: node for node in self.graph if node.name}
+        self.count = 0
+
+    def base(self, name: str) -> str:
+        """Stem of generated names: the tensor's name, or a short id in the deployable model."""
+        if not self.fold:
+            return name
+        self.count += 1
+        return f"q{self.count}"
+
+    def run(self) -> None:
+        for q in self.plan.activations:
+            enc = self.encodings[q.name]
+            params = self.qparam_values(self.base(q.name), enc)
+            for tensor in q.tensors:
+                self.quantize_activation(self.values[tensor], enc, params)
+        for p in self.plan.params:
+            self.quantize_param(p.name, p.consumers, self.encodings[p.name])
+        for b in self.plan.biases:
+            self.quantize_bias(b.name, b.node, self.encodings[b.input_quantizer], self.encodings[b.weight_quantizer])
+        if any(self.qdq_domain(e) == "com.microsoft" for e in self.encodings.values()):
+            self.model.opset_imports.setdefault("com.microsoft", 1)
+        self.graph.sort()
+
+    # -- building blocks -------------------------------------------------------------------------
+    def qdq_domain(self, enc: Encoding) -> str:
+        return qdq_domain(self.model, enc)
+
+    def qparam_values(self, base: str, enc: Encoding) -> tuple[ir.Value, ir.Value]:
+        scale = make_initializer(self.graph, self.names.fresh(f"{base}_scale"), enc.scale.astype(np.float32))
+        zp = make_initializer(
+            self.graph, self.names.fresh(f"{base}_zero_point"), enc.zero_point.astype(enc.container_dtype)
+        )
+        return scale, zp
+
+    def node(self, op_type: str, inputs: list[ir.Value], base: str, domain: str = "", **attrs: int) -> ir.Value:
+        node = ir.Node(
+            domain,
+            op_type,
+            inputs,
+            attributes=[ir.AttrInt64(k, v) for k, v in attrs.items()],
+            name=self.names.fresh(f"{base}_{op_type}"),
+            num_outputs=1,
+        )
+        node.outputs[0].name = self.names.fresh(f"{base}_{op_type.lower()}")
+        self.graph.append(node)
+        return node.outputs[0]
+
+    def clip_range(self, x: ir.Value, enc: Encoding, base: str) -> ir.Value:
+        """Clip to a narrow grid's float range (per-tensor only; per-channel is clamped offline)."""
+        lo = make_initializer(self.graph, self.names.fresh(f"{base}_clip_min"), enc.min.astype(np.float32))
+        hi = make_initializer(self.graph, self.names.fresh(f"{base}_clip_max"), enc.max.astype(np.float32))
+        return self.node("Clip", [x, lo, hi], base)
+
+    def qdq(self, x: ir.Value, enc: Encoding, params: tuple[ir.Value, ir.Value], base: str) -> ir.Value:
+        domain = self.qdq_domain(enc)
+        axis = {} if enc.axis is None else {"axis": enc.axis}
+        if enc.narrow:
+            x = self.clip_range(x, enc, base)
+        q = self.node("QuantizeLinear", [x, *params], base, domain, **axis)
+        return self.node("DequantizeLinear", [q, *params], base, domain, **axis)
+
+    # -- activations -----------------------------------------------------------------------------
+    def quantize_activation(self, value: ir.Value, enc: Encoding, params: tuple[ir.Value, ir.Value]) -> None:
+        name = value.name
+        assert name is not None
+        users = list(value.uses())
+        was_output = value.is_graph_output()
+        dq = self.qdq(value, enc, params, self.base(name))
+        dq.type, dq.shape = value.type, value.shape
+        for use in users:
+            use.node.replace_input_with(use.idx, dq)
+        if was_output:
+            value.name = self.names.fresh(f"{name}_float")
+            for i, out in enumerate(self.graph.outputs):
+                if out is value:
+                    self.graph.outputs[i] = dq
+            dq.name = name
+
+    # -- weights and biases ----------------------------------------------------------------------
+    def quantize_param(self, name: str, consumers: tuple[str, ...], enc: Encoding) -> None:
+        value = self.values[name]
+        users = [u for u in value.uses() if u.node.name in consumers]
+        base = self.base(name)
+        scale, zp = self.qparam_values(base, enc)
+        axis = {} if enc.axis is None else {"axis": enc.axis}
+        domain = self.qdq_domain(enc)
+        if self.fold:
+            weight = const_array(value)
+            assert weight is not None
+            q_value = make_initializer(self.graph, self.names.fresh(f"{base}_quantized"), quantize(weight, enc))
+            dq = self.node("DequantizeLinear", [q_value, scale, zp], base, domain, **axis)
+        elif enc.narrow and enc.axis is not None:
+            # Per-channel clip bounds are not expressible with Clip; clamp via Min/Max.
+            lo = make_initializer(self.graph, self.names.fresh(f"{base}_clip_min"), _per_channel(enc.min, enc, value))
+            hi = make_initializer(self.graph, self.names.fresh(f"{base}_clip_max"), _per_channel(enc.max, enc, value))
+            clamped = self.node("Min", [self.node("Max", [value, lo], base), hi], base)
+            q = self.node("QuantizeLinear", [clamped, scale, zp], base, domain, **axis)
+            dq = self.node("DequantizeLinear", [q, scale, zp], base, domain, **axis)
+        else:
+            dq = self.qdq(value, enc, (scale, zp), base)
+        for use in users:
+            use.node.replace_input_with(use.idx, dq)
+        if not value.uses() and not value.is_graph_output():
+            self.graph.initializers.pop(name)
+
+    def quantize_bias(self, name: str, node_name: str, input_enc: Encoding, weight_enc: Encoding) -> None:
+        value = self.values[name]
+        bias = const_array(value)
+        assert bias is not None
+        scale, axis = bias_encoding(input_enc, weight_enc)
+        base = self.base(name)
+        q_value = make_initializer(self.graph, self.names.fresh(f"{base}_quantized"), quantize_bias(bias, scale))
+        scale_value = make_initializer(self.graph, self.names.fresh(f"{base}_scale"), scale)
+        attrs = {} if axis is None else {"axis": axis}
+        dq = self.node("DequantizeLinear", [q_value, scale_value], base, **attrs)
+        node = self.nodes[node_name]
+        node.replace_input_with(2, dq)
+        if not value.uses():
+            self.graph.initializers.pop(name)
+
+
+def _per_channel(bound: np.ndarray, enc: Encoding, value: ir.Value) -> np.ndarray:
+    assert value.shape is not None and enc.axis is not None
+    rank = len(value.shape)
+    shape = [1] * rank
+    shape[enc.axis % rank] = -1
+    return bound.astype(np.float32).reshape(shape)
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {}
+    for value in graph.inputs:
+        values[value.name] = value  # type: ignore[index]
+    for name, value in graph.initializers.items():
+        values[name] = value
+    for node in graph:
+        for value in node.outputs:
+            if value.name:
+                values[value.name] = value
+    return values

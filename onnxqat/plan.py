@@ -1,0 +1,127 @@
+"""The quantization plan: which tensors are quantized, how, and which quantizers are tied.
+
+A plan is the output of the annotation pass and the input of every later stage (insertion,
+calibration, lowering for training, export). It refers to tensors by their names in the float
+model; quantizers are identified by explicit names, never derived from tensor-name suffixes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Iterator, Mapping
+
+from onnxqat.spec import QuantSpec
+
+__all__ = ["ActivationQuantizer", "ParamQuantizer", "BiasQuantizer", "QuantPlan"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationQuantizer:
+    """One activation encoding, shared by one or more tensors (tied quantizers).
+
+    Attributes:
+        name: Quantizer name (the first tensor it was created for).
+        spec: Grid of the quantizer (always per tensor).
+        tensors: Every tensor that is quantized with this encoding, ``name`` first.
+    """
+
+    name: str
+    spec: QuantSpec
+    tensors: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamQuantizer:
+    """Quantizer of a constant weight tensor.
+
+    Attributes:
+        name: Name of the weight tensor (an initializer of the float model).
+        spec: Grid; ``spec.axis`` is the per-channel axis or None.
+        consumers: Names of the nodes whose weight input reads the quantized weight.
+    """
+
+    name: str
+    spec: QuantSpec
+    consumers: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasQuantizer:
+    """int32 bias with derived scale ``input_scale * weight_scale`` and zero point 0.
+
+    Attributes:
+        name: Name of the bias tensor.
+        node: The Conv/ConvTranspose/Gemm node that adds the bias.
+        input_quantizer: Activation quantizer of the node's data input.
+        weight_quantizer: Param quantizer of the node's weight.
+    """
+
+    name: str
+    node: str
+    input_quantizer: str
+    weight_quantizer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPlan:
+    """Everything the annotation pass decided about a model.
+
+    Attributes:
+        activations: Activation quantizers.
+        params: Weight quantizers.
+        biases: Derived int32 bias quantizers.
+        skipped: For every float tensor left unquantized, the rule that skipped it.
+    """
+
+    activations: tuple[ActivationQuantizer, ...] = ()
+    params: tuple[ParamQuantizer, ...] = ()
+    biases: tuple[BiasQuantizer, ...] = ()
+    skipped: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+
+    def __post_init__(self) -> None:
+        names = [q.name for q in self.activations] + [q.name for q in self.params]
+        names += [q.name for q in self.biases]
+        if len(names) != len(set(names)):
+            raise ValueError("quantizer names must be unique")
+        seen: set[str] = set()
+        for q in self.activations:
+            if q.spec.axis is not None:
+                raise ValueError(f"activation quantizer {q.name} cannot be per-channel")
+            if not q.tensors or q.tensors[0] != q.name:
+                raise ValueError(f"activation quantizer {q.name} must list its own tensor first")
+            overlap = seen.intersection(q.tensors)
+            if overlap:
+                raise ValueError(f"tensors {sorted(overlap)} belong to two quantizers")
+            seen.update(q.tensors)
+
+    def activation_of(self, tensor: str) -> ActivationQuantizer | None:
+        """The activation quantizer applied to ``tensor``, if any."""
+        return self._tensor_index.get(tensor)
+
+    @property
+    def _tensor_index(self) -> Mapping[str, ActivationQuantizer]:
+        index = self.__dict__.get("_index")
+        if index is None:
+            index = {t: q for q in self.activations for t in q.tensors}
+            object.__setattr__(self, "_index", index)
+        return index
+
+    def param(self, name: str) -> ParamQuantizer | None:
+        return next((q for q in self.params if q.name == name), None)
+
+    def quantizer_names(self) -> Iterator[str]:
+        for group in (self.activations, self.params, self.biases):
+            for q in group:
+                yield q.name
+
+    def summary(self) -> str:
+        tied = sum(len(q.tensors) for q in self.activations)
+        per_channel = sum(q.spec.per_channel for q in self.params)
+        return (
+            f"{len(self.activations)} activation quantizers on {tied} tensors, "
+            f"{len(self.params)} weight quantizers ({per_channel} per-channel), "
+            f"{len(self.biases)} int32 biases, {len(self.skipped)} float tensors left float"
+        )
