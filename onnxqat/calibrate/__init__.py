@@ -1,0 +1,1 @@
+"""Calibration: streaming observers, range schemes and the onnxruntime runner."""

@@ -1,0 +1,206 @@
+"""Data in: validation of feeds against a model's inputs, npz files, batching.
+
+Batches are plain ``{input_name: ndarray}`` dicts, so any iterable of them works (a list, a
+generator, a PyTorch DataLoader whose collate function returns numpy arrays, a tf.data iterator
+mapped to numpy); onnxqat never imports a framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxqat.errors import DataError
+from onnxqat.graph import is_constant
+
+__all__ = [
+    "InputSpec",
+    "input_signature",
+    "validate_feed",
+    "load_npz",
+    "load_model_inputs",
+    "NpzBatches",
+    "Batches",
+]
+
+Batches = Iterable[Mapping[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """Name, dtype and shape (None for symbolic dims) of one model input."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+        return f"{self.name}: {self.dtype} {dims}"
+
+
+def input_signature(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller must feed (initializers listed as inputs are excluded)."""
+    specs = []
+    for value in model.graph.inputs:
+        if is_constant(value):
+            continue
+        assert value.dtype is not None and value.name is not None
+        shape = None
+        if value.shape is not None:
+            shape = tuple(d if isinstance(d, int) else None for d in value.shape)
+        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
+    return specs
+
+
+def validate_feed(
+    feed: Mapping[str, Any],
+    signature: Sequence[InputSpec],
+    *,
+    where: str,
+    batch_dim: bool = True,
+) -> dict[str, np.ndarray]:
+    """Check one batch against the model's inputs; return the arrays to feed.
+
+    Raises :class:`DataError` naming ``where`` (file and batch) and the input at fault. Extra keys
+    (labels, ids) are ignored.
+    """
+    if not isinstance(feed, Mapping):
+        raise DataError(f"{where}: a batch must be a dict of arrays, got {type(feed).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for spec in signature:
+        if spec.name not in feed:
+            have = ", ".join(sorted(map(str, feed))) or "nothing"
+            raise DataError(f"{where}: missing model input '{spec.name}' (got {have})")
+        arr = np.asarray(feed[spec.name])
+        if arr.dtype != spec.dtype:
+            raise DataError(
+                f"{where}: input '{spec.name}' has dtype {arr.dtype}, the model expects {spec.dtype}"
+            )
+        if spec.shape is not None:
+            if arr.ndim != len(spec.shape) or any(
+                d is not None and d != a for d, a in zip(spec.shape, arr.shape)
+            ):
+                raise DataError(
+                    f"{where}: input '{spec.name}' has shape {list(arr.shape)}, the model expects "
+                    f"{spec.describe().split(' ', 2)[-1]}"
+                )
+        if batch_dim and arr.ndim and arr.shape[0] == 0:
+            raise DataError(f"{where}: input '{spec.name}' is an empty batch")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise DataError(f"{where}: input '{spec.name}' contains {bad} NaN/Inf value(s)")
+        out[spec.name] = arr
+    return out
+
+
+def load_npz(path: str | os.PathLike[str], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Load ``keys`` from an npz file: one array per key, first axis = samples.
+
+    Raises :class:`DataError` for unreadable files, missing keys, empty or mismatched sample counts.
+    """
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise DataError(f"{path}: not an npz archive (a single .npy array?)")
+            missing = [k for k in keys if k not in f.files]
+            if missing:
+                raise DataError(
+                    f"{path}: missing key(s) {missing}; the file holds {sorted(f.files) or 'nothing'}"
+                )
+            arrays = {k: f[k] for k in keys}
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read npz data: {e}") from None
+    counts = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
+    for k, n in counts.items():
+        if n is None:
+            raise DataError(f"{path}: '{k}' is a scalar; the first axis must index samples")
+        if n == 0:
+            raise DataError(f"{path}: '{k}' holds no samples")
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{path}: sample counts differ between keys: {counts}")
+    return arrays
+
+
+def load_model_inputs(
+    path: str | os.PathLike[str], signature: Sequence[InputSpec], extra_keys: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+    """Load one array per model input (plus ``extra_keys``, e.g. labels) and validate them all.
+
+    Errors name the file and the input: missing keys, dtype, shape, NaN/Inf, empty arrays.
+    """
+    arrays = load_npz(path, [s.name for s in signature] + [k for k in extra_keys if k not in {s.name for s in signature}])
+    validate_feed(arrays, signature, where=os.fspath(path))
+    return arrays
+
+
+class NpzBatches:
+    """Re-iterable batches over arrays with a common first axis (optionally shuffled per pass).
+
+    >>> b = NpzBatches({"x": np.arange(5.0)}, batch_size=2)
+    >>> len(b), [batch["x"].tolist() for batch in b]
+    (3, [[0.0, 1.0], [2.0, 3.0], [4.0]])
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        limit: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        sizes = {len(a) for a in arrays.values()}
+        if len(sizes) != 1:
+            raise DataError(f"arrays have different sample counts: { {k: len(a) for k, a in arrays.items()} }")
+        self.arrays = dict(arrays)
+        self.n = min(sizes.pop(), limit) if limit is not None else sizes.pop()
+        if self.n == 0:
+            raise DataError("the dataset is empty")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rng = np.random.default_rng(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return max(self.n // self.batch_size, 1)
+        return math.ceil(self.n / self.batch_size)
+
+    def order(self) -> np.ndarray:
+        return self.rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        idx = self.order()
+        self.epoch += 1
+        stop = (self.n // self.batch_size) * self.batch_size if self.drop_last else self.n
+        if stop == 0:
+            stop = self.n
+        for start in range(0, stop, self.batch_size):
+            sel = idx[start : start + self.batch_size]
+            if self.shuffle:
+                yield {k: a[sel] for k, a in self.arrays.items()}
+            else:
+                yield {k: a[start : start + len(sel)] for k, a in self.arrays.items()}
+
+
+def count_batches(batches: Iterable[Any]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -1,0 +1,67 @@
+"""onnxruntime sessions for in-memory models, including ones over the 2 GB protobuf limit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+__all__ = ["Session", "model_bytes_size", "PROTO_LIMIT"]
+
+# Serialize in memory below this size; above it, save with external data and load by path.
+PROTO_LIMIT = 1_800_000_000
+
+ort.set_default_logger_severity(3)
+
+
+def model_bytes_size(model: ir.Model) -> int:
+    """Bytes held by the model's initializers (a lower bound of its serialized size)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+class Session:
+    """An ``InferenceSession`` over an ``ir.Model``.
+
+    Args:
+        model: The model to run.
+        optimize: Apply onnxruntime's graph optimizations (constant folding, fusions, integer
+            QDQ kernels). Off gives a plain op-by-op float evaluation.
+        threads: Intra-op threads (None: onnxruntime's default).
+    """
+
+    def __init__(self, model: ir.Model, *, optimize: bool = True, threads: int | None = None) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self._tmpdir: str | None = None
+        if model_bytes_size(model) < PROTO_LIMIT:
+            payload: Any = ir.to_proto(model).SerializeToString()
+        else:
+            self._tmpdir = tempfile.mkdtemp(prefix="onnxqat-session-")
+            payload = os.path.join(self._tmpdir, "model.onnx")
+            ir.save(model, payload, external_data="model.onnx.data")
+        try:
+            self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+        finally:
+            self._cleanup()
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _cleanup(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        names = list(outputs) if outputs is not None else self.output_names
+        return self.session.run(names, {k: feed[k] for k in self.input_names})

@@ -1,0 +1,157 @@
+"""Observers, range schemes and the streaming calibration runner."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from conftest import random_batches, run_onnx, tiny_cnn
+from onnxqat.calibrate.observers import HistogramObserver, MinMaxObserver
+from onnxqat.calibrate.runner import collect_statistics
+from onnxqat.calibrate.schemes import Scheme, activation_encoding, sqnr_range, weight_encoding
+from onnxqat.config import load_config
+from onnxqat.errors import DataError
+from onnxqat.passes.annotate import annotate
+from onnxqat.qparams import compute_encoding, fake_quantize
+from onnxqat.sim import prepare_model
+from onnxqat.spec import QuantSpec
+
+
+def test_streaming_histogram_equals_histogram_of_all_data():
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(loc=i, scale=1 + i, size=5000) for i in range(6)] + [rng.uniform(-40, -30, 100)]
+    h = HistogramObserver(bins=512)
+    for c in chunks:
+        h.update(c.astype(np.float32))
+    data = np.concatenate(chunks).astype(np.float32).astype(np.float64)
+    edges = h.lo + np.arange(h.bins + 1) * h.width
+    assert edges[0] <= data.min() and edges[-1] >= data.max()
+    ref, _ = np.histogram(data, bins=edges)
+    np.testing.assert_array_equal(h.counts, ref)
+    assert (h.min, h.max) == (data.min(), data.max())
+
+
+def test_observers_ignore_and_count_non_finite():
+    h = HistogramObserver()
+    h.update(np.array([1.0, np.inf, -2.0, np.nan], np.float32))
+    assert (h.min, h.max, h.nonfinite) == (-2.0, 1.0, 2)
+    m = MinMaxObserver()
+    m.update(np.array([np.nan, 3.0]))
+    assert (m.min, m.max, m.nonfinite) == (3.0, 3.0, 1)
+
+
+def test_percentile_range_close_to_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.standard_t(3, size=200_000)
+    h = HistogramObserver()
+    for chunk in np.array_split(x, 10):
+        h.update(chunk)
+    lo, hi = h.percentile_range(99.9)
+    ref_lo, ref_hi = np.percentile(x, [0.1, 99.9])
+    assert abs(lo - ref_lo) <= 2 * h.width and abs(hi - ref_hi) <= 2 * h.width
+
+
+def _mse(x, enc):
+    return float(np.mean((fake_quantize(x, enc) - x) ** 2))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bitwidth=4), QuantSpec(bitwidth=8, symmetric=True), QuantSpec(bitwidth=6)])
+def test_sqnr_range_beats_minmax_with_outliers(spec):
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(size=100_000), [40.0, -35.0]]).astype(np.float32)
+    h = HistogramObserver()
+    h.update(x)
+    sq = activation_encoding(h, spec, Scheme.SQNR)
+    mm = activation_encoding(h, spec, Scheme.MINMAX)
+    assert sq.max < mm.max
+    assert _mse(x, sq) < _mse(x, mm)
+    # near the best range found by brute force on the true fake-quant error
+    brute = min(_mse(x, compute_encoding(-t * 35 / 40, t, spec)) for t in np.linspace(0.5, 40, 400))
+    assert _mse(x, sq) <= 1.15 * brute
+
+
+def test_sqnr_keeps_full_range_for_uniform_data():
+    x = np.linspace(-1, 1, 10001)
+    lo, hi = sqnr_range(x, np.ones_like(x), QuantSpec(bitwidth=8))
+    assert lo <= -0.95 and hi >= 0.95
+
+
+def test_weight_encodings_per_channel():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    enc = weight_encoding(w, QuantSpec(symmetric=True, axis=0, unsigned_symmetric=False))
+    np.testing.assert_allclose(enc.scale, np.abs(w).reshape(8, -1).max(axis=1) / 127, rtol=1e-6)
+    w[0] *= 1e-3  # a near-dead channel keeps a fine grid of its own
+    sq = weight_encoding(w, QuantSpec(bitwidth=4, symmetric=True, axis=0, unsigned_symmetric=False), Scheme.SQNR)
+    mm = weight_encoding(w, QuantSpec(bitwidth=4, symmetric=True, axis=0, unsigned_symmetric=False))
+    assert _mse(w, sq) < _mse(w, mm)
+    assert sq.scale[0] < 1e-3 * sq.scale[1:].min() * 10
+
+
+def _intermediates(proto, tensors, feed):
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    del model.graph.output[:]
+    for t in tensors:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    return dict(zip(tensors, run_onnx(model, feed)))
+
+
+def test_in_graph_minmax_equals_numpy_on_intermediates():
+    model = prepare_model(ir.from_proto(tiny_cnn()))
+    plan = annotate(model, load_config("onnxruntime"))
+    batches = random_batches(3)
+    observers = collect_statistics(model, plan, batches, Scheme.MINMAX, progress=False)
+    tensors = [t for q in plan.activations for t in q.tensors if t != "x"]
+    proto = ir.to_proto(model)
+    outs = [_intermediates(proto, tensors, b) for b in batches]
+    for q in plan.activations:
+        values = np.concatenate([b[t].ravel() if t == "x" else o[t].ravel()
+                                 for b, o in zip(batches, outs) for t in q.tensors])
+        assert observers[q.name].min == pytest.approx(values.min(), rel=1e-5, abs=1e-6)
+        assert observers[q.name].max == pytest.approx(values.max(), rel=1e-5, abs=1e-6)
+
+
+def test_calibration_memory_does_not_grow_with_batches():
+    model = prepare_model(ir.from_proto(tiny_cnn()))
+    plan = annotate(model, load_config("onnxruntime"))
+
+    def peak(n, scheme):
+        batches = (b for b in random_batches(n, batch=64))  # generated lazily
+        tracemalloc.start()
+        collect_statistics(model, plan, batches, scheme, progress=False)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    for scheme in (Scheme.MINMAX, Scheme.SQNR):
+        small, large = peak(4, scheme), peak(40, scheme)
+        assert large < small * 1.3 + 200_000, (scheme, small, large)
+
+
+def test_calibration_data_errors_name_the_batch_and_input():
+    model = prepare_model(ir.from_proto(tiny_cnn()))
+    plan = annotate(model, load_config("onnxruntime"))
+    good = random_batches(2)
+    bad = [good[0], {"x": np.full((2, 3, 8, 8), np.nan, np.float32)}]
+    with pytest.raises(DataError, match=r"batch 1: input 'x' contains .* NaN"):
+        collect_statistics(model, plan, bad, Scheme.MINMAX, progress=False)
+    with pytest.raises(DataError, match=r"batch 0: input 'x' has dtype float64"):
+        collect_statistics(model, plan, [{"x": good[0]["x"].astype(np.float64)}], Scheme.MINMAX, progress=False)
+    with pytest.raises(DataError, match=r"has shape \[8, 3, 9, 9\]"):
+        collect_statistics(model, plan, [{"x": np.zeros((8, 3, 9, 9), np.float32)}], Scheme.MINMAX, progress=False)
+    with pytest.raises(DataError, match="missing model input 'x'"):
+        collect_statistics(model, plan, [{"image": good[0]["x"]}], Scheme.MINMAX, progress=False)
+    with pytest.raises(DataError, match="no batches"):
+        collect_statistics(model, plan, [], Scheme.MINMAX, progress=False)
+
+
+def test_encoding_from_observer_follows_spec():
+    h = HistogramObserver()
+    h.update(np.linspace(0, 6, 1000))
+    enc = activation_encoding(h, QuantSpec(), Scheme.MINMAX)
+    assert enc.equals(compute_encoding(0.0, 6.0, QuantSpec()))
