@@ -1,0 +1,1 @@
+"""Standalone helper scripts (run by path, possibly under another interpreter)."""

@@ -1,0 +1,81 @@
+"""The command line end to end on the shipped model, and its error contract."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def last_accuracy(proc):
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("accuracy=") and " n=" in line, line
+    acc, n = line.split()
+    return float(acc.split("=")[1]), int(n.split("=")[1])
+
+
+def test_quantize_then_eval(cli, demo_assets, tmp_path):
+    model, calib, test = demo_assets
+    out = tmp_path / "out"
+    cli("quantize", model, "--data", calib, "--output-dir", out, "--per-channel", check=True)
+    assert sorted(os.listdir(out)) == ["model.encodings", "model.onnx", "model_qdq.onnx"]
+    doc = json.loads((out / "model.encodings").read_text())
+    assert doc["version"] == "1.0.0" and doc["quantizer_args"]["per_channel_quantization"] is True
+    fp32, n = last_accuracy(cli("eval", model, "--data", test, check=True))
+    assert n == 10000 and fp32 > 0.88
+    qdq, _ = last_accuracy(cli("eval", out / "model_qdq.onnx", "--data", test, check=True))
+    exported, _ = last_accuracy(cli("eval", out / "model.onnx", "--data", test, check=True))
+    assert exported == fp32  # the exported float model is the input model, BatchNorm folded
+    assert abs(qdq - fp32) < 0.005
+
+
+def test_quantize_options(cli, demo_assets, tmp_path):
+    model, calib, _ = demo_assets
+    out = tmp_path / "o"
+    cli("quantize", model, "--data", calib, "--output-dir", out, "--param-bw", "4", "--activation-bw", "8",
+        "--scheme", "sqnr", "--config", "aimet", "--encoding-version", "0.6.1", check=True)
+    doc = json.loads((out / "model.encodings").read_text())
+    assert doc["version"] == "0.6.1"
+    assert {e[0]["bitwidth"] for e in doc["param_encodings"].values()} == {4}
+
+
+def _error_line(proc):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_cli_errors_are_one_clear_line_and_write_nothing(cli, demo_assets, tmp_path):
+    model, calib, test = demo_assets
+    out = tmp_path / "out"
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"definitely not onnx")
+    assert "junk.onnx: not an ONNX model" in _error_line(cli("quantize", junk, "--data", calib, "--output-dir", out))
+
+    images = np.load(calib)["image"]
+    cases = {
+        "missing.npz": ({"pixels": images}, "missing key(s) ['image']"),
+        "dtype.npz": ({"image": images.astype(np.float64)}, "dtype float64"),
+        "shape.npz": ({"image": images[:, :, :20]}, "has shape [512, 1, 20, 28]"),
+        "nan.npz": ({"image": np.where(np.arange(images.size).reshape(images.shape) == 5, np.nan, images)}, "NaN"),
+        "empty.npz": ({"image": images[:0]}, "holds no samples"),
+    }
+    for name, (arrays, message) in cases.items():
+        path = tmp_path / name
+        np.savez(path, **arrays)
+        line = _error_line(cli("quantize", model, "--data", path, "--output-dir", out))
+        assert message in line and name in line, line
+    assert not out.exists() or os.listdir(out) == []
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    assert "not a directory" in _error_line(cli("quantize", model, "--data", calib, "--output-dir", blocker))
+    assert "missing key(s) ['target']" in _error_line(cli("eval", model, "--data", test, "--label-key", "target"))
+    assert "output index 3 is out of range" in _error_line(cli("eval", model, "--data", test, "--output-index", "3"))
+    assert "param_bw must be an integer from 4 to 16" in _error_line(
+        cli("quantize", model, "--data", calib, "--output-dir", out, "--param-bw", "3"))
