@@ -1,0 +1,1 @@
+"""Quantization-aware training: lowering to a differentiable graph, onnxruntime-training loop."""

@@ -1,0 +1,539 @@
+"""Lower a calibrated simulation to a differentiable forward graph with its loss.
+
+QuantizeLinear has no gradient in onnxruntime, so the QDQ pairs of the simulation become:
+
+* activations, fixed encodings: ``com.microsoft::FakeQuant`` (straight-through gradient to ``x``,
+  zero outside the clamp range);
+* activations, range learning: ``(STE(clip(x / s + zp, qmin, qmax)) - zp) * s`` with trainable
+  ``s = s0 * t`` and zero point ``zp`` (rounded straight-through), which gives the LSQ/AIMET
+  gradients: ``dL/dx = g`` inside the range and 0 outside, ``dL/ds = g * (round(x/s) - x/s)``
+  inside and ``g * (bound - zp)`` outside;
+* weights: the encoding is recomputed from the current weights in the graph at every step (per
+  channel where chosen) behind an exact stop-gradient, and applied with a straight-through round;
+* int32 biases: ``STE(b / (s_in * s_w)) * (s_in * s_w)``, so training sees the deployed bias.
+
+Fake-quant is skipped where the value is already on its quantizer's grid (outputs of data-movement
+ops and Concat tied to their inputs). Remaining BatchNormalization nodes become their inference
+affine form (statistics frozen). The loss is appended and becomes the first graph output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxqat.errors import ConfigError, ModelError
+from onnxqat.graph import NameScope, const_array, is_float
+from onnxqat.passes.annotate import DATA_MOVEMENT_OPS
+from onnxqat.plan import ActivationQuantizer, ParamQuantizer, QuantPlan
+from onnxqat.qparams import MIN_SCALE, Encoding
+from onnxqat.train.builder import CONTRIB, Builder
+
+__all__ = ["LossSpec", "LossSource", "RangeParams", "TrainingGraph", "loss_source", "lower_for_training", "LOSSES"]
+
+LOSSES = ("cross_entropy", "mse", "distill")
+
+# Inputs through which onnxruntime propagates no gradient (besides casts to integers).
+_STOP_EDGES: dict[str, frozenset[int]] = {
+    "Clip": frozenset({1, 2}), "Pow": frozenset({1}), "BatchNormalization": frozenset({3, 4}),
+    "Reshape": frozenset({1}), "Expand": frozenset({1}), "Tile": frozenset({1}), "Slice": frozenset({1, 2, 3, 4}),
+    "Gather": frozenset({1}), "GatherElements": frozenset({1}), "GatherND": frozenset({1}),
+    "Where": frozenset({0}), "Dropout": frozenset({1, 2}), "Squeeze": frozenset({1}),
+    "Unsqueeze": frozenset({1}), "ReduceSum": frozenset({1}), "Split": frozenset({1}),
+    "TopK": frozenset({1}), "Range": frozenset({0, 1, 2}), "ConstantOfShape": frozenset({0}),
+    "Shape": frozenset({0}), "Size": frozenset({0}), "OneHot": frozenset({0, 1, 2}),
+    "SoftmaxCrossEntropyLoss": frozenset({1, 2}), "FakeQuant": frozenset({1, 2}),
+}
+# Half a step minus this is how far past the grid the straight-through band reaches (float32 has
+# room for it up to 16-bit grids: round(65535 + 0.5 - 2^-6) is still 65535).
+_BAND = 2.0**-6
+
+# Smallest value passed through the exact stop-gradient (its domain is [2^-100, 2^100]); far
+# below any scale an encoding can have.
+_SG_FLOOR = 1e-30
+
+_NO_GRADIENT_OPS = frozenset({
+    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not",
+    "IsNaN", "IsInf", "NonZero", "ArgMax", "ArgMin", "Floor", "Ceil", "Round", "Sign",
+    "ReduceMax", "ReduceMin", "Shape", "Size",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Which loss to train with, on which model output.
+
+    Attributes:
+        kind: ``cross_entropy`` (integer labels), ``mse`` (float targets) or ``distill`` (match the
+            float model: soft cross-entropy on logits for classifiers, MSE otherwise).
+        output_index: Model output the loss reads. If it is produced by Softmax/LogSoftmax, the
+            logits feeding it are used for cross-entropy and distillation.
+        label_key: Batch key of labels (``cross_entropy``).
+        target_key: Batch key of targets (``mse``).
+        temperature: Distillation temperature.
+    """
+
+    kind: str = "cross_entropy"
+    output_index: int = 0
+    label_key: str = "label"
+    target_key: str = "target"
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSSES:
+            raise ConfigError(f"unknown loss {self.kind!r}; choose one of {', '.join(LOSSES)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"distillation temperature must be > 0, got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeParams:
+    """Trainable parameters of one activation quantizer under range learning.
+
+    ``scale = initial_scale * exp(scale_gain * u)`` and
+    ``zero_point = clip(round(initial_zero_point + zero_point_gain * v), qmin, qmax)`` with ``u`` and
+    ``v`` the trained tensors (both start at 0). The gains set how fast encodings move relative to
+    the weights under a scale-free optimizer such as Adam: one step of size ``lr`` changes the
+    scale by about ``scale_gain * lr`` relatively, and the zero point by ``zero_point_gain * lr``
+    quantization steps.
+    """
+
+    quantizer: str
+    scale_param: str
+    zero_point_param: str | None  # None when the zero point is not learned
+    initial_scale: float
+    initial_zero_point: int
+    scale_gain: float
+    zero_point_gain: float
+
+    def scale(self, u: float) -> np.float32:
+        return np.float32(max(np.float32(self.initial_scale) * np.exp(np.float32(self.scale_gain * u)), MIN_SCALE))
+
+    def zero_point(self, v: float, qmin: int, qmax: int) -> int:
+        return int(np.clip(np.rint(np.float32(self.initial_zero_point + self.zero_point_gain * v)), qmin, qmax))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingGraph:
+    """The lowered forward graph: outputs ``[loss, prediction]``.
+
+    Attributes:
+        model: Forward model with the loss as its first output.
+        trainable: Initializers that receive gradients.
+        feeds: Graph input name -> batch key (model inputs, labels, targets).
+        teacher_input: Graph input fed with the float model's ``teacher_source`` (distillation).
+        teacher_source: Tensor of the float model the teacher input reads.
+        prediction: Name of the second output (logits or the model output).
+        range_params: Range-learning parameters per activation quantizer.
+    """
+
+    model: ir.Model
+    trainable: tuple[str, ...]
+    feeds: Mapping[str, str]
+    teacher_input: str | None
+    teacher_source: str | None
+    prediction: str
+    range_params: tuple[RangeParams, ...]
+
+
+def lower_for_training(
+    float_model: ir.Model,
+    plan: QuantPlan,
+    encodings: Mapping[str, Encoding],
+    loss: LossSpec,
+    *,
+    range_learning: bool = False,
+    encoding_lr_scale: float = 10.0,
+    frozen: Collection[str] = (),
+) -> TrainingGraph:
+    """Build the training forward graph (see module docstring). ``frozen``: initializer names."""
+    return _Lowering(float_model, plan, encodings, loss, range_learning, encoding_lr_scale, frozen).run()
+
+
+class _Lowering:
+    def __init__(
+        self, float_model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding],
+        loss: LossSpec, range_learning: bool, encoding_lr_scale: float, frozen: Collection[str],
+    ) -> None:
+        self.encoding_lr_scale = encoding_lr_scale
+        self.model = float_model.clone()
+        self.original_params = {
+            n for n, v in self.model.graph.initializers.items() if is_float(v) and v.const_value is not None
+        }
+        self.plan = plan
+        self.encodings = encodings
+        self.loss = loss
+        self.range_learning = range_learning
+        self.frozen = set(frozen)
+        self.b = Builder(self.model, NameScope(self.model))
+        self.values = _values_by_name(self.model.graph)
+        self.act_scale: dict[str, ir.Value] = {}
+        self.weight_scale: dict[str, ir.Value] = {}
+        self.range_params: list[RangeParams] = []
+        self.stats: set[str] = set()
+        self.source = loss_source(float_model, loss)
+
+    # -- activations -----------------------------------------------------------------------------
+    def on_grid(self, tensor: str, q: ActivationQuantizer) -> bool:
+        value = self.values[tensor]
+        producer = value.producer()
+        if producer is None or (producer.op_type not in DATA_MOVEMENT_OPS and producer.op_type != "Concat"):
+            return False
+        inputs = [v for v in producer.inputs if is_float(v)]
+        if producer.op_type != "Concat":
+            inputs = inputs[:1]
+        return bool(inputs) and all(v is not None and self.plan.activation_of(v.name) is q for v in inputs)
+
+    def implied_clamp(self, tensor: str, enc: Encoding) -> ir.Value | None:
+        """Input of a Relu/Clip whose effect the quantizer's own clamp already has, else None.
+
+        ``FQ(Relu(x)) == FQ(x)`` when the grid starts at 0 (zero point at its minimum), and
+        ``FQ(Clip(x, lo, hi)) == FQ(x)`` when the grid lies within ``[lo, hi]``; onnxruntime drops
+        such ops from the deployed model too. Under range learning only Relu is dropped (its zero
+        point is then not learned), since a learned scale may outgrow a Clip's bound.
+        """
+        producer = self.values[tensor].producer()
+        if producer is None or producer.domain not in ("", "ai.onnx") or enc.symmetric and enc.signed:
+            return None
+        lo_grid, hi_grid = float(enc.min), float(enc.max)
+        if producer.op_type == "Relu" and lo_grid == 0.0:
+            return producer.inputs[0]
+        if producer.op_type == "Clip" and not self.range_learning:
+            bounds = [producer.inputs[i] if len(producer.inputs) > i else None for i in (1, 2)]
+            if any(b is not None and const_array(b) is None for b in bounds):
+                return None
+            lo = float(const_array(bounds[0])) if bounds[0] is not None else -np.inf
+            hi = float(const_array(bounds[1])) if bounds[1] is not None else np.inf
+            if lo <= lo_grid and hi_grid <= hi:
+                return producer.inputs[0]
+        return None
+
+    def clamp_to_grid(self, u: ir.Value, enc: Encoding, base: str) -> ir.Value:
+        """Clip to the band that rounds onto ``[qmin, qmax]``.
+
+        The band reaches just short of half a step beyond the grid, so the gradient passes exactly
+        where FakeQuant's mask passes it (``round(u)`` on the grid); a weight at the edge of its
+        range (``u == qmax``) keeps its gradient, which a clip at ``qmax`` itself would cut.
+        """
+        lo = self.b.const(enc.qmin - 0.5 + _BAND, name="grid_lo")
+        hi = self.b.const(enc.qmax + 0.5 - _BAND, name="grid_hi")
+        return self.b.op("Clip", [u, lo, hi], base)
+
+    def activation(self, q: ActivationQuantizer) -> None:
+        enc = self.encodings[q.name]
+        sources = {t: self.implied_clamp(t, enc) for t in q.tensors}
+        if self.range_learning:
+            gain = self.encoding_lr_scale
+            u = self.b.param(f"{q.name}.log_scale", np.array(0.0))
+            s = self.b.op("Max", [self.b.op("Mul", [self.b.op("Exp", [self.b.op("Mul", [u, self.b.const(gain, name="gain")], q.name)], q.name),
+                                                    self.b.const(float(enc.scale), name="s0")], q.name),
+                                  self.b.const(MIN_SCALE, name="min_scale")], q.name)
+            zp_value = None
+            zp_name = None
+            zp_gain = gain * (enc.qmax - enc.qmin) / 2
+            if any(sources.values()):
+                zp_value = self.b.const(float(enc.zero_point), name="zero_point")
+            elif not enc.symmetric:
+                v = self.b.param(f"{q.name}.zero_point_offset", np.array(0.0))
+                zp_name = v.name
+                zp = self.b.op("Add", [self.b.op("Mul", [v, self.b.const(zp_gain, name="zp_gain")], q.name),
+                                       self.b.const(float(enc.zero_point), name="zp0")], q.name)
+                zp_value = self.b.op("Clip", [self.b.ste_round(zp, q.name, bounded=True), self.b.const(float(enc.qmin), name="qmin"),
+                                              self.b.const(float(enc.qmax), name="qmax")], q.name)
+            self.range_params.append(RangeParams(
+                q.name, u.name, zp_name, float(enc.scale), int(enc.zero_point), gain, zp_gain,  # type: ignore[arg-type]
+            ))
+            self.act_scale[q.name] = s
+        else:
+            s = self.b.const(float(enc.scale), name="scale")
+            zp_value = self.b.const(float(enc.zero_point), name="zero_point")
+            self.act_scale[q.name] = s
+        for tensor in q.tensors:
+            if self.on_grid(tensor, q):
+                continue
+            value = self.values[tensor]
+            users = list(value.uses())
+            source = sources[tensor] or value
+            if self.range_learning:
+                u = self.b.op("Div", [source, s], tensor)
+                if zp_value is not None:
+                    u = self.b.op("Add", [u, zp_value], tensor)
+                r = self.b.ste_round(self.clamp_to_grid(u, enc, tensor), tensor, bounded=True)
+                if zp_value is not None:
+                    r = self.b.op("Sub", [r, zp_value], tensor)
+                out = self.b.op("Mul", [r, s], tensor)
+            else:
+                out = self.b.op("FakeQuant", [source, s, zp_value], tensor, domain=CONTRIB, outputs=2,
+                                quant_min=enc.qmin, quant_max=enc.qmax)
+            out.type, out.shape = value.type, value.shape
+            for use in users:
+                use.node.replace_input_with(use.idx, out)
+            self.values[tensor] = out
+
+    # -- weights and biases ----------------------------------------------------------------------
+    def weight(self, p: ParamQuantizer) -> None:
+        value = self.values[p.name]
+        enc = self.encodings[p.name]
+        rank = len(value.shape) if value.shape is not None else 0
+        axes = [i for i in range(rank) if p.spec.axis is None or i != p.spec.axis % rank]
+        base = p.name
+        tiny = self.b.const(_SG_FLOOR, name="sg_floor")
+        min_scale = self.b.const(MIN_SCALE, name="min_scale")
+        steps_total = float((1 << enc.bitwidth) - 1)
+        zp = None
+        if enc.symmetric:
+            absmax = self.b.reduce("ReduceMax", self.b.op("Abs", [value], base), axes, base)
+            absmax = self.b.stop_gradient(self.b.op("Max", [absmax, tiny], base), base)
+            steps = float((1 << (enc.bitwidth - 1)) - 1)
+            s = self.b.op("Max", [self.b.op("Div", [absmax, self.b.const(steps, name="steps")], base), min_scale], base)
+        else:
+            zero = self.b.const(0.0, name="zero")
+            lo = self.b.op("Min", [self.b.reduce("ReduceMin", value, axes, base), zero], base)
+            hi = self.b.op("Max", [self.b.reduce("ReduceMax", value, axes, base), zero], base)
+            neg_lo = self.b.stop_gradient(self.b.op("Max", [self.b.op("Neg", [lo], base), tiny], base), base)
+            hi = self.b.stop_gradient(self.b.op("Max", [hi, tiny], base), base)
+            span = self.b.op("Add", [hi, neg_lo], base)
+            s = self.b.op("Max", [self.b.op("Div", [span, self.b.const(steps_total, name="steps")], base), min_scale], base)
+            zp = self.b.op("Clip", [self.b.op("Round", [self.b.op("Div", [neg_lo, s], base)], base), zero,
+                                    self.b.const(steps_total, name="steps")], base)
+        u = self.b.op("Div", [value, s], base)
+        if zp is not None:
+            u = self.b.op("Add", [u, zp], base)
+        r = self.b.ste_round(self.clamp_to_grid(u, enc, base), base, bounded=True)
+        if zp is not None:
+            r = self.b.op("Sub", [r, zp], base)
+        out = self.b.op("Mul", [r, s], base)
+        out.type, out.shape = value.type, value.shape
+        self.weight_scale[p.name] = s
+        for use in list(value.uses()):
+            if use.node.name in p.consumers and use.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                use.node.replace_input_with(use.idx, out)
+
+    def biases(self) -> None:
+        for bq in self.plan.biases:
+            value = self.values[bq.name]
+            node = next(u.node for u in value.uses() if u.node.name == bq.node)
+            s_w = self.b.op("Reshape", [self.weight_scale[bq.weight_quantizer], self.b.const(np.array([-1]), np.int64, "flat")], bq.name)
+            s_b = self.b.op("Mul", [self.act_scale[bq.input_quantizer], s_w], bq.name)
+            if self.range_learning:
+                s_b = self.b.stop_gradient(s_b, bq.name)
+            q = self.b.ste_round(self.b.op("Div", [value, s_b], bq.name), bq.name)
+            out = self.b.op("Mul", [q, s_b], bq.name)
+            out.type, out.shape = value.type, value.shape
+            node.replace_input_with(2, out)
+
+    def batchnorms(self) -> None:
+        for node in [n for n in self.model.graph if n.op_type == "BatchNormalization"]:
+            x, gamma, beta, mean, var = node.inputs[:5]
+            eps = node.attributes.get("epsilon")
+            eps_value = eps.as_float() if eps is not None else 1e-5
+            rank = len(x.shape) if x is not None and x.shape is not None else 4
+            shape = self.b.const(np.array([-1] + [1] * (rank - 2)), np.int64, "bn_shape")
+            base = node.name or "bn"
+            a = self.b.op("Div", [gamma, self.b.op("Sqrt", [self.b.op("Add", [var, self.b.const(eps_value, name="eps")], base)], base)], base)
+            c = self.b.op("Sub", [beta, self.b.op("Mul", [mean, a], base)], base)
+            y = self.b.op("Add", [self.b.op("Mul", [x, self.b.op("Reshape", [a, shape], base)], base),
+                                  self.b.op("Reshape", [c, shape], base)], base)
+            out = node.outputs[0]
+            y.type, y.shape = out.type, out.shape
+            out.replace_all_uses_with(y, replace_graph_outputs=True)
+            self.stats.update(v.name for v in (mean, var) if v is not None)
+
+    # -- loss ------------------------------------------------------------------------------------
+    def loss_graph(self) -> tuple[ir.Value, ir.Value, dict[str, str], str | None]:
+        source = self.source
+        logits = self.values[source.tensor]  # after fake-quant insertion
+        b = self.b
+        feeds: dict[str, str] = {}
+        teacher = None
+        rank = source.rank
+        if self.loss.kind == "cross_entropy":
+            labels = self.new_input(self.loss.label_key, ir.DataType.INT64, ir.Shape([f"d{i}" for i in range(rank - 1)]))
+            feeds[labels.name] = self.loss.label_key  # type: ignore[index]
+            scores = _move_axis_to_1(b, logits, source.class_axis, rank, "loss")
+            loss = b.op("SoftmaxCrossEntropyLoss", [scores, labels], "loss", outputs=2, reduction="mean")
+        elif self.loss.kind == "mse":
+            target = self.new_input(self.loss.target_key, logits.dtype, logits.shape)
+            feeds[target.name] = self.loss.target_key  # type: ignore[index]
+            diff = b.op("Sub", [logits, target], "loss")
+            loss = b.op("ReduceMean", [b.op("Mul", [diff, diff], "loss")], "loss", keepdims=0)
+        else:
+            teacher_value = self.new_input("teacher", logits.dtype, logits.shape)
+            teacher = teacher_value.name
+            if source.softmax:
+                # T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over samples
+                temp = b.const(float(self.loss.temperature), name="temperature")
+                student = b.op("LogSoftmax", [b.op("Div", [logits, temp], "loss")], "loss", axis=source.class_axis)
+                teacher_log = b.op("LogSoftmax", [b.op("Div", [teacher_value, temp], "loss")], "loss", axis=source.class_axis)
+                gap = b.op("Mul", [b.op("Exp", [teacher_log], "loss"), b.op("Sub", [teacher_log, student], "loss")], "loss")
+                per_sample = b.reduce_sum(gap, source.class_axis, "loss")
+                loss = b.op("Mul", [b.op("ReduceMean", [per_sample], "loss", keepdims=0),
+                                    b.const(float(self.loss.temperature) ** 2, name="t2")], "loss")
+            else:
+                diff = b.op("Sub", [logits, teacher_value], "loss")
+                loss = b.op("ReduceMean", [b.op("Mul", [diff, diff], "loss")], "loss", keepdims=0)
+        loss.dtype = ir.DataType.FLOAT
+        loss.shape = ir.Shape([])
+        graph = self.model.graph
+        graph.outputs.clear()
+        graph.outputs.append(loss)
+        prediction = logits
+        if prediction.is_graph_input() or prediction.producer() is None:
+            prediction = b.op("Identity", [prediction], "prediction")
+            prediction.type, prediction.shape = logits.type, logits.shape
+        graph.outputs.append(prediction)
+        return loss, prediction, feeds, teacher
+
+    def new_input(self, name: str, dtype: ir.DataType | None, shape: ir.Shape | None) -> ir.Value:
+        value = ir.Value(name=self.b.names.fresh(name), type=ir.TensorType(dtype or ir.DataType.FLOAT), shape=shape)
+        if shape is None and dtype == ir.DataType.INT64:
+            value.shape = ir.Shape(["batch"])
+        self.model.graph.inputs.append(value)
+        return value
+
+    # -- trainable parameters ----------------------------------------------------------------------
+    def trainable(self, loss: ir.Value) -> tuple[str, ...]:
+        reached: set[str] = set()
+        stack = [loss]
+        seen: set[int] = set()
+        while stack:
+            value = stack.pop()
+            node = value.producer()
+            if node is None:
+                if value.name:
+                    reached.add(value.name)
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in _NO_GRADIENT_OPS or (node.op_type == "Cast" and not _float_cast(node)):
+                continue
+            stops = _STOP_EDGES.get(node.op_type, frozenset())
+            for i, v in enumerate(node.inputs):
+                if v is not None and i not in stops and (v.dtype is None or is_float(v)):
+                    stack.append(v)
+        candidates = []
+        for name in sorted(reached):
+            value = self.model.graph.initializers.get(name)
+            if value is None or value.const_value is None:
+                continue
+            if name in self.original_params:
+                if value.const_value.size > 1 and name not in self.frozen and name not in self.stats:
+                    candidates.append(name)
+        self.range_params = [p for p in self.range_params if p.scale_param in reached]
+        for p in self.range_params:
+            candidates += [n for n in (p.scale_param, p.zero_point_param) if n and n in reached and n not in self.frozen]
+        return tuple(candidates)
+
+    def run(self) -> TrainingGraph:
+        for q in self.plan.activations:
+            self.activation(q)
+        for p in self.plan.params:
+            self.weight(p)
+        self.biases()
+        self.batchnorms()
+        loss, prediction, feeds, teacher = self.loss_graph()
+        _remove_dead_nodes(self.model.graph)
+        self.model.graph.sort()
+        for value in self.model.graph.inputs:
+            if value.name not in feeds and value.name != teacher:
+                feeds[value.name] = value.name  # type: ignore[index]
+        trainable = self.trainable(loss)
+        if not trainable:
+            raise ConfigError("no trainable parameter reaches the loss (all frozen?)")
+        return TrainingGraph(
+            model=self.model,
+            trainable=trainable,
+            feeds=feeds,
+            teacher_input=teacher,
+            teacher_source=self.source.tensor if teacher else None,
+            prediction=prediction.name,  # type: ignore[arg-type]
+            range_params=tuple(self.range_params),
+        )
+
+
+def _float_cast(node: ir.Node) -> bool:
+    to = node.attributes.get("to")
+    return to is not None and ir.DataType(to.as_int()) in (
+        ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16
+    )
+
+
+def _move_axis_to_1(b: Builder, x: ir.Value, axis: int, rank: int, base: str) -> ir.Value:
+    if axis == 1:
+        return x
+    perm = [0, axis] + [i for i in range(1, rank) if i != axis]
+    return b.op("Transpose", [x], base, perm=perm)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSource:
+    """The float-model tensor a loss reads, and how.
+
+    Attributes:
+        tensor: Name of the tensor (the logits feeding a final Softmax, or the output itself).
+        rank: Its rank.
+        class_axis: Class axis for cross-entropy / distillation.
+        softmax: True when the output is a Softmax/LogSoftmax of ``tensor``.
+    """
+
+    tensor: str
+    rank: int
+    class_axis: int
+    softmax: bool
+
+
+def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
+    """Find what the loss is computed on; raises :class:`ModelError` for unusable outputs."""
+    outputs = model.graph.outputs
+    index = loss.output_index
+    if not -len(outputs) <= index < len(outputs):
+        raise ConfigError(f"output index {index} is out of range: the model has {len(outputs)} output(s)")
+    output = outputs[index]
+    value, softmax, axis = output, False, -1
+    producer = output.producer()
+    if producer is not None and producer.op_type in ("Softmax", "LogSoftmax") and loss.kind != "mse":
+        value, softmax = producer.inputs[0], True
+        attr = producer.attributes.get("axis")
+        axis = attr.as_int() if attr is not None else -1
+    assert value is not None
+    if not is_float(value):
+        raise ModelError(f"output '{output.name}' is not a float tensor: cannot train a {loss.kind} loss on it")
+    if value.shape is None:
+        raise ModelError(f"the rank of '{value.name}' is unknown: cannot build a {loss.kind} loss on it")
+    rank = len(value.shape)
+    if loss.kind == "cross_entropy" and rank < 2:
+        raise ModelError(
+            f"output '{output.name}' has rank {rank}: cross-entropy needs [batch, classes, ...] logits"
+        )
+    class_axis = (axis % rank) if softmax else (1 if rank >= 2 else 0)
+    return LossSource(value.name, rank, class_axis, softmax)  # type: ignore[arg-type]
+
+
+def _remove_dead_nodes(graph: ir.Graph) -> None:
+    """Drop nodes no graph output depends on (keeping every output slot of live nodes)."""
+    live: set[int] = set()
+    stack = [v.producer() for v in graph.outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in live:
+            continue
+        live.add(id(node))
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    for node in reversed(list(graph)):
+        if id(node) not in live:
+            graph.remove(node, safe=True)
+    used = {v.name for n in graph for v in n.inputs if v is not None}
+    for name in [n for n in graph.initializers if n not in used]:
+        graph.initializers.pop(name)
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}  # type: ignore[misc]
+    values.update(graph.initializers)
+    for node in graph:
+        values.update({v.name: v for v in node.outputs if v.name})  # type: ignore[misc]
+    return values

@@ -1,0 +1,39 @@
+"""Import onnxruntime's training API without importing torch.
+
+``import onnxruntime.training`` runs ``onnxruntime/training/__init__.py``, which imports its
+optimizer helpers and, through them, torch. The two submodules onnxqat uses, ``artifacts``
+(artifact generation) and ``api`` (Module, Optimizer, CheckpointState), need no torch. This
+module registers a bare package object for ``onnxruntime.training`` whose ``__path__`` is the
+real package folder, so those submodules import normally and the package ``__init__`` never runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from typing import Any
+
+__all__ = ["training_modules"]
+
+_PACKAGE = "onnxruntime.training"
+
+
+def training_modules() -> tuple[Any, Any]:
+    """``(onnxruntime.training.artifacts, onnxruntime.training.api)``, torch-free."""
+    if _PACKAGE not in sys.modules:
+        import onnxruntime
+
+        folder = os.path.join(os.path.dirname(onnxruntime.__file__), "training")
+        if not os.path.isdir(folder):
+            raise ImportError(
+                "this onnxruntime has no training API: install onnxruntime-training-cpu==1.19.2 "
+                "(and not the plain onnxruntime package in the same environment)"
+            )
+        package = types.ModuleType(_PACKAGE)
+        package.__path__ = [folder]
+        package.__package__ = _PACKAGE
+        sys.modules[_PACKAGE] = package
+    from onnxruntime.training import api, artifacts
+
+    return artifacts, api
