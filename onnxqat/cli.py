@@ -1,6 +1,7 @@
 """Command line: a thin layer over the Python API.
 
     onnxqat quantize MODEL.onnx --data CALIB.npz --output-dir OUT [options]
+    onnxqat train MODEL.onnx --data TRAIN.npz --calib CALIB.npz --output-dir OUT [options]
     onnxqat eval MODEL.onnx --data DATA.npz [--label-key label] [--output-index 0]
 
 Errors print one line (``error: ...``) on stderr and exit with status 2.
@@ -44,6 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--encoding-version", choices=["1.0.0", "0.6.1"], default="1.0.0")
     q.add_argument("--prefix", default="model", help="file name prefix of the outputs")
 
+    t = sub.add_parser("train", help="simulate + calibrate + quantization-aware training + export")
+    t.add_argument("model", help="float ONNX model")
+    t.add_argument("--data", required=True, help="training npz: model inputs (+ labels / targets)")
+    t.add_argument("--calib", required=True, help="calibration npz: one array per model input")
+    t.add_argument("--output-dir", required=True)
+    _add_sim_options(t)
+    t.add_argument("--loss", choices=["cross_entropy", "mse", "distill"], default="cross_entropy")
+    t.add_argument("--label-key", default="label")
+    t.add_argument("--target-key", default="target", help="target array for the mse loss")
+    t.add_argument("--output-index", type=int, default=0, help="model output the loss reads")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    t.add_argument("--range-learning", action="store_true", help="train activation scales/offsets")
+    t.add_argument("--eval", default=None, help="npz with inputs and labels, scored after calibration and each epoch")
+    t.add_argument("--checkpoint-dir", default=None, help="write a checkpoint every epoch; resume from it")
+    t.add_argument("--max-samples", type=int, default=None, help="use only the first N training samples")
+    t.add_argument("--seed", type=int, default=0, help="shuffling seed")
+    t.add_argument("--encoding-version", choices=["1.0.0", "0.6.1"], default="1.0.0")
+    t.add_argument("--prefix", default="model")
+
     e = sub.add_parser("eval", help="top-1 accuracy of a model (float, sim export or QDQ) on npz data")
     e.add_argument("model")
     e.add_argument("--data", required=True, help="npz with the model inputs and a label array")
@@ -53,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quantize(args: argparse.Namespace) -> None:
+def _calibrated_sim(args: argparse.Namespace, calib: str):  # type: ignore[no-untyped-def]
     from onnxqat.data import NpzBatches, input_signature, load_model_inputs
     from onnxqat.sim import QuantizationSimModel
 
@@ -66,11 +88,45 @@ def _quantize(args: argparse.Namespace) -> None:
         config=args.config,
     )
     print(f"plan: {sim.plan.summary()}")
-    arrays = load_model_inputs(args.data, input_signature(sim.float_model))
+    arrays = load_model_inputs(calib, input_signature(sim.float_model))
     sim.compute_encodings(NpzBatches(arrays, args.batch_size))
+    return sim
+
+
+def _export(sim, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
     paths = sim.export(args.output_dir, args.prefix, encoding_version=args.encoding_version)
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    _export(_calibrated_sim(args, args.data), args)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from onnxqat.data import NpzBatches, input_signature, load_model_inputs
+    from onnxqat.errors import ConfigError
+    from onnxqat.evaluate import accuracy
+
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ConfigError(f"--max-samples must be >= 1, got {args.max_samples}")
+    sim = _calibrated_sim(args, args.calib)
+    signature = input_signature(sim.float_model)
+    extra = {"cross_entropy": [args.label_key], "mse": [args.target_key], "distill": []}[args.loss]
+    train = load_model_inputs(args.data, signature, extra)
+    batches = NpzBatches(train, args.batch_size, shuffle=True, seed=args.seed, limit=args.max_samples)
+    evaluation = None
+    if args.eval is not None:
+        evaluation = NpzBatches(load_model_inputs(args.eval, signature, [args.label_key]), 256)
+        acc, n = accuracy(sim.run, evaluation, label_key=args.label_key, output_index=args.output_index)
+        print(f"calibrated (PTQ) eval_accuracy={acc:.4f} n={n}")
+    with sim.trainer(
+        loss=args.loss, optimizer=args.optimizer, lr=args.lr, range_learning=args.range_learning,
+        output_index=args.output_index, label_key=args.label_key, target_key=args.target_key,
+    ) as trainer:
+        trainer.fit(batches, epochs=args.epochs, eval_batches=evaluation, checkpoint_dir=args.checkpoint_dir,
+                    on_epoch=lambda stats: print(stats.line(), flush=True))
+    _export(sim, args)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -89,7 +145,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"quantize": _quantize, "eval": _eval}
+    handlers = {"quantize": _quantize, "train": _train, "eval": _eval}
     try:
         handlers[args.command](args)
     except OnnxQatError as e:

@@ -145,7 +145,10 @@ def load_model_inputs(
 
 
 class NpzBatches:
-    """Re-iterable batches over arrays with a common first axis (optionally shuffled per pass).
+    """Re-iterable batches over arrays with a common first axis.
+
+    With ``shuffle``, pass ``k`` uses the permutation drawn from ``(seed, k)``; ``set_epoch``
+    picks the pass, so a resumed training run sees the same order as an uninterrupted one.
 
     >>> b = NpzBatches({"x": np.arange(5.0)}, batch_size=2)
     >>> len(b), [batch["x"].tolist() for batch in b]
@@ -174,7 +177,7 @@ class NpzBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -182,8 +185,14 @@ class NpzBatches:
             return max(self.n // self.batch_size, 1)
         return math.ceil(self.n / self.batch_size)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle order of ``epoch`` (a pure function of seed and epoch)."""
+        self.epoch = epoch
+
     def order(self) -> np.ndarray:
-        return self.rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         idx = self.order()

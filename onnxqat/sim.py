@@ -299,6 +299,13 @@ class QuantizationSimModel:
         self._session = None
         return self
 
+    # -- training ------------------------------------------------------------------------------
+    def trainer(self, **options: Any) -> Any:
+        """A :class:`~onnxqat.train.trainer.QATTrainer` for this sim (options as its arguments)."""
+        from onnxqat.train.trainer import QATTrainer
+
+        return QATTrainer(self, **options)
+
     # -- export --------------------------------------------------------------------------------
     def export(
         self, out_dir: str | os.PathLike[str], prefix: str = "model", *, encoding_version: str = "1.0.0"
