@@ -11,7 +11,8 @@ Two presets ship with the package:
 
 * ``onnxruntime`` (default): quantizers where onnxruntime's CPU provider has integer kernels
   (Conv, MatMul, Gemm, Add, Mul, pooling, Concat, Softmax, ...) and at the boundaries of float-only
-  ops, so the deployed QDQ model runs fused integer kernels without Q/DQ churn.
+  ops, so the deployed QDQ model runs fused integer kernels without Q/DQ churn. Softmax outputs
+  use the fixed encoding [0, 255/256] (scale 1/256) that onnxruntime's QLinearSoftmax assumes.
 * ``aimet``: every op output quantized, as AIMET's default config (for targets such as HTP that
   run every op in integer arithmetic).
 """
@@ -49,6 +50,7 @@ class OpTypeRule:
     is_input_quantized: bool | None = None
     is_symmetric: bool | None = None
     per_channel_quantization: bool | None = None
+    encoding_constraints: tuple[float, float] | None = None
     params: Mapping[str, ParamRule] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({})
     )
@@ -123,6 +125,10 @@ class QuantSimConfig:
     def activation_symmetric_for(self, op_type: str) -> bool:
         return _pick(self.op_rule(op_type).is_symmetric, self.activation_symmetric)
 
+    def output_range_for(self, op_type: str) -> tuple[float, float] | None:
+        """Fixed output encoding range of an op type (``encoding_constraints``), if any."""
+        return self.op_rule(op_type).encoding_constraints
+
     def with_overrides(self, **changes: Any) -> QuantSimConfig:
         return dataclasses.replace(self, **changes)
 
@@ -160,8 +166,12 @@ class QuantSimConfig:
         }
         for op_type, rule in self.op_types.items():
             entry = _drop_none(
-                {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule) if f.name != "params"}
+                {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule)
+                 if f.name not in ("params", "encoding_constraints")}
             )
+            if rule.encoding_constraints is not None:
+                lo, hi = rule.encoding_constraints
+                entry["encoding_constraints"] = {"min": lo, "max": hi}
             if rule.params:
                 entry["params"] = {k: _drop_none(dataclasses.asdict(v)) for k, v in rule.params.items()}
             out["op_type"][op_type] = entry
@@ -212,6 +222,18 @@ class _Parser:
         if isinstance(value, bool) or not isinstance(value, int) or not 4 <= value <= 16:
             raise self.fail(path, f"expected a bitwidth from 4 to 16, got {value!r}")
         return value
+
+    def range(self, value: Any, path: str) -> tuple[float, float] | None:
+        if value is None:
+            return None
+        body = self.obj(value, path, {"min", "max"})
+        try:
+            lo, hi = float(body["min"]), float(body["max"])
+        except (KeyError, TypeError, ValueError):
+            raise self.fail(path, "expected {\"min\": number, \"max\": number}") from None
+        if not lo <= 0.0 <= hi or lo == hi:
+            raise self.fail(path, f"the range must contain 0 and be non-empty, got [{lo}, {hi}]")
+        return lo, hi
 
     def names(self, value: Any, path: str) -> frozenset[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -275,6 +297,7 @@ class _Parser:
                 "is_input_quantized",
                 "is_symmetric",
                 "per_channel_quantization",
+                "encoding_constraints",
                 "params",
             }
             for op_type, body in self.obj(top["op_type"], "op_type", set(top["op_type"])).items():
@@ -285,6 +308,7 @@ class _Parser:
                     is_input_quantized=self.opt_bool(body, "is_input_quantized", p),
                     is_symmetric=self.opt_bool(body, "is_symmetric", p),
                     per_channel_quantization=self.opt_bool(body, "per_channel_quantization", p),
+                    encoding_constraints=self.range(body.get("encoding_constraints"), f"{p}.encoding_constraints"),
                     params=self.param_rules(body.get("params", {}), f"{p}.params"),
                 )
             kw["op_types"] = types.MappingProxyType(op_types)

@@ -55,7 +55,8 @@ def input_signature(model: ir.Model) -> list[InputSpec]:
         assert value.dtype is not None and value.name is not None
         shape = None
         if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else None for d in value.shape)
+            # symbolic dims and the -1 some exporters write for "any" are both free
+            shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape)
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
     return specs
 

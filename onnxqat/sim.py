@@ -13,8 +13,10 @@ derived from those values on demand; nothing is mutated behind the user's back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,9 +35,9 @@ from onnxqat.io import load_model, save_model, staged_outputs
 from onnxqat.passes.annotate import annotate
 from onnxqat.passes.canonicalize import canonical_passes
 from onnxqat.passes.fold_batchnorm import FoldBatchNormPass
-from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding
+from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.plan import QuantPlan
-from onnxqat.qparams import Encoding
+from onnxqat.qparams import Encoding, compute_encoding
 from onnxqat.runtime import Session
 from onnxqat.spec import MAX_BITWIDTH, MIN_BITWIDTH
 
@@ -133,6 +135,9 @@ class QuantizationSimModel:
         observers = collect_statistics(self.float_model, self.plan, batches, self.quant_scheme, progress=progress)
         encodings = dict(self.encodings)
         for q in self.plan.activations:
+            if q.spec.fixed_range is not None:
+                encodings[q.name] = compute_encoding(*q.spec.fixed_range, q.spec)
+                continue
             obs = observers[q.name]
             if obs.empty:
                 raise ModelError(
@@ -185,9 +190,36 @@ class QuantizationSimModel:
         self.refresh_param_encodings()
 
     # -- the simulation ------------------------------------------------------------------------
-    def sim_ir(self, *, fold_weights: bool = False) -> ir.Model:
+    def _overflowing_biases(self) -> dict[str, str]:
+        """Biases that cannot be int32 with the current encodings -> reason (they stay float)."""
+        out = {}
+        initializers = self.float_model.graph.initializers
+        for b in self.plan.biases:
+            scale, _ = bias_encoding(self.encodings[b.input_quantizer], self.encodings[b.weight_quantizer])
+            bias = const_array(initializers[b.name])
+            assert bias is not None
+            if not bias_fits(bias, scale):
+                out[b.name] = (
+                    f"bias of '{b.node}' overflows int32 with scale input x weight scale "
+                    f"(min {float(scale.min()):.3g}); kept float"
+                )
+        return out
+
+    @property
+    def effective_plan(self) -> QuantPlan:
+        """The plan as simulated: without int32 biases that the current encodings cannot hold."""
         self._require_calibrated()
-        return InsertQDQPass(self.plan, self.encodings, fold_weights=fold_weights)(self.float_model).model
+        overflow = self._overflowing_biases()
+        if not overflow:
+            return self.plan
+        return dataclasses.replace(
+            self.plan,
+            biases=tuple(b for b in self.plan.biases if b.name not in overflow),
+            skipped=types.MappingProxyType({**self.plan.skipped, **overflow}),
+        )
+
+    def sim_ir(self, *, fold_weights: bool = False) -> ir.Model:
+        return InsertQDQPass(self.effective_plan, self.encodings, fold_weights=fold_weights)(self.float_model).model
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -215,19 +247,18 @@ class QuantizationSimModel:
 
     def why_not_quantized(self) -> Mapping[str, str]:
         """For every float tensor without a quantizer: the rule that left it float."""
-        return self.plan.skipped
+        return self.effective_plan.skipped if self.calibrated else self.plan.skipped
 
     # -- encodings -----------------------------------------------------------------------------
     def bias_scales(self) -> dict[str, np.ndarray]:
         return {
             b.name: bias_encoding(self.encodings[b.input_quantizer], self.encodings[b.weight_quantizer])[0]
-            for b in self.plan.biases
+            for b in self.effective_plan.biases
         }
 
     def encodings_document(self, version: str = "1.0.0") -> dict[str, Any]:
-        self._require_calibrated()
         return to_aimet(
-            self.plan,
+            self.effective_plan,
             self.encodings,
             self.bias_scales(),
             version=version,

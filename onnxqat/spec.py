@@ -15,6 +15,7 @@ Grids follow AIMET's definitions:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from onnxqat.errors import ConfigError
 
@@ -35,6 +36,8 @@ class QuantSpec:
         unsigned_symmetric: Let a symmetric quantizer switch to the unsigned grid when the observed
             data is non-negative (AIMET's default for activations after Relu).
         axis: Per-channel axis of the quantized tensor, or None for one scale per tensor.
+        fixed_range: ``(min, max)`` that replaces the observed range (encoding constraints, e.g.
+            Softmax probabilities), or None to calibrate.
 
     >>> QuantSpec(bitwidth=8, symmetric=True).with_axis(0).axis
     0
@@ -45,6 +48,7 @@ class QuantSpec:
     strict_symmetric: bool = False
     unsigned_symmetric: bool = True
     axis: int | None = None
+    fixed_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bitwidth, bool) or not isinstance(self.bitwidth, int):
@@ -57,6 +61,10 @@ class QuantSpec:
             raise ConfigError("strict_symmetric requires symmetric=True")
         if self.axis is not None and (isinstance(self.axis, bool) or not isinstance(self.axis, int)):
             raise ConfigError(f"axis must be an integer or None, got {self.axis!r}")
+        if self.fixed_range is not None:
+            lo, hi = self.fixed_range
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ConfigError(f"fixed_range must be finite with min < max, got {self.fixed_range}")
 
     @property
     def per_channel(self) -> bool:

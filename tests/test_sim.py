@@ -185,3 +185,47 @@ def test_model_proto_input_is_not_mutated():
     sim.set_weights({"w1": np.zeros((4, 3, 3, 3), np.float32)})
     assert proto.SerializeToString() == before
     assert isinstance(sim.encodings["x"], Encoding)
+
+
+def test_softmax_output_uses_the_fixed_encoding_integer_kernels_expect():
+    rng = np.random.default_rng(0)
+    from onnx import helper
+    from conftest import make_model, tensor
+
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["logits"], name="fc"),
+             helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1)]
+    model = make_model(nodes, [tensor("x", ["N", 4])], [tensor("probs", ["N", 2])],
+                       {"w": rng.normal(size=(4, 2)).astype(np.float32)})
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    sim = QuantizationSimModel(model)
+    sim.compute_encodings([{"x": x * 0.1}], progress=False)  # probabilities never reach 1 here
+    enc = sim.encodings["probs"]
+    assert float(enc.scale) == 1 / 256 and int(enc.zero_point) == 0
+    # onnxruntime's QLinearSoftmax is then exact, fused or not
+    (ref,) = run_onnx(sim.model, {"x": x})
+    np.testing.assert_allclose(sim.run({"x": x})[0], ref, atol=1 / 256 + 1e-7)
+
+
+def test_bias_that_overflows_int32_stays_float(tiny_model_path):
+    sim = QuantizationSimModel(tiny_model_path, activation_bw=16, param_bw=16)
+    sim.compute_encodings(random_batches(), progress=False)
+    w = sim.weights()
+    sim.set_weights({"b1": w["b1"] * 0 + 1e4})  # 1e4 / (s_in * s_w) is far beyond int32
+    report = sim.why_not_quantized()
+    assert "overflows int32" in report["b1"]
+    assert [b.name for b in sim.effective_plan.biases] == ["bf"]
+    doc = sim.encodings_document()
+    assert "b1" not in {e["name"] for e in doc["param_encodings"]}
+    x = random_batches()[0]
+    (got,) = sim.run(x)
+    assert np.isfinite(got).all()
+
+
+def test_minus_one_dimensions_are_dynamic(tmp_path):
+    proto = tiny_cnn()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1  # as PaddlePaddle exports write it
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    sim = QuantizationSimModel(path)
+    sim.compute_encodings(random_batches(batch=3), progress=False)
+    assert sim.run(random_batches(1, batch=5)[0])[0].shape == (5, 5)

@@ -146,16 +146,19 @@ class _Annotator:
     def act_spec(self, node: ir.Node | None) -> QuantSpec:
         bw = self.act_bw
         symmetric = self.config.activation_symmetric
+        fixed = None
         if node is not None:
             override = self.config.nodes.get(node.name)
             if override is not None and override.activation_bw is not None:
                 bw = override.activation_bw
             symmetric = self.config.activation_symmetric_for(node.op_type)
+            fixed = self.config.output_range_for(node.op_type)
         return QuantSpec(
             bitwidth=bw,
             symmetric=symmetric,
             strict_symmetric=symmetric and self.config.strict_symmetric,
             unsigned_symmetric=self.config.unsigned_symmetric,
+            fixed_range=fixed,
         )
 
     def new_group(self, tensor: str, spec: QuantSpec) -> None:

@@ -28,7 +28,7 @@ from onnxqat.graph import NameScope, const_array, make_initializer, opset_versio
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding, quantize
 
-__all__ = ["InsertQDQPass", "bias_encoding", "quantize_bias", "qdq_domain"]
+__all__ = ["InsertQDQPass", "bias_encoding", "bias_fits", "quantize_bias", "qdq_domain"]
 
 _INT32 = np.iinfo(np.int32)
 
@@ -44,6 +44,13 @@ def bias_encoding(input_enc: Encoding, weight_enc: Encoding) -> tuple[np.ndarray
     """float32 scale of an int32 bias and its axis (None for per-tensor)."""
     scale = (input_enc.scale.astype(np.float32) * weight_enc.scale.astype(np.float32)).astype(np.float32)
     return np.maximum(scale, np.finfo(np.float32).tiny), (0 if scale.ndim == 1 else None)
+
+
+def bias_fits(bias: np.ndarray, scale: np.ndarray) -> bool:
+    """True when ``round(bias / scale)`` is representable in int32 (it overflows with tiny
+    16-bit input and weight scales, where a saturated bias would be badly wrong)."""
+    q = np.rint(bias.astype(np.float32) / scale.astype(np.float32)).astype(np.float64)
+    return bool(np.all(np.abs(q) <= _INT32.max))
 
 
 def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -225,7 +225,7 @@ class _Lowering:
     def activation(self, q: ActivationQuantizer) -> None:
         enc = self.encodings[q.name]
         sources = {t: self.implied_clamp(t, enc) for t in q.tensors}
-        if self.range_learning:
+        if self.range_learning and q.spec.fixed_range is None:
             gain = self.encoding_lr_scale
             u = self.b.param(f"{q.name}.log_scale", np.array(0.0))
             s = self.b.op("Max", [self.b.op("Mul", [self.b.op("Exp", [self.b.op("Mul", [u, self.b.const(gain, name="gain")], q.name)], q.name),
@@ -247,7 +247,9 @@ class _Lowering:
                 q.name, u.name, zp_name, float(enc.scale), int(enc.zero_point), gain, zp_gain,  # type: ignore[arg-type]
             ))
             self.act_scale[q.name] = s
+            learned = {q.name}
         else:
+            learned = set()
             s = self.b.const(float(enc.scale), name="scale")
             zp_value = self.b.const(float(enc.zero_point), name="zero_point")
             self.act_scale[q.name] = s
@@ -257,7 +259,7 @@ class _Lowering:
             value = self.values[tensor]
             users = list(value.uses())
             source = sources[tensor] or value
-            if self.range_learning:
+            if q.name in learned:
                 u = self.b.op("Div", [source, s], tensor)
                 if zp_value is not None:
                     u = self.b.op("Add", [u, zp_value], tensor)

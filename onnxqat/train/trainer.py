@@ -124,7 +124,7 @@ class QATTrainer:
         self._initial_encodings = dict(sim.encodings)
         frozen = self._resolve_frozen(freeze, train_last_n)
         self.graph: TrainingGraph = lower_for_training(
-            sim.float_model, sim.plan, sim.encodings, self.loss, range_learning=range_learning,
+            sim.float_model, sim.effective_plan, sim.encodings, self.loss, range_learning=range_learning,
             encoding_lr_scale=self.encoding_lr_scale, frozen=frozen,
         )
         self._signature = input_signature(sim.float_model)
