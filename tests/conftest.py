@@ -23,6 +23,8 @@ DEMO_TRAIN = MODELS / "fmnist_train.npz"
 def make_model(nodes, inputs, outputs, initializers=(), opset=13, ir_version=8, name="g"):
     """A checked ModelProto from onnx.helper pieces; initializers given as {name: array}."""
     inits = [numpy_helper.from_array(np.asarray(a), n) for n, a in dict(initializers).items()]
+    if ir_version < 4:  # initializers had to be listed as graph inputs too
+        inputs = list(inputs) + [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]
     graph = helper.make_graph(nodes, name, inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
     onnx.checker.check_model(model)

@@ -54,6 +54,11 @@ DATA_MOVEMENT_OPS = frozenset(
 )
 
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+# Elementwise ops that onnxruntime runs on integers only when every operand is quantized: with a
+# constant operand (x * 0.5, x + 1) they run in float, so they neither demand quantized inputs nor
+# quantize their output by their own rule.
+_ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"})
 _BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 
@@ -206,11 +211,16 @@ class _Annotator:
                         interior[member.outputs[0].name] = f"inside supergroup {label}"
         return interior
 
+    def float_elementwise(self, node: ir.Node) -> bool:
+        return node.op_type in _ELEMENTWISE_OPS and any(is_constant(v) for v in node.inputs)
+
     def demanded(self) -> dict[str, str]:
         """Tensors that a consumer or the model-output rule needs quantized -> why."""
         demand: dict[str, str] = {}
         for node in self.nodes:
             if self.excluded(node) or not self.config.input_quantized_for(node.op_type):
+                continue
+            if self.float_elementwise(node):
                 continue
             for value in node.inputs:
                 if is_float(value) and not is_constant(value):
@@ -271,10 +281,15 @@ class _Annotator:
                     self.new_group(name, self.act_spec(node))
                 else:
                     self.skip(out, f"node '{node.name}': is_output_quantized false in config")
-            elif self.config.output_quantized_for(node.op_type) or name in demand:
+            elif name in demand or (
+                self.config.output_quantized_for(node.op_type) and not self.float_elementwise(node)
+            ):
                 self.new_group(name, self.act_spec(node))
             elif node.op_type in DATA_MOVEMENT_OPS:
                 self.skip(out, f"{node.op_type} reuses its input's encoding and its input is float")
+            elif self.float_elementwise(node):
+                self.skip(out, f"{node.op_type} with a constant operand runs in float and no consumer "
+                               "needs a quantized input")
             else:
                 self.skip(
                     out,

@@ -5,7 +5,8 @@
 * Initializers listed as graph inputs (old IR versions) become plain initializers.
 * Every node and value has a unique name.
 * Models below opset 13 are upgraded to 13 (per-channel DequantizeLinear needs its ``axis``).
-* Shapes and dtypes are inferred where onnx can.
+* Constant chains that compute weights (Cast, Transpose, ... of an initializer) are folded.
+* Shapes and dtypes are inferred where onnx can; dtypes it cannot find come from onnxruntime.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from onnx_ir.passes.common._c_api_utils import call_onnx_api
 
 from onnxqat.errors import ModelError
 from onnxqat.graph import opset_version
+from onnxqat.passes.fold_constants import FoldWeightChainsPass
+from onnxqat.passes.infer_types import InferTypesWithOnnxruntimePass
 
 __all__ = ["UpgradeOpsetPass", "canonical_passes", "MIN_OPSET"]
 
@@ -69,6 +72,8 @@ def canonical_passes() -> ir.passes.PassManager:
             RemoveInitializersFromInputsPass(),
             NameFixPass(),
             UpgradeOpsetPass(MIN_OPSET),
+            FoldWeightChainsPass(),
             ShapeInferencePass(strict_mode=False),
+            InferTypesWithOnnxruntimePass(),
         ]
     )
