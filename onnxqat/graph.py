@@ -17,6 +17,7 @@ __all__ = [
     "node_label",
     "opset_version",
     "make_initializer",
+    "remove_dead_nodes",
 ]
 
 FLOAT_TYPES = frozenset(
@@ -96,3 +97,36 @@ def make_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     )
     graph.register_initializer(value)
     return value
+
+
+def remove_dead_nodes(graph: ir.Graph) -> None:
+    """Drop nodes no graph output depends on, then unused initializers.
+
+    Unlike onnx-ir's RemoveUnusedNodesPass, live nodes keep all their output slots (training
+    gradient builders read optional outputs such as SoftmaxCrossEntropyLoss's log-probabilities),
+    and values read by subgraphs from the outer scope count as used.
+    """
+    live: set[int] = set()
+    stack = [v.producer() for v in graph.outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in live:
+            continue
+        live.add(id(node))
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+        for attr in node.attributes.values():
+            subgraphs = (
+                [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH
+                else attr.as_graphs() if attr.type == ir.AttributeType.GRAPHS else []
+            )
+            for sub in subgraphs:
+                inner = {id(v) for n in sub for v in n.outputs} | {id(v) for v in sub.inputs}
+                stack.extend(v.producer() for n in ir.traversal.RecursiveGraphIterator(sub)
+                             for v in n.inputs if v is not None and id(v) not in inner)
+    for node in reversed(list(graph)):
+        if id(node) not in live:
+            graph.remove(node, safe=True)
+    used = {v.name for n in ir.traversal.RecursiveGraphIterator(graph) for v in n.inputs if v is not None}
+    used |= {v.name for v in graph.outputs}
+    for name in [n for n in graph.initializers if n not in used]:
+        graph.initializers.pop(name)

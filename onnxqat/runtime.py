@@ -19,6 +19,11 @@ PROTO_LIMIT = 1_800_000_000
 
 ort.set_default_logger_severity(3)
 
+try:
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NotImplementedError_
+except ImportError:  # pragma: no cover - the class is part of every onnxruntime build
+    NotImplementedError_ = RuntimeError  # type: ignore[misc,assignment]
+
 
 def model_bytes_size(model: ir.Model) -> int:
     """Bytes held by the model's initializers (a lower bound of its serialized size)."""
@@ -50,8 +55,19 @@ class Session:
             self._tmpdir = tempfile.mkdtemp(prefix="onnxqat-session-")
             payload = os.path.join(self._tmpdir, "model.onnx")
             ir.save(model, payload, external_data="model.onnx.data")
+        self.fused_qdq = optimize
         try:
-            self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+            try:
+                self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+            except NotImplementedError_ as e:
+                if not optimize:
+                    raise
+                # onnxruntime 1.19 fuses opset-21 QDQ MatMul into a QLinearMatMul version it has no
+                # kernel for; run such models without the integer-kernel fusions (float semantics).
+                self.fused_qdq = False
+                self.fallback_reason = str(e).splitlines()[0]
+                self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"],
+                                                    disabled_optimizers=["QDQSelectorActionTransformer"])
         finally:
             self._cleanup()
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat.errors import ConfigError, ModelError
-from onnxqat.graph import NameScope, const_array, is_float
+from onnxqat.graph import NameScope, const_array, is_float, remove_dead_nodes
 from onnxqat.passes.annotate import DATA_MOVEMENT_OPS
 from onnxqat.plan import ActivationQuantizer, ParamQuantizer, QuantPlan
 from onnxqat.qparams import MIN_SCALE, Encoding
@@ -438,7 +438,7 @@ class _Lowering:
         self.biases()
         self.batchnorms()
         loss, prediction, feeds, teacher = self.loss_graph()
-        _remove_dead_nodes(self.model.graph)
+        remove_dead_nodes(self.model.graph)
         self.model.graph.sort()
         for value in self.model.graph.inputs:
             if value.name not in feeds and value.name != teacher:
@@ -513,24 +513,6 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
         )
     class_axis = (axis % rank) if softmax else (1 if rank >= 2 else 0)
     return LossSource(value.name, rank, class_axis, softmax)  # type: ignore[arg-type]
-
-
-def _remove_dead_nodes(graph: ir.Graph) -> None:
-    """Drop nodes no graph output depends on (keeping every output slot of live nodes)."""
-    live: set[int] = set()
-    stack = [v.producer() for v in graph.outputs]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in live:
-            continue
-        live.add(id(node))
-        stack.extend(v.producer() for v in node.inputs if v is not None)
-    for node in reversed(list(graph)):
-        if id(node) not in live:
-            graph.remove(node, safe=True)
-    used = {v.name for n in graph for v in n.inputs if v is not None}
-    for name in [n for n in graph.initializers if n not in used]:
-        graph.initializers.pop(name)
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
