@@ -10,6 +10,7 @@ Errors print one line (``error: ...``) on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -31,6 +32,8 @@ def _add_sim_options(p: argparse.ArgumentParser) -> None:
         help="quantization config: JSON file or preset 'onnxruntime' (default) / 'aimet'",
     )
     p.add_argument("--batch-size", type=int, default=64, help="batch size for running the data")
+    p.add_argument("--report", default=None,
+                   help="write a JSON report: every quantizer, and why each float tensor left float stays float")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +100,11 @@ def _export(sim, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-d
     paths = sim.export(args.output_dir, args.prefix, encoding_version=args.encoding_version)
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
+    if args.report:
+        from onnxqat.io import write_text_atomic
+
+        write_text_atomic(args.report, json.dumps(sim.report(), indent=2) + "\n")
+        print(f"wrote report: {args.report}")
 
 
 def _quantize(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from onnxqat.errors import ModelError, OutputError
 from onnxqat.runtime import PROTO_LIMIT, model_bytes_size
 
-__all__ = ["load_model", "save_model", "staged_outputs", "MAX_OPSET", "MAX_IR_VERSION"]
+__all__ = ["load_model", "save_model", "staged_outputs", "write_text_atomic", "MAX_OPSET", "MAX_IR_VERSION"]
 
 MAX_OPSET = 21
 MAX_IR_VERSION = 10
@@ -76,19 +76,39 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         raise ModelError(f"{path}: not an ONNX model (no graph, IR version or opset)")
     _check_external_paths(proto, path)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset > MAX_OPSET:
-        raise ModelError(
-            f"{path}: opset {opset} is newer than {MAX_OPSET}, the newest onnxruntime-training 1.19 runs"
-        )
+    if opset > MAX_OPSET or proto.ir_version > MAX_IR_VERSION:
+        return _convert_down(proto, path, opset)
     try:
         onnx.checker.check_model(path if _has_external(proto) else proto)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{path}: fails the ONNX checker: {first}") from None
-    model = ir.load(path)
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
-    return model
+    return ir.load(path)
+
+
+def _convert_down(proto: onnx.ModelProto, path: str, opset: int) -> ir.Model:
+    """A model newer than onnxruntime-training 1.19 runs, converted down where onnx can."""
+    if _has_external(proto):
+        raise ModelError(
+            f"{path}: opset {opset} / IR {proto.ir_version} is newer than onnxruntime-training 1.19 runs "
+            f"(opset {MAX_OPSET}, IR {MAX_IR_VERSION}); convert it down before quantizing"
+        )
+    proto = onnx.load(path)
+    if opset > MAX_OPSET:
+        try:
+            proto = onnx.version_converter.convert_version(proto, MAX_OPSET)
+        except Exception as e:  # the converter raises bare RuntimeErrors for unknown adapters
+            raise ModelError(
+                f"{path}: opset {opset} is newer than {MAX_OPSET} (the newest onnxruntime-training 1.19 "
+                f"runs) and onnx cannot convert it down: {str(e).strip().splitlines()[0]}"
+            ) from None
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise ModelError(f"{path}: fails the ONNX checker after conversion to opset {MAX_OPSET}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    return ir.from_proto(proto)
 
 
 def _has_external(proto: onnx.ModelProto) -> bool:
@@ -152,3 +172,21 @@ def staged_outputs(directory: str | os.PathLike[str]) -> Iterator[_Stage]:
         raise OutputError(f"{directory}: writing outputs failed: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file through a temporary name in the same folder, then rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".onnxqat-", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None

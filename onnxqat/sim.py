@@ -249,6 +249,25 @@ class QuantizationSimModel:
         """For every float tensor without a quantizer: the rule that left it float."""
         return self.effective_plan.skipped if self.calibrated else self.plan.skipped
 
+    def report(self) -> dict[str, Any]:
+        """Plain-data description of the plan: quantizers and why float tensors stay float."""
+        plan = self.effective_plan if self.calibrated else self.plan
+        return {
+            "summary": plan.summary(),
+            "activations": [
+                {"quantizer": q.name, "tensors": list(q.tensors), "bitwidth": q.spec.bitwidth,
+                 "symmetric": q.spec.symmetric}
+                for q in plan.activations
+            ],
+            "params": [
+                {"tensor": p.name, "bitwidth": p.spec.bitwidth, "per_channel_axis": p.spec.axis,
+                 "consumers": list(p.consumers)}
+                for p in plan.params
+            ],
+            "int32_biases": [{"tensor": b.name, "node": b.node} for b in plan.biases],
+            "not_quantized": dict(sorted(plan.skipped.items())),
+        }
+
     # -- encodings -----------------------------------------------------------------------------
     def bias_scales(self) -> dict[str, np.ndarray]:
         return {

@@ -21,8 +21,12 @@ def last_accuracy(proc):
 def test_quantize_then_eval(cli, demo_assets, tmp_path):
     model, calib, test = demo_assets
     out = tmp_path / "out"
-    cli("quantize", model, "--data", calib, "--output-dir", out, "--per-channel", check=True)
+    cli("quantize", model, "--data", calib, "--output-dir", out, "--per-channel", "--report", tmp_path / "r.json",
+        check=True)
     assert sorted(os.listdir(out)) == ["model.encodings", "model.onnx", "model_qdq.onnx"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["not_quantized"]["/blocks/blocks.0/Add_output_0"] == "inside supergroup Add+Relu"
+    assert len(report["params"]) == 16 and all(p["per_channel_axis"] is not None for p in report["params"])
     doc = json.loads((out / "model.encodings").read_text())
     assert doc["version"] == "1.0.0" and doc["quantizer_args"]["per_channel_quantization"] is True
     fp32, n = last_accuracy(cli("eval", model, "--data", test, check=True))

@@ -50,12 +50,17 @@ def test_checker_failure_is_reported(tmp_path):
         load_model(path)
 
 
-def test_opset_above_21_is_refused(tmp_path):
-    model = tiny_cnn()
+def test_newer_opset_is_converted_down_or_refused(tmp_path):
+    model = tiny_cnn(opset=21)
+    model.ir_version = 11  # newer than onnxruntime-training 1.19 loads
     model.opset_import[0].version = 22
     path = tmp_path / "new.onnx"
     path.write_bytes(model.SerializeToString())
-    with pytest.raises(ModelError, match="opset 22 is newer than 21"):
+    loaded = load_model(path)
+    assert loaded.opset_imports[""] == 21 and loaded.ir_version == 10
+    model.opset_import[0].version = 25
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="opset 25 is newer than 21 .* cannot convert it down"):
         load_model(path)
 
 
