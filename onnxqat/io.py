@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -83,7 +84,21 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{path}: fails the ONNX checker: {first}") from None
-    return ir.load(path)
+    model = ir.load(path)
+    if _has_external(proto) and model_bytes_size(model) < PROTO_LIMIT:
+        _materialize(model)
+    return model
+
+
+def _materialize(model: ir.Model) -> None:
+    """Read external weights into memory, so the model serializes into one self-contained protobuf.
+
+    Only for models under the protobuf limit; bigger ones stay memory-mapped from their files.
+    """
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            value.const_value = ir.tensor(np.array(tensor.numpy()), name=name)
 
 
 def _convert_down(proto: onnx.ModelProto, path: str, opset: int) -> ir.Model:

@@ -150,3 +150,42 @@ def test_export_failure_keeps_earlier_outputs(tmp_path, tiny_model_path, monkeyp
     with pytest.raises(OutputError, match="No space left"):
         sim.export(out)
     assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+
+
+def test_external_data_models_round_trip_through_the_large_model_path(tmp_path, monkeypatch):
+    """Above the protobuf limit, sessions and exports go through external data files. The limit
+    is lowered here so a small model takes that path."""
+    import onnxqat.io as io_module
+    import onnxqat.runtime as runtime_module
+
+    source = tmp_path / "src" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(tiny_cnn(), source, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    monkeypatch.setattr(runtime_module, "PROTO_LIMIT", 100)
+    monkeypatch.setattr(io_module, "PROTO_LIMIT", 100)
+    sim = QuantizationSimModel(source, per_channel=True)
+    sim.compute_encodings(random_batches(), progress=False)
+    paths = sim.export(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "model.encodings", "model.onnx", "model.onnx.data", "model_qdq.onnx", "model_qdq.onnx.data"]
+    x = random_batches(1)[0]
+    from conftest import run_onnx
+
+    ref = run_onnx(source, x)[0]
+    np.testing.assert_allclose(run_onnx(paths["float"], x)[0], ref, rtol=1e-5, atol=1e-5)
+    from onnxqat.runtime import Session
+
+    np.testing.assert_array_equal(Session(load_model(paths["qdq"])).run(x)[0], sim.run(x)[0])
+    assert sorted(os.listdir(source.parent)) == ["model.onnx", "weights.bin"]  # input untouched
+
+
+def test_small_model_with_external_data_is_self_contained_once_loaded(tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save(tiny_cnn(), source, save_as_external_data=True, location="w.bin", size_threshold=0)
+    sim = QuantizationSimModel(source)
+    sim.compute_encodings(random_batches(), progress=False)
+    from conftest import run_onnx
+
+    x = random_batches(1)[0]
+    assert run_onnx(sim.model, x)[0].shape == (8, 5)  # serializes without the w.bin beside it
