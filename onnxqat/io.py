@@ -20,7 +20,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxqat.errors import ModelError, OutputError
-from onnxqat.runtime import PROTO_LIMIT, model_bytes_size
+from onnxqat.runtime import PROTO_LIMIT, model_bytes_size, save_with_external_data
 
 __all__ = ["load_model", "save_model", "staged_outputs", "write_text_atomic", "MAX_OPSET", "MAX_IR_VERSION"]
 
@@ -144,7 +144,7 @@ def save_model(model: ir.Model, path: str) -> list[str]:
                 value.type = None
     if model_bytes_size(model) >= PROTO_LIMIT:
         data_name = os.path.basename(path) + ".data"
-        ir.save(model, path, external_data=data_name)
+        save_with_external_data(model, path, data_name)
         return [path, os.path.join(os.path.dirname(path), data_name)]
     ir.save(model, path)
     return [path]

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["Session", "model_bytes_size", "PROTO_LIMIT"]
+__all__ = ["Session", "model_bytes_size", "release_if_mapped", "save_with_external_data", "PROTO_LIMIT"]
 
 # Serialize in memory below this size; above it, save with external data and load by path.
 PROTO_LIMIT = 1_800_000_000
@@ -23,6 +23,27 @@ try:
     from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NotImplementedError_
 except ImportError:  # pragma: no cover - the class is part of every onnxruntime build
     NotImplementedError_ = RuntimeError  # type: ignore[misc,assignment]
+
+
+def release_if_mapped(tensor: object) -> None:
+    """Unmap a memory-mapped external tensor (it is re-read on next use), so weights already
+    processed do not stay resident while the next ones are read."""
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+
+
+def save_with_external_data(model: ir.Model, path: str, data_name: str) -> None:
+    """``ir.save`` with external data, unmapping each source tensor once it is written."""
+    previous: list[object] = []
+
+    def written(tensor: object, _info: object) -> None:
+        while previous:
+            release_if_mapped(previous.pop())
+        previous.append(tensor)
+
+    ir.save(model, path, external_data=data_name, callback=written, max_workers=1)
+    while previous:
+        release_if_mapped(previous.pop())
 
 
 def model_bytes_size(model: ir.Model) -> int:
@@ -54,7 +75,7 @@ class Session:
         else:
             self._tmpdir = tempfile.mkdtemp(prefix="onnxqat-session-")
             payload = os.path.join(self._tmpdir, "model.onnx")
-            ir.save(model, payload, external_data="model.onnx.data")
+            save_with_external_data(model, payload, "model.onnx.data")
         self.fused_qdq = optimize
         try:
             try:

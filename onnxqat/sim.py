@@ -38,7 +38,7 @@ from onnxqat.passes.fold_batchnorm import FoldBatchNormPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding, compute_encoding
-from onnxqat.runtime import Session
+from onnxqat.runtime import Session, release_if_mapped
 from onnxqat.spec import MAX_BITWIDTH, MIN_BITWIDTH
 
 __all__ = ["QuantizationSimModel", "prepare_model"]
@@ -156,6 +156,8 @@ class QuantizationSimModel:
             weight = const_array(initializers[p.name])
             assert weight is not None
             self.encodings[p.name] = weight_encoding(weight, p.spec, self.param_scheme)
+            del weight
+            release_if_mapped(initializers[p.name].const_value)
         self._session = None
 
     @property

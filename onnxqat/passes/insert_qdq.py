@@ -27,6 +27,7 @@ import onnx_ir as ir
 from onnxqat.graph import NameScope, const_array, make_initializer, opset_version
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding, quantize
+from onnxqat.runtime import release_if_mapped
 
 __all__ = ["InsertQDQPass", "bias_encoding", "bias_fits", "quantize_bias", "qdq_domain"]
 
@@ -185,6 +186,8 @@ class _Inserter:
             weight = const_array(value)
             assert weight is not None
             q_value = make_initializer(self.graph, self.names.fresh(f"{base}_quantized"), quantize(weight, enc))
+            del weight
+            release_if_mapped(value.const_value)
             dq = self.node("DequantizeLinear", [q_value, scale, zp], base, domain, **axis)
         elif enc.narrow and enc.axis is not None:
             # Per-channel clip bounds are not expressible with Clip; clamp via Min/Max.
