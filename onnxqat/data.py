@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from onnxqat.errors import DataError
 from onnxqat.graph import is_constant
+from onnxqat.passes.float16 import DECLARED_DTYPE
 
 __all__ = [
     "InputSpec",
@@ -35,11 +36,16 @@ Batches = Iterable[Mapping[str, Any]]
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """Name, dtype and shape (None for symbolic dims) of one model input."""
+    """Name, dtype and shape (None for symbolic dims) of one model input.
+
+    ``dtype`` is what callers feed (the model as given); ``runtime_dtype`` what the working model
+    runs on (float32 for a float16 model simulated in float32).
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...] | None
+    runtime_dtype: np.dtype | None = None
 
     def describe(self) -> str:
         dims = "?" if self.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
@@ -57,7 +63,10 @@ def input_signature(model: ir.Model) -> list[InputSpec]:
         if value.shape is not None:
             # symbolic dims and the -1 some exporters write for "any" are both free
             shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape)
-        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
+        runtime = np.dtype(value.dtype.numpy())
+        declared = value.meta.get(DECLARED_DTYPE)
+        dtype = np.dtype(declared.numpy()) if declared is not None else runtime
+        specs.append(InputSpec(value.name, dtype, shape, runtime))
     return specs
 
 
@@ -98,6 +107,8 @@ def validate_feed(
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = int(arr.size - np.isfinite(arr).sum())
             raise DataError(f"{where}: input '{spec.name}' contains {bad} NaN/Inf value(s)")
+        if spec.runtime_dtype is not None and spec.runtime_dtype != arr.dtype:
+            arr = arr.astype(spec.runtime_dtype)
         out[spec.name] = arr
     return out
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxqat.calibrate.runner import collect_statistics
 from onnxqat.calibrate.schemes import DEFAULT_PERCENTILE, Scheme, activation_encoding, weight_encoding
@@ -34,6 +35,7 @@ from onnxqat.graph import const_array
 from onnxqat.io import load_model, save_model, staged_outputs
 from onnxqat.passes.annotate import annotate
 from onnxqat.passes.canonicalize import canonical_passes
+from onnxqat.passes.float16 import Float16Record, Float16ToFloat32Pass, cast_interface, restore_float16
 from onnxqat.passes.fold_batchnorm import FoldBatchNormPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.plan import QuantPlan
@@ -49,8 +51,13 @@ ModelSource = str | os.PathLike[str] | onnx.ModelProto | ir.Model
 def prepare_model(source: ModelSource, *, fold_batchnorm: bool = True) -> ir.Model:
     """Load (if a path) and canonicalise a model; fold BatchNorm unless told not to.
 
-    The caller's object or file is never modified.
+    The caller's object or file is never modified. Float16 models come back in float32 (see
+    :mod:`onnxqat.passes.float16`).
     """
+    return _prepare(source, fold_batchnorm)[0]
+
+
+def _prepare(source: ModelSource, fold_batchnorm: bool) -> tuple[ir.Model, Float16Record]:
     if isinstance(source, (str, os.PathLike)):
         model = load_model(source)
     elif isinstance(source, onnx.ModelProto):
@@ -64,9 +71,12 @@ def prepare_model(source: ModelSource, *, fold_batchnorm: bool = True) -> ir.Mod
     else:
         raise ModelError(f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(source).__name__}")
     model = canonical_passes()(model).model
+    to_float32 = Float16ToFloat32Pass()
+    if to_float32(model).modified:
+        ShapeInferencePass(strict_mode=False)(model)
     if fold_batchnorm:
         FoldBatchNormPass()(model)
-    return model
+    return model, to_float32.record
 
 
 def _check_bitwidth(name: str, value: int) -> int:
@@ -119,7 +129,7 @@ class QuantizationSimModel:
         if per_channel is not None:
             cfg = cfg.with_overrides(per_channel_quantization=bool(per_channel))
         self.config = cfg
-        self.float_model = prepare_model(model, fold_batchnorm=fold_batchnorm)
+        self.float_model, self.float16 = _prepare(model, fold_batchnorm)
         self.plan: QuantPlan = annotate(
             self.float_model, cfg, param_bw=self.param_bw, activation_bw=self.activation_bw
         )
@@ -243,9 +253,12 @@ class QuantizationSimModel:
         return [v.name for v in self.float_model.graph.outputs]  # type: ignore[misc]
 
     def run(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the simulation on one batch; returns the model outputs in order."""
+        """Run the simulation on one batch; returns the model outputs in order (in the model's
+        own dtypes: a float16 model's outputs come back as float16)."""
         feed = validate_feed(feed, input_signature(self.float_model), where="feed")
-        return self.session.run(feed)
+        outputs = self.session.run(feed)
+        return [o.astype(np.float16) if name in self.float16.outputs else o
+                for name, o in zip(self.output_names, outputs)]
 
     def why_not_quantized(self) -> Mapping[str, str]:
         """For every float tensor without a quantizer: the rule that left it float."""
@@ -371,8 +384,12 @@ class QuantizationSimModel:
             raise ConfigError(f"invalid export prefix {prefix!r}")
         doc = self.encodings_document(encoding_version)
         deploy = self.sim_ir(fold_weights=True)
+        float_model = self.float_model
+        if self.float16:
+            float_model = restore_float16(float_model, self.float16)
+            deploy = cast_interface(deploy, self.float16)
         with staged_outputs(out_dir) as stage:
-            for staged in save_model(self.float_model, stage.path(f"{prefix}.onnx")):
+            for staged in save_model(float_model, stage.path(f"{prefix}.onnx")):
                 stage.add(staged)
             enc_path = stage.path(f"{prefix}.encodings")
             with open(enc_path, "w", encoding="utf-8") as f:

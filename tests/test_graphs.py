@@ -197,3 +197,33 @@ def test_name_collisions_with_generated_names():
     sim = sim_for(model, [{"x": x}])
     onnx.checker.check_model(sim.model)
     assert_close_to_float(model, sim, {"x": x})
+
+
+def test_float16_model_simulates_in_float32_and_exports_in_float16(tmp_path):
+    from conftest import tiny_cnn
+
+    model = tiny_cnn()
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for v in [*model.graph.input, *model.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(model)
+    x = rng.normal(size=(8, 3, 8, 8)).astype(np.float16)
+    sim = sim_for(model, [{"x": x}], per_channel=True)
+    (got,) = sim.run({"x": x})
+    (ref,) = run_onnx(model, {"x": x})
+    assert got.dtype == np.float16 and ref.dtype == np.float16
+    assert np.abs(got.astype(f32) - ref.astype(f32)).max() < 8 * float(sim.encodings["y"].scale)
+    paths = sim.export(tmp_path)
+    exported = onnx.load(paths["float"])
+    assert {t.data_type for t in exported.graph.initializer} == {TensorProto.FLOAT16}
+    assert exported.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    np.testing.assert_allclose(run_onnx(exported, {"x": x})[0].astype(f32), ref.astype(f32), atol=2e-2)
+    qdq = onnx.load(paths["qdq"])
+    assert qdq.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert qdq.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    (deployed,) = run_onnx(qdq, {"x": x})
+    assert deployed.dtype == np.float16
+    np.testing.assert_allclose(deployed.astype(f32), got.astype(f32), atol=float(sim.encodings["y"].scale) * 1.01)
+    with pytest.raises(Exception, match="dtype float64"):
+        sim.run({"x": x.astype(np.float64)})
