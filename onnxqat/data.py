@@ -120,9 +120,10 @@ def load_npz(path: str | os.PathLike[str], keys: Sequence[str]) -> dict[str, np.
     """
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):
-                raise DataError(f"{path}: not an npz archive (a single .npy array?)")
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: not an npz archive (a single .npy array?)")
+        with f:
             missing = [k for k in keys if k not in f.files]
             if missing:
                 raise DataError(

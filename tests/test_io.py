@@ -189,3 +189,21 @@ def test_small_model_with_external_data_is_self_contained_once_loaded(tmp_path):
 
     x = random_batches(1)[0]
     assert run_onnx(sim.model, x)[0].shape == (8, 5)  # serializes without the w.bin beside it
+
+
+def test_npz_problems_are_named(tmp_path):
+    from onnxqat import DataError
+    from onnxqat.data import load_npz
+
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="empty.npz: cannot read npz data"):
+        load_npz(empty, ["x"])
+    uneven = tmp_path / "uneven.npz"
+    np.savez(uneven, x=np.zeros((4, 2)), label=np.zeros(3))
+    with pytest.raises(DataError, match="sample counts differ"):
+        load_npz(uneven, ["x", "label"])
+    single = tmp_path / "single.npy"
+    np.save(single, np.zeros(3))
+    with pytest.raises(DataError, match="not an npz archive"):
+        load_npz(single, ["x"])
