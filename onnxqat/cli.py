@@ -3,6 +3,7 @@
     onnxqat quantize MODEL.onnx --data CALIB.npz --output-dir OUT [options]
     onnxqat train MODEL.onnx --data TRAIN.npz --calib CALIB.npz --output-dir OUT [options]
     onnxqat eval MODEL.onnx --data DATA.npz [--label-key label] [--output-index 0]
+    onnxqat analyze MODEL.onnx --data CALIB.npz [--eval EVAL.npz] --output-dir OUT [options]
 
 Errors print one line (``error: ...``) on stderr and exit with status 2.
 """
@@ -68,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="shuffling seed")
     t.add_argument("--encoding-version", choices=["1.0.0", "0.6.1"], default="1.0.0")
     t.add_argument("--prefix", default="model")
+
+    a = sub.add_parser("analyze", help="per-quantizer SQNR, per-layer sensitivity, histograms: HTML + JSON report")
+    a.add_argument("model")
+    a.add_argument("--data", required=True, help="calibration npz")
+    a.add_argument("--eval", default=None, help="labelled npz: sensitivity by accuracy (else by output SQNR)")
+    a.add_argument("--label-key", default="label")
+    a.add_argument("--output-index", type=int, default=0)
+    a.add_argument("--eval-samples", type=int, default=2000, help="evaluation samples used per configuration")
+    a.add_argument("--keep-16bit", type=int, default=3, help="layers kept at 16 bits in mixed_precision.json")
+    a.add_argument("--output-dir", required=True)
+    _add_sim_options(a)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a model (float, sim export or QDQ) on npz data")
     e.add_argument("model")
@@ -151,9 +163,42 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"accuracy={acc:.6f} n={n}")
 
 
+def _analyze(args: argparse.Namespace) -> None:
+    from onnxqat.analysis import analyze
+    from onnxqat.data import NpzBatches, input_signature, load_model_inputs
+    from onnxqat.io import staged_outputs
+    from onnxqat.report import render_html
+
+    sim = _calibrated_sim(args, args.data)
+    signature = input_signature(sim.float_model)
+    calib = list(NpzBatches(load_model_inputs(args.data, signature), args.batch_size, limit=4 * args.batch_size))
+    evaluation = None
+    if args.eval is not None:
+        arrays = load_model_inputs(args.eval, signature, [args.label_key])
+        evaluation = list(NpzBatches(arrays, 500, limit=args.eval_samples))
+    result = analyze(sim, calib, evaluation, label_key=args.label_key, output_index=args.output_index,
+                     keep=args.keep_16bit)
+    import os
+
+    name = os.path.basename(args.model)
+    with staged_outputs(args.output_dir) as stage:
+        for file, text in (("report.html", render_html(result, model_name=name)),
+                           ("report.json", json.dumps(result, indent=1) + "\n"),
+                           ("mixed_precision.json", json.dumps(result["mixed_precision"], indent=2) + "\n")):
+            with open(stage.path(file), "w", encoding="utf-8") as f:
+                f.write(text)
+            stage.add(stage.path(file))
+    sens = result["sensitivity"]
+    print(f"{result['settings']['metric']}: float {sens['float']:.4f}, quantized {sens['quantized']:.4f}")
+    for rank, node in enumerate(sens["ranking"][:5], 1):
+        row = next(r for r in sens["layers"] if r["node"] == node)
+        print(f"{rank}. {node} ({row['op_type']}): {row['gain_if_float']:+.4f} if left float")
+    print(f"wrote {os.path.join(args.output_dir, 'report.html')}, report.json, mixed_precision.json")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"quantize": _quantize, "train": _train, "eval": _eval}
+    handlers = {"quantize": _quantize, "train": _train, "eval": _eval, "analyze": _analyze}
     try:
         handlers[args.command](args)
     except OnnxQatError as e:

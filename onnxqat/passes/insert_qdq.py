@@ -61,7 +61,11 @@ def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 class InsertQDQPass(ir.passes.FunctionalPass):
-    """Return a copy of the model with Q/DQ pairs for every quantizer of ``plan``."""
+    """Return a copy of the model with Q/DQ pairs for every quantizer of ``plan``.
+
+    After a call, ``sites`` maps each quantized activation tensor of the float model to the name of
+    the DequantizeLinear output that replaces it in the new model.
+    """
 
     def __init__(
         self, plan: QuantPlan, encodings: Mapping[str, Encoding], *, fold_weights: bool
@@ -73,10 +77,13 @@ class InsertQDQPass(ir.passes.FunctionalPass):
         self.plan = plan
         self.encodings = encodings
         self.fold_weights = fold_weights
+        self.sites: dict[str, str] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         model = model.clone()
-        _Inserter(model, self.plan, self.encodings, self.fold_weights).run()
+        inserter = _Inserter(model, self.plan, self.encodings, self.fold_weights)
+        inserter.run()
+        self.sites = inserter.sites
         return ir.passes.PassResult(model, modified=True)
 
 
@@ -97,6 +104,7 @@ class _Inserter:
         self.values = _values_by_name(self.graph)
         self.nodes = {node.name: node for node in self.graph if node.name}
         self.count = 0
+        self.sites: dict[str, str] = {}
 
     def base(self, name: str) -> str:
         """Stem of generated names: the tensor's name, or a short id in the deployable model."""
@@ -173,6 +181,7 @@ class _Inserter:
                 if out is value:
                     self.graph.outputs[i] = dq
             dq.name = name
+        self.sites[name] = dq.name  # type: ignore[assignment]
 
     # -- weights and biases ----------------------------------------------------------------------
     def quantize_param(self, name: str, consumers: tuple[str, ...], enc: Encoding) -> None:
