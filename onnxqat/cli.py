@@ -4,6 +4,7 @@
     onnxqat train MODEL.onnx --data TRAIN.npz --calib CALIB.npz --output-dir OUT [options]
     onnxqat eval MODEL.onnx --data DATA.npz [--label-key label] [--output-index 0]
     onnxqat analyze MODEL.onnx --data CALIB.npz [--eval EVAL.npz] --output-dir OUT [options]
+    onnxqat demo [--output-dir onnxqat-demo]
 
 Errors print one line (``error: ...``) on stderr and exit with status 2.
 """
@@ -80,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--keep-16bit", type=int, default=3, help="layers kept at 16 bits in mixed_precision.json")
     a.add_argument("--output-dir", required=True)
     _add_sim_options(a)
+
+    d = sub.add_parser("demo", help="FP32 / PTQ / QAT / deployed accuracy and speed on the shipped model")
+    d.add_argument("--output-dir", default="onnxqat-demo", help="where the QAT model's exports go")
+    d.add_argument("--models", default=None, help="folder of the shipped demo assets (default: the repository's models/)")
+    d.add_argument("--epochs", type=int, default=2)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a model (float, sim export or QDQ) on npz data")
     e.add_argument("model")
@@ -196,9 +202,15 @@ def _analyze(args: argparse.Namespace) -> None:
     print(f"wrote {os.path.join(args.output_dir, 'report.html')}, report.json, mixed_precision.json")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from onnxqat.demo import run_demo
+
+    run_demo(args.output_dir, models=args.models, epochs=args.epochs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"quantize": _quantize, "train": _train, "eval": _eval, "analyze": _analyze}
+    handlers = {"quantize": _quantize, "train": _train, "eval": _eval, "analyze": _analyze, "demo": _demo}
     try:
         handlers[args.command](args)
     except OnnxQatError as e:

@@ -83,3 +83,14 @@ def test_cli_errors_are_one_clear_line_and_write_nothing(cli, demo_assets, tmp_p
     assert "output index 3 is out of range" in _error_line(cli("eval", model, "--data", test, "--output-index", "3"))
     assert "param_bw must be an integer from 4 to 16" in _error_line(
         cli("quantize", model, "--data", calib, "--output-dir", out, "--param-bw", "3"))
+
+
+def test_demo_prints_the_table(cli, tmp_path):
+    proc = cli("demo", "--output-dir", tmp_path / "demo", "--epochs", "1", check=True)
+    lines = proc.stdout.splitlines()
+    rows = {l.split("  ")[0]: l for l in lines if "%" in l}
+    assert any(k.startswith("FP32") for k in rows) and any(k.startswith("QAT W4A8") for k in rows)
+    assert any(k.startswith("deployed model_qdq.onnx") for k in rows)
+    accuracy = {k.split(" (")[0]: float(v.split("%")[0].split()[-1]) for k, v in rows.items()}
+    assert accuracy["QAT W4A8 per-channel"] > accuracy["PTQ W4A8 per-channel"]
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["model.encodings", "model.onnx", "model_qdq.onnx"]

@@ -1,0 +1,102 @@
+"""The whole workflow on the shipped Fashion-MNIST model, as one command: ``onnxqat demo``.
+
+FP32 accuracy; PTQ at W8A8 and W4A8 (per-channel); QAT of the W4A8 simulation; export; then the
+exported QDQ model's accuracy and speed in plain onnxruntime (the deployment environment, when
+one is found: ``ONNXQAT_DEPLOY_PYTHON`` or ``.venv-deploy`` beside the repository), as a short
+table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from onnxqat.data import NpzBatches, input_signature, load_model_inputs
+from onnxqat.errors import DataError
+from onnxqat.evaluate import accuracy
+from onnxqat.runtime import Session
+from onnxqat.sim import QuantizationSimModel
+
+__all__ = ["run_demo", "find_models", "find_deploy_python"]
+
+_REPO = Path(__file__).resolve().parent.parent
+_PLAIN_ORT = Path(__file__).resolve().parent / "tools" / "plain_ort.py"
+
+
+def find_models(folder: str | None) -> Path:
+    path = Path(folder) if folder else _REPO / "models"
+    if not (path / "fmnist_dsconv.onnx").exists():
+        raise DataError(f"{path}: the shipped demo model is not here; pass --models with the repository's models/ folder")
+    return path
+
+
+def find_deploy_python() -> str | None:
+    for candidate in (os.environ.get("ONNXQAT_DEPLOY_PYTHON"), str(_REPO / ".venv-deploy" / "bin" / "python")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def _plain(python: str, *args: str) -> dict:
+    proc = subprocess.run([python, str(_PLAIN_ORT), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DataError(f"plain onnxruntime run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_demo(out_dir: str, *, models: str | None = None, epochs: int = 2, progress: bool | None = None) -> list[tuple]:
+    """Run the demo; returns the table rows ``(what, accuracy, note)`` and prints the table."""
+    folder = find_models(models)
+    model = folder / "fmnist_dsconv.onnx"
+    start = time.perf_counter()
+    probe = QuantizationSimModel(model)
+    signature = input_signature(probe.float_model)
+    calib = load_model_inputs(folder / "fmnist_calib.npz", signature)
+    train = load_model_inputs(folder / "fmnist_train.npz", signature, ["label"])
+    test = load_model_inputs(folder / "fmnist_test.npz", signature, ["label"])
+    test_batches = NpzBatches(test, 500)
+    rows: list[tuple] = []
+
+    fp32, _ = accuracy(Session(probe.float_model).run, test_batches, progress=progress, desc="FP32")
+    rows.append(("FP32 (float model)", fp32, ""))
+    for label, bits in (("PTQ W8A8 per-channel", 8), ("PTQ W4A8 per-channel", 4)):
+        sim = QuantizationSimModel(model, param_bw=bits, per_channel=True)
+        sim.compute_encodings(NpzBatches(calib, 64), progress=progress)
+        acc, _ = accuracy(sim.run, test_batches, progress=progress, desc=label)
+        rows.append((label, acc, ""))
+    with sim.trainer(lr=3e-5) as trainer:
+        trainer.fit(NpzBatches(train, 32, shuffle=True), epochs=epochs, progress=progress)
+    qat, _ = accuracy(sim.run, test_batches, progress=progress, desc="QAT W4A8")
+    rows.append((f"QAT W4A8 per-channel ({epochs} epochs, 8000 images)", qat, ""))
+    paths = sim.export(out_dir)
+
+    python = find_deploy_python()
+    if python is not None:
+        deployed = _plain(python, "accuracy", paths["qdq"], str(folder / "fmnist_test.npz"))
+        timing = {}
+        for batch in (64, 1):
+            timing[batch] = _plain(python, "latency", str(model), paths["qdq"], "--data", str(folder / "fmnist_test.npz"),
+                                   "--batch-size", str(batch), "--runs", "50" if batch == 64 else "300")["median_ms"]
+        speed = ", ".join(f"batch {b}: {t[str(model)] / t[paths['qdq']]:.2f}x float speed "
+                          f"({t[paths['qdq']]:.2f} vs {t[str(model)]:.2f} ms)" for b, t in timing.items())
+        rows.append((f"deployed model_qdq.onnx, plain onnxruntime {deployed['onnxruntime']}", deployed["accuracy"], speed))
+    else:
+        from onnxqat.io import load_model
+
+        acc, _ = accuracy(Session(load_model(paths["qdq"])).run, test_batches, progress=progress, desc="deployed")
+        rows.append(("deployed model_qdq.onnx (training build: no .venv-deploy found)", acc,
+                     "set ONNXQAT_DEPLOY_PYTHON or create .venv-deploy to time plain onnxruntime"))
+
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'':{width}}  accuracy  vs FP32")
+    for what, acc, note in rows:
+        print(f"{what:{width}}  {acc * 100:7.2f}%  {100 * (acc - fp32):+6.2f}  {note}")
+    print(f"\nexported: {', '.join(paths.values())}")
+    print(f"demo time: {time.perf_counter() - start:.0f} s")
+    sys.stdout.flush()
+    return rows
