@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -57,7 +56,6 @@ CHILD = textwrap.dedent(
 def build(path: str, layers: int, width: int) -> int:
     """Write the model and its external data without holding all weights in memory."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper
 
     data_name = os.path.basename(path) + ".weights"
@@ -127,7 +125,7 @@ def main() -> None:
     base = result["peak_after_export"]
     print(f"peak RSS through simulate + calibrate + export: {base / 1e9:.2f} GB = {base / size:.2f} x model size")
     print(f"peak RSS including the parity check afterwards: {peak / 1e9:.2f} GB")
-    print(f"exported: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in result["data_files"].items()))
+    print("exported: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in result["data_files"].items()))
     print(f"sim vs float output SQNR: {result['sqnr_db']:.1f} dB")
 
 

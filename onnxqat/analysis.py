@@ -33,7 +33,7 @@ from onnxqat.qparams import fake_quantize
 from onnxqat.runtime import Session
 from onnxqat.sim import QuantizationSimModel
 
-__all__ = ["Layer", "layers", "quantizer_sqnr", "sensitivity", "histograms", "mixed_precision_config", "analyze"]
+__all__ = ["Layer", "analyze", "histograms", "layers", "mixed_precision_config", "quantizer_sqnr", "sensitivity"]
 
 Batches = Iterable[Mapping[str, np.ndarray]]
 

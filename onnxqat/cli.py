@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from onnxqat.errors import OnnxQatError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 
 def _add_sim_options(p: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from onnxqat.errors import ConfigError
 
-__all__ = ["ParamRule", "OpTypeRule", "NodeOverride", "QuantSimConfig", "load_config", "PRESETS"]
+__all__ = ["PRESETS", "NodeOverride", "OpTypeRule", "ParamRule", "QuantSimConfig", "load_config"]
 
 PRESETS = ("onnxruntime", "aimet")
 

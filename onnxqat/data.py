@@ -22,13 +22,13 @@ from onnxqat.graph import is_constant
 from onnxqat.passes.float16 import DECLARED_DTYPE
 
 __all__ = [
-    "InputSpec",
-    "input_signature",
-    "validate_feed",
-    "load_npz",
-    "load_model_inputs",
-    "NpzBatches",
     "Batches",
+    "InputSpec",
+    "NpzBatches",
+    "input_signature",
+    "load_model_inputs",
+    "load_npz",
+    "validate_feed",
 ]
 
 Batches = Iterable[Mapping[str, Any]]

@@ -21,7 +21,7 @@ from onnxqat.evaluate import accuracy
 from onnxqat.runtime import Session
 from onnxqat.sim import QuantizationSimModel
 
-__all__ = ["run_demo", "find_models", "find_deploy_python"]
+__all__ = ["find_deploy_python", "find_models", "run_demo"]
 
 _REPO = Path(__file__).resolve().parent.parent
 _PLAIN_ORT = Path(__file__).resolve().parent / "tools" / "plain_ort.py"

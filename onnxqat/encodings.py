@@ -22,7 +22,7 @@ from onnxqat.errors import EncodingsError
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding
 
-__all__ = ["VERSIONS", "to_aimet", "parse_aimet", "ParsedEncodings"]
+__all__ = ["VERSIONS", "ParsedEncodings", "parse_aimet", "to_aimet"]
 
 VERSIONS = ("1.0.0", "0.6.1")
 

@@ -8,11 +8,11 @@ message as one line and exits non-zero; anything else is a bug.
 from __future__ import annotations
 
 __all__ = [
-    "OnnxQatError",
-    "ModelError",
-    "DataError",
     "ConfigError",
+    "DataError",
     "EncodingsError",
+    "ModelError",
+    "OnnxQatError",
     "OutputError",
 ]
 

@@ -9,14 +9,14 @@ import onnx_ir as ir
 
 __all__ = [
     "FLOAT_TYPES",
-    "is_float",
-    "const_array",
-    "is_constant",
     "NameScope",
     "all_graphs",
+    "const_array",
+    "is_constant",
+    "is_float",
+    "make_initializer",
     "node_label",
     "opset_version",
-    "make_initializer",
     "remove_dead_nodes",
 ]
 

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from onnxqat.errors import ModelError, OutputError
 from onnxqat.runtime import PROTO_LIMIT, model_bytes_size, save_with_external_data
 
-__all__ = ["load_model", "save_model", "staged_outputs", "write_text_atomic", "MAX_OPSET", "MAX_IR_VERSION"]
+__all__ = ["MAX_IR_VERSION", "MAX_OPSET", "load_model", "save_model", "staged_outputs", "write_text_atomic"]
 
 MAX_OPSET = 21
 MAX_IR_VERSION = 10

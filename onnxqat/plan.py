@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 
 from onnxqat.spec import QuantSpec
 
-__all__ = ["ActivationQuantizer", "ParamQuantizer", "BiasQuantizer", "QuantPlan"]
+__all__ = ["ActivationQuantizer", "BiasQuantizer", "ParamQuantizer", "QuantPlan"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,14 +17,14 @@ from onnxqat.errors import EncodingsError
 from onnxqat.spec import MAX_BITWIDTH, MIN_BITWIDTH, QuantSpec
 
 __all__ = [
-    "Encoding",
     "MIN_SCALE",
+    "Encoding",
+    "broadcast_shape",
     "compute_encoding",
-    "grid_bounds",
-    "quantize",
     "dequantize",
     "fake_quantize",
-    "broadcast_shape",
+    "grid_bounds",
+    "quantize",
 ]
 
 # Smallest scale we emit: float32 epsilon (AIMET's floor for 4- to 16-bit grids). A constant-zero

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["Session", "model_bytes_size", "release_if_mapped", "save_with_external_data", "PROTO_LIMIT"]
+__all__ = ["PROTO_LIMIT", "Session", "model_bytes_size", "release_if_mapped", "save_with_external_data"]
 
 # Serialize in memory below this size; above it, save with external data and load by path.
 PROTO_LIMIT = 1_800_000_000

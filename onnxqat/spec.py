@@ -19,7 +19,7 @@ import math
 
 from onnxqat.errors import ConfigError
 
-__all__ = ["QuantSpec", "MIN_BITWIDTH", "MAX_BITWIDTH"]
+__all__ = ["MAX_BITWIDTH", "MIN_BITWIDTH", "QuantSpec"]
 
 MIN_BITWIDTH = 4
 MAX_BITWIDTH = 16

@@ -7,12 +7,11 @@ import re
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 
 from conftest import random_batches, run_onnx, tiny_cnn
 from onnxqat import QuantizationSimModel, load_config
-from onnxqat.analysis import analyze, layers, quantizer_sqnr, sqnr_db
+from onnxqat.analysis import analyze, layers, sqnr_db
 from onnxqat.qparams import fake_quantize
 from onnxqat.report import render_html
 

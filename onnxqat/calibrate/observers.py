@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-__all__ = ["MinMaxObserver", "HistogramObserver"]
+__all__ = ["HistogramObserver", "MinMaxObserver"]
 
 
 class MinMaxObserver:

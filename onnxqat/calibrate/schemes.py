@@ -20,7 +20,7 @@ from onnxqat.errors import ConfigError
 from onnxqat.qparams import Encoding, compute_encoding, fake_quantize
 from onnxqat.spec import QuantSpec
 
-__all__ = ["Scheme", "activation_encoding", "weight_encoding", "sqnr_range", "DEFAULT_PERCENTILE"]
+__all__ = ["DEFAULT_PERCENTILE", "Scheme", "activation_encoding", "sqnr_range", "weight_encoding"]
 
 DEFAULT_PERCENTILE = 99.99
 _CANDIDATES = 100

@@ -29,7 +29,7 @@ from onnxqat.graph import is_constant, is_float
 from onnxqat.plan import ActivationQuantizer, BiasQuantizer, ParamQuantizer, QuantPlan
 from onnxqat.spec import QuantSpec
 
-__all__ = ["annotate", "DATA_MOVEMENT_OPS", "WEIGHT_OPS", "weight_input_index", "weight_channel_axis"]
+__all__ = ["DATA_MOVEMENT_OPS", "WEIGHT_OPS", "annotate", "weight_channel_axis", "weight_input_index"]
 
 # Ops whose output holds (a subset or rearrangement of) its first input's values: quantizing the
 # output with the input's encoding is exact and lets onnxruntime run them on integers.

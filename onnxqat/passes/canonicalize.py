@@ -26,7 +26,7 @@ from onnxqat.graph import opset_version
 from onnxqat.passes.fold_constants import FoldWeightChainsPass
 from onnxqat.passes.infer_types import InferTypesWithOnnxruntimePass
 
-__all__ = ["UpgradeOpsetPass", "canonical_passes", "MIN_OPSET"]
+__all__ = ["MIN_OPSET", "UpgradeOpsetPass", "canonical_passes"]
 
 MIN_OPSET = 13
 

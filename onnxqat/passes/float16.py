@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnxqat.graph import NameScope
 
-__all__ = ["Float16Record", "Float16ToFloat32Pass", "restore_float16", "cast_interface", "DECLARED_DTYPE"]
+__all__ = ["DECLARED_DTYPE", "Float16Record", "Float16ToFloat32Pass", "cast_interface", "restore_float16"]
 
 DECLARED_DTYPE = "declared_dtype"
 

@@ -29,7 +29,7 @@ from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding, quantize
 from onnxqat.runtime import release_if_mapped
 
-__all__ = ["InsertQDQPass", "bias_encoding", "bias_fits", "quantize_bias", "qdq_domain"]
+__all__ = ["InsertQDQPass", "bias_encoding", "bias_fits", "qdq_domain", "quantize_bias"]
 
 _INT32 = np.iinfo(np.int32)
 

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxqat.graph import NameScope, make_initializer, opset_version
 
-__all__ = ["Builder", "CONTRIB"]
+__all__ = ["CONTRIB", "Builder"]
 
 CONTRIB = "com.microsoft"
 _STE_RANGE = (-(2**31), 2**31 - 1)

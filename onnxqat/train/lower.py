@@ -32,7 +32,7 @@ from onnxqat.plan import ActivationQuantizer, ParamQuantizer, QuantPlan
 from onnxqat.qparams import MIN_SCALE, Encoding
 from onnxqat.train.builder import CONTRIB, Builder
 
-__all__ = ["LossSpec", "LossSource", "RangeParams", "TrainingGraph", "loss_source", "lower_for_training", "LOSSES"]
+__all__ = ["LOSSES", "LossSource", "LossSpec", "RangeParams", "TrainingGraph", "loss_source", "lower_for_training"]
 
 LOSSES = ("cross_entropy", "mse", "distill")
 
@@ -196,7 +196,7 @@ class _Lowering:
         point is then not learned), since a learned scale may outgrow a Clip's bound.
         """
         producer = self.values[tensor].producer()
-        if producer is None or producer.domain not in ("", "ai.onnx") or enc.symmetric and enc.signed:
+        if producer is None or producer.domain not in ("", "ai.onnx") or (enc.symmetric and enc.signed):
             return None
         lo_grid, hi_grid = float(enc.min), float(enc.max)
         if producer.op_type == "Relu" and lo_grid == 0.0:

@@ -41,7 +41,7 @@ from onnxqat.train.ort_training import training_modules
 if TYPE_CHECKING:
     from onnxqat.sim import QuantizationSimModel
 
-__all__ = ["QATTrainer", "EpochStats", "OPTIMIZERS"]
+__all__ = ["OPTIMIZERS", "EpochStats", "QATTrainer"]
 
 OPTIMIZERS = ("adamw", "sgd")
 _CHECKPOINT = "checkpoint.ckpt"
