@@ -211,15 +211,15 @@ class _Lowering:
                 return producer.inputs[0]
         return None
 
-    def clamp_to_grid(self, u: ir.Value, enc: Encoding, base: str) -> ir.Value:
+    def clamp_to_grid(self, u: ir.Value, enc: Encoding, base: str, offset: int = 0) -> ir.Value:
         """Clip to the band that rounds onto ``[qmin, qmax]``.
 
         The band reaches just short of half a step beyond the grid, so the gradient passes exactly
         where FakeQuant's mask passes it (``round(u)`` on the grid); a weight at the edge of its
         range (``u == qmax``) keeps its gradient, which a clip at ``qmax`` itself would cut.
         """
-        lo = self.b.const(enc.qmin - 0.5 + _BAND, name="grid_lo")
-        hi = self.b.const(enc.qmax + 0.5 - _BAND, name="grid_hi")
+        lo = self.b.const(enc.qmin - offset - 0.5 + _BAND, name="grid_lo")
+        hi = self.b.const(enc.qmax - offset + 0.5 - _BAND, name="grid_hi")
         return self.b.op("Clip", [u, lo, hi], base)
 
     def activation(self, q: ActivationQuantizer) -> None:
@@ -250,6 +250,7 @@ class _Lowering:
             learned = {q.name}
         else:
             learned = set()
+            zp_name = None
             s = self.b.const(float(enc.scale), name="scale")
             zp_value = self.b.const(float(enc.zero_point), name="zero_point")
             self.act_scale[q.name] = s
@@ -259,13 +260,14 @@ class _Lowering:
             value = self.values[tensor]
             users = list(value.uses())
             source = sources[tensor] or value
-            if q.name in learned:
-                u = self.b.op("Div", [source, s], tensor)
-                if zp_value is not None:
-                    u = self.b.op("Add", [u, zp_value], tensor)
+            if q.name in learned and zp_name is not None:
+                u = self.b.op("Add", [self.b.op("Div", [source, s], tensor), zp_value], tensor)
                 r = self.b.ste_round(self.clamp_to_grid(u, enc, tensor), tensor, bounded=True)
-                if zp_value is not None:
-                    r = self.b.op("Sub", [r, zp_value], tensor)
+                out = self.b.op("Mul", [self.b.op("Sub", [r, zp_value], tensor), s], tensor)
+            elif q.name in learned:
+                # a constant zero point folds into the clip bounds: round(x/s + zp) - zp == round(x/s)
+                u = self.b.op("Div", [source, s], tensor)
+                r = self.b.ste_round(self.clamp_to_grid(u, enc, tensor, offset=int(enc.zero_point)), tensor, bounded=True)
                 out = self.b.op("Mul", [r, s], tensor)
             else:
                 out = self.b.op("FakeQuant", [source, s, zp_value], tensor, domain=CONTRIB, outputs=2,
