@@ -345,9 +345,12 @@ class QuantizationSimModel:
             if enc is None:
                 missing.append(p.name)
                 continue
+            weight = self.float_model.graph.initializers[p.name]
+            channels = weight.shape[p.spec.axis] if p.spec.axis is not None and weight.shape is not None else None
+            if channels == 1 and not enc.per_channel:  # 0.6.1 cannot tell one channel from per-tensor
+                enc = dataclasses.replace(enc, scale=enc.scale.reshape(1), zero_point=enc.zero_point.reshape(1),
+                                          axis=p.spec.axis)
             if p.spec.axis is not None and enc.per_channel:
-                weight = self.float_model.graph.initializers[p.name]
-                channels = weight.shape[p.spec.axis] if weight.shape is not None else None
                 if channels != enc.scale.shape[0]:
                     raise EncodingsError(
                         f"{where}: '{p.name}' has {enc.scale.shape[0]} channel encodings, the weight has {channels}"

@@ -229,3 +229,16 @@ def test_minus_one_dimensions_are_dynamic(tmp_path):
     sim = QuantizationSimModel(path)
     sim.compute_encodings(random_batches(batch=3), progress=False)
     assert sim.run(random_batches(1, batch=5)[0])[0].shape == (5, 5)
+
+
+def test_single_channel_weight_round_trips_through_0_6_1(tmp_path):
+    from onnx import helper
+    from conftest import make_model, tensor
+
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], [tensor("x", ["N", 2, 3, 3])],
+                       [tensor("y", ["N", 1, 3, 3])], {"w": np.ones((1, 2, 1, 1), np.float32)})
+    sim = QuantizationSimModel(model, per_channel=True)
+    sim.compute_encodings([{"x": np.ones((1, 2, 3, 3), np.float32)}], progress=False)
+    paths = sim.export(tmp_path, encoding_version="0.6.1")
+    again = QuantizationSimModel(model, per_channel=True).load_encodings(paths["encodings"])
+    assert again.encodings["w"].axis == 0 and again.encodings["w"].equals(sim.encodings["w"])
