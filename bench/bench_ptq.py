@@ -45,10 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -56,10 +53,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(BENCH_DIR)
-MODELS_DIR = os.path.join(REPO_DIR, "models")
-PLAIN_ORT = os.path.join(REPO_DIR, "onnxqat", "tools", "plain_ort.py")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    BENCH_DIR, PLAIN_ORT, REPO_DIR, RunStart, absolute_paths, add_path_args, assets_line, environment_block,
+    int_list, last_json, progress, publish, run_json, run_start, str_list, venv_line, warn_if_loaded,
+)
+
 FLOAT_LABEL = "float (FP32)"
 
 
@@ -147,28 +146,8 @@ def run_measured(cmd: Sequence[str], log_prefix: str) -> ChildRun:
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}): {shlex.join(cmd)}\nsee {log_prefix}.err")
-    return ChildRun(wall, usage.ru_maxrss, _last_json_line(log_prefix + ".out"))
-
-
-def run_json(cmd: Sequence[str]) -> dict:
-    """Run an unmeasured helper and parse its last stdout line as JSON."""
-    done = subprocess.run(list(cmd), capture_output=True, text=True, cwd=REPO_DIR)
-    if done.returncode != 0:
-        raise SystemExit(f"helper failed ({done.returncode}): {shlex.join(cmd)}\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _last_json_line(path: str) -> dict:
-    with open(path) as f:
-        return json.loads(f.read().strip().splitlines()[-1])
-
-
-def command_output(cmd: Sequence[str]) -> str:
-    try:
-        done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"n/a ({e.__class__.__name__})"
-    return done.stdout.strip() if done.returncode == 0 else "n/a"
+    with open(log_prefix + ".out") as f:
+        return ChildRun(wall, usage.ru_maxrss, last_json(f.read()))
 
 
 # -- the three measurements ---------------------------------------------------------------------
@@ -230,52 +209,19 @@ def optimized_ops(args: argparse.Namespace, models: dict[str, str]) -> dict[str,
 
 
 def _progress(message: str) -> None:
-    print(f"[bench_ptq] {message}", file=sys.stderr, flush=True)
+    progress("bench_ptq", message)
 
 
 # -- environment --------------------------------------------------------------------------------
 
 
-def package_version(python: str, module: str) -> str:
-    return command_output([python, "-c", f"import {module}; print({module}.__version__)"])
-
-
-def machine_description() -> list[str]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return [f"nproc: {command_output(['nproc'])}", f"CPU: {cpu}", f"RAM: {ram_gib:.1f} GiB",
-            f"OS: {platform.platform()}"]
-
-
-def file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def environment_lines(args: argparse.Namespace, load_at_start: str) -> list[str]:
-    commit = command_output(["git", "-C", REPO_DIR, "rev-parse", "--short", "HEAD"])
-    assets = ", ".join(f"{os.path.basename(p)} {file_digest(p)}" for p in (args.model, args.calib_source, args.test_data))
+def environment_lines(args: argparse.Namespace, start: RunStart) -> list[str]:
     return [
-        f"date: {command_output(['date', '-u'])}",
-        *machine_description(),
-        f"load average (1/5/15 min) at start: {load_at_start}; at end: {load_average()}",
-        f"onnxqat venv ({args.ours_python}): onnxruntime {package_version(args.ours_python, 'onnxruntime')} "
-        f"(training build), onnx {package_version(args.ours_python, 'onnx')}, "
-        f"numpy {package_version(args.ours_python, 'numpy')}",
-        f"peer venv ({args.ort_python}): onnxruntime {package_version(args.ort_python, 'onnxruntime')}, "
-        f"onnx {package_version(args.ort_python, 'onnx')}, numpy {package_version(args.ort_python, 'numpy')}",
-        f"deploy venv ({args.deploy_python}): onnxruntime {package_version(args.deploy_python, 'onnxruntime')}",
-        f"onnxqat commit: {commit} (uncommitted changes not included in the hash)",
-        f"assets (sha256 prefix): {assets}",
+        *start.environment(),
+        venv_line("onnxqat venv", args.ours_python, ["onnxruntime (training build)", "onnx", "numpy"]),
+        venv_line("peer venv", args.ort_python, ["onnxruntime", "onnx", "numpy"]),
+        venv_line("deploy venv", args.deploy_python, ["onnxruntime"]),
+        assets_line([args.model, args.calib_source, args.test_data]),
     ]
 
 
@@ -336,16 +282,7 @@ def render(args: argparse.Namespace, sections: dict[str, list[str]], command: st
         "",
         *sections["latency"],
         "",
-        "### Environment",
-        "",
-        *[f"- {line}" for line in sections["env"]],
-        "",
-        "Reproduce:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *environment_block(sections["env"], command),
     ]
     return "\n".join(parts)
 
@@ -353,51 +290,33 @@ def render(args: argparse.Namespace, sections: dict[str, list[str]], command: st
 # -- main ---------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _str_list(text: str) -> list[str]:
-    return [x for x in text.split(",") if x]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per measurement (default 3)")
-    p.add_argument("--sizes", type=_int_list, default=[64, 512, 4096], help="calibration sizes, comma-separated")
+    p.add_argument("--sizes", type=int_list, default=[64, 512, 4096], help="calibration sizes, comma-separated")
     p.add_argument("--per-tensor-size", type=int, default=512, help="calibration size of the per-tensor runs; 0 = none")
-    p.add_argument("--tools", type=_str_list, default=["ours", "ort-u8s8", "ort-s8s8", "ort-pre-u8s8"],
+    p.add_argument("--tools", type=str_list, default=["ours", "ort-u8s8", "ort-s8s8", "ort-pre-u8s8"],
                    help="tools to run: ours, ort-u8s8, ort-s8s8, ort-pre-u8s8")
-    p.add_argument("--per-tensor-tools", type=_str_list, default=["ours", "ort-u8s8"])
+    p.add_argument("--per-tensor-tools", type=str_list, default=["ours", "ort-u8s8"])
     p.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
     p.add_argument("--latency-size", type=int, default=512, help="calibration size of the models timed")
     p.add_argument("--latency-runs", type=int, default=30, help="timed runs per model at batch 64")
     p.add_argument("--latency-runs-b1", type=int, default=300, help="timed runs per model at batch 1")
     p.add_argument("--latency-threads", type=int, default=0,
                    help="intra-op threads for the latency runs; 0 = onnxruntime's default (one per core)")
-    p.add_argument("--model", default=os.path.join(MODELS_DIR, "fmnist_dsconv.onnx"))
-    p.add_argument("--calib-source", default=os.path.join(MODELS_DIR, "fmnist_train.npz"))
-    p.add_argument("--test-data", default=os.path.join(MODELS_DIR, "fmnist_test.npz"))
-    p.add_argument("--ours-python", default="/tmp/venv/bin/python")
-    p.add_argument("--ort-python", default="/tmp/ortq_venv/bin/python")
-    p.add_argument("--deploy-python", default="/tmp/deployvenv/bin/python")
-    p.add_argument("--work-dir", default="/tmp/bench_ptq")
-    p.add_argument("--results", default="/tmp/bench_ptq_results.md")
+    add_path_args(p, ["model", "calib-source", "test-data"], ["ours-python", "ort-python", "deploy-python"],
+                  work_dir="/tmp/bench_ptq", results="/tmp/bench_ptq_results.md")
     args = p.parse_args(argv)
     if args.latency_size not in args.sizes:
         p.error(f"--latency-size {args.latency_size} must be one of --sizes")
-    for attr in ("model", "calib_source", "test_data", "work_dir", "results"):
-        setattr(args, attr, os.path.abspath(getattr(args, attr)))
+    absolute_paths(args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["cd", REPO_DIR]) + " && " + shlex.join([sys.executable, "bench/bench_ptq.py",
-                                                                    *(sys.argv[1:] if argv is None else argv)])
-    load_at_start = load_average()
-    if os.getloadavg()[0] > 0.5:
-        _progress(f"warning: load average {load_at_start} at start; timings will be noisy")
+    start = run_start("bench_ptq.py", argv)
+    warn_if_loaded("bench_ptq")
     tools = build_tools(args)
     cases = build_cases(args, tools)
     data = make_calibration_sets(args)
@@ -413,12 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ops = optimized_ops(args, timed)
 
     sections = {"ptq": ptq_table(cases, runs, acc), "latency": latency_table(latency, ops),
-                "env": environment_lines(args, load_at_start)}
-    report = render(args, sections, command)
-    print(report)
-    with open(args.results, "w") as f:
-        f.write(report)
-    _progress(f"wrote {args.results}")
+                "env": environment_lines(args, start)}
+    publish("bench_ptq", render(args, sections, start.command), args.results)
     return 0
 
 
