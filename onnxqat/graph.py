@@ -15,7 +15,6 @@ __all__ = [
     "is_constant",
     "is_float",
     "make_initializer",
-    "node_label",
     "opset_version",
     "remove_dead_nodes",
 ]
@@ -51,10 +50,6 @@ def all_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
                 yield attr.as_graph()
             elif attr.type == ir.AttributeType.GRAPHS:
                 yield from attr.as_graphs()
-
-
-def node_label(node: ir.Node) -> str:
-    return f"{node.op_type} node '{node.name}'" if node.name else f"unnamed {node.op_type} node"
 
 
 def opset_version(model: ir.Model, domain: str = "") -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -86,7 +87,12 @@ class Session:
                 # onnxruntime 1.19 fuses opset-21 QDQ MatMul into a QLinearMatMul version it has no
                 # kernel for; run such models without the integer-kernel fusions (float semantics).
                 self.fused_qdq = False
-                self.fallback_reason = str(e).splitlines()[0]
+                warnings.warn(
+                    f"onnxruntime {ort.__version__} cannot run this model's fused integer kernels "
+                    f"({str(e).splitlines()[0][:200]}); running it with float semantics, which can differ "
+                    "from onnxruntime's integer kernels by a few quantization steps",
+                    RuntimeWarning, stacklevel=2,
+                )
                 self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"],
                                                     disabled_optimizers=["QDQSelectorActionTransformer"])
         finally:
