@@ -21,6 +21,13 @@ from onnxqat.errors import OnnxQatError
 __all__ = ["build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _add_sim_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param-bw", type=int, default=8, help="weight bitwidth, 4-16 (default 8)")
     p.add_argument("--activation-bw", type=int, default=8, help="activation bitwidth, 4-16 (default 8)")
@@ -39,8 +46,8 @@ def _add_sim_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxqat", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="onnxqat", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="simulate + calibrate + export (PTQ)")
     q.add_argument("model", help="float ONNX model")

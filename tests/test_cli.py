@@ -94,3 +94,9 @@ def test_demo_prints_the_table(cli, tmp_path):
     accuracy = {k.split(" (")[0]: float(v.split("%")[0].split()[-1]) for k, v in rows.items()}
     assert accuracy["QAT W4A8 per-channel"] > accuracy["PTQ W4A8 per-channel"]
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["model.encodings", "model.onnx", "model_qdq.onnx"]
+
+
+def test_usage_errors_are_one_line_too(cli):
+    line = _error_line(cli("quantize", "m.onnx", "--scheme", "best"))
+    assert "invalid choice: 'best'" in line
+    assert "the following arguments are required: --data" in _error_line(cli("eval", "m.onnx"))
