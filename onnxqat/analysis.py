@@ -27,6 +27,7 @@ from onnxqat.calibrate.runner import collect_statistics
 from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import input_signature, validate_feed
 from onnxqat.evaluate import accuracy
+from onnxqat.graph import values_by_name
 from onnxqat.passes.insert_qdq import InsertQDQPass
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import fake_quantize
@@ -104,7 +105,7 @@ def _subset_plan(plan: QuantPlan, enabled: set[str]) -> QuantPlan:
 def _tensors(model: ir.Model, names: Sequence[str], batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Values of ``names`` (graph inputs, node outputs) for one batch, in float semantics."""
     probe = model.clone()
-    values = {v.name: v for n in probe.graph for v in n.outputs}
+    values = {n: v for n, v in values_by_name(probe.graph).items() if v.producer() is not None}
     existing = {v.name for v in probe.graph.outputs}
     fetch = [n for n in names if n in values]
     for n in fetch:

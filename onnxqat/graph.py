@@ -17,6 +17,7 @@ __all__ = [
     "make_initializer",
     "opset_version",
     "remove_dead_nodes",
+    "values_by_name",
 ]
 
 FLOAT_TYPES = frozenset(
@@ -80,6 +81,15 @@ class NameScope:
 
     def reserve(self, names: Iterable[str]) -> None:
         self._taken.update(names)
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of ``graph`` (inputs, initializers, node outputs) by name."""
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    values.update(graph.initializers)
+    for node in graph:
+        values.update({v.name: v for v in node.outputs if v.name})
+    return values
 
 
 def make_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -31,7 +31,7 @@ from onnxqat.config import QuantSimConfig, load_config
 from onnxqat.data import input_signature, validate_feed
 from onnxqat.encodings import dumps, parse_aimet, to_aimet
 from onnxqat.errors import ConfigError, EncodingsError, ModelError
-from onnxqat.graph import const_array
+from onnxqat.graph import const_array, values_by_name
 from onnxqat.io import load_model, save_model, staged_outputs
 from onnxqat.passes.annotate import annotate
 from onnxqat.passes.canonicalize import canonical_passes
@@ -326,7 +326,7 @@ class QuantizationSimModel:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise EncodingsError(f"{where}: not a readable JSON file: {e}") from None
         parsed = parse_aimet(data, source=where)
-        known = _tensor_names(self.float_model)
+        known = set(values_by_name(self.float_model.graph))
         unknown = sorted(n for n in [*parsed.activations, *parsed.params, *parsed.biases] if n not in known)
         if unknown:
             raise EncodingsError(f"{where}: tensor(s) not in the model: {unknown[:5]}")
@@ -406,10 +406,3 @@ class QuantizationSimModel:
             "encodings": os.path.join(out, f"{prefix}.encodings"),
             "qdq": os.path.join(out, f"{prefix}_qdq.onnx"),
         }
-
-
-def _tensor_names(model: ir.Model) -> set[str]:
-    names = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
-    for node in model.graph:
-        names.update(v.name for v in node.outputs)
-    return {n for n in names if n}

@@ -18,7 +18,7 @@ from onnxqat.calibrate.observers import HistogramObserver, MinMaxObserver
 from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import DataError
-from onnxqat.graph import NameScope, const_array, is_constant
+from onnxqat.graph import NameScope, const_array, is_constant, values_by_name
 from onnxqat.plan import QuantPlan
 from onnxqat.runtime import Session
 
@@ -83,10 +83,7 @@ def _statistics_model(
     stats = model.clone()
     graph = stats.graph
     names = NameScope(stats)
-    values = {v.name: v for v in graph.inputs}
-    values.update(graph.initializers)
-    for node in graph:
-        values.update({v.name: v for v in node.outputs})
+    values = values_by_name(graph)
     existing_outputs = {v.name for v in graph.outputs}
     fetches: list[tuple[str, str, str]] = []
     from_inputs: list[tuple[str, str]] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxqat.graph import values_by_name
 from onnxqat.runtime import PROTO_LIMIT, model_bytes_size
 
 __all__ = ["InferTypesWithOnnxruntimePass"]
@@ -31,7 +32,7 @@ class InferTypesWithOnnxruntimePass(ir.passes.InPlacePass):
         if not missing or model_bytes_size(model) >= PROTO_LIMIT:
             return ir.passes.PassResult(model, False)
         probe = model.clone()
-        values = {v.name: v for node in probe.graph for v in node.outputs}
+        values = values_by_name(probe.graph)
         outputs = {v.name for v in probe.graph.outputs}
         for v in missing:
             if v.name not in outputs:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, const_array, make_initializer, opset_version
+from onnxqat.graph import NameScope, const_array, make_initializer, opset_version, values_by_name
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding, quantize
 from onnxqat.runtime import release_if_mapped
@@ -101,7 +101,7 @@ class _Inserter:
         self.encodings = encodings
         self.fold = fold
         self.names = NameScope(model)
-        self.values = _values_by_name(self.graph)
+        self.values = values_by_name(self.graph)
         self.nodes = {node.name: node for node in self.graph if node.name}
         self.count = 0
         self.sites: dict[str, str] = {}
@@ -234,16 +234,3 @@ def _per_channel(bound: np.ndarray, enc: Encoding, value: ir.Value) -> np.ndarra
     shape = [1] * rank
     shape[enc.axis % rank] = -1
     return bound.astype(np.float32).reshape(shape)
-
-
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values: dict[str, ir.Value] = {}
-    for value in graph.inputs:
-        values[value.name] = value  # type: ignore[index]
-    for name, value in graph.initializers.items():
-        values[name] = value
-    for node in graph:
-        for value in node.outputs:
-            if value.name:
-                values[value.name] = value
-    return values

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat.errors import ConfigError, ModelError
-from onnxqat.graph import NameScope, const_array, is_float, remove_dead_nodes
+from onnxqat.graph import NameScope, const_array, is_float, remove_dead_nodes, values_by_name
 from onnxqat.passes.annotate import DATA_MOVEMENT_OPS
 from onnxqat.plan import ActivationQuantizer, ParamQuantizer, QuantPlan
 from onnxqat.qparams import MIN_SCALE, Encoding
@@ -169,7 +169,7 @@ class _Lowering:
         self.range_learning = range_learning
         self.frozen = set(frozen)
         self.b = Builder(self.model, NameScope(self.model))
-        self.values = _values_by_name(self.model.graph)
+        self.values = values_by_name(self.model.graph)
         self.act_scale: dict[str, ir.Value] = {}
         self.weight_scale: dict[str, ir.Value] = {}
         self.range_params: list[RangeParams] = []
@@ -515,11 +515,3 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
         )
     class_axis = (axis % rank) if softmax else (1 if rank >= 2 else 0)
     return LossSource(value.name, rank, class_axis, softmax)  # type: ignore[arg-type]
-
-
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}  # type: ignore[misc]
-    values.update(graph.initializers)
-    for node in graph:
-        values.update({v.name: v for v in node.outputs if v.name})  # type: ignore[misc]
-    return values

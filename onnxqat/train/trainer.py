@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import ConfigError, DataError, ModelError, OutputError
 from onnxqat.evaluate import accuracy, check_labels
+from onnxqat.graph import values_by_name
 from onnxqat.runtime import Session
 from onnxqat.train.lower import LossSpec, TrainingGraph, lower_for_training
 from onnxqat.train.ort_training import training_modules
@@ -170,8 +171,7 @@ class QATTrainer:
     def _teacher_session(self) -> Session:
         teacher = self.sim.float_model.clone()
         source = self.graph.teacher_source
-        values = {v.name: v for n in teacher.graph for v in n.outputs}
-        values.update({v.name: v for v in teacher.graph.inputs})
+        values = values_by_name(teacher.graph)
         teacher.graph.outputs.clear()
         teacher.graph.outputs.append(values[source])
         return Session(teacher)
