@@ -1,0 +1,70 @@
+"""PTQ with NNCF (run by /work/peers/nncf/bin/python): ``nncf.quantize`` on the ONNX model with its
+defaults (preset performance, target device ANY, fast bias correction on, MinMax/quantile range
+estimators of NNCF's defaults), through NNCF's public API only.
+
+    run_nncf.py --model M.onnx --calib CALIB.npz --out OUT --w-bits 8 --a-bits 8 --per-channel
+                [--subset-size N] [--no-bias-correction]
+
+Calibration data is given as NNCF's examples do: an ``nncf.Dataset`` of single samples (batch 1).
+``subset_size`` defaults to the number of calibration samples (NNCF's own default is 300), so every
+tool sees the same images. ``--per-channel`` / no flag set
+``weights_quantization_params=QuantizationParameters(per_channel=...)``; ``--w-bits 4`` sets
+``num_bits=4`` there (NNCF's advanced parameters). The returned ModelProto already holds
+QuantizeLinear/DequantizeLinear nodes: saved as OUT/model_qdq.onnx. NNCF has no encodings file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _runner_common as rc  # noqa: E402
+
+
+def main() -> None:
+    p = rc.parser("NNCF")
+    p.add_argument("--subset-size", type=int, default=0, help="0: all calibration samples")
+    p.add_argument("--no-bias-correction", action="store_true")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+
+    import nncf
+    import onnx
+    import onnxruntime
+
+    result = {"tool": "nncf", "version": nncf.__version__,
+              "deps": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}, "status": "ok"}
+    try:
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+
+        names = rc.input_names(args.model)
+        data = rc.load_calib(args.calib, names, args.max_samples)
+        samples = rc.batches(data, 1)
+        subset = args.subset_size or len(samples)
+        weights = QuantizationParameters(num_bits=args.w_bits, per_channel=args.per_channel)
+        advanced = AdvancedQuantizationParameters(weights_quantization_params=weights,
+                                                  disable_bias_correction=args.no_bias_correction)
+        result["settings"] = {
+            "call": "nncf.quantize(model, nncf.Dataset(samples), subset_size=N, advanced_parameters=...)",
+            "preset": "default (performance)", "target_device": "ANY (default)",
+            "fast_bias_correction": "True (default)", "bias_correction": not args.no_bias_correction,
+            "weights": {"num_bits": args.w_bits, "per_channel": args.per_channel},
+            "activations": f"default ({args.a_bits}-bit)", "calib_samples": rc.n_samples(data),
+            "subset_size": subset, "batch_size": 1,
+        }
+        with rc.Timer() as t:
+            model = onnx.load(args.model)
+            q = nncf.quantize(model, nncf.Dataset(samples), subset_size=subset, advanced_parameters=advanced)
+            onnx.save(q, os.path.join(args.out, "model_qdq.onnx"))
+        result["method_seconds"] = round(t.seconds, 3)
+        result["qdq"] = rc.qdq_summary(os.path.join(args.out, "model_qdq.onnx"))
+        result["encodings"] = None
+    except Exception as e:  # noqa: BLE001 - recorded in result.json
+        rc.fail(args.out, result, e)
+    rc.write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
