@@ -40,6 +40,9 @@ def _add_sim_options(p: argparse.ArgumentParser) -> None:
         "--config", default=None,
         help="quantization config: JSON file or preset 'onnxruntime' (default) / 'aimet'",
     )
+    p.add_argument("--target", choices=["x86-avx2", "x86-vnni", "arm64", "htp"], default=None,
+                   help="deployment target whose integer arithmetic the model must be exact on "
+                        "(default: detected from this machine)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size for running the data")
     p.add_argument("--report", default=None,
                    help="write a JSON report: every quantizer, and why each float tensor left float stays float")
@@ -114,7 +117,10 @@ def _calibrated_sim(args: argparse.Namespace, calib: str):  # type: ignore[no-un
         quant_scheme=args.scheme,
         per_channel=True if args.per_channel else None,
         config=args.config,
+        target=args.target,
     )
+    how = "given" if args.target else "detected"
+    print(f"target: {sim.target.name} ({how}; {sim.target.description})")
     print(f"plan: {sim.plan.summary()}")
     arrays = load_model_inputs(calib, input_signature(sim.float_model))
     sim.compute_encodings(NpzBatches(arrays, args.batch_size))

@@ -24,6 +24,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "grid_bounds",
+    "pair_safe_scale",
     "quantize",
 ]
 
@@ -232,6 +233,32 @@ def compute_encoding(
     zp = -np.rint(lo / scale.astype(np.float64)).astype(np.int64)
     zp = np.clip(zp, 0, (1 << b) - 1)
     return Encoding(scale, zp, b, False, False, False, axis)
+
+
+def pair_safe_scale(rows: np.ndarray, limit: int) -> np.ndarray:
+    """Smallest float32 scale per row keeping any two same-sign quantized values of the row within
+    ``limit`` in magnitude sum: ``(a1 + a2) / (limit - 0.5)``, with ``a1 >= a2`` the two largest
+    magnitudes of one sign (the larger of the two signs' sums).
+
+    Dividing by ``limit - 0.5`` leaves room for float32 rounding: ``a1/s + a2/s <= limit - 0.5``
+    up to a few ulps, and two roundings to nearest add less than 1, so the integer sum is at most
+    ``limit``. Rows with fewer than two same-sign values only need ``a1 / (limit - 0.5)``.
+
+    >>> pair_safe_scale(np.array([[1.0, 1.0, -0.5], [2.0, 0.0, 0.0]], np.float32), 128).tolist()
+    [0.01568627543747425, 0.01568627543747425]
+    """
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2:
+        raise ValueError(f"rows must be 2-d, got shape {rows.shape}")
+    sums = []
+    for signed in (rows, -rows):
+        mag = np.maximum(signed, np.float32(0))
+        if mag.shape[1] >= 2:
+            top = np.partition(mag, mag.shape[1] - 2, axis=1)[:, -2:]
+            sums.append((top[:, 1] + top[:, 0]).astype(np.float32))
+        else:
+            sums.append(mag[:, 0])
+    return (np.maximum(sums[0], sums[1]) / np.float32(limit - 0.5)).astype(np.float32)
 
 
 def _floor_scale(scale: np.ndarray) -> np.ndarray:

@@ -42,6 +42,7 @@ from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding, compute_encoding
 from onnxqat.runtime import Session, release_if_mapped
 from onnxqat.spec import MAX_BITWIDTH, MIN_BITWIDTH
+from onnxqat.target import Target, resolve_target
 
 __all__ = ["QuantizationSimModel", "prepare_model"]
 
@@ -99,6 +100,9 @@ class QuantizationSimModel:
         param_scheme: Weight calibration (``minmax`` or ``sqnr``); default ``sqnr`` when
             ``quant_scheme`` is ``sqnr``, else ``minmax``.
         fold_batchnorm: Fold BatchNormalization into preceding Conv/Gemm weights.
+        target: Deployment target (``x86-avx2``, ``x86-vnni``, ``arm64``, ``htp``; default:
+            detected from this machine): what the deployed integer kernels compute exactly, and
+            the default config (see :mod:`onnxqat.target`).
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class QuantizationSimModel:
         percentile: float = DEFAULT_PERCENTILE,
         param_scheme: str | Scheme | None = None,
         fold_batchnorm: bool = True,
+        target: str | Target | None = None,
     ) -> None:
         self.param_bw = _check_bitwidth("param_bw", param_bw)
         self.activation_bw = _check_bitwidth("activation_bw", activation_bw)
@@ -125,13 +130,14 @@ class QuantizationSimModel:
         if not 50.0 < percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {percentile}")
         self.percentile = percentile
-        cfg = load_config(config)
+        self.target = resolve_target(target)
+        cfg = load_config(config if config is not None else self.target.default_config)
         if per_channel is not None:
             cfg = cfg.with_overrides(per_channel_quantization=bool(per_channel))
         self.config = cfg
         self.float_model, self.float16 = _prepare(model, fold_batchnorm)
         self.plan: QuantPlan = annotate(
-            self.float_model, cfg, param_bw=self.param_bw, activation_bw=self.activation_bw
+            self.float_model, cfg, param_bw=self.param_bw, activation_bw=self.activation_bw, target=self.target
         )
         self.encodings: dict[str, Encoding] = {}
         self._session: Session | None = None
@@ -303,6 +309,7 @@ class QuantizationSimModel:
                 "is_symmetric": self.config.param_symmetric,
                 "per_channel_quantization": self.config.per_channel_quantization,
                 "quant_scheme": self.quant_scheme.value,
+                "target": self.target.name,
             },
             excluded_layers=sorted(self.config.exclude_nodes),
         )

@@ -38,6 +38,11 @@ class QuantSpec:
         axis: Per-channel axis of the quantized tensor, or None for one scale per tensor.
         fixed_range: ``(min, max)`` that replaces the observed range (encoding constraints, e.g.
             Softmax probabilities), or None to calibrate.
+        pair_limit: For weights of kernels that add pairs of products in a saturating 16-bit lane
+            (see :mod:`onnxqat.target`): the largest ``|q_i| + |q_j|`` two same-sign integer
+            weights of one output channel may reach; None when the kernel is exact.
+        pair_axis: Output-channel axis of the weight that ``pair_limit`` applies along (also for
+            per-tensor weights).
 
     >>> QuantSpec(bitwidth=8, symmetric=True).with_axis(0).axis
     0
@@ -49,6 +54,8 @@ class QuantSpec:
     unsigned_symmetric: bool = True
     axis: int | None = None
     fixed_range: tuple[float, float] | None = None
+    pair_limit: int | None = None
+    pair_axis: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bitwidth, bool) or not isinstance(self.bitwidth, int):
@@ -65,6 +72,12 @@ class QuantSpec:
             lo, hi = self.fixed_range
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ConfigError(f"fixed_range must be finite with min < max, got {self.fixed_range}")
+
+        if self.pair_limit is not None:
+            if isinstance(self.pair_limit, bool) or not isinstance(self.pair_limit, int) or self.pair_limit < 2:
+                raise ConfigError(f"pair_limit must be an integer >= 2, got {self.pair_limit!r}")
+            if not self.symmetric or self.pair_axis is None:
+                raise ConfigError("pair_limit applies to symmetric weights with a pair_axis")
 
     @property
     def per_channel(self) -> bool:

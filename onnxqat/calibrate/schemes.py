@@ -11,13 +11,14 @@ Weights are calibrated on their exact values (per channel when the spec says so)
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 import numpy as np
 
 from onnxqat.calibrate.observers import HistogramObserver, MinMaxObserver
 from onnxqat.errors import ConfigError
-from onnxqat.qparams import Encoding, compute_encoding, fake_quantize
+from onnxqat.qparams import Encoding, compute_encoding, fake_quantize, pair_safe_scale
 from onnxqat.spec import QuantSpec
 
 __all__ = ["DEFAULT_PERCENTILE", "Scheme", "activation_encoding", "sqnr_range", "weight_encoding"]
@@ -69,7 +70,9 @@ def weight_encoding(weight: np.ndarray, spec: QuantSpec, scheme: Scheme = Scheme
     """Encoding of a weight tensor, per channel along ``spec.axis`` when set.
 
     ``sqnr`` shrinks each channel's min-max range by the factor (from 1 down to 0.2) that gives the
-    smallest exact quantization error of that channel's values.
+    smallest exact quantization error of that channel's values. With ``spec.pair_limit`` the scale
+    is then raised where needed so no two same-sign weights of an output channel exceed the limit
+    (:func:`~onnxqat.qparams.pair_safe_scale`; per-tensor weights take the largest channel need).
     """
     w = np.asarray(weight, dtype=np.float32)
     if spec.axis is None:
@@ -87,8 +90,18 @@ def weight_encoding(weight: np.ndarray, spec: QuantSpec, scheme: Scheme = Scheme
             best_err[better], best[better] = err[better], factor
         lo, hi = lo * best, hi * best
     if spec.axis is None:
-        return compute_encoding(float(lo[0]), float(hi[0]), spec)
-    return compute_encoding(lo, hi, spec)
+        enc = compute_encoding(float(lo[0]), float(hi[0]), spec)
+    else:
+        enc = compute_encoding(lo, hi, spec)
+    if spec.pair_limit is None or not enc.signed:
+        return enc
+    assert spec.pair_axis is not None
+    channels = np.moveaxis(w, spec.pair_axis % w.ndim, 0).reshape(w.shape[spec.pair_axis], -1)
+    need = pair_safe_scale(channels, spec.pair_limit)
+    if spec.axis is None:
+        need = need.max(initial=np.float32(0)).astype(np.float32)
+    scale = np.maximum(enc.scale, need).astype(np.float32)
+    return dataclasses.replace(enc, scale=scale)
 
 
 def sqnr_range(values: np.ndarray, counts: np.ndarray, spec: QuantSpec) -> tuple[float, float]:

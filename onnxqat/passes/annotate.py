@@ -24,73 +24,23 @@ import types
 
 import onnx_ir as ir
 
+from onnxqat import ops
 from onnxqat.config import QuantSimConfig
 from onnxqat.graph import is_constant, is_float
 from onnxqat.plan import ActivationQuantizer, BiasQuantizer, ParamQuantizer, QuantPlan
 from onnxqat.spec import QuantSpec
+from onnxqat.target import Target, resolve_target
 
-__all__ = ["DATA_MOVEMENT_OPS", "WEIGHT_OPS", "annotate", "weight_channel_axis", "weight_input_index"]
-
-# Ops whose output holds (a subset or rearrangement of) its first input's values: quantizing the
-# output with the input's encoding is exact and lets onnxruntime run them on integers.
-DATA_MOVEMENT_OPS = frozenset(
-    {
-        "Reshape",
-        "Flatten",
-        "Transpose",
-        "Squeeze",
-        "Unsqueeze",
-        "Identity",
-        "MaxPool",
-        "GlobalMaxPool",
-        "Slice",
-        "Split",
-        "Expand",
-        "Tile",
-        "DepthToSpace",
-        "SpaceToDepth",
-        "Gather",
-    }
-)
-
-WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-
-# Elementwise ops that onnxruntime runs on integers only when every operand is quantized: with a
-# constant operand (x * 0.5, x + 1) they run in float, so they neither demand quantized inputs nor
-# quantize their output by their own rule.
-_ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"})
-_BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
-
+__all__ = ["annotate", "weight_channel_axis", "weight_input_index"]
 
 def weight_input_index(node: ir.Node) -> int | None:
-    """Index of the constant weight input of a weight op, or None."""
-    if node.op_type in ("Conv", "ConvTranspose"):
-        return 1 if len(node.inputs) > 1 and is_constant(node.inputs[1]) else None
-    if node.op_type in ("Gemm", "MatMul"):
-        if len(node.inputs) > 1 and is_constant(node.inputs[1]):
-            return 1
-        if is_constant(node.inputs[0]) and not is_constant(node.inputs[1]):
-            return 0
-    return None
+    """Index of the constant weight input of a weighted op, or None (see :mod:`onnxqat.ops`)."""
+    return ops.weight_index(node)
 
 
 def weight_channel_axis(node: ir.Node, index: int, rank: int) -> int | None:
     """Output-channel axis of a weight input, or None when per-channel does not apply."""
-    op = node.op_type
-    if op == "Conv":
-        return 0
-    if op == "ConvTranspose":
-        return 1
-    if op == "Gemm" and index == 1:
-        return 0 if _int_attr(node, "transB", 0) else 1
-    if op == "MatMul" and index == 1 and rank >= 2:
-        return rank - 1
-    return None
-
-
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.as_int())
+    return ops.channel_axis(node, index, rank)
 
 
 class _UnionFind:
@@ -123,14 +73,20 @@ def annotate(
     *,
     param_bw: int = 8,
     activation_bw: int = 8,
+    target: Target | str | None = None,
 ) -> QuantPlan:
-    """Apply the placement rules to ``model`` (BatchNorm already folded, shapes inferred)."""
-    return _Annotator(model, config, param_bw, activation_bw).run()
+    """Apply the placement rules to ``model`` (BatchNorm already folded, shapes inferred).
+
+    ``target`` (default: detected) sets what the deployed integer kernels compute exactly; on
+    ``x86-avx2`` 8-bit weights of U8S8 GEMM kernels get a pair limit (see :mod:`onnxqat.target`).
+    """
+    return _Annotator(model, config, param_bw, activation_bw, resolve_target(target)).run()
 
 
 class _Annotator:
-    def __init__(self, model: ir.Model, config: QuantSimConfig, param_bw: int, act_bw: int) -> None:
+    def __init__(self, model: ir.Model, config: QuantSimConfig, param_bw: int, act_bw: int, target: Target) -> None:
         self.graph = model.graph
+        self.target = target
         self.config = config
         self.param_bw = param_bw
         self.act_bw = act_bw
@@ -211,8 +167,14 @@ class _Annotator:
                         interior[member.outputs[0].name] = f"inside supergroup {label}"
         return interior
 
+    @staticmethod
+    def moves_data(node: ir.Node) -> bool:
+        return ops.rule(node.op_type, node.domain).kind is ops.OpKind.DATA_MOVEMENT
+
     def float_elementwise(self, node: ir.Node) -> bool:
-        return node.op_type in _ELEMENTWISE_OPS and any(is_constant(v) for v in node.inputs)
+        return ops.rule(node.op_type, node.domain).kind is ops.OpKind.ELEMENTWISE and any(
+            is_constant(v) for v in node.inputs
+        )
 
     def demanded(self) -> dict[str, str]:
         """Tensors that a consumer or the model-output rule needs quantized -> why."""
@@ -270,7 +232,7 @@ class _Annotator:
             elif name in interior:
                 self.skip(out, interior[name])
             elif (
-                node.op_type in DATA_MOVEMENT_OPS
+                self.moves_data(node)
                 and node.inputs
                 and node.inputs[0] is not None
                 and self.quantized(node.inputs[0].name)
@@ -285,7 +247,7 @@ class _Annotator:
                 self.config.output_quantized_for(node.op_type) and not self.float_elementwise(node)
             ):
                 self.new_group(name, self.act_spec(node))
-            elif node.op_type in DATA_MOVEMENT_OPS:
+            elif self.moves_data(node):
                 self.skip(out, f"{node.op_type} reuses its input's encoding and its input is float")
             elif self.float_elementwise(node):
                 self.skip(out, f"{node.op_type} with a constant operand runs in float and no consumer "
@@ -299,7 +261,7 @@ class _Annotator:
 
     def tie_concats(self) -> None:
         for node in self.nodes:
-            if node.op_type != "Concat" or self.excluded(node):
+            if ops.rule(node.op_type, node.domain).kind is not ops.OpKind.SHARED or self.excluded(node):
                 continue
             out = node.outputs[0]
             if not self.quantized(out.name):
@@ -332,7 +294,8 @@ class _Annotator:
         weights: dict[str, ParamQuantizer] = {}
         bias_candidates: list[tuple[ir.Node, ir.Value, ir.Value]] = []
         for node in self.nodes:
-            if node.op_type not in WEIGHT_OPS or self.excluded(node):
+            slot = ops.rule(node.op_type, node.domain).weight
+            if slot is None or self.excluded(node):
                 continue
             index = weight_input_index(node)
             if index is None:
@@ -353,8 +316,8 @@ class _Annotator:
                 weights[weight.name] = ParamQuantizer(weight.name, spec, previous.consumers + (node.name,))
             else:
                 weights[weight.name] = ParamQuantizer(weight.name, spec, (node.name,))
-            if node.op_type in _BIAS_OPS and len(node.inputs) > 2 and node.inputs[2] is not None:
-                bias_candidates.append((node, node.inputs[2], weight))
+            if slot.bias is not None and len(node.inputs) > slot.bias and node.inputs[slot.bias] is not None:
+                bias_candidates.append((node, node.inputs[slot.bias], weight))
 
         biases = []
         for node, bias, weight in bias_candidates:
@@ -376,12 +339,19 @@ class _Annotator:
         rank = len(weight.shape) if weight.shape is not None else 0
         if self.config.per_channel_for(node.op_type):
             axis = weight_channel_axis(node, index, rank)
+        pair_limit = pair_axis = None
+        if self.target.pair_limit is not None and bw == 8 and symmetric and ops.saturates_u8s8(node) and rank >= 1:
+            pair_limit = self.target.pair_limit
+            channel = weight_channel_axis(node, index, rank)
+            pair_axis = channel if channel is not None else max(rank - 2, 0)
         return QuantSpec(
             bitwidth=bw,
             symmetric=symmetric,
             strict_symmetric=symmetric and self.config.strict_symmetric,
             unsigned_symmetric=False,
             axis=axis,
+            pair_limit=pair_limit,
+            pair_axis=pair_axis,
         )
 
     def bias_problem(

@@ -9,6 +9,9 @@ environment.
     plain_ort.py accuracy MODEL DATA.npz [--label-key label] [--output-index 0]
     plain_ort.py latency MODEL [MODEL ...] --data DATA.npz [--batch-size 64] [--runs 30]
 
+``--reference`` (before the command) runs with graph optimizations off: the QDQ graph evaluated op
+by op in float, without onnxruntime's fused integer kernels.
+
 ``latency`` times the models interleaved (round-robin), so machine noise hits all alike, and
 prints one JSON line: median milliseconds per batch for each model.
 """
@@ -24,9 +27,14 @@ import numpy as np
 import onnxruntime as ort
 
 
+_REFERENCE = False  # --reference: graph optimizations off (op-by-op float semantics, no fused kernels)
+
+
 def _session(path: str, threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if _REFERENCE:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -84,6 +92,8 @@ def latency(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="plain_ort.py", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reference", action="store_true",
+                        help="run with graph optimizations off: the unfused op-by-op reference")
     sub = parser.add_subparsers(dest="command", required=True)
     o = sub.add_parser("outputs")
     o.add_argument("model")
@@ -102,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--runs", type=int, default=30)
     lat.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args(argv)
+    global _REFERENCE
+    _REFERENCE = args.reference
     result = {"outputs": outputs, "accuracy": accuracy, "latency": latency}[args.command](args)
     print(json.dumps(result))
     return 0

@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from onnxqat.errors import ConfigError, ModelError
 from onnxqat.graph import NameScope, const_array, is_float, remove_dead_nodes, values_by_name
-from onnxqat.passes.annotate import DATA_MOVEMENT_OPS
+from onnxqat import ops
 from onnxqat.plan import ActivationQuantizer, ParamQuantizer, QuantPlan
 from onnxqat.qparams import MIN_SCALE, Encoding
 from onnxqat.train.builder import CONTRIB, Builder
@@ -36,17 +36,6 @@ __all__ = ["LOSSES", "LossSource", "LossSpec", "RangeParams", "TrainingGraph", "
 
 LOSSES = ("cross_entropy", "mse", "distill")
 
-# Inputs through which onnxruntime propagates no gradient (besides casts to integers).
-_STOP_EDGES: dict[str, frozenset[int]] = {
-    "Clip": frozenset({1, 2}), "Pow": frozenset({1}), "BatchNormalization": frozenset({3, 4}),
-    "Reshape": frozenset({1}), "Expand": frozenset({1}), "Tile": frozenset({1}), "Slice": frozenset({1, 2, 3, 4}),
-    "Gather": frozenset({1}), "GatherElements": frozenset({1}), "GatherND": frozenset({1}),
-    "Where": frozenset({0}), "Dropout": frozenset({1, 2}), "Squeeze": frozenset({1}),
-    "Unsqueeze": frozenset({1}), "ReduceSum": frozenset({1}), "Split": frozenset({1}),
-    "TopK": frozenset({1}), "Range": frozenset({0, 1, 2}), "ConstantOfShape": frozenset({0}),
-    "Shape": frozenset({0}), "Size": frozenset({0}), "OneHot": frozenset({0, 1, 2}),
-    "SoftmaxCrossEntropyLoss": frozenset({1, 2}), "FakeQuant": frozenset({1, 2}),
-}
 # Half a step minus this is how far past the grid the straight-through band reaches (float32 has
 # room for it up to 16-bit grids: round(65535 + 0.5 - 2^-6) is still 65535).
 _BAND = 2.0**-6
@@ -55,11 +44,6 @@ _BAND = 2.0**-6
 # below any scale an encoding can have.
 _SG_FLOOR = 1e-30
 
-_NO_GRADIENT_OPS = frozenset({
-    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not",
-    "IsNaN", "IsInf", "NonZero", "ArgMax", "ArgMin", "Floor", "Ceil", "Round", "Sign",
-    "ReduceMax", "ReduceMin", "Shape", "Size",
-})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,10 +164,11 @@ class _Lowering:
     def on_grid(self, tensor: str, q: ActivationQuantizer) -> bool:
         value = self.values[tensor]
         producer = value.producer()
-        if producer is None or (producer.op_type not in DATA_MOVEMENT_OPS and producer.op_type != "Concat"):
+        kind = ops.rule(producer.op_type, producer.domain).kind if producer is not None else None
+        if producer is None or kind not in (ops.OpKind.DATA_MOVEMENT, ops.OpKind.SHARED):
             return False
         inputs = [v for v in producer.inputs if is_float(v)]
-        if producer.op_type != "Concat":
+        if kind is ops.OpKind.DATA_MOVEMENT:
             inputs = inputs[:1]
         return bool(inputs) and all(v is not None and self.plan.activation_of(v.name) is q for v in inputs)
 
@@ -293,6 +278,8 @@ class _Lowering:
             absmax = self.b.stop_gradient(self.b.op("Max", [absmax, tiny], base), base)
             steps = float((1 << (enc.bitwidth - 1)) - 1)
             s = self.b.op("Max", [self.b.op("Div", [absmax, self.b.const(steps, name="steps")], base), min_scale], base)
+            if p.spec.pair_limit is not None and enc.signed:
+                s = self.b.op("Max", [s, self.pair_scale(value, p, rank, s.shape, base)], base)
         else:
             zero = self.b.const(0.0, name="zero")
             lo = self.b.op("Min", [self.b.reduce("ReduceMin", value, axes, base), zero], base)
@@ -313,8 +300,43 @@ class _Lowering:
         out.type, out.shape = value.type, value.shape
         self.weight_scale[p.name] = s
         for use in list(value.uses()):
-            if use.node.name in p.consumers and use.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if use.node.name in p.consumers and ops.rule(use.node.op_type, use.node.domain).weight is not None:
                 use.node.replace_input_with(use.idx, out)
+
+    def pair_scale(self, value: ir.Value, p: ParamQuantizer, rank: int, like: ir.Shape | None, base: str) -> ir.Value:
+        """:func:`~onnxqat.qparams.pair_safe_scale` in the graph, shaped like the weight scale.
+
+        ``(a1 + a2) / (limit - 0.5)`` per output channel from TopK of each sign's magnitudes,
+        behind a stop-gradient; the largest over channels for a per-tensor weight. The same float32
+        operations as the numpy reference, so the encodings agree bit for bit.
+        """
+        b = self.b
+        assert p.spec.pair_axis is not None and p.spec.pair_limit is not None
+        axis = p.spec.pair_axis % rank
+        rows = value
+        if axis != 0:
+            rows = b.op("Transpose", [rows], base, perm=[axis] + [i for i in range(rank) if i != axis])
+        rows = b.op("Reshape", [rows, b.const(np.array([0, -1]), np.int64, "rows_shape")], base)
+        zero = b.const(0.0, name="zero")
+        assert value.shape is not None
+        row_length = int(np.prod([d for i, d in enumerate(value.shape) if i != axis]))
+        sums = []
+        for signed in (rows, b.op("Neg", [rows], base)):
+            mag = b.op("Max", [signed, zero], base)
+            if row_length >= 2:
+                top = b.op("TopK", [mag, b.const(np.array([2]), np.int64, "two")], base, outputs=2, axis=1)
+                sums.append(b.reduce_sum(top, 1, base))
+            else:
+                sums.append(b.op("Reshape", [mag, b.const(np.array([-1]), np.int64, "flat")], base))
+        need = b.op("Div", [b.op("Max", sums, base), b.const(float(p.spec.pair_limit) - 0.5, name="pair_div")], base)
+        if p.spec.axis is None:
+            need = b.reduce("ReduceMax", need, [0], base)
+            need = b.op("Reshape", [need, b.const(np.array([], np.int64), np.int64, "scalar")], base)
+        else:
+            shape = [1] * rank
+            shape[p.spec.axis % rank] = -1
+            need = b.op("Reshape", [need, b.const(np.array(shape), np.int64, "pc_shape")], base)
+        return b.stop_gradient(b.op("Max", [need, b.const(_SG_FLOOR, name="sg_floor")], base), base)
 
     def biases(self) -> None:
         for bq in self.plan.biases:
@@ -413,9 +435,10 @@ class _Lowering:
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            if node.op_type in _NO_GRADIENT_OPS or (node.op_type == "Cast" and not _float_cast(node)):
+            node_rule = ops.rule(node.op_type, node.domain)
+            if node_rule.no_gradient or (node.op_type == "Cast" and not _float_cast(node)):
                 continue
-            stops = _STOP_EDGES.get(node.op_type, frozenset())
+            stops = node_rule.stop_inputs
             for i, v in enumerate(node.inputs):
                 if v is not None and i not in stops and (v.dtype is None or is_float(v)):
                     stack.append(v)

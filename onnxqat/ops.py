@@ -1,0 +1,255 @@
+"""The op-rule table: what every op type *is*, for every stage.
+
+One entry per ONNX op type says how annotation treats it (a weighted op with a weight slot and a
+channel axis, a data-movement op whose output reuses its input's encoding, an op whose inputs and
+output share one encoding, an elementwise op), how the training lowering treats it (inputs that
+carry no gradient; ops that carry none at all) and how deployment runs it (which integer kernel
+onnxruntime's CPU provider fuses ``DQ -> op -> Q`` into, and whether that kernel accumulates in a
+saturating 16-bit lane on x86 without VNNI). No stage keeps an op list of its own: they ask
+:func:`rule`.
+
+>>> rule("Reshape").kind is OpKind.DATA_MOVEMENT
+True
+>>> rule("Conv").weight.index, rule("Conv").weight.bias
+(1, 2)
+>>> rule("NoSuchOp").kind is OpKind.OTHER
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+from collections.abc import Callable, Mapping
+
+import onnx_ir as ir
+
+__all__ = [
+    "OP_RULES",
+    "OpKind",
+    "OpRule",
+    "WeightSlot",
+    "channel_axis",
+    "is_depthwise",
+    "rule",
+    "saturates_u8s8",
+    "weight_index",
+]
+
+
+class OpKind(enum.Enum):
+    """What an op does to the values flowing through it, as far as quantization cares."""
+
+    WEIGHTED = "weighted"            # Conv, Gemm, MatMul: a constant weight input, integer kernels
+    DATA_MOVEMENT = "data_movement"  # output holds a subset/rearrangement of input 0's values
+    SHARED = "shared"                # Concat: inputs and output on one grid
+    ELEMENTWISE = "elementwise"      # binary arithmetic: integer kernels only with every operand quantized
+    CLAMP = "clamp"                  # Relu, Clip: can be absorbed by the following quantizer's clamp
+    OTHER = "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSlot:
+    """Where a weighted op keeps its constant weight and bias.
+
+    Attributes:
+        index: Input index of the weight (Gemm/MatMul may hold it in input 0 instead).
+        bias: Input index of an additive bias, or None.
+        channel_axis: Output-channel axis of the weight for a rank, or None (see :func:`channel_axis`).
+    """
+
+    index: int
+    bias: int | None
+    channel_axis: Callable[[ir.Node, int, int], int | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+    """Everything the stages need to know about one op type.
+
+    Attributes:
+        op_type: ONNX op type (standard domain).
+        kind: See :class:`OpKind`.
+        reason: Why the op is classified so (shown in placement reasons).
+        weight: Weight and bias slots of a weighted op.
+        integer_kernel: The kernel onnxruntime's CPU provider fuses ``DQ -> op -> Q`` into, or None
+            when the op runs in float between Q/DQ pairs.
+        u8s8_gemm: The integer kernel multiplies uint8 activations by int8 weights through the
+            GEMM path (see :func:`saturates_u8s8`).
+        stop_inputs: Inputs through which no gradient flows (shapes, indices, bounds).
+        no_gradient: The op's outputs carry no gradient at all (comparisons, arg-reductions,
+            rounding): the training lowering does not look through it.
+    """
+
+    op_type: str
+    kind: OpKind
+    reason: str
+    weight: WeightSlot | None = None
+    integer_kernel: str | None = None
+    u8s8_gemm: bool = False
+    stop_inputs: frozenset[int] = frozenset()
+    no_gradient: bool = False
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.as_int())
+
+
+def _conv_axis(node: ir.Node, index: int, rank: int) -> int | None:
+    return 0
+
+
+def _conv_transpose_axis(node: ir.Node, index: int, rank: int) -> int | None:
+    return 1
+
+
+def _gemm_axis(node: ir.Node, index: int, rank: int) -> int | None:
+    if index != 1:
+        return None
+    return 0 if _int_attr(node, "transB", 0) else 1
+
+
+def _matmul_axis(node: ir.Node, index: int, rank: int) -> int | None:
+    return rank - 1 if index == 1 and rank >= 2 else None
+
+
+def _movement(op_type: str, reason: str, stops: frozenset[int] = frozenset()) -> OpRule:
+    return OpRule(op_type, OpKind.DATA_MOVEMENT, reason, stop_inputs=stops)
+
+
+def _elementwise(op_type: str, kernel: str | None = None) -> OpRule:
+    return OpRule(op_type, OpKind.ELEMENTWISE,
+                  "elementwise arithmetic: integer kernels only when every operand is quantized",
+                  integer_kernel=kernel)
+
+
+def _no_grad(op_type: str, reason: str) -> OpRule:
+    return OpRule(op_type, OpKind.OTHER, reason, no_gradient=True)
+
+
+_MOVES = "output holds a rearrangement or subset of input 0's values"
+_STOP_SHAPE = frozenset({1})
+
+_RULES: tuple[OpRule, ...] = (
+    OpRule("Conv", OpKind.WEIGHTED, "convolution with a constant weight",
+           WeightSlot(1, 2, _conv_axis), "QLinearConv", u8s8_gemm=True),
+    OpRule("ConvTranspose", OpKind.WEIGHTED, "transposed convolution with a constant weight",
+           WeightSlot(1, 2, _conv_transpose_axis), None),
+    OpRule("Gemm", OpKind.WEIGHTED, "matrix product with a constant weight",
+           WeightSlot(1, 2, _gemm_axis), "QGemm", u8s8_gemm=True),
+    OpRule("MatMul", OpKind.WEIGHTED, "matrix product (weighted when one operand is constant)",
+           WeightSlot(1, None, _matmul_axis), "QLinearMatMul", u8s8_gemm=True),
+    _movement("Reshape", _MOVES, _STOP_SHAPE),
+    _movement("Flatten", _MOVES),
+    _movement("Transpose", _MOVES),
+    _movement("Squeeze", _MOVES, _STOP_SHAPE),
+    _movement("Unsqueeze", _MOVES, _STOP_SHAPE),
+    _movement("Identity", _MOVES),
+    OpRule("MaxPool", OpKind.DATA_MOVEMENT, "a maximum is one of its inputs' values", integer_kernel="MaxPool"),
+    OpRule("GlobalMaxPool", OpKind.DATA_MOVEMENT, "a maximum is one of its inputs' values"),
+    _movement("Slice", _MOVES, frozenset({1, 2, 3, 4})),
+    _movement("Split", _MOVES, _STOP_SHAPE),
+    _movement("Expand", _MOVES, _STOP_SHAPE),
+    _movement("Tile", _MOVES, _STOP_SHAPE),
+    _movement("DepthToSpace", _MOVES),
+    _movement("SpaceToDepth", _MOVES),
+    _movement("Gather", _MOVES, _STOP_SHAPE),
+    OpRule("Concat", OpKind.SHARED, "inputs and output share one grid", integer_kernel="QLinearConcat"),
+    _elementwise("Add", "QLinearAdd"),
+    _elementwise("Mul", "QLinearMul"),
+    _elementwise("Sub"),
+    _elementwise("Div"),
+    OpRule("Pow", OpKind.ELEMENTWISE, "elementwise power", stop_inputs=frozenset({1})),
+    _elementwise("Max"),
+    _elementwise("Min"),
+    _elementwise("Sum"),
+    _elementwise("Mean"),
+    OpRule("Relu", OpKind.CLAMP, "clamp at 0: absorbed by a quantizer whose grid starts at 0"),
+    OpRule("Clip", OpKind.CLAMP, "clamp: absorbed by a quantizer whose grid lies inside its bounds",
+           stop_inputs=frozenset({1, 2})),
+    OpRule("Sigmoid", OpKind.OTHER, "unary with an integer lookup kernel", integer_kernel="QLinearSigmoid"),
+    OpRule("LeakyRelu", OpKind.OTHER, "unary with an integer lookup kernel", integer_kernel="QLinearLeakyRelu"),
+    OpRule("AveragePool", OpKind.OTHER, "pooling", integer_kernel="QLinearAveragePool"),
+    OpRule("GlobalAveragePool", OpKind.OTHER, "pooling", integer_kernel="QLinearGlobalAveragePool"),
+    OpRule("Softmax", OpKind.OTHER, "softmax", integer_kernel="QLinearSoftmax"),
+    OpRule("Resize", OpKind.OTHER, "resampling", stop_inputs=frozenset({1, 2, 3})),
+    OpRule("BatchNormalization", OpKind.OTHER, "normalization with frozen statistics",
+           stop_inputs=frozenset({3, 4})),
+    OpRule("Where", OpKind.OTHER, "select", integer_kernel="Where", stop_inputs=frozenset({0})),
+    OpRule("Dropout", OpKind.OTHER, "identity at inference", stop_inputs=frozenset({1, 2})),
+    OpRule("GatherElements", OpKind.OTHER, "indexed gather", stop_inputs=_STOP_SHAPE),
+    OpRule("GatherND", OpKind.OTHER, "indexed gather", stop_inputs=_STOP_SHAPE),
+    OpRule("ReduceSum", OpKind.OTHER, "reduction", stop_inputs=_STOP_SHAPE),
+    OpRule("TopK", OpKind.OTHER, "top-k values", stop_inputs=_STOP_SHAPE),
+    OpRule("Range", OpKind.OTHER, "index range", stop_inputs=frozenset({0, 1, 2})),
+    OpRule("ConstantOfShape", OpKind.OTHER, "filled tensor", stop_inputs=frozenset({0})),
+    OpRule("OneHot", OpKind.OTHER, "one-hot encoding", stop_inputs=frozenset({0, 1, 2})),
+    OpRule("SoftmaxCrossEntropyLoss", OpKind.OTHER, "loss", stop_inputs=frozenset({1, 2})),
+    OpRule("FakeQuant", OpKind.OTHER, "fake quantization (com.microsoft)", stop_inputs=frozenset({1, 2})),
+    OpRule("Shape", OpKind.OTHER, "shape of a tensor", no_gradient=True),
+    OpRule("Size", OpKind.OTHER, "size of a tensor", no_gradient=True),
+    *(_no_grad(op, "boolean or index output: no gradient")
+      for op in ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not",
+                 "IsNaN", "IsInf", "NonZero", "ArgMax", "ArgMin")),
+    *(_no_grad(op, "piecewise constant: zero gradient") for op in ("Floor", "Ceil", "Round", "Sign")),
+    *(_no_grad(op, "used only behind a stop-gradient (no gradient builder)") for op in ("ReduceMax", "ReduceMin")),
+)
+
+OP_RULES: Mapping[str, OpRule] = types.MappingProxyType({r.op_type: r for r in _RULES})
+
+_DEFAULT = OpRule("", OpKind.OTHER, "no integer kernel; runs in float")
+
+
+def rule(op_type: str, domain: str = "") -> OpRule:
+    """The rule of an op type; ops outside the standard domain get the default (float) rule."""
+    if domain not in ("", "ai.onnx") and op_type != "FakeQuant":
+        return dataclasses.replace(_DEFAULT, op_type=op_type)
+    found = OP_RULES.get(op_type)
+    return found if found is not None else dataclasses.replace(_DEFAULT, op_type=op_type)
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.producer() is None
+
+
+def weight_index(node: ir.Node) -> int | None:
+    """Index of the constant weight input of a weighted op, or None."""
+    slot = rule(node.op_type, node.domain).weight
+    if slot is None or len(node.inputs) <= slot.index:
+        return None
+    if _is_constant(node.inputs[slot.index]):
+        return slot.index
+    if node.op_type in ("Gemm", "MatMul") and _is_constant(node.inputs[0]) and not _is_constant(node.inputs[1]):
+        return 0
+    return None
+
+
+def channel_axis(node: ir.Node, index: int, rank: int) -> int | None:
+    """Output-channel axis of the weight in input ``index`` (of rank ``rank``), or None."""
+    slot = rule(node.op_type, node.domain).weight
+    return None if slot is None else slot.channel_axis(node, index, rank)
+
+
+def is_depthwise(node: ir.Node) -> bool:
+    """A Conv with one input and one output channel per group (onnxruntime's depthwise kernel)."""
+    if node.op_type != "Conv":
+        return False
+    group = _int_attr(node, "group", 1)
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    shape = weight.shape if weight is not None else None
+    if group == 1 or shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape[:2]):
+        return False
+    return shape[1] == 1 and shape[0] == group
+
+
+def saturates_u8s8(node: ir.Node) -> bool:
+    """True when the node's fused integer kernel is the U8S8 GEMM path.
+
+    On x86 without VNNI that path adds pairs of uint8 x int8 products in a saturating 16-bit lane
+    (``vpmaddubsw``), so two large weights of one sign overflow it. onnxruntime's depthwise
+    convolution kernel widens to 32 bits first and is exact.
+    """
+    r = rule(node.op_type, node.domain)
+    return r.u8s8_gemm and not is_depthwise(node)
