@@ -28,7 +28,9 @@ API (all keyed by the registry key, see ``MODELS``)::
     ort_runner(path) -> run                              # an onnxruntime CPU session as ``run``
     describe(key) -> dict                                # exporter, opset, params, op histogram ...
 
-``python tests/zoo.py table`` prints the models/ZOO.md table (fetching and scoring every model).
+``python tests/zoo.py table`` prints the models/ZOO.md table (fetching and scoring every model);
+``python tests/zoo.py ptq [KEY...]`` runs onnxqat's default 8-bit PTQ on each and prints the
+float-vs-int8 rows of that file.
 """
 
 from __future__ import annotations
@@ -1477,6 +1479,8 @@ def describe(key: str) -> dict:
                     walk(sg)
 
     walk(m.graph)
+    resize_modes = sorted({a.s.decode() for g in _graphs(m.graph) for node in g.node if node.op_type == "Resize"
+                           for a in node.attribute if a.name == "mode"})
 
     def io(v):
         t = v.type.tensor_type
@@ -1491,9 +1495,29 @@ def describe(key: str) -> dict:
         "exporter": zm.exporter, "ir_version": m.ir_version,
         "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import},
         "params": params, "size": path.stat().st_size, "ops": dict(ops.most_common()),
+        "resize_modes": resize_modes,
         "inputs": [io(v) for v in m.graph.input if v.name not in inits],
         "outputs": [io(v) for v in m.graph.output],
     }
+
+
+def _graphs(g):
+    import onnx
+
+    yield g
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+            for sg in a.graphs:
+                yield from _graphs(sg)
+
+
+# ops worth naming in the table: what quantizers, exporters and runtimes tend to trip on
+_NOTABLE = ("If", "Loop", "LSTM", "GRU", "HardSwish", "HardSigmoid", "PRelu", "Erf", "LayerNormalization",
+            "Softmax", "Resize", "ConvTranspose", "BatchNormalization", "MatMul", "Gemm", "Split", "Clip",
+            "Tanh", "Sigmoid", "GlobalAveragePool", "ReduceMean", "Where", "Expand", "Range", "Pad",
+            "DynamicQuantizeLinear", "Constant")
 
 
 def _score(key):
@@ -1504,21 +1528,30 @@ def _score(key):
 
 
 def _table():
-    rows = ["| key | package | exporter (producer) | opset / IR | params | size | notable ops | inputs | "
-            f"task metric | float on our data (n) |", "|" + "---|" * 10]
+    rows = ["| key | package (license) | exporter (producer) | opset / IR | params | size | notable ops | inputs | "
+            "outputs | task metric | float on our data (n) |", "|" + "---|" * 11]
     for key, zm in MODELS.items():
         try:
             d = describe(key)
             s = _score(key)
         except ZooUnavailable as e:
-            rows.append(f"| {key} | {zm.model.package.spec} | unavailable: {e} |" + " |" * 7)
+            rows.append(f"| {key} | {zm.model.package.spec} | unavailable: {e} |" + " |" * 8)
             continue
-        ops = ", ".join(f"{k} {v}" for k, v in list(d["ops"].items())[:8])
-        ins = "; ".join(f"`{n}` {dims}" for n, dims, _ in d["inputs"])
+        ops = ", ".join(f"{k} {v}" for k, v in d["ops"].items() if k in _NOTABLE or k == "Conv")
+        if d["resize_modes"]:
+            ops += f" (Resize: {'/'.join(d['resize_modes'])})"
+        def dims(ds):  # symbolic dims as their name, long generated ones as "?"
+            return "[" + ", ".join(str(x) if isinstance(x, int) or len(x) <= 10 else "?" for x in ds) + "]"
+
+        ins = "; ".join(f"`{n}` {dims(ds)} {t.lower()}" for n, ds, t in d["inputs"])
+        outs = "; ".join(f"`{n}` {dims(ds)}" for n, ds, _ in d["outputs"])
+        if len(d["outputs"]) > 4:
+            outs = f"{len(d['outputs'])} outputs, e.g. `{d['outputs'][0][0]}` {dims(d['outputs'][0][1])}"
         opset = d["opset"].get("ai.onnx", "?")
-        rows.append(f"| {key} | {zm.model.package.spec} | {zm.exporter} (`{d['producer'] or '-'}`) | "
-                    f"{opset} / {d['ir_version']} | {d['params'] / 1e6:.2f} M | {d['size'] / 1e6:.1f} MB | "
-                    f"{ops} | {ins} | {zm.metric} | {s[zm.metric]:.3f} ({zm.n_test}) |")
+        rows.append(f"| {key} | {zm.model.package.spec} ({zm.model.package.license}) | {zm.exporter} "
+                    f"(`{d['producer'] or '-'}`) | {opset} / {d['ir_version']} | {d['params'] / 1e6:.3g} M | "
+                    f"{d['size'] / 1e6:.3g} MB | {ops} | {ins} | {outs} | {zm.metric} ≥ {zm.float_bound} | "
+                    f"{s[zm.metric]:.3f} ({zm.n_test}) |")
     return "\n".join(rows)
 
 
@@ -1532,10 +1565,29 @@ if __name__ == "__main__":
                 print(key, {k: round(v, 4) for k, v in _score(key).items()})
             except ZooUnavailable as e:
                 print(key, "unavailable:", e)
+    elif cmd == "ptq":  # a first look: onnxqat 8-bit per-channel min-max PTQ on 8 calibration samples
+        from onnxqat import QuantizationSimModel
+
+        for key in sys.argv[2:] or MODELS:
+            zm = MODELS[key]
+            try:
+                path = fetch(key)
+                frun = ort_runner(path)
+                calib = make_data(key, 2 if zm.task == "vad" else 8, seed=0, split="calib")
+                test = make_data(key, zm.n_test, seed=0, split="test")
+                sim = QuantizationSimModel(path, per_channel=True)
+                sim.compute_encodings(list(feeds(key, calib, 4, run=frun)), progress=False)
+                fo, qo = predict(key, frun, test), predict(key, sim.run, test)
+            except ZooUnavailable as e:
+                print(key, "unavailable:", e)
+                continue
+            f, q, a = task_metric(key, fo, test), task_metric(key, qo, test), agreement(key, fo, qo, test)
+            print(f"| {key} | {zm.metric} {f[zm.metric]:.3f} | {q[zm.metric]:.3f} | {zm.agree} {a[zm.agree]:.3f} | "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in a.items() if k != zm.agree) + " |", flush=True)
     elif cmd == "describe":
         import json
 
         for key in sys.argv[2:] or MODELS:
             print(json.dumps(describe(key)))
     else:
-        sys.exit(f"usage: python {sys.argv[0]} table|score [KEY...]|describe [KEY...]")
+        sys.exit(f"usage: python {sys.argv[0]} table | score [KEY...] | ptq [KEY...] | describe [KEY...]")
