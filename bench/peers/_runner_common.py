@@ -47,6 +47,18 @@ def input_names(model_path: str) -> list[str]:
     return [i.name for i in m.graph.input if i.name not in inits]
 
 
+def symbolic_negative_dims(model) -> list[str]:
+    """Give graph inputs declared with a negative dim_value (invalid ONNX, e.g. paddle2onnx's -1 batch)
+    a symbolic dim instead, in place; returns the inputs changed."""
+    changed = []
+    for i in model.graph.input:
+        for k, d in enumerate(i.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:
+                d.dim_param = f"{i.name}_dim{k}"
+                changed.append(i.name)
+    return sorted(set(changed))
+
+
 def load_calib(path: str, names: list[str], max_samples: int = 0) -> dict[str, np.ndarray]:
     with np.load(path) as z:
         missing = [n for n in names if n not in z.files]

@@ -12,6 +12,9 @@ batches)`` and for ``adaround`` ``apply_adaround(sim, batches, num_iterations)``
 ``sim.compute_encodings(batches)``; then ``sim.export(OUT, "model")`` (model.onnx + model.data +
 model.encodings, aimet's default encoding version) and ``sim.to_onnx_qdq(prequantize_constants=True)``
 saved as OUT/model_qdq.onnx (int weights + DequantizeLinear; activations as uint8, aimet's default).
+Graph inputs declared with a negative dimension (PaddleOCR's classifier: [-1, 3, ?, ?]) get a
+symbolic dimension instead, or ``to_onnx_qdq`` fails: it makes a dummy input from the declared shape
+(``ValueError: negative dimensions are not allowed``).
 
 ``--per-channel`` picks aimet's ``"default"`` config (default_config_per_channel.json: per-channel
 Conv/ConvTranspose/Gemm/MatMul/PRelu weights); without it, the shipped per-tensor default_config.json.
@@ -74,6 +77,7 @@ def main() -> None:
             result["settings"]["seqmse_candidates"] = args.seqmse_candidates
         with rc.Timer() as t:
             model = onnx.load(args.model)
+            fixed = rc.symbolic_negative_dims(model)
             folded = [] if args.no_bn_fold else fold_all_batch_norms_to_weight(model)[0]
             sim = QuantizationSimModel(
                 model,
@@ -93,6 +97,9 @@ def main() -> None:
             onnx.save(qdq, os.path.join(args.out, "model_qdq.onnx"))
         result["method_seconds"] = round(t.seconds, 3)
         result["bn_folded"] = len(folded)
+        if fixed:
+            result["workaround"] = (f"graph input dims < 0 renamed to symbolic dims ({fixed}): aimet's to_onnx_qdq "
+                                    "builds a dummy input from the declared shape and fails on -1")
         params, acts = sim.get_all_quantizers()
         result["quantizers"] = {"param_enabled": sum(1 for q in params if q.enabled),
                                 "activation_enabled": sum(1 for q in acts if q.enabled)}
