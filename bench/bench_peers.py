@@ -116,6 +116,67 @@ def run_child(cmd: list[str], log: str, timeout: float) -> dict:
             "returncode": proc.returncode}
 
 
+def weight_check(path: str) -> dict:
+    """What the QDQ model really does to the weights of Conv/ConvTranspose/Gemm/MatMul: how many read
+    their weight through DequantizeLinear, how many of those per channel (scale with > 1 element),
+    and the most integer levels any output channel uses (<= 2^bits)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(path)
+    prod = {o: n for n in m.graph.node for o in n.output}
+    vals = {i.name: i for i in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    vals[n.output[0]] = a.t
+
+    def const(name):
+        t = vals.get(name)
+        if t is None and name in prod and prod[name].op_type == "Identity":
+            return const(prod[name].input[0])
+        return None if t is None else numpy_helper.to_array(t)
+
+    ops = [n for n in m.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    total, through_dq, per_channel, levels = 0, 0, 0, 0
+    for n in ops:
+        if len(n.input) < 2:
+            continue
+        dq = prod.get(n.input[1])
+        w_float = const(n.input[1])
+        if dq is None and w_float is None:
+            continue  # activation x activation MatMul
+        total += 1
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        scale = const(dq.input[1])
+        if scale is None:
+            continue
+        through_dq += 1
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        if scale.size > 1:
+            per_channel += 1
+        q = const(dq.input[0])
+        if q is None and dq.input[0] in prod and prod[dq.input[0]].op_type == "QuantizeLinear":
+            qn = prod[dq.input[0]]
+            w, zp = const(qn.input[0]), const(qn.input[2]) if len(qn.input) > 2 else None
+            if w is None:
+                continue
+            info = np.iinfo(zp.dtype) if zp is not None and zp.dtype.kind in "iu" else np.iinfo(np.uint8)
+            shape = [1] * w.ndim
+            if scale.size > 1:
+                shape[axis] = -1
+            zpv = 0 if zp is None else zp.astype(np.float64).reshape(shape)
+            q = np.clip(np.rint(w / scale.reshape(shape)) + zpv, info.min, info.max)
+        if q is None:
+            continue
+        q = np.moveaxis(np.asarray(q, dtype=np.float64), axis if scale.size > 1 else 0, 0).reshape(q.shape[axis if scale.size > 1 else 0], -1)
+        levels = max(levels, max(len(np.unique(row)) for row in q))
+    return {"weights": total, "through_dq": through_dq, "per_channel": per_channel, "max_levels": levels}
+
+
 def tail(path: str, n: int = 400) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -216,6 +277,10 @@ def main(argv: list[str] | None = None) -> None:
                 qdq = os.path.join(out, "model_qdq.onnx")
                 if r.get("status") == "ok" and os.path.exists(qdq):
                     qdqs[tool] = qdq
+                    try:
+                        r["weight_check"] = weight_check(qdq)
+                    except Exception as e:  # noqa: BLE001 - reported in the table
+                        r["weight_check"] = {"error": f"{type(e).__name__}: {e}"}
                 common.progress("peers", f"{key} {setting} {tool}: {r.get('status')} wall {r['wall_s']:.1f}s "
                                          f"rss {r['child_peak_rss_mib']:.0f}MiB {r.get('error', '')}")
             for label, extra in (("deployed", ["--latency-runs", str(args.latency_runs)]), ("reference", ["--no-optimize"])):
@@ -239,7 +304,9 @@ def write_report(args, start, rows, scores, models, settings) -> None:
         "output SQNR vs float, deployed, dB. *method s*: the tool's call (load → QDQ written; onnxqat: whole "
         "CLI process); *wall s*: child process spawn → exit; *peak RSS*: ru_maxrss of that child (os.wait4). "
         "*QDQ KiB*: model_qdq.onnx (ratio to the float file). *ms*: median latency of one batch, deployed, "
-        "interleaved, noisy (shared machine).",
+        "interleaved, noisy (shared machine). *weights q / pc / levels*: of the Conv/Gemm/MatMul weights, how many "
+        "the QDQ model reads through DequantizeLinear / how many of those per channel / the most integer levels "
+        "one channel uses (≤ 256 at W8, ≤ 16 at W4): a tool may not do what its settings ask.",
         "",
     ]
     for key in models:
@@ -254,8 +321,8 @@ def write_report(args, start, rows, scores, models, settings) -> None:
             lines.append(f"float: {f'accuracy {facc:.4f}, ' if facc is not None else ''}{fsize / 1024:.0f} KiB"
                          + (f", {fl:.2f} ms/batch of {dep.get('latency_batch')}" if fl else ""))
             lines.append("")
-            lines.append("| tool | status | agree deployed | agree ref | acc deployed / ref | SQNR dB | method s | wall s | peak RSS MiB | QDQ KiB (ratio) | ms |")
-            lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            lines.append("| tool | status | weights q / pc / levels | agree deployed | agree ref | acc deployed / ref | SQNR dB | method s | wall s | peak RSS MiB | QDQ KiB (ratio) | ms |")
+            lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for r in rows:
                 if (r["model"], r["setting"]) != (key, setting):
                     continue
@@ -270,8 +337,13 @@ def write_report(args, start, rows, scores, models, settings) -> None:
                 acc = "–"
                 if "accuracy" in d or "accuracy" in f:
                     acc = f"{fmt(d.get('accuracy'))} / {fmt(f.get('accuracy'))}"
+                wc = r.get("weight_check") or {}
+                wcs = (f"{wc['through_dq']}/{wc['weights']} / {wc['per_channel']} / {wc['max_levels']}"
+                       if "weights" in wc else ("–" if not wc else wc.get("error", "")[:80]))
+                if r.get("workaround"):
+                    status += " (workaround: " + r["workaround"].split(":")[0] + ")"
                 lines.append(
-                    f"| {r['tool']} | {status} | {fmt(d.get('agreement'))} | {fmt(f.get('agreement'))} | {acc} | "
+                    f"| {r['tool']} | {status} | {wcs} | {fmt(d.get('agreement'))} | {fmt(f.get('agreement'))} | {acc} | "
                     f"{fmt(d.get('sqnr_db'), '.1f')} | {fmt(r.get('method_seconds'), '.2f')} | {r['wall_s']:.1f} | "
                     f"{r['child_peak_rss_mib']:.0f} | "
                     + (f"{size / 1024:.0f} ({size / fsize:.2f})" if size and fsize and r.get("status") == "ok" else "–")

@@ -12,7 +12,10 @@ adds Quark ``extra_options`` (e.g. ``--extra WeightSymmetric=true``). Quark's ON
 no 4-bit integer type for Conv/Gemm weights (its types: QInt8/QUInt8/QInt16/...; int4 only as
 MatMulNBits weight-only blocks), so ``--w-bits 4`` tries onnxruntime's ``QuantType.QInt4`` as
 ``weight_type`` and fails, saying so, when the written weights are not 4-bit. Output:
-OUT/model_qdq.onnx (QDQ); Quark writes no encodings file.
+OUT/model_qdq.onnx (QDQ); Quark writes no encodings file. Per-channel on a model below opset 13
+(PaddleOCR's are opset 11/12) fails in Quark ("Per-Channel support with QDQ format requires onnx
+opset version 13 or above"), so the model is first converted to opset 13 with Quark's own tool
+``quark.onnx.tools.convert_opset_version`` (recorded as ``workaround`` in result.json).
 """
 
 from __future__ import annotations
@@ -76,7 +79,20 @@ def main() -> None:
         }
         out_model = os.path.join(args.out, "model_qdq.onnx")
         with rc.Timer() as t:
-            ModelQuantizer(config).quantize_model(args.model, out_model, Reader())
+            model_in = args.model
+            opset = next((o.version for o in onnx.load(args.model, load_external_data=False).opset_import
+                          if o.domain in ("", "ai.onnx")), 0)
+            if args.per_channel and opset < 13:
+                from quark.onnx.tools.convert_opset_version import convert_opset_version
+
+                model_in = os.path.join(args.out, "_opset13_input.onnx")
+                onnx.save(convert_opset_version(onnx.load(args.model), 13), model_in)
+                result["workaround"] = (f"opset {opset} converted to 13 with quark.onnx.tools.convert_opset_version "
+                                        "first (Quark: 'Per-Channel support with QDQ format requires onnx opset "
+                                        "version 13 or above')")
+            ModelQuantizer(config).quantize_model(model_in, out_model, Reader())
+            if model_in != args.model:
+                os.remove(model_in)
         result["method_seconds"] = round(t.seconds, 3)
         result["qdq"] = rc.qdq_summary(out_model)
         result["encodings"] = None
