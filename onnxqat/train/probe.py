@@ -39,6 +39,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,9 @@ MAX_OPSET = 21
 STATUSES = ("grad", "no_grad_builder", "build_error", "runtime_error", "wrong_grad", "non_differentiable", "unprobed")
 TABLE_PATH = Path(__file__).with_name("gradients.json")
 _TIMEOUT_S = 60.0
+# Test hook: a worker asked to probe this row key kills itself with SIGSEGV (tests pin that a
+# crash is recorded as runtime_error and the next rows still run).
+_CRASH_ENV = "ONNXQAT_PROBE_CRASH_ON"
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
 
 
@@ -135,6 +139,7 @@ def load_gradient_table(path: str | os.PathLike[str] | None = None) -> Mapping[t
     return _load(os.fspath(path or TABLE_PATH))
 
 
+@functools.lru_cache(maxsize=None)
 def _op_version(op_type: str, opset: int) -> int | None:
     import onnx.defs
 
@@ -144,6 +149,7 @@ def _op_version(op_type: str, opset: int) -> int | None:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _attr_default(op_type: str, version: int, name: str) -> Any:
     import onnx
     import onnx.defs
@@ -182,7 +188,8 @@ def row_for(
     The op version in effect at ``opset`` is looked up; if that version was not probed on its
     own, the nearest newer probed version stands for it (older versions are probed separately
     wherever their signature differs), else the nearest older one. Among that version's rows, the
-    one whose ``match`` agrees with ``attrs`` and has the most entries wins. Attributes absent from
+    one whose ``match`` agrees with ``attrs`` and has the most entries wins (among equally specific
+    rows, a failing one: they describe different aspects of the node). Attributes absent from
     ``attrs`` take their schema defaults. ``attrs`` may also hold node facts (:data:`FACTS`):
     ``inputs`` (comma-separated indices of the present inputs), ``outputs`` (number of outputs),
     ``rank`` (of input 0), ``negative_steps`` (Slice: 1 if a step is negative); a row needing a
@@ -191,16 +198,13 @@ def row_for(
     """
     table = load_gradient_table() if table is None else table
     version = _op_version(op_type, opset)
-    if version is None:
+    by_version = _index(table).get(op_type)
+    if version is None or not by_version:
         return None
-    versions = sorted({v for (op, v, _) in table if op == op_type})
-    if not versions:
-        return None
-    newer = [v for v in versions if v >= version]
-    chosen = newer[0] if newer else versions[-1]
+    newer = [v for v in by_version if v >= version]
+    rows = by_version[newer[0] if newer else max(by_version)]
     described = {k: _plain(v) for k, v in (attrs or {}).items()}
-    rows = [row for (op, v, _), row in sorted(table.items()) if op == op_type and v == chosen]
-    best: GradientRow | None = None
+    matching: list[GradientRow] = []
     for row in rows:
         ok = True
         for key, want in row.match.items():
@@ -212,11 +216,30 @@ def row_for(
                 ok = ok and bool(np.float32(have) == np.float32(want))
             else:
                 ok = ok and _plain(have) == want
-        if ok and (best is None or len(row.match) > len(best.match)):
-            best = row
-    if best is None and len({r.status for r in rows}) == 1:
-        best = rows[0]
-    return best
+        if ok:
+            matching.append(row)
+    if not matching:
+        return rows[0] if len({r.status for r in rows}) == 1 else None
+    most = max(len(r.match) for r in matching)
+    specific = [r for r in matching if len(r.match) == most]
+    # equally specific rows that disagree: the failing one (a needless rewrite is harmless)
+    return next((r for r in specific if r.status != "grad"), specific[0])
+
+
+_INDEXES: dict[int, tuple[Mapping[tuple[str, int, str], GradientRow], dict[str, dict[int, list[GradientRow]]]]] = {}
+
+
+def _index(table: Mapping[tuple[str, int, str], GradientRow]) -> dict[str, dict[int, list[GradientRow]]]:
+    """``op -> version -> rows`` (sorted by variant), built once per table object."""
+    cached = _INDEXES.get(id(table))
+    if cached is not None and cached[0] is table:
+        return cached[1]
+    index: dict[str, dict[int, list[GradientRow]]] = {}
+    for (op, version, _), row in sorted(table.items()):
+        index.setdefault(op, {}).setdefault(version, []).append(row)
+    index = {op: dict(sorted(versions.items())) for op, versions in index.items()}
+    _INDEXES[id(table)] = (table, index)
+    return index
 
 
 def has_gradient(
@@ -599,6 +622,14 @@ def _cases() -> list[Case]:
     add(Case("AveragePool", 19, "ceil_mode,strides=2", (x4,), {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1},
              match={"ceil_mode": 1}))
     add(Case("AveragePool", 11, "", (x4,), {"kernel_shape": [3, 3]}))
+    add(Case("AveragePool", 11, "auto_pad=SAME_UPPER", (x4,), {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER"},
+             match={"auto_pad": "SAME_UPPER"}))
+    add(Case("AveragePool", 11, "auto_pad=SAME_LOWER", (x4,), {"kernel_shape": [2, 2], "auto_pad": "SAME_LOWER"},
+             match={"auto_pad": "SAME_LOWER"}))
+    add(Case("AveragePool", 19, "auto_pad=SAME_LOWER", (x4,), {"kernel_shape": [2, 2], "auto_pad": "SAME_LOWER"},
+             match={"auto_pad": "SAME_LOWER"}))
+    add(Case("MaxPool", 12, "auto_pad=SAME_LOWER", (g4,), {"kernel_shape": [2, 2], "auto_pad": "SAME_LOWER"},
+             match={"auto_pad": "SAME_LOWER"}))
     add(Case("MaxPool", 12, "", (g4,), {"kernel_shape": [2, 2], "strides": [2, 2]}))
     add(Case("MaxPool", 12, "pads,dilations", (g4,), {"kernel_shape": [2, 2], "pads": [1, 1, 1, 1], "dilations": [2, 2]},
              match={"dilations": (2, 2)}))
@@ -1046,6 +1077,8 @@ def _worker() -> None:
         key = line.strip()
         if not key:
             continue
+        if key == os.environ.get(_CRASH_ENV):
+            os.kill(os.getpid(), signal.SIGSEGV)
         row = probe_case(by_key[key])
         protocol.write(json.dumps(row.to_json()) + "\n")
 
