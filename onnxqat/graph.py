@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 __all__ = [
     "FLOAT_TYPES",
     "NameScope",
     "all_graphs",
+    "call_with_light_proto",
     "const_array",
     "is_constant",
     "is_float",
@@ -19,6 +22,11 @@ __all__ = [
     "remove_dead_nodes",
     "values_by_name",
 ]
+
+_R = TypeVar("_R")
+
+# Initializers above this many bytes are left out of the protobuf handed to onnx's C API.
+_LIGHT_PROTO_TENSOR_BYTES = 1000
 
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -62,6 +70,9 @@ class NameScope:
 
     def __init__(self, model: ir.Model) -> None:
         self._taken: set[str] = set()
+        # Per base, the suffix to try first: names are only ever added to ``_taken``, so the first
+        # free ``base_<i>`` never moves back and repeated bases cost O(1) each, not O(calls).
+        self._next: dict[str, int] = {}
         for graph in all_graphs(model.graph):
             self._taken.update(v.name for v in graph.inputs if v.name)
             self._taken.update(graph.initializers)
@@ -72,10 +83,13 @@ class NameScope:
                 self._taken.update(v.name for v in node.inputs if v is not None and v.name)
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
+        """``base`` if free, else the first free ``base_<i>`` (i = 1, 2, ...); reserved from now on."""
+        i = self._next.get(base, 0)
+        name = base if i == 0 else f"{base}_{i}"
         while name in self._taken:
-            name = f"{base}_{i}"
             i += 1
+            name = f"{base}_{i}"
+        self._next[base] = i
         self._taken.add(name)
         return name
 
@@ -135,3 +149,39 @@ def remove_dead_nodes(graph: ir.Graph) -> None:
     used |= {v.name for v in graph.outputs}
     for name in [n for n in graph.initializers if n not in used]:
         graph.initializers.pop(name)
+
+
+def call_with_light_proto(func: Callable[[onnx.ModelProto], _R], model: ir.Model) -> _R:
+    """``func`` of the model's protobuf with initializers turned into typed graph inputs and the
+    data of those over 1 kB left out (what onnx's shape inference and version converter need).
+
+    The model is unchanged afterwards except that initializers without a shape or dtype get the
+    ones of their tensor, and initializers that were left out move to the end of the initializer
+    order (as with onnx-ir's ``call_onnx_api``, which this replaces: it checks membership in the
+    graph inputs list once per initializer, quadratic for models with many weights).
+    """
+    graph = model.graph
+    initializers = list(graph.initializers.values())
+    tensors = [v.const_value for v in initializers]
+    inputs = list(graph.inputs)
+    listed = {id(v) for v in inputs}
+    for value, tensor in zip(initializers, tensors):
+        if tensor is not None:
+            if value.shape is None:
+                value.shape = tensor.shape  # type: ignore[assignment]
+            if value.dtype is None:
+                value.dtype = tensor.dtype
+        if id(value) not in listed:
+            graph.inputs.append(value)
+        if tensor is None or tensor.nbytes > _LIGHT_PROTO_TENSOR_BYTES:
+            value.const_value = None
+            graph.initializers.pop(value.name)  # type: ignore[arg-type]
+    try:
+        return func(ir.serde.serialize_model(model))
+    finally:
+        for value, tensor in zip(initializers, tensors):
+            value.const_value = tensor
+            if value.name not in graph.initializers:
+                graph.initializers.add(value)
+        graph.inputs.clear()
+        graph.inputs.extend(inputs)

@@ -17,14 +17,12 @@ from onnx_ir.passes.common import (
     LiftConstantsToInitializersPass,
     NameFixPass,
     RemoveInitializersFromInputsPass,
-    ShapeInferencePass,
 )
-from onnx_ir.passes.common._c_api_utils import call_onnx_api
 
 from onnxqat.errors import ModelError
-from onnxqat.graph import opset_version
+from onnxqat.graph import call_with_light_proto, opset_version
 from onnxqat.passes.fold_constants import FoldWeightChainsPass
-from onnxqat.passes.infer_types import InferTypesWithOnnxruntimePass
+from onnxqat.passes.infer_types import InferShapesPass, InferTypesWithOnnxruntimePass
 
 __all__ = ["MIN_OPSET", "UpgradeOpsetPass", "canonical_passes"]
 
@@ -44,7 +42,7 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
             return ir.passes.PassResult(model.clone(), modified=False)
         tensors = {name: v.const_value for name, v in model.graph.initializers.items()}
         try:
-            converted = call_onnx_api(
+            converted = call_with_light_proto(
                 lambda proto: onnx.version_converter.convert_version(proto, self.target), model
             )
         except Exception as e:  # the converter raises bare RuntimeErrors and more
@@ -73,7 +71,7 @@ def canonical_passes() -> ir.passes.PassManager:
             NameFixPass(),
             UpgradeOpsetPass(MIN_OPSET),
             FoldWeightChainsPass(),
-            ShapeInferencePass(strict_mode=False),
+            InferShapesPass(strict_mode=False),
             InferTypesWithOnnxruntimePass(),
         ]
     )

@@ -1,20 +1,29 @@
-"""Fill in element types onnx's shape inference could not find, by asking onnxruntime.
+"""Shapes and element types of every value: onnx's shape inference, then onnxruntime for the rest.
+
+:class:`InferShapesPass` runs onnx's shape inference and merges what it found into the model
+(onnx-ir's ``ShapeInferencePass``, in time linear in the model size).
 
 onnx infers nothing past an op it has no schema for (contrib ops such as ``com.microsoft::Gelu``,
 custom domains onnxruntime knows), and a value without a dtype is never quantized. onnxruntime
-knows its own contrib ops: a session with those values as extra outputs reports their types.
-Nothing is run; only the session's output metadata is read.
+knows its own contrib ops: :class:`InferTypesWithOnnxruntimePass` builds a session with those
+values as extra outputs and reads their types. Nothing is run; only the session's output metadata
+is read.
 """
 
 from __future__ import annotations
 
+import logging
+
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxqat.graph import values_by_name
+from onnxqat.graph import call_with_light_proto, values_by_name
 from onnxqat.runtime import PROTO_LIMIT, model_bytes_size
 
-__all__ = ["InferTypesWithOnnxruntimePass"]
+__all__ = ["InferShapesPass", "InferTypesWithOnnxruntimePass"]
+
+logger = logging.getLogger(__name__)
 
 _ORT_TYPES = {
     "tensor(float)": ir.DataType.FLOAT, "tensor(float16)": ir.DataType.FLOAT16,
@@ -24,6 +33,54 @@ _ORT_TYPES = {
     "tensor(bool)": ir.DataType.BOOL, "tensor(int16)": ir.DataType.INT16,
     "tensor(uint16)": ir.DataType.UINT16, "tensor(string)": ir.DataType.STRING,
 }
+
+
+class InferShapesPass(ir.passes.InPlacePass):
+    """Set the shapes and dtypes onnx's shape inference finds (leaves the model as it is if
+    inference fails).
+
+    Args:
+        check_type, strict_mode, data_prop: As for ``onnx.shape_inference.infer_shapes``.
+    """
+
+    def __init__(self, *, check_type: bool = True, strict_mode: bool = False, data_prop: bool = True) -> None:
+        super().__init__()
+        self.check_type = check_type
+        self.strict_mode = strict_mode
+        self.data_prop = data_prop
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+            return onnx.shape_inference.infer_shapes(
+                proto, check_type=self.check_type, strict_mode=self.strict_mode, data_prop=self.data_prop
+            )
+
+        try:
+            inferred = call_with_light_proto(infer, model)
+        except Exception as e:  # onnx raises several error types; the model stays as it is
+            logger.warning("Shape inference failed: %s. Model is left unchanged", e)
+            return ir.passes.PassResult(model, False)
+        return ir.passes.PassResult(model, _merge_inferred(model, ir.serde.deserialize_model(inferred)))
+
+
+def _merge_inferred(model: ir.Model, inferred: ir.Model) -> bool:
+    """Copy every known shape and dtype of ``inferred`` onto the same-named values of ``model``,
+    graph by graph (subgraphs included)."""
+    modified = False
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs()):
+        found = ir.convenience.create_value_mapping(inferred_graph)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            source = found.get(name)
+            if source is None:
+                logger.warning("Value %s not found in inferred graph %s", name, inferred_graph.name)
+                continue
+            if source.shape is not None and value.shape != source.shape:
+                value.shape = source.shape
+                modified = True
+            if source.dtype is not None and value.dtype != source.dtype:
+                value.dtype = source.dtype
+                modified = True
+    return modified
 
 
 class InferTypesWithOnnxruntimePass(ir.passes.InPlacePass):
