@@ -13,6 +13,7 @@ __all__ = [
     "FLOAT_TYPES",
     "NameScope",
     "all_graphs",
+    "array_tensor",
     "call_with_light_proto",
     "const_array",
     "is_constant",
@@ -106,11 +107,19 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
+def array_tensor(array: np.ndarray, name: str | None = None) -> ir.TensorProtocol:
+    """``ir.tensor(array, name=name)``, without its isinstance checks against runtime-checkable
+    protocols for numpy arrays (they cost ~10x the tensor itself, per initializer)."""
+    if type(array) is np.ndarray:
+        return ir.Tensor(array, name=name)
+    return ir.tensor(array, name=name)
+
+
 def make_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer holding ``array`` (name must be fresh)."""
     value = ir.Value(
         name=name,
-        const_value=ir.tensor(array, name=name),
+        const_value=array_tensor(array, name=name),
         shape=ir.Shape(array.shape),
         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
     )

@@ -20,6 +20,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxqat.errors import ModelError, OutputError
+from onnxqat.graph import array_tensor
 from onnxqat.runtime import PROTO_LIMIT, model_bytes_size, save_with_external_data
 
 __all__ = ["MAX_IR_VERSION", "MAX_OPSET", "load_model", "save_model", "staged_outputs", "write_text_atomic"]
@@ -98,7 +99,7 @@ def _materialize(model: ir.Model) -> None:
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor):
-            value.const_value = ir.tensor(np.array(tensor.numpy()), name=name)
+            value.const_value = array_tensor(np.array(tensor.numpy()), name=name)
 
 
 def _convert_down(proto: onnx.ModelProto, path: str, opset: int) -> ir.Model:
@@ -136,18 +137,23 @@ def save_model(model: ir.Model, path: str) -> list[str]:
     Inferred types of intermediate values (value_info) are not written: they are derivable and
     would only add bytes to the file. Returns the files written.
     """
-    model = model.clone()
-    for node in model.graph:
-        for value in node.outputs:
-            if not value.is_graph_output():
-                value.shape = None
-                value.type = None
-    if model_bytes_size(model) >= PROTO_LIMIT:
-        data_name = os.path.basename(path) + ".data"
-        save_with_external_data(model, path, data_name)
-        return [path, os.path.join(os.path.dirname(path), data_name)]
-    ir.save(model, path)
-    return [path]
+    # Strip the types while saving and put them back after: the same file as saving a stripped
+    # clone, without copying the whole graph.
+    stripped = [(v, v.type, v.shape) for node in model.graph for v in node.outputs if not v.is_graph_output()]
+    try:
+        for value, _, _ in stripped:
+            value.shape = None
+            value.type = None
+        if model_bytes_size(model) >= PROTO_LIMIT:
+            data_name = os.path.basename(path) + ".data"
+            save_with_external_data(model, path, data_name)
+            return [path, os.path.join(os.path.dirname(path), data_name)]
+        ir.save(model, path)
+        return [path]
+    finally:
+        for value, type_, shape in stripped:
+            value.type = type_
+            value.shape = shape
 
 
 class _Stage:

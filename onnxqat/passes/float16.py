@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope
+from onnxqat.graph import NameScope, array_tensor
 
 __all__ = ["DECLARED_DTYPE", "Float16Record", "Float16ToFloat32Pass", "cast_interface", "restore_float16"]
 
@@ -37,6 +37,13 @@ def _is_half(value: ir.Value) -> bool:
     return value.dtype == ir.DataType.FLOAT16
 
 
+def _set_dtype(value: ir.Value, dtype: ir.DataType) -> None:
+    """Give ``value`` a new tensor type of ``dtype``. Never ``value.dtype = ...``: that mutates
+    the type object, which ``clone()`` shares between a model and its copies."""
+    old = value.type
+    value.type = ir.TensorType(dtype, denotation=old.denotation if isinstance(old, ir.TensorType) else None)
+
+
 class Float16ToFloat32Pass(ir.passes.InPlacePass):
     def __init__(self) -> None:
         super().__init__()
@@ -47,17 +54,17 @@ class Float16ToFloat32Pass(ir.passes.InPlacePass):
         for value in graph.inputs:
             if _is_half(value):
                 value.meta[DECLARED_DTYPE] = ir.DataType.FLOAT16
-                value.dtype = ir.DataType.FLOAT
+                _set_dtype(value, ir.DataType.FLOAT)
                 self.record.inputs.add(value.name)  # type: ignore[arg-type]
         for value in graph.outputs:
             if _is_half(value):
-                value.dtype = ir.DataType.FLOAT
+                _set_dtype(value, ir.DataType.FLOAT)
                 self.record.outputs.add(value.name)  # type: ignore[arg-type]
         for name, value in graph.initializers.items():
             tensor = value.const_value
             if tensor is not None and tensor.dtype == ir.DataType.FLOAT16:
-                value.const_value = ir.tensor(tensor.numpy().astype(np.float32), name=name)
-                value.dtype = ir.DataType.FLOAT
+                value.const_value = array_tensor(tensor.numpy().astype(np.float32), name=name)
+                _set_dtype(value, ir.DataType.FLOAT)
                 self.record.initializers.add(name)
         for node in graph:
             to = node.attributes.get("to")
@@ -66,7 +73,7 @@ class Float16ToFloat32Pass(ir.passes.InPlacePass):
                 self.record.casts.add(node.name)  # type: ignore[arg-type]
             for out in node.outputs:
                 if _is_half(out):
-                    out.dtype = ir.DataType.FLOAT
+                    _set_dtype(out, ir.DataType.FLOAT)
         return ir.passes.PassResult(model, bool(self.record))
 
 
@@ -76,12 +83,12 @@ def restore_float16(model: ir.Model, record: Float16Record) -> ir.Model:
     graph = model.graph
     for value in [*graph.inputs, *graph.outputs]:
         if value.name in record.inputs | record.outputs:
-            value.dtype = ir.DataType.FLOAT16
+            _set_dtype(value, ir.DataType.FLOAT16)
     for name in record.initializers & set(graph.initializers):
         value = graph.initializers[name]
         assert value.const_value is not None
-        value.const_value = ir.tensor(value.const_value.numpy().astype(np.float16), name=name)
-        value.dtype = ir.DataType.FLOAT16
+        value.const_value = array_tensor(value.const_value.numpy().astype(np.float16), name=name)
+        _set_dtype(value, ir.DataType.FLOAT16)
     for node in graph:
         if node.name in record.casts:
             node.attributes["to"] = ir.AttrInt64("to", int(ir.DataType.FLOAT16))
@@ -107,7 +114,7 @@ def cast_interface(model: ir.Model, record: Float16Record) -> ir.Model:
         graph.append(cast)
         for use in users:
             use.node.replace_input_with(use.idx, cast.outputs[0])
-        value.dtype = ir.DataType.FLOAT16
+        _set_dtype(value, ir.DataType.FLOAT16)
     for i, value in enumerate(list(graph.outputs)):
         if value.name not in record.outputs:
             continue
@@ -117,7 +124,7 @@ def cast_interface(model: ir.Model, record: Float16Record) -> ir.Model:
                        name=names.fresh(f"{name}_to_float16"), num_outputs=1)
         out = cast.outputs[0]
         out.name = name
-        out.dtype = ir.DataType.FLOAT16
+        _set_dtype(out, ir.DataType.FLOAT16)
         out.shape = value.shape
         graph.append(cast)
         graph.outputs[i] = out
