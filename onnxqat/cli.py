@@ -17,8 +17,22 @@ import sys
 from collections.abc import Sequence
 
 from onnxqat.errors import OnnxQatError
+from onnxqat.train.options import TrainOptions
+
+TRAIN_DEFAULTS = TrainOptions()
 
 __all__ = ["build_parser", "main"]
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default, unless it has none or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == argparse.SUPPRESS or default == []:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,13 +42,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _add_sim_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--param-bw", type=int, default=8, help="weight bitwidth, 4-16 (default 8)")
-    p.add_argument("--activation-bw", type=int, default=8, help="activation bitwidth, 4-16 (default 8)")
+def _add_sim_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    p.add_argument("--param-bw", type=int, default=8, help="weight bitwidth, 4-16")
+    p.add_argument("--activation-bw", type=int, default=8, help="activation bitwidth, 4-16")
     p.add_argument("--per-channel", action="store_true", help="per-channel weight quantization")
     p.add_argument(
         "--scheme", choices=["minmax", "percentile", "sqnr"], default="minmax",
-        help="activation calibration scheme (default minmax)",
+        help="activation calibration scheme",
     )
     p.add_argument(
         "--config", default=None,
@@ -43,7 +57,7 @@ def _add_sim_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["x86-avx2", "x86-vnni", "arm64", "htp"], default=None,
                    help="deployment target whose integer arithmetic the model must be exact on "
                         "(default: detected from this machine)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size for running the data")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="batch size for running the data")
     p.add_argument("--report", default=None,
                    help="write a JSON report: every quantizer, and why each float tensor left float stays float")
 
@@ -51,6 +65,12 @@ def _add_sim_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxqat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: object) -> argparse.ArgumentParser:
+        return _add(name, formatter_class=_Help, **kw)  # type: ignore[arg-type]
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     q = sub.add_parser("quantize", help="simulate + calibrate + export (PTQ)")
     q.add_argument("model", help="float ONNX model")
@@ -64,22 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model", help="float ONNX model")
     t.add_argument("--data", required=True, help="training npz: model inputs (+ labels / targets)")
     t.add_argument("--calib", required=True, help="calibration npz: one array per model input")
-    t.add_argument("--output-dir", required=True)
-    _add_sim_options(t)
-    t.add_argument("--loss", choices=["cross_entropy", "mse", "distill"], default="cross_entropy")
-    t.add_argument("--label-key", default="label")
+    t.add_argument("--output-dir", required=True, help="where model.onnx, model.encodings, model_qdq.onnx go")
+    _add_sim_options(t, batch_size=32)
+    t.add_argument("--loss", choices=["cross_entropy", "mse", "distill"], default="cross_entropy",
+                   help="cross_entropy on labels, mse on targets, or distill (match the float model, no labels)")
+    t.add_argument("--label-key", default="label", help="label array (class indices) in the npz files")
     t.add_argument("--target-key", default="target", help="target array for the mse loss")
     t.add_argument("--output-index", type=int, default=0, help="model output the loss reads")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    t.add_argument("--range-learning", action="store_true", help="train activation scales/offsets")
-    t.add_argument("--eval", default=None, help="npz with inputs and labels, scored after calibration and each epoch")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="epochs; default: enough for about 300 optimizer steps (1 to 20)")
+    t.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.lr, help="learning rate")
+    t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer")
+    t.add_argument("--range-learning", action="store_true", help="train activation scales/offsets (LSQ)")
+    t.add_argument("--freeze", action="append", default=[], metavar="NAME",
+                   help="initializer or node whose parameters stay fixed (repeatable)")
+    t.add_argument("--train-last-n", type=int, default=None, help="train only the last N layers with weights")
+    t.add_argument("--eval", default=None,
+                   help="npz scored after calibration and each epoch: agreement with the float model "
+                        "(top-1, SQNR), and accuracy when it holds labels")
     t.add_argument("--checkpoint-dir", default=None, help="write a checkpoint every epoch; resume from it")
     t.add_argument("--max-samples", type=int, default=None, help="use only the first N training samples")
     t.add_argument("--seed", type=int, default=0, help="shuffling seed")
-    t.add_argument("--encoding-version", choices=["1.0.0", "0.6.1"], default="1.0.0")
-    t.add_argument("--prefix", default="model")
+    t.add_argument("--encoding-version", choices=["1.0.0", "0.6.1"], default="1.0.0", help="encodings format")
+    t.add_argument("--prefix", default="model", help="file name prefix of the outputs")
 
     a = sub.add_parser("analyze", help="per-quantizer SQNR, per-layer sensitivity, histograms: HTML + JSON report")
     a.add_argument("model")
@@ -145,27 +172,38 @@ def _quantize(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from onnxqat.data import NpzBatches, input_signature, load_model_inputs
     from onnxqat.errors import ConfigError
-    from onnxqat.evaluate import accuracy
+    from onnxqat.train.options import default_epochs
 
-    if args.max_samples is not None and args.max_samples < 1:
-        raise ConfigError(f"--max-samples must be >= 1, got {args.max_samples}")
+    for name in ("max_samples", "epochs", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     sim = _calibrated_sim(args, args.calib)
     signature = input_signature(sim.float_model)
     extra = {"cross_entropy": [args.label_key], "mse": [args.target_key], "distill": []}[args.loss]
     train = load_model_inputs(args.data, signature, extra)
     batches = NpzBatches(train, args.batch_size, shuffle=True, seed=args.seed, limit=args.max_samples)
+    epochs = args.epochs
+    if epochs is None:
+        epochs = default_epochs(len(batches))
+        print(f"epochs: {epochs} ({len(batches)} steps per epoch at batch size {args.batch_size}; --epochs to change)")
     evaluation = None
-    if args.eval is not None:
-        evaluation = NpzBatches(load_model_inputs(args.eval, signature, [args.label_key]), 256)
-        acc, n = accuracy(sim.run, evaluation, label_key=args.label_key, output_index=args.output_index)
-        print(f"calibrated (PTQ) eval_accuracy={acc:.4f} n={n}")
     with sim.trainer(
         loss=args.loss, optimizer=args.optimizer, lr=args.lr, range_learning=args.range_learning,
         output_index=args.output_index, label_key=args.label_key, target_key=args.target_key,
+        freeze=tuple(args.freeze), train_last_n=args.train_last_n,
     ) as trainer:
-        trainer.fit(batches, epochs=args.epochs, eval_batches=evaluation, checkpoint_dir=args.checkpoint_dir,
+        if args.eval is not None:
+            evaluation = list(NpzBatches(load_model_inputs(args.eval, signature, optional_keys=[args.label_key]), 256))
+            print("calibrated (PTQ) " + _metrics_line(trainer.evaluate(evaluation)), flush=True)
+        trainer.fit(batches, epochs=epochs, eval_batches=evaluation, checkpoint_dir=args.checkpoint_dir,
                     on_epoch=lambda stats: print(stats.line(), flush=True))
     _export(sim, args)
+
+
+def _metrics_line(metrics: dict[str, float]) -> str:
+    names = {"accuracy": "eval_accuracy", "top1_agreement": "eval_agreement", "sqnr_db": "eval_sqnr_db"}
+    return " ".join(f"{names.get(k, k)}={v:.4f}" for k, v in metrics.items())
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -221,8 +259,16 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.output_dir, models=args.models, epochs=args.epochs)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: object = None, line: str | None = None) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
+    warnings.showwarning = _one_line_warning
     handlers = {"quantize": _quantize, "train": _train, "eval": _eval, "analyze": _analyze, "demo": _demo}
     try:
         handlers[args.command](args)

@@ -113,8 +113,9 @@ def validate_feed(
     return out
 
 
-def load_npz(path: str | os.PathLike[str], keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Load ``keys`` from an npz file: one array per key, first axis = samples.
+def load_npz(path: str | os.PathLike[str], keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Load ``keys`` (and those of ``optional`` that are present) from an npz file: one array per
+    key, first axis = samples.
 
     Raises :class:`DataError` for unreadable files, missing keys, empty or mismatched sample counts.
     """
@@ -129,7 +130,7 @@ def load_npz(path: str | os.PathLike[str], keys: Sequence[str]) -> dict[str, np.
                 raise DataError(
                     f"{path}: missing key(s) {missing}; the file holds {sorted(f.files) or 'nothing'}"
                 )
-            arrays = {k: f[k] for k in keys}
+            arrays = {k: f[k] for k in [*keys, *(o for o in optional if o in f.files and o not in keys)]}
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
@@ -146,13 +147,17 @@ def load_npz(path: str | os.PathLike[str], keys: Sequence[str]) -> dict[str, np.
 
 
 def load_model_inputs(
-    path: str | os.PathLike[str], signature: Sequence[InputSpec], extra_keys: Sequence[str] = ()
+    path: str | os.PathLike[str], signature: Sequence[InputSpec], extra_keys: Sequence[str] = (),
+    optional_keys: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
-    """Load one array per model input (plus ``extra_keys``, e.g. labels) and validate them all.
+    """Load one array per model input (plus ``extra_keys``, e.g. labels, and ``optional_keys``
+    where present) and validate them all.
 
     Errors name the file and the input: missing keys, dtype, shape, NaN/Inf, empty arrays.
     """
-    arrays = load_npz(path, [s.name for s in signature] + [k for k in extra_keys if k not in {s.name for s in signature}])
+    names = {s.name for s in signature}
+    arrays = load_npz(path, [s.name for s in signature] + [k for k in extra_keys if k not in names],
+                      optional=[k for k in optional_keys if k not in names])
     validate_feed(arrays, signature, where=os.fspath(path))
     return arrays
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from onnxqat.data import count_batches
 from onnxqat.errors import DataError
 
-__all__ = ["accuracy", "check_labels"]
+__all__ = ["accuracy", "agreement", "check_labels", "sqnr_db"]
 
 RunFn = Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
 
@@ -64,3 +64,50 @@ def accuracy(
     if total == 0:
         raise DataError("no samples to evaluate")
     return correct / total, total
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (capped at 120 for exact matches)."""
+    signal = float(np.mean(np.square(reference, dtype=np.float64)))
+    noise = float(np.mean(np.square(reference.astype(np.float64) - test.astype(np.float64))))
+    if noise <= signal * 1e-12:
+        return 120.0
+    return float(10.0 * np.log10(max(signal, 1e-30) / noise))
+
+
+def agreement(
+    reference: RunFn,
+    run: RunFn,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    output_index: int = 0,
+    progress: bool | None = None,
+    desc: str = "comparing",
+) -> dict[str, float]:
+    """How closely ``run`` follows ``reference`` (e.g. the float model) on one output.
+
+    Returns ``sqnr_db`` (over all batches), ``top1_agreement`` (argmax over the last axis agrees;
+    only for outputs with a class axis of 2 or more) and ``n`` (samples).
+    """
+    from onnxqat.progress import Progress
+
+    signal = noise = 0.0
+    agree = total = 0
+    classes = True
+    for batch in Progress(batches, total=count_batches(batches), desc=desc, enabled=progress):
+        ref = np.asarray(reference(batch)[output_index], dtype=np.float64)
+        out = np.asarray(run(batch)[output_index], dtype=np.float64)
+        if ref.shape != out.shape:
+            raise DataError(f"output {output_index}: shapes {list(ref.shape)} and {list(out.shape)} differ")
+        signal += float(np.sum(ref * ref))
+        noise += float(np.sum((ref - out) ** 2))
+        if ref.ndim >= 1 and ref.shape[-1] >= 2:
+            agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+            total += int(np.prod(ref.shape[:-1]))
+        else:
+            classes = False
+    result = {"sqnr_db": 120.0 if noise <= signal * 1e-12 else float(10 * np.log10(max(signal, 1e-30) / max(noise, 1e-300)))}
+    if classes and total:
+        result["top1_agreement"] = agree / total
+    result["n"] = float(total)
+    return result

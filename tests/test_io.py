@@ -137,7 +137,7 @@ def test_export_failure_keeps_earlier_outputs(tmp_path, tiny_model_path, monkeyp
     out = tmp_path / "out"
     sim.export(out)
     before = {p: (out / p).read_bytes() for p in os.listdir(out)}
-    import onnxqat.sim as sim_module
+    import onnxqat.pipeline as sim_module
 
     original = sim_module.save_model
 

@@ -164,7 +164,12 @@ def test_insert_then_strip_gives_back_the_float_model(case):
     (ref,) = run_onnx(ir.to_proto(reference), data[0])
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     (original,) = run_onnx(model, data[0])
-    np.testing.assert_allclose(got, original, rtol=1e-3, atol=1e-3 if scales else 1e-5)
+    if not scales:
+        np.testing.assert_allclose(got, original, rtol=1e-5, atol=1e-5)
+    else:  # rounded biases move the output by a small fraction of one step of its quantizer
+        out = sim.plan.activation_of(sim.output_names[0])
+        lsb = float(sim.encodings[out.name].scale) if out is not None else 1e-3
+        assert np.abs(got - original).max() <= 0.25 * lsb + 1e-5
 
 
 @SETTINGS

@@ -120,9 +120,7 @@ def test_range_learning_write_back_moves_encodings_and_matches_training_graph():
     after = sim.encodings["y"]
     assert float(after.scale) != float(before.scale)
     # the trained graph's prediction (float semantics) equals the sim's QDQ graph evaluated op by op
-    trainer._module.eval()
-    inputs, _ = trainer._feed({"x": x, "t": target}, 0)
-    _, prediction = trainer._module(*inputs)
+    prediction = trainer.predict({"x": x, "t": target})
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     (plain,) = ort.InferenceSession(sim.model.SerializeToString(), so).run(None, {"x": x})
@@ -143,10 +141,7 @@ def test_bias_and_relu_lowering_equal_the_simulation():
     trainer = sim.trainer(loss="mse", target_key="t")
     ops = [n.op_type for n in trainer.graph.model.graph]
     assert "Relu" not in ops  # implied by the output quantizer's clamp at 0
-    trainer._open(trainer._path("checkpoint"))
-    trainer._module.eval()
-    inputs, _ = trainer._feed({"x": x, "t": np.zeros((4, 3, 5, 5), f32)}, 0)
-    _, prediction = trainer._module(*inputs)
+    prediction = trainer.predict({"x": x, "t": np.zeros((4, 3, 5, 5), f32)})
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     (plain,) = ort.InferenceSession(sim.model.SerializeToString(), so).run(None, {"x": x})

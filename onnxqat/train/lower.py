@@ -31,10 +31,11 @@ from onnxqat import ops
 from onnxqat.plan import ActivationQuantizer, ParamQuantizer, QuantPlan
 from onnxqat.qparams import MIN_SCALE, Encoding
 from onnxqat.train.builder import CONTRIB, Builder
+from onnxqat.train.decompose import DecomposeForTrainingPass
+from onnxqat.train.options import Loss
 
-__all__ = ["LOSSES", "LossSource", "LossSpec", "RangeParams", "TrainingGraph", "loss_source", "lower_for_training"]
+__all__ = ["LossSource", "LossSpec", "RangeParams", "TrainingGraph", "loss_source", "lower_for_training"]
 
-LOSSES = ("cross_entropy", "mse", "distill")
 
 # Half a step minus this is how far past the grid the straight-through band reaches (float32 has
 # room for it up to 16-bit grids: round(65535 + 0.5 - 2^-6) is still 65535).
@@ -67,8 +68,7 @@ class LossSpec:
     temperature: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.kind not in LOSSES:
-            raise ConfigError(f"unknown loss {self.kind!r}; choose one of {', '.join(LOSSES)}")
+        object.__setattr__(self, "kind", Loss.parse(self.kind, "loss").value)
         if not self.temperature > 0:
             raise ConfigError(f"distillation temperature must be > 0, got {self.temperature}")
 
@@ -112,6 +112,8 @@ class TrainingGraph:
         teacher_source: Tensor of the float model the teacher input reads.
         prediction: Name of the second output (logits or the model output).
         range_params: Range-learning parameters per activation quantizer.
+        class_axis: Class axis of the prediction (cross-entropy and distillation).
+        decomposed: Node name -> op type of the nodes rewritten into differentiable ops.
     """
 
     model: ir.Model
@@ -121,6 +123,8 @@ class TrainingGraph:
     teacher_source: str | None
     prediction: str
     range_params: tuple[RangeParams, ...]
+    class_axis: int = 1
+    decomposed: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def lower_for_training(
@@ -132,16 +136,24 @@ def lower_for_training(
     range_learning: bool = False,
     encoding_lr_scale: float = 10.0,
     frozen: Collection[str] = (),
+    freeze_ranges: bool = False,
 ) -> TrainingGraph:
-    """Build the training forward graph (see module docstring). ``frozen``: initializer names."""
-    return _Lowering(float_model, plan, encodings, loss, range_learning, encoding_lr_scale, frozen).run()
+    """Build the training forward graph (see module docstring).
+
+    ``frozen``: initializer names not to train; ``freeze_ranges``: keep the range-learning
+    parameters (scales and zero points) fixed too.
+    """
+    return _Lowering(float_model, plan, encodings, loss, range_learning, encoding_lr_scale, frozen,
+                     freeze_ranges).run()
 
 
 class _Lowering:
     def __init__(
         self, float_model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding],
         loss: LossSpec, range_learning: bool, encoding_lr_scale: float, frozen: Collection[str],
+        freeze_ranges: bool = False,
     ) -> None:
+        self.freeze_ranges = freeze_ranges
         self.encoding_lr_scale = encoding_lr_scale
         self.model = float_model.clone()
         self.original_params = {
@@ -158,6 +170,7 @@ class _Lowering:
         self.weight_scale: dict[str, ir.Value] = {}
         self.range_params: list[RangeParams] = []
         self.stats: set[str] = set()
+        self.decomposed: dict[str, str] = {}
         self.source = loss_source(float_model, loss)
 
     # -- activations -----------------------------------------------------------------------------
@@ -420,6 +433,24 @@ class _Lowering:
         self.model.graph.inputs.append(value)
         return value
 
+    # -- ops without a gradient ----------------------------------------------------------------------
+    def decompose(self) -> None:
+        """Rewrite the ops on the gradient path that onnxruntime-training cannot differentiate
+        (:mod:`onnxqat.train.decompose`); refuse, before any training, what no rule covers."""
+        sources = {n for n in self.original_params if n not in self.frozen and n not in self.stats}
+        sources.update(p.scale_param for p in self.range_params)
+        sources.update(p.zero_point_param for p in self.range_params if p.zero_point_param)
+        result = DecomposeForTrainingPass(sources)(self.model)
+        self.decomposed = dict(result.rewritten)
+        if result.not_decomposable:
+            node, reason = next(iter(result.not_decomposable.items()))
+            more = len(result.not_decomposable) - 1
+            raise ModelError(
+                f"node '{node}' cannot be trained through: {reason}"
+                + (f" (and {more} more node(s))" if more else "")
+                + "; freeze the parameters before it (--freeze NODE, or --train-last-n with only layers after it)"
+            )
+
     # -- trainable parameters ----------------------------------------------------------------------
     def trainable(self, loss: ir.Value) -> tuple[str, ...]:
         reached: set[str] = set()
@@ -451,8 +482,9 @@ class _Lowering:
                 if value.const_value.size > 1 and name not in self.frozen and name not in self.stats:
                     candidates.append(name)
         self.range_params = [p for p in self.range_params if p.scale_param in reached]
-        for p in self.range_params:
-            candidates += [n for n in (p.scale_param, p.zero_point_param) if n and n in reached and n not in self.frozen]
+        if not self.freeze_ranges:
+            for p in self.range_params:
+                candidates += [n for n in (p.scale_param, p.zero_point_param) if n and n in reached]
         return tuple(candidates)
 
     def run(self) -> TrainingGraph:
@@ -463,6 +495,11 @@ class _Lowering:
         self.biases()
         self.batchnorms()
         loss, prediction, feeds, teacher = self.loss_graph()
+        # sorted first: the nodes appended above go where their inputs are, so the decomposition
+        # (a topological walk) sees them, and pruning (a backward walk) removes a dead consumer of
+        # them (e.g. an output the loss does not read) before them
+        self.model.graph.sort()
+        self.decompose()
         remove_dead_nodes(self.model.graph)
         self.model.graph.sort()
         for value in self.model.graph.inputs:
@@ -479,6 +516,8 @@ class _Lowering:
             teacher_source=self.source.tensor if teacher else None,
             prediction=prediction.name,  # type: ignore[arg-type]
             range_params=tuple(self.range_params),
+            class_axis=self.source.class_axis,
+            decomposed=self.decomposed,
         )
 
 

@@ -9,12 +9,15 @@ real package folder, so those submodules import normally and the package ``__ini
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["training_modules"]
+__all__ = ["quiet", "training_modules"]
 
 _PACKAGE = "onnxruntime.training"
 
@@ -37,3 +40,24 @@ def training_modules() -> tuple[Any, Any]:
     from onnxruntime.training import api, artifacts
 
     return artifacts, api
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence onnxruntime-training during artifact generation.
+
+    Its C++ logger writes INFO lines to the stderr file descriptor whatever the configured
+    severity, and its Python side logs at INFO; both are muted for the duration.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            logging.disable(previous)

@@ -1,229 +1,296 @@
-"""Quantization-aware training of a simulation with onnxruntime-training.
+"""Quantization-aware training of a simulation state with onnxruntime-training.
 
->>> trainer = sim.trainer(loss="cross_entropy", lr=1e-4, range_learning=False)   # doctest: +SKIP
+>>> trainer = sim.trainer(loss="cross_entropy", lr=3e-5)                            # doctest: +SKIP
 >>> trainer.fit(train_batches, epochs=2, eval_batches=test, checkpoint_dir="ckpt")  # doctest: +SKIP
 >>> sim.export("out")       # trained weights, learned encodings, deployable QDQ model  # doctest: +SKIP
 
-The trainer owns a working folder (a temporary one unless ``work_dir`` is given) holding the
-training artifacts; nothing is written to the current directory. After every epoch the trained
-weights (and learned ranges) are written back into the sim, so ``sim.run``, evaluation and export
-reflect them; with ``checkpoint_dir`` a checkpoint is written atomically, and ``fit`` resumes from
-the last one.
+The trainer takes a :class:`~onnxqat.pipeline.SimState` and :class:`~onnxqat.train.options.TrainOptions`
+and produces a new state after every epoch (:func:`apply_trained`, a pure function of the initial
+state and the trained tensors); ``on_state`` receives it (the sim adopts it). It never touches the
+object that created it.
+
+The training graph is built at the first batch, with every shape made concrete from that batch
+(onnxruntime-training sizes some gradients from static shapes; a symbolic batch dimension crashed
+it), in a folder the trainer owns. The artifacts are generated and one step is run in a child
+process first (:mod:`onnxqat.train.canary`), so a crash of the training runtime becomes an error
+naming the node. Batches of another shape than the first are skipped when they are only shorter
+(the usual last partial batch; counted in the epoch's stats) and refused otherwise.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
-import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-from tqdm.auto import tqdm
 
+from onnxqat import pipeline
+from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import ConfigError, DataError, ModelError, OutputError
-from onnxqat.evaluate import accuracy, check_labels
+from onnxqat.evaluate import accuracy, agreement, check_labels
 from onnxqat.graph import values_by_name
+from onnxqat.passes.shapes import ConcreteShapesPass
+from onnxqat.pipeline import SimState
+from onnxqat.plan import QuantPlan
+from onnxqat.progress import Progress
 from onnxqat.runtime import Session
-from onnxqat.train.lower import LossSpec, TrainingGraph, lower_for_training
+from onnxqat.train.canary import locate_crash, run_canary
+from onnxqat.train.lower import LossSpec, RangeParams, TrainingGraph, lower_for_training
+from onnxqat.train.options import MIN_STEPS, TrainOptions
 from onnxqat.train.ort_training import training_modules
 
-if TYPE_CHECKING:
-    from onnxqat.sim import QuantizationSimModel
+__all__ = ["EpochStats", "QATTrainer", "StepResult", "apply_trained"]
 
-__all__ = ["OPTIMIZERS", "EpochStats", "QATTrainer"]
-
-OPTIMIZERS = ("adamw", "sgd")
 _CHECKPOINT = "checkpoint.ckpt"
 
 
 @dataclasses.dataclass(frozen=True)
 class EpochStats:
+    """What one epoch did.
+
+    Attributes:
+        epoch: 1-based epoch number.
+        loss: Mean training loss.
+        train_accuracy: Top-1 on the training batches (cross-entropy with class labels), or None.
+        eval: Evaluation after the epoch: ``accuracy`` (with labels), ``top1_agreement`` and
+            ``sqnr_db`` against the float model; empty without evaluation data.
+        steps: Optimizer steps.
+        seconds: Wall time of the epoch including evaluation.
+        skipped: Samples of shorter batches left out (the training graph has a fixed batch shape).
+        loss_first, loss_last: Mean loss over the first and last tenth of the epoch's steps.
+    """
+
     epoch: int
     loss: float
     train_accuracy: float | None
-    eval_accuracy: float | None
+    eval: Mapping[str, float]
     steps: int
     seconds: float
+    skipped: int = 0
+    loss_first: float | None = None
+    loss_last: float | None = None
 
     def line(self) -> str:
         parts = [f"epoch {self.epoch}", f"loss={self.loss:.4f}"]
         if self.train_accuracy is not None:
             parts.append(f"train_accuracy={self.train_accuracy:.4f}")
-        if self.eval_accuracy is not None:
-            parts.append(f"eval_accuracy={self.eval_accuracy:.4f}")
+        for key in ("accuracy", "top1_agreement", "sqnr_db"):
+            if key in self.eval:
+                name = {"accuracy": "eval_accuracy", "top1_agreement": "eval_agreement", "sqnr_db": "eval_sqnr_db"}[key]
+                parts.append(f"{name}={self.eval[key]:.4f}" if key != "sqnr_db" else f"{name}={self.eval[key]:.2f}")
         parts.append(f"steps={self.steps} time={self.seconds:.1f}s")
+        if self.skipped:
+            parts.append(f"skipped={self.skipped}")
         return " ".join(parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    loss: float
+    prediction: np.ndarray
+
+
+def apply_trained(
+    state: SimState,
+    trained: Mapping[str, np.ndarray],
+    range_params: Sequence[RangeParams],
+    scheme: Scheme = Scheme.MINMAX,
+) -> SimState:
+    """The state after training: ``state`` (the one training started from) with the trained
+    weights (weight encodings re-derived) and the learned activation encodings."""
+    initializers = state.float_model.graph.initializers
+    weights = {k: v for k, v in trained.items() if k in initializers}
+    new = pipeline.apply_weights(state, weights, scheme) if weights else state
+    updates = {}
+    for rp in range_params:
+        enc = state.encodings[rp.quantizer]
+        scale = rp.scale(float(trained[rp.scale_param])) if rp.scale_param in trained else enc.scale
+        zero_point = enc.zero_point
+        if rp.zero_point_param is not None and rp.zero_point_param in trained:
+            zero_point = rp.zero_point(float(trained[rp.zero_point_param]), enc.qmin, enc.qmax)
+        updates[rp.quantizer] = dataclasses.replace(
+            enc, scale=np.asarray(scale, np.float32).reshape(enc.scale.shape),
+            zero_point=np.asarray(zero_point, np.int64).reshape(enc.zero_point.shape),
+        )
+    return new.with_encodings(updates)
+
+
 class QATTrainer:
-    """Fine-tunes a calibrated :class:`QuantizationSimModel` in onnxruntime.
+    """Fine-tunes a calibrated :class:`~onnxqat.pipeline.SimState` in onnxruntime.
 
     Args:
-        sim: A calibrated simulation; it is updated in place after every epoch.
-        loss: ``cross_entropy`` (labels), ``mse`` (targets) or ``distill`` (match the float model;
-            no labels needed).
-        optimizer: ``adamw`` or ``sgd``.
-        lr: Learning rate.
-        weight_decay: AdamW weight decay (applies to every trained tensor).
-        range_learning: Train activation scales and zero points (LSQ) instead of keeping the
-            calibrated ones. Weight encodings always follow the weights.
-        encoding_lr_scale: How much faster than the weights encodings move under range learning
-            (see :class:`~onnxqat.train.lower.RangeParams`).
-        output_index: Model output the loss reads.
-        label_key, target_key: Batch keys of labels (cross-entropy) and targets (MSE).
-        temperature: Distillation temperature.
-        freeze: Initializer or node names whose parameters are not trained.
-        train_last_n: Train only the parameters of the last N layers (nodes with weights).
-        work_dir: Folder for the training artifacts (default: a temporary folder).
-        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        state: A calibrated state (``sim.state``).
+        options: See :class:`~onnxqat.train.options.TrainOptions`.
+        param_scheme: How weight encodings are re-derived from trained weights.
+        work_dir: Folder for the training artifacts (default: a temporary folder, deleted on close).
+        on_state: Called with the new state after every epoch (and after resuming).
     """
 
     def __init__(
         self,
-        sim: QuantizationSimModel,
+        state: SimState,
+        options: TrainOptions | None = None,
         *,
-        loss: str = "cross_entropy",
-        optimizer: str = "adamw",
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        range_learning: bool = False,
-        encoding_lr_scale: float = 10.0,
-        output_index: int = 0,
-        label_key: str = "label",
-        target_key: str = "target",
-        temperature: float = 2.0,
-        freeze: Sequence[str] = (),
-        train_last_n: int | None = None,
+        param_scheme: Scheme = Scheme.MINMAX,
         work_dir: str | os.PathLike[str] | None = None,
-        threads: int | None = None,
+        on_state: Callable[[SimState], None] | None = None,
     ) -> None:
-        sim._require_calibrated()
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise ConfigError(f"learning rate must be a positive number, got {lr!r}")
-        self.sim = sim
-        self.loss = LossSpec(loss, output_index, label_key, target_key, temperature)
-        self.optimizer_name = optimizer
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.range_learning = range_learning
-        self.encoding_lr_scale = float(encoding_lr_scale)
-        self.threads = threads
-        self._initial_encodings = dict(sim.encodings)
-        frozen = self._resolve_frozen(freeze, train_last_n)
-        self.graph: TrainingGraph = lower_for_training(
-            sim.float_model, sim.effective_plan, sim.encodings, self.loss, range_learning=range_learning,
-            encoding_lr_scale=self.encoding_lr_scale, frozen=frozen,
-        )
-        self._signature = input_signature(sim.float_model)
+        state.require_calibrated()
+        self.options = options if options is not None else TrainOptions()
+        self.param_scheme = param_scheme
+        self.on_state = on_state
+        self.initial = state
+        self.state = state
+        o = self.options
+        self.loss = LossSpec(o.loss.value, o.output_index, o.label_key, o.target_key, o.temperature)
+        self._plan = state.effective_plan if o.quantized else QuantPlan()
+        self._frozen = self._resolve_frozen()
+        # lowered once with the model's own shapes: every problem is reported before any work
+        self.graph: TrainingGraph = self._lower(state.float_model)
+        self._signature = input_signature(state.float_model)
         self._teacher = self._teacher_session() if self.graph.teacher_input else None
+        self._float: Session | None = None
         if work_dir is None:
             self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(prefix="onnxqat-train-")
             self.work_dir = self._tmp.name
         else:
             self._tmp = None
             self.work_dir = os.fspath(work_dir)
-            os.makedirs(self.work_dir, exist_ok=True)
-        self._generate_artifacts()
+            try:
+                os.makedirs(self.work_dir, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"{self.work_dir}: cannot create the training folder: {e.strerror or e}") from None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
         self._state: Any = None
         self._module: Any = None
         self._optimizer: Any = None
+        self._inputs: list[str] = []
         self.history: list[EpochStats] = []
         self.epochs_done = 0
 
+    @classmethod
+    def from_options(cls, state: SimState, *, param_scheme: Scheme = Scheme.MINMAX,
+                     on_state: Callable[[SimState], None] | None = None,
+                     work_dir: str | os.PathLike[str] | None = None, **options: Any) -> QATTrainer:
+        """A trainer from keyword options (those of :class:`TrainOptions`)."""
+        try:
+            opts = TrainOptions(**options)
+        except TypeError as e:
+            raise ConfigError(f"trainer options: {e}") from None
+        return cls(state, opts, param_scheme=param_scheme, work_dir=work_dir, on_state=on_state)
+
     # -- setup -----------------------------------------------------------------------------------
-    def _resolve_frozen(self, freeze: Sequence[str], train_last_n: int | None) -> set[str]:
-        graph = self.sim.float_model.graph
+    def _lower(self, model: ir.Model) -> TrainingGraph:
+        o = self.options
+        return lower_for_training(
+            model, self._plan, self.initial.encodings, self.loss, range_learning=o.range_learning and o.quantized,
+            encoding_lr_scale=o.encoding_lr_scale, frozen=self._frozen, freeze_ranges=o.train_last_n is not None,
+        )
+
+    def _resolve_frozen(self) -> set[str]:
+        graph = self.initial.float_model.graph
         frozen: set[str] = set()
         nodes = {n.name: n for n in graph}
-        for name in freeze:
+        for name in self.options.freeze:
             if name in graph.initializers:
                 frozen.add(name)
             elif name in nodes:
                 frozen.update(v.name for v in nodes[name].inputs if v is not None and v.name in graph.initializers)
             else:
                 raise ConfigError(f"freeze: no initializer or node named '{name}'")
-        if train_last_n is not None:
-            if train_last_n < 1:
-                raise ConfigError(f"train_last_n must be >= 1, got {train_last_n}")
+        n_last = self.options.train_last_n
+        if n_last is not None:
             layers = [n for n in graph if any(v is not None and v.name in graph.initializers and v.const_value is not None
                                                and v.const_value.size > 1 for v in n.inputs)]
-            keep = {v.name for n in layers[-train_last_n:] for v in n.inputs if v is not None}
+            keep = {v.name for n in layers[-n_last:] for v in n.inputs if v is not None}
             frozen.update(name for name in graph.initializers if name not in keep)
-            if self.range_learning:
-                frozen.update(f"{q.name}.log_scale" for q in self.sim.plan.activations)
-                frozen.update(f"{q.name}.zero_point_offset" for q in self.sim.plan.activations)
         return frozen
 
     def _teacher_session(self) -> Session:
-        teacher = self.sim.float_model.clone()
+        teacher = self.initial.float_model.clone()
         source = self.graph.teacher_source
         values = values_by_name(teacher.graph)
         teacher.graph.outputs.clear()
         teacher.graph.outputs.append(values[source])
         return Session(teacher)
 
-    def _generate_artifacts(self) -> None:
-        artifacts, _ = training_modules()
-        from onnxruntime.training import onnxblock
-
-        optimizer = (
-            onnxblock.optim.AdamW(weight_decay=self.weight_decay)
-            if self.optimizer_name == "adamw"
-            else onnxblock.optim.SGD()
-        )
-        proto = ir.to_proto(self.graph.model)
-        with _quiet():
-            try:
-                artifacts.generate_artifacts(
-                    proto,
-                    requires_grad=list(self.graph.trainable),
-                    frozen_params=[],
-                    loss=None,
-                    optimizer=optimizer,
-                    artifact_directory=self.work_dir,
-                )
-            except Exception as e:  # onnxruntime raises plain RuntimeErrors/ValidationErrors here
-                first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise ModelError(f"onnxruntime-training cannot build a training graph for this model: {first}") from None
-
     def _path(self, name: str) -> str:
         return os.path.join(self.work_dir, name)
+
+    @property
+    def built(self) -> bool:
+        return self._module is not None
+
+    def _build(self, batch: Mapping[str, Any]) -> None:
+        """Training graph with the shapes of ``batch``; artifacts and one step in a child first."""
+        feed = validate_feed(batch, self._signature, where="training data: batch 0")
+        concrete = self.initial.float_model.clone()
+        found = ConcreteShapesPass(feed)(concrete)
+        graph = self._lower(concrete)
+        if graph.trainable != self.graph.trainable:  # the same graph, with static shapes
+            raise ModelError("the training graph with concrete shapes trains other tensors than without; "
+                             "report this model")
+        self.graph = graph
+        values = self._values(batch)
+        result = run_canary(self.work_dir, ir.to_proto(graph.model).SerializeToString(), graph.trainable,
+                            self.options.optimizer.value, self.options.weight_decay, values, self.options.threads)
+        if not result["ok"]:
+            raise ModelError(self._canary_error(result, found.unresolved))
+        self._shapes = {name: tuple(np.shape(v)) for name, v in feed.items()}
+        self._open(self._path("checkpoint"))
+
+    def _canary_error(self, result: Mapping[str, Any], unresolved: Sequence[str]) -> str:
+        if result.get("signal"):
+            where = locate_crash(self.work_dir)
+            at = f" in node '{where[1]}' ({where[2]}) of the training graph" if where else ""
+            hint = (f"; {len(unresolved)} tensor(s) kept symbolic shapes (e.g. '{unresolved[0]}')" if unresolved else "")
+            return (f"onnxruntime-training crashed ({result['signal']}){at} while running one training step of this "
+                    f"model in a child process; no training was done{hint}. Freeze the layers around it "
+                    "(--freeze NODE / train_last_n) to train the rest")
+        stage = "building the training graph" if result.get("stage") == "artifacts" else "running one training step"
+        return f"onnxruntime-training failed {stage}: {result.get('error')}"
 
     def _open(self, checkpoint: str) -> None:
         _, api = training_modules()
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-        self._state = api.CheckpointState.load_checkpoint(checkpoint)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.options.threads:
+            options.intra_op_num_threads = self.options.threads
+        try:
+            self._state = api.CheckpointState.load_checkpoint(checkpoint)
+        except Exception as e:
+            raise ConfigError(f"{checkpoint}: not a readable training checkpoint ({str(e).strip().splitlines()[-1][:200]})") from None
         self._module = api.Module(self._path("training_model.onnx"), self._state, self._path("eval_model.onnx"),
                                   session_options=options)
         self._optimizer = api.Optimizer(self._path("optimizer_model.onnx"), self._module)
-        self._optimizer.set_learning_rate(self.lr)
+        self._optimizer.set_learning_rate(self.options.lr)
         self._inputs = list(self._module.input_names())
+
+    def _ensure_built(self, batch: Mapping[str, Any]) -> None:
+        if self._module is None:
+            self._build(batch)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """Identity of the training setup: a checkpoint resumes only into the same one."""
         h = hashlib.sha256()
-        setup = (self.loss, self.optimizer_name, self.range_learning, self.encoding_lr_scale, self.graph.trainable)
+        o = self.options
+        setup = (self.loss, o.optimizer.value, o.range_learning, o.encoding_lr_scale, o.quantized, self.graph.trainable)
         h.update(repr(setup).encode())
-        for name in sorted(self._initial_encodings):
-            enc = self._initial_encodings[name]
+        for name in sorted(self.initial.encodings):
+            enc = self.initial.encodings[name]
             h.update(name.encode())
             h.update(enc.scale.tobytes())
             h.update(enc.zero_point.tobytes())
@@ -232,6 +299,8 @@ class QATTrainer:
 
     def save_checkpoint(self, checkpoint_dir: str | os.PathLike[str]) -> str:
         """Write the training state (weights, optimizer, epoch) atomically; returns its path."""
+        if self._state is None:
+            raise ConfigError("nothing to checkpoint: no training step was run yet")
         _, api = training_modules()
         folder = os.fspath(checkpoint_dir)
         try:
@@ -241,12 +310,18 @@ class QATTrainer:
             self._state.properties["onnxqat_history"] = json.dumps([dataclasses.asdict(s) for s in self.history])
             fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=folder)
             os.close(fd)
-            api.CheckpointState.save_checkpoint(self._state, tmp, include_optimizer_state=True)
-            final = os.path.join(folder, _CHECKPOINT)
-            os.replace(tmp, final)
+            try:
+                api.CheckpointState.save_checkpoint(self._state, tmp, include_optimizer_state=True)
+                os.replace(tmp, os.path.join(folder, _CHECKPOINT))
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
         except OSError as e:
             raise OutputError(f"{folder}: cannot write checkpoint: {e.strerror or e}") from None
-        return final
+        except RuntimeError as e:  # onnxruntime reports a full disk as a plain RuntimeError
+            raise OutputError(f"{folder}: cannot write checkpoint: {str(e).strip().splitlines()[-1][:200]}") from None
+        return os.path.join(folder, _CHECKPOINT)
 
     def _resume(self, checkpoint_dir: str) -> bool:
         path = os.path.join(checkpoint_dir, _CHECKPOINT)
@@ -261,7 +336,7 @@ class QATTrainer:
             )
         self.epochs_done = int(props["onnxqat_epoch"])
         self.history = [EpochStats(**s) for s in json.loads(props["onnxqat_history"])]
-        self.write_back()
+        self._publish()
         return True
 
     # -- training ----------------------------------------------------------------------------------
@@ -282,51 +357,109 @@ class QATTrainer:
         DataLoader); if it has ``set_epoch`` it is called before each epoch, which makes shuffling
         reproducible across resumes.
         """
-        if epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {epochs}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
         folder = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
         if self._module is None:
-            if not (folder and resume and self._resume(folder)):
-                self._open(self._path("checkpoint"))
+            first = next(iter(train_batches), None)
+            if first is None:
+                raise DataError("training data: no batches")
+            self._build(first)
+            if folder and resume:
+                self._resume(folder)
+        per_epoch = count_batches(train_batches)
+        if per_epoch is not None and per_epoch * (epochs - self.epochs_done) < MIN_STEPS:
+            warnings.warn(f"only {per_epoch * (epochs - self.epochs_done)} optimizer steps to run "
+                          f"({per_epoch} per epoch): fine-tuning usually needs {MIN_STEPS} or more; "
+                          "use more epochs or a smaller batch size", RuntimeWarning, stacklevel=2)
         while self.epochs_done < epochs:
             epoch = self.epochs_done
             if hasattr(train_batches, "set_epoch"):
-                train_batches.set_epoch(epoch)  # type: ignore[attr-defined]
+                train_batches.set_epoch(epoch)
             start = time.perf_counter()
-            loss, train_acc, steps = self._train_epoch(train_batches, epoch, progress)
-            self.write_back()
-            eval_acc = None
-            if eval_batches is not None:
-                eval_acc, _ = accuracy(self.sim.run, eval_batches, label_key=self.loss.label_key,
-                                       output_index=self.loss.output_index, progress=progress, desc="evaluating")
-            stats = EpochStats(epoch + 1, loss, train_acc, eval_acc, steps, time.perf_counter() - start)
+            loss, train_acc, steps, skipped, trend = self._train_epoch(train_batches, epoch, progress)
+            self._publish()
+            metrics = self.evaluate(eval_batches, progress=progress) if eval_batches is not None else {}
+            stats = EpochStats(epoch + 1, loss, train_acc, metrics, steps, time.perf_counter() - start, skipped,
+                               trend[0], trend[1])
             self.history.append(stats)
             self.epochs_done = epoch + 1
+            if trend[2]:
+                warnings.warn(f"epoch {epoch + 1}: the training loss rose from {trend[0]:.4g} to {trend[1]:.4g} "
+                              "over the epoch; the learning rate may be too high", RuntimeWarning, stacklevel=2)
             if folder is not None:
                 self.save_checkpoint(folder)
             if on_epoch is not None:
                 on_epoch(stats)
         return self.history
 
-    def _feed(self, batch: Mapping[str, Any], index: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+    def evaluate(self, batches: Iterable[Mapping[str, Any]], *, progress: bool | None = None) -> dict[str, float]:
+        """Metrics of the current state: accuracy where batches carry labels (cross-entropy), and
+        agreement with the float model (top-1 agreement, output SQNR) always."""
+        batches = list(batches)
+        run = Session(pipeline.lower(self.state)).run
+        if self._float is None:
+            self._float = Session(self.initial.float_model)
+        metrics: dict[str, float] = {}
+        index = self.options.output_index
+        if batches and self.options.label_key in batches[0] and self.loss.kind != "mse":
+            try:
+                metrics["accuracy"], _ = accuracy(run, batches, label_key=self.options.label_key, output_index=index,
+                                                  progress=progress, desc="evaluating")
+            except DataError:
+                pass  # labels that are not class labels of this output: agreement only
+        found = agreement(self._float.run, run, batches, output_index=index, progress=progress, desc="comparing")
+        metrics.update({k: v for k, v in found.items() if k != "n"})
+        return metrics
+
+    def _values(self, batch: Mapping[str, Any], index: int = 0) -> dict[str, np.ndarray]:
+        """Every input of the training graph for one batch (model inputs, labels, targets, teacher)."""
         where = f"training data: batch {index}"
         feed = validate_feed(batch, self._signature, where=where)
-        n = next(iter(feed.values())).shape[0]
-        labels = None
+        n = next(iter(feed.values())).shape[0] if feed else 0
         extra: dict[str, np.ndarray] = {}
         for graph_input, key in self.graph.feeds.items():
             if key in feed:
                 continue
             if key == self.loss.label_key and self.loss.kind == "cross_entropy":
-                labels = check_labels(batch, key, n, where) if self._labels_rank() == 1 else _labels_nd(batch, key, where)
+                labels = (check_labels(batch, key, n, where) if self._labels_rank() == 1
+                          else _labels_nd(batch, key, where))
                 extra[graph_input] = labels.astype(np.int64)
             elif key == self.loss.target_key:
                 if key not in batch:
                     raise DataError(f"{where}: no target array '{key}' for the mse loss")
                 extra[graph_input] = np.asarray(batch[key], dtype=np.float32)
-        if self._teacher is not None:
-            extra[self.graph.teacher_input] = self._teacher.run(feed)[0]  # type: ignore[index]
+        if self._teacher is not None and self.graph.teacher_input is not None:
+            extra[self.graph.teacher_input] = self._teacher.run(feed)[0]
         values = {**feed, **extra}
+        self._check_labels_range(values)
+        return values
+
+    def _check_labels_range(self, values: Mapping[str, np.ndarray]) -> None:
+        if self.loss.kind != "cross_entropy":
+            return
+        label_input = next((g for g, k in self.graph.feeds.items() if k == self.loss.label_key), None)
+        prediction = self.graph.model.graph.outputs[1]
+        classes = prediction.shape[self.graph.class_axis] if prediction.shape is not None else None
+        if label_input is None or not isinstance(classes, int):
+            return
+        labels = values[label_input]
+        if labels.size and (labels.min() < 0 or labels.max() >= classes):
+            raise DataError(f"training data: labels '{self.loss.label_key}' range over [{int(labels.min())}, "
+                            f"{int(labels.max())}] but the model output has {classes} classes")
+
+    def _feed(self, batch: Mapping[str, Any], index: int) -> tuple[list[np.ndarray], np.ndarray | None] | None:
+        values = self._values(batch, index)
+        if self._shapes is not None:
+            for name, shape in self._shapes.items():
+                got = np.shape(values[name])
+                if got != shape:
+                    if len(got) == len(shape) and got[1:] == shape[1:] and got[0] < shape[0]:
+                        return None  # a shorter (last) batch: the training graph has a fixed batch size
+                    raise DataError(f"training data: batch {index}: input '{name}' has shape {list(got)}, the "
+                                    f"training graph was built for {list(shape)} (all batches need one shape)")
+        label_input = next((g for g, k in self.graph.feeds.items() if k == self.loss.label_key), None)
+        labels = values.get(label_input) if label_input is not None else None
         return [values[name] for name in self._inputs], labels
 
     def _labels_rank(self) -> int:
@@ -336,13 +469,37 @@ class QATTrainer:
         out = self.graph.model.graph.outputs[1]
         return len(out.shape) if out.shape is not None else 2
 
-    def _train_epoch(self, batches: Iterable[Mapping[str, Any]], epoch: int, progress: bool | None) -> tuple[float, float | None, int]:
+    def step(self, batch: Mapping[str, Any]) -> StepResult:
+        """One optimizer step on ``batch``: forward, backward, update."""
+        self._ensure_built(batch)
+        fed = self._feed(batch, 0)
+        if fed is None:
+            raise DataError(f"batch: shorter than the training graph's batch shape {self._shapes}")
         self._module.train()
-        total_loss, total, correct, steps = 0.0, 0, 0, 0
-        bar = tqdm(batches, total=count_batches(batches), desc=f"epoch {epoch + 1}", unit="batch",
-                   disable=None if progress is None else not progress)
-        for i, batch in enumerate(bar):
-            inputs, labels = self._feed(batch, i)
+        loss, prediction = self._module(*fed[0])
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise DataError(f"training diverged: loss is {loss}; lower the learning rate")
+        self._optimizer.step()
+        self._module.lazy_reset_grad()
+        return StepResult(loss, np.asarray(prediction))
+
+    def _train_epoch(self, batches: Iterable[Mapping[str, Any]], epoch: int,
+                     progress: bool | None) -> tuple[float, float | None, int, int, tuple[float | None, float | None, bool]]:
+        self._module.train()
+        total_loss, total, correct, steps, skipped = 0.0, 0, 0, 0, 0
+        losses: list[float] = []
+
+        def postfix() -> str:
+            return f"loss {total_loss / total:.4f}" if total else ""
+
+        for i, batch in enumerate(Progress(batches, total=count_batches(batches), desc=f"epoch {epoch + 1}",
+                                           enabled=progress, postfix=postfix)):
+            fed = self._feed(batch, i)
+            if fed is None:
+                skipped += len(next(iter(validate_feed(batch, self._signature, where="batch").values())))
+                continue
+            inputs, labels = fed
             loss, prediction = self._module(*inputs)
             loss = float(loss)
             if not math.isfinite(loss):
@@ -353,49 +510,48 @@ class QATTrainer:
             total_loss += loss * n
             total += n
             steps += 1
+            losses.append(loss)
             if labels is not None and labels.ndim == 1:
-                correct += int((prediction.reshape(len(labels), -1).argmax(-1) == labels).sum())
-            bar.set_postfix(loss=f"{total_loss / total:.4f}")
-        bar.close()
+                correct += int((np.asarray(prediction).reshape(len(labels), -1).argmax(-1) == labels).sum())
         if steps == 0:
-            raise DataError("training data: no batches")
+            raise DataError("training data: no batch of the training graph's shape")
+        trend = _loss_trend(losses)
         train_acc = correct / total if self.loss.kind == "cross_entropy" and self._labels_rank() == 1 else None
-        return total_loss / total, train_acc, steps
+        return total_loss / total, train_acc, steps, skipped, trend
 
     def compute_gradients(self, batch: Mapping[str, Any]) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and gradient of every trained tensor on one batch, without an optimizer step."""
-        if self._module is None:
-            self._open(self._path("checkpoint"))
+        self._ensure_built(batch)
+        fed = self._feed(batch, 0)
+        if fed is None:
+            raise DataError("batch: shorter than the training graph's batch shape")
         self._module.train()
-        inputs, _ = self._feed(batch, 0)
-        loss, _ = self._module(*inputs)
+        loss, _ = self._module(*fed[0])
         grads = {name: np.array(self._state.parameters[name].grad) for name in self.graph.trainable}
         self._module.lazy_reset_grad()
         return float(loss), grads
 
-    # -- write-back --------------------------------------------------------------------------------
+    def predict(self, batch: Mapping[str, Any]) -> np.ndarray:
+        """The training graph's prediction output in eval mode (float semantics of the sim)."""
+        self._ensure_built(batch)
+        fed = self._feed(batch, 0)
+        if fed is None:
+            raise DataError("batch: shorter than the training graph's batch shape")
+        self._module.eval()
+        _, prediction = self._module(*fed[0])
+        return np.asarray(prediction)
+
+    # -- results -----------------------------------------------------------------------------------
     def trained_parameters(self) -> dict[str, np.ndarray]:
         """Current values of every trained tensor (weights and range-learning parameters)."""
+        if self._state is None:
+            return {}
         return {name: np.array(self._state.parameters[name].data) for name in self.graph.trainable}
 
-    def write_back(self) -> None:
-        """Copy trained weights and learned encodings into the sim."""
-        if self._state is None:
-            return
-        params = self.trained_parameters()
-        weights = {k: v for k, v in params.items() if k in self.sim.float_model.graph.initializers}
-        self.sim.set_weights(weights)
-        for rp in self.graph.range_params:
-            enc = self._initial_encodings[rp.quantizer]
-            scale = rp.scale(float(params[rp.scale_param])) if rp.scale_param in params else enc.scale
-            zero_point = enc.zero_point
-            if rp.zero_point_param is not None and rp.zero_point_param in params:
-                zero_point = rp.zero_point(float(params[rp.zero_point_param]), enc.qmin, enc.qmax)
-            self.sim.encodings[rp.quantizer] = dataclasses.replace(
-                enc, scale=np.asarray(scale, np.float32).reshape(enc.scale.shape),
-                zero_point=np.asarray(zero_point, np.int64).reshape(enc.zero_point.shape),
-            )
-        self.sim._session = None
+    def _publish(self) -> None:
+        self.state = apply_trained(self.initial, self.trained_parameters(), self.graph.range_params, self.param_scheme)
+        if self.on_state is not None:
+            self.on_state(self.state)
 
     def close(self) -> None:
         """Release the training session and delete the temporary working folder."""
@@ -411,6 +567,18 @@ class QATTrainer:
         self.close()
 
 
+def _loss_trend(losses: Sequence[float]) -> tuple[float | None, float | None, bool]:
+    """Mean loss of the first and last tenth of an epoch's steps, and whether it clearly rose
+    (by over 10% and by more than three standard errors of the two means)."""
+    if len(losses) < 20:
+        return None, None, False
+    tenth = len(losses) // 10
+    first, last = np.asarray(losses[:tenth]), np.asarray(losses[-tenth:])
+    margin = 3 * math.sqrt((first.var(ddof=1) + last.var(ddof=1)) / tenth)
+    rose = last.mean() > first.mean() * 1.1 and last.mean() - first.mean() > margin
+    return float(first.mean()), float(last.mean()), bool(rose)
+
+
 def _labels_nd(batch: Mapping[str, Any], key: str, where: str) -> np.ndarray:
     if key not in batch:
         raise DataError(f"{where}: no label array '{key}' (got {sorted(map(str, batch))})")
@@ -419,23 +587,3 @@ def _labels_nd(batch: Mapping[str, Any], key: str, where: str) -> np.ndarray:
         raise DataError(f"{where}: labels '{key}' must be integers, got {labels.dtype}")
     return labels
 
-
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """Silence onnxruntime-training during artifact generation.
-
-    Its C++ logger writes INFO lines to the stderr file descriptor whatever the configured
-    severity, and its Python side logs at INFO; both are muted for the duration.
-    """
-    previous = logging.root.manager.disable
-    logging.disable(logging.INFO)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "wb") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            logging.disable(previous)

@@ -1,0 +1,334 @@
+"""The quantization pipeline as pure stages over plain values.
+
+    prepare -> plan -> encode weights -> calibrate -> finalize -> lower -> export
+                                                        ^
+                                       train (QAT) -----+  (new weights and encodings)
+
+Each stage takes values and returns new ones; nothing is mutated in place. The value flowing
+between them is a :class:`SimState`: the float model (canonicalised, BatchNorm folded), the plan
+decided by the placement rules, and the encodings. :class:`~onnxqat.sim.QuantizationSimModel` is a
+thin facade that holds the current state and caches a session for it; the QAT trainer takes a
+state and produces new ones.
+
+>>> prepared = prepare("models/fmnist_dsconv.onnx")                       # doctest: +SKIP
+>>> plan = make_plan(prepared.model, load_config("onnxruntime"))          # doctest: +SKIP
+>>> state = SimState(prepared.model, plan, encode_weights(prepared.model, plan))   # doctest: +SKIP
+>>> state = state.with_encodings(calibrate(state, batches))               # doctest: +SKIP
+>>> export(state, "out", prepared.float16)                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import types
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxqat.calibrate.runner import collect_statistics
+from onnxqat.calibrate.schemes import DEFAULT_PERCENTILE, Scheme, activation_encoding, weight_encoding
+from onnxqat.config import QuantSimConfig
+from onnxqat.encodings import ParsedEncodings, dumps, to_aimet
+from onnxqat.errors import ConfigError, EncodingsError, ModelError
+from onnxqat.graph import const_array, values_by_name
+from onnxqat.io import load_model, save_model, staged_outputs
+from onnxqat.passes.annotate import annotate
+from onnxqat.passes.canonicalize import canonical_passes
+from onnxqat.passes.float16 import Float16Record, Float16ToFloat32Pass, cast_interface, restore_float16
+from onnxqat.passes.fold_batchnorm import FoldBatchNormPass
+from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
+from onnxqat.plan import QuantPlan
+from onnxqat.qparams import Encoding, compute_encoding
+from onnxqat.runtime import release_if_mapped
+from onnxqat.target import Target
+
+__all__ = [
+    "ModelSource",
+    "Prepared",
+    "SimState",
+    "apply_weights",
+    "bind_encodings",
+    "calibrate",
+    "encode_weights",
+    "encodings_document",
+    "export",
+    "finalize",
+    "lower",
+    "make_plan",
+    "prepare",
+]
+
+ModelSource = str | os.PathLike[str] | onnx.ModelProto | ir.Model
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A loaded, canonicalised model and what was changed to simulate it.
+
+    Attributes:
+        model: Float32 model, opset >= 13, Constant nodes as initializers, BatchNorm folded.
+        float16: The float16 interface of the original model (empty for float32 models).
+    """
+
+    model: ir.Model
+    float16: Float16Record
+
+
+def prepare(source: ModelSource, *, fold_batchnorm: bool = True) -> Prepared:
+    """Load (if a path) and canonicalise a model; the caller's object or file is never modified."""
+    if isinstance(source, (str, os.PathLike)):
+        model = load_model(source)
+    elif isinstance(source, onnx.ModelProto):
+        try:
+            onnx.checker.check_model(source)
+        except onnx.checker.ValidationError as e:
+            raise ModelError(f"model fails the ONNX checker: {str(e).strip().splitlines()[0]}") from None
+        model = ir.from_proto(source)
+    elif isinstance(source, ir.Model):
+        model = source.clone()
+    else:
+        raise ModelError(f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(source).__name__}")
+    model = canonical_passes()(model).model
+    to_float32 = Float16ToFloat32Pass()
+    if to_float32(model).modified:
+        ShapeInferencePass(strict_mode=False)(model)
+    if fold_batchnorm:
+        FoldBatchNormPass()(model)
+    return Prepared(model, to_float32.record)
+
+
+def make_plan(model: ir.Model, config: QuantSimConfig, *, param_bw: int = 8, activation_bw: int = 8,
+              target: Target | str | None = None) -> QuantPlan:
+    """The placement rules applied to a prepared model (see :mod:`onnxqat.passes.annotate`)."""
+    return annotate(model, config, param_bw=param_bw, activation_bw=activation_bw, target=target)
+
+
+def encode_weights(model: ir.Model, plan: QuantPlan, scheme: Scheme = Scheme.MINMAX) -> dict[str, Encoding]:
+    """Encodings of every weight quantizer of ``plan`` from the model's current weights."""
+    initializers = model.graph.initializers
+    out = {}
+    for p in plan.params:
+        weight = const_array(initializers[p.name])
+        if weight is None:
+            raise ModelError(f"weight '{p.name}' is not a constant initializer")
+        out[p.name] = weight_encoding(weight, p.spec, scheme)
+        del weight
+        release_if_mapped(initializers[p.name].const_value)
+    return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SimState:
+    """One point of the pipeline: float model, plan and encodings. Never mutated.
+
+    Attributes:
+        float_model: The prepared float model. Treated as immutable: stages that change weights
+            return a state with a new model.
+        plan: The plan as annotated (biases included before the int32 check).
+        encodings: Encodings by quantizer name (activations, weights).
+    """
+
+    float_model: ir.Model
+    plan: QuantPlan
+    encodings: Mapping[str, Encoding]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encodings", types.MappingProxyType(dict(self.encodings)))
+
+    @property
+    def calibrated(self) -> bool:
+        return all(q.name in self.encodings for q in self.plan.activations) and all(
+            p.name in self.encodings for p in self.plan.params
+        )
+
+    def require_calibrated(self) -> None:
+        if not self.calibrated:
+            raise EncodingsError("the simulation is not calibrated: call compute_encodings() or load_encodings()")
+
+    def with_encodings(self, updates: Mapping[str, Encoding]) -> SimState:
+        """A state whose encodings are these, replaced or added by ``updates``."""
+        return SimState(self.float_model, self.plan, {**self.encodings, **updates})
+
+    @functools.cached_property
+    def effective_plan(self) -> QuantPlan:
+        """The plan as simulated: see :func:`finalize`."""
+        self.require_calibrated()
+        return finalize(self.float_model, self.plan, self.encodings)
+
+    def bias_scales(self) -> dict[str, np.ndarray]:
+        return {
+            b.name: bias_encoding(self.encodings[b.input_quantizer], self.encodings[b.weight_quantizer])[0]
+            for b in self.effective_plan.biases
+        }
+
+
+def calibrate(
+    state: SimState,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    scheme: Scheme = Scheme.MINMAX,
+    *,
+    percentile: float = DEFAULT_PERCENTILE,
+    progress: bool | None = None,
+) -> dict[str, Encoding]:
+    """Encodings of every activation quantizer of ``state.plan`` from the batches (streamed)."""
+    observers = collect_statistics(state.float_model, state.plan, batches, scheme, progress=progress)
+    encodings = {}
+    for q in state.plan.activations:
+        if q.spec.fixed_range is not None:
+            encodings[q.name] = compute_encoding(*q.spec.fixed_range, q.spec)
+            continue
+        obs = observers[q.name]
+        if obs.empty:
+            raise ModelError(
+                f"tensor '{q.name}' held no finite value on the calibration data; exclude its producer in the config"
+            )
+        encodings[q.name] = activation_encoding(obs, q.spec, scheme, percentile)
+    return encodings
+
+
+def finalize(model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding]) -> QuantPlan:
+    """The plan without the int32 biases the encodings cannot hold (they stay float, with a reason).
+
+    ``round(bias / (input scale x weight scale))`` overflows int32 with tiny 16-bit scales, where a
+    saturated bias would be badly wrong.
+    """
+    initializers = model.graph.initializers
+    overflow = {}
+    for b in plan.biases:
+        scale, _ = bias_encoding(encodings[b.input_quantizer], encodings[b.weight_quantizer])
+        bias = const_array(initializers[b.name])
+        assert bias is not None
+        if not bias_fits(bias, scale):
+            overflow[b.name] = (f"bias of '{b.node}' overflows int32 with scale input x weight scale "
+                                f"(min {float(scale.min()):.3g}); kept float")
+    if not overflow:
+        return plan
+    return dataclasses.replace(
+        plan,
+        biases=tuple(b for b in plan.biases if b.name not in overflow),
+        skipped=types.MappingProxyType({**plan.skipped, **overflow}),
+    )
+
+
+def lower(state: SimState, *, deploy: bool = False) -> ir.Model:
+    """The simulation graph: float weights + Q/DQ (``deploy=False``), or the deployable graph with
+    integer weights behind DequantizeLinear (``deploy=True``)."""
+    return InsertQDQPass(state.effective_plan, state.encodings, fold_weights=deploy)(state.float_model).model
+
+
+def apply_weights(state: SimState, weights: Mapping[str, np.ndarray], scheme: Scheme = Scheme.MINMAX) -> SimState:
+    """A state with new float weights (e.g. trained ones); weight encodings follow the weights.
+
+    The new state has its own copy of the model graph; tensors that did not change are shared.
+    """
+    initializers = state.float_model.graph.initializers
+    checked = {}
+    for name, array in weights.items():
+        if name not in initializers:
+            raise ModelError(f"no initializer named '{name}' in the model")
+        old = initializers[name].const_value
+        assert old is not None
+        array = np.asarray(array)
+        if tuple(array.shape) != tuple(old.shape.numpy()):
+            raise ModelError(f"initializer '{name}': shape {tuple(array.shape)} differs from {tuple(old.shape)}")
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise ModelError(f"initializer '{name}': values are not all finite")
+        checked[name] = array.astype(old.dtype.numpy())
+    model = state.float_model.clone()
+    for name, array in checked.items():
+        model.graph.initializers[name].const_value = ir.tensor(array, name=name)
+    changed = [p for p in state.plan.params if p.name in checked]
+    encodings = encode_weights(model, dataclasses.replace(state.plan, params=tuple(changed)), scheme)
+    return SimState(model, state.plan, {**state.encodings, **encodings})
+
+
+def bind_encodings(parsed: ParsedEncodings, state: SimState, where: str = "encodings") -> dict[str, Encoding]:
+    """Encodings of a parsed file for every quantizer of ``state.plan`` (validated).
+
+    Every quantizer of the plan must get an encoding; a name that is no tensor of the model is an
+    error. Bitwidth and symmetry come from the file.
+    """
+    known = set(values_by_name(state.float_model.graph))
+    unknown = sorted(n for n in [*parsed.activations, *parsed.params, *parsed.biases] if n not in known)
+    if unknown:
+        raise EncodingsError(f"{where}: tensor(s) not in the model: {unknown[:5]}")
+    encodings = {}
+    missing = []
+    for q in state.plan.activations:
+        found = [parsed.activations[t] for t in q.tensors if t in parsed.activations]
+        if not found:
+            missing.append(q.name)
+            continue
+        if any(not f.equals(found[0]) for f in found[1:]):
+            raise EncodingsError(f"{where}: tied tensors of '{q.name}' carry different encodings")
+        encodings[q.name] = found[0]
+    for p in state.plan.params:
+        enc = parsed.params.get(p.name)
+        if enc is None:
+            missing.append(p.name)
+            continue
+        weight = state.float_model.graph.initializers[p.name]
+        channels = weight.shape[p.spec.axis] if p.spec.axis is not None and weight.shape is not None else None
+        if channels == 1 and not enc.per_channel:  # 0.6.1 cannot tell one channel from per-tensor
+            enc = dataclasses.replace(enc, scale=enc.scale.reshape(1), zero_point=enc.zero_point.reshape(1),
+                                      axis=p.spec.axis)
+        if p.spec.axis is not None and enc.per_channel:
+            if channels != enc.scale.shape[0]:
+                raise EncodingsError(
+                    f"{where}: '{p.name}' has {enc.scale.shape[0]} channel encodings, the weight has {channels}"
+                )
+            enc = enc.with_axis(p.spec.axis)
+        elif enc.per_channel:
+            raise EncodingsError(f"{where}: '{p.name}' is per-channel in the file, per-tensor in the sim")
+        elif p.spec.axis is not None:
+            raise EncodingsError(f"{where}: '{p.name}' is per-tensor in the file, per-channel in the sim")
+        encodings[p.name] = enc
+    if missing:
+        raise EncodingsError(f"{where}: no encoding for quantized tensor(s) {missing[:5]}")
+    return encodings
+
+
+def encodings_document(state: SimState, quantizer_args: Mapping[str, Any], excluded: Iterable[str] = (),
+                       version: str = "1.0.0") -> dict[str, Any]:
+    """The AIMET encodings document of a calibrated state."""
+    return to_aimet(state.effective_plan, state.encodings, state.bias_scales(), version=version,
+                    quantizer_args=dict(quantizer_args), excluded_layers=sorted(excluded))
+
+
+def export(
+    state: SimState,
+    out_dir: str | os.PathLike[str],
+    float16: Float16Record,
+    document: Mapping[str, Any],
+    prefix: str = "model",
+) -> dict[str, str]:
+    """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` as one set."""
+    state.require_calibrated()
+    if not prefix or os.sep in prefix or prefix in (".", ".."):
+        raise ConfigError(f"invalid export prefix {prefix!r}")
+    deploy = lower(state, deploy=True)
+    float_model = state.float_model
+    if float16:
+        float_model = restore_float16(float_model, float16)
+        deploy = cast_interface(deploy, float16)
+    with staged_outputs(out_dir) as stage:
+        for staged in save_model(float_model, stage.path(f"{prefix}.onnx")):
+            stage.add(staged)
+        enc_path = stage.path(f"{prefix}.encodings")
+        with open(enc_path, "w", encoding="utf-8") as f:
+            f.write(dumps(document))
+        stage.add(enc_path)
+        for staged in save_model(deploy, stage.path(f"{prefix}_qdq.onnx")):
+            stage.add(staged)
+    out = os.fspath(out_dir)
+    return {
+        "float": os.path.join(out, f"{prefix}.onnx"),
+        "encodings": os.path.join(out, f"{prefix}.encodings"),
+        "qdq": os.path.join(out, f"{prefix}_qdq.onnx"),
+    }

@@ -1,0 +1,114 @@
+"""Frozen, validated options of quantization-aware training."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+from onnxqat.errors import ConfigError
+
+__all__ = ["Loss", "Optimizer", "TrainOptions", "default_epochs", "MIN_STEPS"]
+
+# Fewer optimizer steps than this rarely move a quantized model anywhere useful (a small CNN got
+# worse than PTQ after 4 steps at lr 1e-4): below it the trainer warns.
+MIN_STEPS = 50
+# Steps the default number of epochs aims at.
+TARGET_STEPS = 300
+MAX_DEFAULT_EPOCHS = 20
+
+
+class _Choice(str, enum.Enum):
+    @classmethod
+    def parse(cls, value: str | _Choice, what: str) -> _Choice:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(m.value for m in cls)}") from None
+
+
+class Loss(_Choice):
+    """What the training minimises."""
+
+    CROSS_ENTROPY = "cross_entropy"  # integer labels
+    MSE = "mse"                      # float targets
+    DISTILL = "distill"              # match the float model; no labels needed
+
+
+class Optimizer(_Choice):
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+def _finite(name: str, value: float, *, positive: bool = False, low: float | None = None,
+            high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if positive and not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+    if low is not None and value < low or high is not None and value > high:
+        raise ConfigError(f"{name} must be in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """How to fine-tune a simulation.
+
+    Attributes:
+        loss: See :class:`Loss`.
+        optimizer: ``adamw`` or ``sgd``.
+        lr: Learning rate (AdamW's default 1e-5 suits fine-tuning a trained float model).
+        weight_decay: AdamW weight decay.
+        range_learning: Train activation scales and zero points (LSQ) instead of keeping the
+            calibrated ones. Weight encodings always follow the weights.
+        encoding_lr_scale: How much faster than the weights encodings move under range learning.
+        output_index: Model output the loss reads.
+        label_key, target_key: Batch keys of labels (cross-entropy) and targets (MSE).
+        temperature: Distillation temperature.
+        freeze: Initializer or node names whose parameters are not trained.
+        train_last_n: Train only the parameters of the last N layers (nodes with weights).
+        threads: onnxruntime intra-op threads (None: onnxruntime's choice).
+        quantized: False trains the float model without any quantizer (a baseline for benchmarks).
+    """
+
+    loss: Loss = Loss.CROSS_ENTROPY
+    optimizer: Optimizer = Optimizer.ADAMW
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    range_learning: bool = False
+    encoding_lr_scale: float = 10.0
+    output_index: int = 0
+    label_key: str = "label"
+    target_key: str = "target"
+    temperature: float = 2.0
+    freeze: tuple[str, ...] = ()
+    train_last_n: int | None = None
+    threads: int | None = None
+    quantized: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loss", Loss.parse(self.loss, "loss"))
+        object.__setattr__(self, "optimizer", Optimizer.parse(self.optimizer, "optimizer"))
+        object.__setattr__(self, "lr", _finite("learning rate", self.lr, positive=True))
+        if self.lr > 1.0:
+            raise ConfigError(f"learning rate {self.lr:g} is far outside what fine-tuning uses (1e-6 to 1e-2)")
+        object.__setattr__(self, "weight_decay", _finite("weight decay", self.weight_decay, low=0.0, high=1.0))
+        object.__setattr__(self, "encoding_lr_scale",
+                           _finite("encoding_lr_scale", self.encoding_lr_scale, positive=True))
+        object.__setattr__(self, "temperature", _finite("distillation temperature", self.temperature, positive=True))
+        object.__setattr__(self, "freeze", tuple(self.freeze))
+        if not all(isinstance(n, str) for n in self.freeze):
+            raise ConfigError("freeze must be a list of initializer or node names")
+        for name, value, low in (("train_last_n", self.train_last_n, 1), ("threads", self.threads, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.output_index, bool) or not isinstance(self.output_index, int):
+            raise ConfigError(f"output_index must be an integer, got {self.output_index!r}")
+
+
+def default_epochs(steps_per_epoch: int) -> int:
+    """Epochs that give about :data:`TARGET_STEPS` optimizer steps (1 to 20)."""
+    if steps_per_epoch < 1:
+        return 1
+    return max(1, min(MAX_DEFAULT_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
