@@ -49,7 +49,7 @@ class Progress:
             bar.close()
             return
         start = last = time.perf_counter()
-        next_fraction = 0.1
+        next_tenth = 1
         done = 0
         for item in self.items:
             yield item
@@ -57,10 +57,10 @@ class Progress:
             if self.mode == "off":
                 continue
             now = time.perf_counter()
-            due = (self.total and done / self.total >= next_fraction) or (not self.total and now - last >= _PLAIN_EVERY_S)
+            due = (self.total and done * 10 >= next_tenth * self.total) or (not self.total and now - last >= _PLAIN_EVERY_S)
             if due or (self.total and done == self.total):
-                while self.total and done / self.total >= next_fraction:
-                    next_fraction += 0.1
+                while self.total and done * 10 >= next_tenth * self.total:
+                    next_tenth += 1
                 last = now
                 of = f"/{self.total}" if self.total else ""
                 extra = self.postfix()

@@ -1,0 +1,168 @@
+"""Training on graphs as real exporters write them: symbolic shapes, ops without gradients, crashes
+of the training runtime, and the trainer's feedback (warnings, agreement, fixed batch shapes)."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import make_model, tensor
+from onnxqat import QuantizationSimModel
+from onnxqat.errors import DataError, ModelError
+from onnxqat.passes.shapes import ConcreteShapesPass, is_static
+from onnxqat.train.canary import locate_crash, run_canary
+
+f32 = np.float32
+
+
+def pooled_conv(n: str | int = "N"):
+    """Conv -> AveragePool: onnxruntime-training sizes AveragePoolGrad from the static input shape."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("AveragePool", ["r"], ["p"], name="pool", kernel_shape=[7, 7]),
+             helper.make_node("Flatten", ["p"], ["y"], name="flat")]
+    return make_model(nodes, [tensor("x", [n, 4, 7, 7])], [tensor("y", [n, 8])],
+                      {"w": (rng.normal(size=(8, 4, 1, 1)) * 0.5).astype(f32), "b": rng.normal(size=8).astype(f32)})
+
+
+def test_canary_turns_a_runtime_crash_into_the_crashing_node():
+    """The graph that killed training on the tf2onnx open-nsfw model, before shapes were made
+    concrete: a symbolic batch gives AveragePoolGrad an empty output and ConvGrad divides by 0."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("AveragePool", ["c"], ["p"], name="pool", kernel_shape=[7, 7]),
+             helper.make_node("Mul", ["p", "p"], ["sq"], name="sq"),
+             helper.make_node("ReduceSum", ["sq"], ["loss"], name="sum", keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 7, 7])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+                              [numpy_helper.from_array(rng.normal(size=(8, 4, 1, 1)).astype(f32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    with tempfile.TemporaryDirectory() as work:
+        result = run_canary(work, model.SerializeToString(), ["w"], "sgd", 0.0,
+                            {"x": rng.normal(size=(4, 4, 7, 7)).astype(f32)})
+        assert not result["ok"] and result["signal"] == "SIGFPE" and result["stage"] == "step"
+        index, name, op_type = locate_crash(work)
+    assert op_type == "ConvGrad" and name.startswith("conv")
+
+
+def test_the_same_graph_trains_with_concrete_shapes():
+    sim = QuantizationSimModel(pooled_conv(), per_channel=True)
+    rng = np.random.default_rng(1)
+    sim.compute_encodings([{"x": rng.uniform(0, 1, size=(8, 4, 7, 7)).astype(f32)}], progress=False)
+    trainer = sim.trainer(loss="distill", lr=1e-3)
+    before = trainer.predict({"x": rng.uniform(0, 1, size=(8, 4, 7, 7)).astype(f32)})
+    assert before.shape == (8, 8)
+    losses = [trainer.step({"x": rng.uniform(0, 1, size=(8, 4, 7, 7)).astype(f32)}).loss for _ in range(3)]
+    assert all(np.isfinite(losses))
+    # every value of the training graph has a static shape, the exported model keeps its own
+    assert all(is_static(v.shape) for n in trainer.graph.model.graph for v in n.outputs if v.shape is not None)
+    assert sim.float_model.graph.inputs[0].shape[0] == "N"
+
+
+def test_concrete_shapes_from_inference_and_from_a_profiled_run():
+    """``Shape -> Range -> Expand`` shapes are only known at run time."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "one"], ["n"], name="gather", axis=0),
+             helper.make_node("Range", ["zero", "n", "step"], ["idx"], name="range"),
+             helper.make_node("Cast", ["idx"], ["idxf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "idxf"], ["y"], name="add")]
+    model = make_model(nodes, [tensor("x", ["B", "T"])], [tensor("y", ["B", "T"])],
+                       {"one": np.array(1, np.int64), "zero": np.array(0, np.int64), "step": np.array(1, np.int64)})
+    ir_model = ir.from_proto(model)
+    result = ConcreteShapesPass({"x": np.zeros((3, 5), f32)})(ir_model)
+    shapes = {v.name: tuple(v.shape) for n in ir_model.graph for v in n.outputs}
+    assert shapes["idx"] == (5,) and shapes["y"] == (3, 5) and shapes["s"] == (2,)
+    assert result.from_run >= 1 and not result.unresolved
+
+
+def hard_act_model():
+    """Conv -> HardSwish -> Conv -> PRelu -> HardSigmoid: three ops without a gradient builder."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["c1"], ["h"], name="hswish"),
+             helper.make_node("Conv", ["h", "w2"], ["c2"], name="conv2"),
+             helper.make_node("PRelu", ["c2", "slope"], ["pr"], name="prelu"),
+             helper.make_node("HardSigmoid", ["pr"], ["y"], name="hsig", alpha=0.2, beta=0.5)]
+    return make_model(nodes, [tensor("x", ["N", 3, 6, 6])], [tensor("y", ["N", 4, 6, 6])],
+                      {"w1": (rng.normal(size=(4, 3, 3, 3)) * 0.4).astype(f32),
+                       "w2": (rng.normal(size=(4, 4, 1, 1)) * 0.4).astype(f32),
+                       "slope": np.full((4, 1, 1), 0.25, f32)}, opset=14)
+
+
+def test_ops_without_gradients_are_decomposed_and_train():
+    sim = QuantizationSimModel(hard_act_model(), per_channel=True)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 3, 6, 6)).astype(f32)
+    sim.compute_encodings([{"x": x}], progress=False)
+    trainer = sim.trainer(loss="mse", target_key="t", lr=1e-3)
+    assert set(trainer.graph.decomposed.values()) == {"HardSwish", "PRelu", "HardSigmoid"}
+    target = {"x": x, "t": np.zeros((8, 4, 6, 6), f32)}
+    first = trainer.step(target).loss
+    for _ in range(20):
+        last = trainer.step(target).loss
+    assert last < first  # gradients flow through the decomposed ops to both convolutions
+
+
+def test_an_op_nothing_decomposes_is_refused_before_any_work(monkeypatch):
+    import onnxqat.train.decompose as decompose
+
+    rules = dict(decompose.DECOMPOSITIONS)
+    del rules["HardSwish"]
+    monkeypatch.setattr(decompose, "DECOMPOSITIONS", rules)
+    sim = QuantizationSimModel(hard_act_model())
+    sim.compute_encodings([{"x": np.ones((2, 3, 6, 6), f32)}], progress=False)
+    with pytest.raises(ModelError) as e:
+        sim.trainer(loss="distill")
+    message = str(e.value)
+    assert "'hswish'" in message and "HardSwish" in message and "--freeze" in message and "\n" not in message
+
+
+def test_batches_of_another_shape():
+    sim = QuantizationSimModel(pooled_conv(), per_channel=True)
+    rng = np.random.default_rng(4)
+    sim.compute_encodings([{"x": rng.uniform(0, 1, size=(8, 4, 7, 7)).astype(f32)}], progress=False)
+    batches = [{"x": rng.uniform(0, 1, size=(n, 4, 7, 7)).astype(f32)} for n in (8, 8, 8, 3)]
+    with sim.trainer(loss="distill", lr=1e-4) as trainer:
+        with pytest.warns(RuntimeWarning, match="only 4 optimizer steps"):
+            (stats,) = trainer.fit(batches, epochs=1, progress=False)
+        assert stats.steps == 3 and stats.skipped == 3
+        with pytest.raises(DataError, match="built for \\[8, 4, 7, 7\\]"):
+            trainer.fit([{"x": np.ones((16, 4, 7, 7), f32)}], epochs=2, progress=False)
+
+
+def test_evaluation_with_distillation_reports_agreement_with_the_float_model():
+    sim = QuantizationSimModel(pooled_conv(), param_bw=4, per_channel=True)
+    rng = np.random.default_rng(5)
+    data = [{"x": rng.uniform(0, 1, size=(8, 4, 7, 7)).astype(f32)} for _ in range(4)]
+    sim.compute_encodings(data, progress=False)
+    with sim.trainer(loss="distill", lr=1e-3) as trainer:
+        metrics = trainer.evaluate(data)
+        float_model = QuantizationSimModel(pooled_conv(), config={"defaults": {"ops": {"is_output_quantized": False},
+                                                                            "params": {"is_quantized": False}},
+                                                                "model_input": {"is_input_quantized": False},
+                                                                "model_output": {"is_output_quantized": False}})
+        ref = np.concatenate([float_model.run(b)[0] for b in data])
+        got = np.concatenate([sim.run(b)[0] for b in data])
+        expected = (ref.argmax(-1) == got.argmax(-1)).mean()
+        noise = np.mean((ref.astype(np.float64) - got) ** 2)
+        assert metrics["top1_agreement"] == pytest.approx(expected)
+        assert metrics["sqnr_db"] == pytest.approx(10 * np.log10(np.mean(ref.astype(np.float64) ** 2) / noise), rel=1e-6)
+        assert "accuracy" not in metrics  # no labels
+
+
+def test_plain_progress_lines_when_not_a_terminal(capsys):
+    sim = QuantizationSimModel(pooled_conv(), per_channel=True)
+    rng = np.random.default_rng(6)
+    sim.compute_encodings([{"x": rng.uniform(0, 1, size=(4, 4, 7, 7)).astype(f32)}], progress=False)
+    batches = [{"x": rng.uniform(0, 1, size=(4, 4, 7, 7)).astype(f32)} for _ in range(10)]
+    with sim.trainer(loss="distill") as trainer, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(batches, epochs=1)  # progress=None: pytest's stderr is not a TTY
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 1:")]
+    assert len(lines) == 10 and lines[-1].startswith("epoch 1: 10/10 batches") and "loss" in lines[-1]
