@@ -94,11 +94,11 @@ def prepare(key: str, work: str, n_calib: int, n_test: int) -> dict:
     raise SystemExit(f"error: unknown model {key!r}")
 
 
-def run_child(cmd: list[str], log: str, timeout: float) -> dict:
+def run_child(cmd: list[str], log: str, timeout: float, cwd: str = REPO, env: dict | None = None) -> dict:
     """Run to exit; wall seconds, ru_maxrss (MiB) of that child from os.wait4, exit status."""
     with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, env=env)
         deadline = start + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -210,10 +210,14 @@ def quantize(tool: str, spec: dict, wbits: int, out: str, args: argparse.Namespa
         if method == "adaround":
             cmd += ["--adaround-iters", str(args.adaround_iters)]
     common.progress("peers", f"{tool}: {shlex.join(cmd)}")
-    run = run_child(cmd, log, args.timeout)
+    env = None
+    if tool == "onnxqat" and args.onnxqat_src:
+        env = dict(os.environ, PYTHONPATH=args.onnxqat_src)
+    # peers run in OUT: Quark writes quantized_info.csv into its working directory
+    run = run_child(cmd, log, args.timeout, cwd=REPO if tool == "onnxqat" else out, env=env)
     rj = os.path.join(out, "result.json")
     if tool == "onnxqat":
-        result = {"tool": "onnxqat", "version": str(common.code_state()), "status": "ok" if run["returncode"] == 0 else "failed",
+        result = {"tool": "onnxqat", "version": args.onnxqat_version, "status": "ok" if run["returncode"] == 0 else "failed",
                   "settings": {"cli": "onnxqat quantize --per-channel" + (f" --param-bw {wbits}" if wbits != 8 else ""),
                                "scheme": "minmax (default)", "config": "onnxruntime (default)"},
                   "files": {f: os.path.getsize(os.path.join(out, f)) for f in sorted(os.listdir(out))
@@ -252,11 +256,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-test", type=int, default=32, help="held-out samples for generated data")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--latency-runs", type=int, default=10)
+    p.add_argument("--onnxqat-src", default="",
+                   help="run onnxqat from this folder (PYTHONPATH), e.g. a `git archive HEAD onnxqat` snapshot, so "
+                        "uncommitted changes in the shared checkout do not leak into the numbers")
     p.add_argument("--reuse", action="store_true",
                    help="keep cells (OUT/cell.json) that succeeded in an earlier run into the same --work-dir")
     p.add_argument("--skip", default="", help="comma list of model/setting/tool triples to skip, e.g. ppocr-rec/w4a8/aimet-adaround")
     args = p.parse_args(argv)
     start = common.run_start("bench_peers.py", argv)
+    if args.onnxqat_src:
+        args.onnxqat_src = os.path.abspath(args.onnxqat_src)
+        stamp = os.path.join(args.onnxqat_src, "SNAPSHOT")
+        snap = open(stamp).read().strip() if os.path.exists(stamp) else "?"
+        args.onnxqat_version = f"snapshot {snap} in {args.onnxqat_src}"
+    else:
+        args.onnxqat_version = str(common.code_state())
     models = args.models.split(",")
     settings = args.settings.split(",")
     tools = args.tools.split(",")
@@ -284,10 +298,31 @@ def main(argv: list[str] | None = None) -> None:
                 common.progress("peers", f"{key} {setting} {tool}: {r.get('status')} wall {r['wall_s']:.1f}s "
                                          f"rss {r['child_peak_rss_mib']:.0f}MiB {r.get('error', '')}")
             for label, extra in (("deployed", ["--latency-runs", str(args.latency_runs)]), ("reference", ["--no-optimize"])):
-                cmd = [DEPLOY_PY, os.path.join(PEERS, "_score.py"), "--float", spec["model"], "--data", spec["test"],
-                       "--metric", spec["metric"], "--output-index", str(spec["output_index"]),
-                       "--batch-size", str(spec["batch"]), *extra, *[f"{t}={q}" for t, q in qdqs.items()]]
-                scores[(key, setting, label)] = common.run_json(cmd)
+                # with --reuse, a reused cell keeps its scores (OUT/score_<label>.json) and only new ones are scored
+                cached = {}
+                if args.reuse:
+                    for t, q in qdqs.items():
+                        path = os.path.join(os.path.dirname(q), f"score_{label}.json")
+                        if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(q):
+                            with open(path) as f:
+                                cached[t] = json.load(f)
+                todo = {t: q for t, q in qdqs.items() if t not in cached}
+                float_cache = os.path.join(args.work_dir, key.replace(":", "_"), setting, f"float_{label}.json")
+                if todo or not os.path.exists(float_cache):
+                    cmd = [DEPLOY_PY, os.path.join(PEERS, "_score.py"), "--float", spec["model"], "--data", spec["test"],
+                           "--metric", spec["metric"], "--output-index", str(spec["output_index"]),
+                           "--batch-size", str(spec["batch"]), *extra, *[f"{t}={q}" for t, q in todo.items()]]
+                    got = common.run_json(cmd)
+                    with open(float_cache, "w") as f:
+                        json.dump({k: v for k, v in got.items() if k != "models"}, f)
+                    for t, q in todo.items():
+                        with open(os.path.join(os.path.dirname(q), f"score_{label}.json"), "w") as f:
+                            json.dump(got["models"][t], f)
+                else:
+                    with open(float_cache) as f:
+                        got = dict(json.load(f), models={})
+                got["models"] = {**cached, **got["models"]}
+                scores[(key, setting, label)] = got
             scores[(key, setting, "float_size")] = os.path.getsize(spec["model"])
     write_report(args, start, rows, scores, models, settings)
 
@@ -364,6 +399,7 @@ def write_report(args, start, rows, scores, models, settings) -> None:
         common.venv_line("aimet venv", PEER_PY["aimet"], ["aimet_onnx", "onnxruntime", "onnx", "torch"]),
         common.venv_line("nncf venv", PEER_PY["nncf"], ["nncf", "onnxruntime", "onnx"]),
         common.venv_line("quark venv", PEER_PY["quark"], ["onnxruntime", "onnx", "torch"]),
+        f"onnxqat measured: {args.onnxqat_version}",
         f"work dir (all outputs, logs, result.json per cell): {args.work_dir}",
     ]
     lines += [f"- {e}" for e in env]
