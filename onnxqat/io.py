@@ -80,13 +80,16 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > MAX_OPSET or proto.ir_version > MAX_IR_VERSION:
         return _convert_down(proto, path, opset)
+    external = _has_external(proto)
     try:
-        onnx.checker.check_model(path if _has_external(proto) else proto)
+        onnx.checker.check_model(path if external else proto)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{path}: fails the ONNX checker: {first}") from None
+    if not external:
+        return ir.from_proto(proto)  # what ir.load gives, without parsing the file again
     model = ir.load(path)
-    if _has_external(proto) and model_bytes_size(model) < PROTO_LIMIT:
+    if model_bytes_size(model) < PROTO_LIMIT:
         _materialize(model)
     return model
 

@@ -29,8 +29,12 @@ __all__ = ["MIN_OPSET", "UpgradeOpsetPass", "canonical_passes"]
 MIN_OPSET = 13
 
 
-class UpgradeOpsetPass(ir.passes.FunctionalPass):
-    """Convert the default-domain opset up to ``target`` with onnx's version converter."""
+class UpgradeOpsetPass(ir.passes.InPlacePass):
+    """Convert the default-domain opset up to ``target`` with onnx's version converter.
+
+    In place: a model already at ``target`` or above is left as it is (no copy of the graph);
+    an upgraded one takes the converted graph and model fields.
+    """
 
     def __init__(self, target: int = MIN_OPSET) -> None:
         super().__init__()
@@ -39,7 +43,7 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         current = opset_version(model)
         if current >= self.target:
-            return ir.passes.PassResult(model.clone(), modified=False)
+            return ir.passes.PassResult(model, modified=False)
         tensors = {name: v.const_value for name, v in model.graph.initializers.items()}
         try:
             converted = call_with_light_proto(
@@ -60,10 +64,26 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
                 value.const_value = tensor
             if name not in new.graph.initializers:
                 new.graph.register_initializer(value)
-        return ir.passes.PassResult(new, modified=True)
+        _adopt(model, new)
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _adopt(model: ir.Model, new: ir.Model) -> None:
+    """Make ``model`` the same model as ``new`` (its graph and every model-level field)."""
+    model.graph = new.graph
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string",
+                  "device_configurations"):
+        setattr(model, field, getattr(new, field))
+    model.functions.clear()
+    model.functions.update(new.functions)
+    model.metadata_props.clear()
+    model.metadata_props.update(new.metadata_props)
+    model.meta.clear()
+    model.meta.update(new.meta)
 
 
 def canonical_passes() -> ir.passes.PassManager:
+    """The passes above, in order; all in place (the model passed in is the one returned)."""
     return ir.passes.PassManager(
         [
             LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),

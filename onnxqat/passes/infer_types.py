@@ -60,7 +60,47 @@ class InferShapesPass(ir.passes.InPlacePass):
         except Exception as e:  # onnx raises several error types; the model stays as it is
             logger.warning("Shape inference failed: %s. Model is left unchanged", e)
             return ir.passes.PassResult(model, False)
-        return ir.passes.PassResult(model, _merge_inferred(model, ir.serde.deserialize_model(inferred)))
+        if _has_subgraphs(inferred.graph):
+            return ir.passes.PassResult(model, _merge_inferred(model, ir.serde.deserialize_model(inferred)))
+        return ir.passes.PassResult(model, _merge_inferred_flat(model.graph, inferred.graph))
+
+
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    graph_types = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(attr.type in graph_types for node in graph.node for attr in node.attribute)
+
+
+def _merge_inferred_flat(graph: ir.Graph, inferred: onnx.GraphProto) -> bool:
+    """:func:`_merge_inferred` for a graph without subgraphs, reading the inferred types straight
+    from the protobuf instead of deserializing the whole inferred model (which costs more than
+    the inference itself).
+
+    The value infos apply as deserialization applies them: a graph input's from the inputs, a
+    node output's from ``value_info``, then a graph output's from the outputs, last one winning.
+    """
+    produced = {name for node in inferred.node for name in node.output if name}
+    infos: dict[str, onnx.ValueInfoProto] = {info.name: info for info in inferred.input}
+    infos.update((info.name, info) for info in inferred.value_info if info.name in produced)
+    infos.update((info.name, info) for info in inferred.output)
+    known = produced | infos.keys() | {t.name for t in inferred.initializer}
+    known.update(name for node in inferred.node for name in node.input if name)
+    modified = False
+    for name, value in ir.convenience.create_value_mapping(graph).items():
+        info = infos.get(name)
+        if info is None:
+            if name not in known:
+                logger.warning("Value %s not found in inferred graph %s", name, inferred.name)
+            continue
+        shape = ir.serde.deserialize_type_proto_for_shape(info.type)
+        type_ = ir.serde.deserialize_type_proto_for_type(info.type)
+        dtype = type_.dtype if type_ is not None else None
+        if shape is not None and value.shape != shape:
+            value.shape = shape
+            modified = True
+        if dtype is not None and value.dtype != dtype:
+            value.dtype = dtype
+            modified = True
+    return modified
 
 
 def _merge_inferred(model: ir.Model, inferred: ir.Model) -> bool:
