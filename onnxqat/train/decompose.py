@@ -78,7 +78,15 @@ _PARAMETER_INPUTS: dict[str, frozenset[int]] = {
     "BatchNormalization": frozenset({3, 4}), "Dropout": frozenset({1}), "RoiAlign": frozenset({1}),
     "Pow": frozenset({1}), "DequantizeLinear": frozenset({1}), "CastLike": frozenset({1}),
     "Range": frozenset({0, 1, 2}), "ConstantOfShape": frozenset({0}), "EyeLike": frozenset({0}),
+    "FakeQuant": frozenset({1, 2}),
 }
+# Ops whose outputs are never float, and where an output's type comes from another input than 0.
+_NON_FLOAT_OUTPUTS = frozenset({
+    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not", "IsNaN", "IsInf",
+    "Shape", "Size", "NonZero", "ArgMax", "ArgMin", "NonMaxSuppression", "StringNormalizer", "RegexFullMatch",
+})
+_INDEX_OUTPUTS: dict[str, int] = {"TopK": 1, "MaxPool": 1, "Unique": 1}
+_TYPE_SOURCE: dict[str, int] = {"Where": 1, "OneHot": 2, "CastLike": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -939,6 +947,217 @@ def _check_explicit_pads(ctx: RewriteContext) -> str | None:
     return None
 
 
+def _pool_geometry(ctx: RewriteContext) -> tuple[list[int], list[int], list[int], list[int], list[int]] | str:
+    """kernel, strides, dilations, begin and end pads of a pooling node (SAME made explicit)."""
+    kernel = [int(k) for k in ctx.attr("kernel_shape", [])]
+    if not kernel:
+        return "no kernel_shape"
+    k = len(kernel)
+    strides = [int(v) for v in ctx.attr("strides", [1] * k)]
+    dilations = [int(v) for v in ctx.attr("dilations", [1] * k)]
+    auto_pad = ctx.attr("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        dims = ctx.static_dims(ctx.input(0))
+        if dims is None or any(d is None or d <= 0 for d in dims[2:]):  # _windows pads at run time
+            return kernel, strides, dilations, [0] * k, [0] * k
+        pads = _same_pads(ctx, kernel)
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * k)
+    else:
+        pads = [int(v) for v in ctx.attr("pads", [0] * (2 * k))]
+    return kernel, strides, dilations, pads[:k], pads[k:]
+
+
+def _same_at_run_time(ctx: RewriteContext) -> bool:
+    dims = ctx.static_dims(ctx.input(0))
+    return ctx.attr("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER") and (
+        dims is None or any(d is None or d <= 0 for d in dims[2:]))
+
+
+def _pool_sizes(ctx: RewriteContext, x: ir.Value, geometry: tuple[list[int], ...]) -> list[ir.Value]:
+    """Output size per spatial axis, in int64 from ``Shape`` (any spatial size works).
+
+    ``o = floor((n + b + e - span) / s) + 1``; with ``ceil_mode`` the ceiling, minus a last window
+    that would start in the end padding (as onnxruntime counts them); ``ceil(n / s)`` for SAME.
+    """
+    kernel, strides, dilations, begins, ends = geometry
+    ceil_mode = int(ctx.attr("ceil_mode", 0)) == 1
+    i64 = lambda v: ctx.b.const(np.asarray([v], np.int64), np.int64, "i")  # noqa: E731
+    sizes = []
+    for i in range(len(kernel)):
+        n = ctx.dim(x, 2 + i)
+        if _same_at_run_time(ctx):
+            sizes.append(ctx.op("Div", [ctx.op("Add", [n, i64(strides[i] - 1)]), i64(strides[i])]))
+            continue
+        span = (kernel[i] - 1) * dilations[i] + 1
+        num = ctx.op("Add", [n, i64(begins[i] + ends[i] - span + (strides[i] - 1 if ceil_mode else 0))])
+        o = ctx.op("Add", [ctx.op("Div", [num, i64(strides[i])]), i64(1)])
+        if ceil_mode:
+            start_last = ctx.op("Mul", [ctx.op("Sub", [o, i64(1)]), i64(strides[i])])
+            late = ctx.op("Not", [ctx.op("Less", [start_last, ctx.op("Add", [n, i64(begins[i])])])])
+            o = ctx.op("Sub", [o, ctx.op("Cast", [late], to=ir.DataType.INT64)])
+        sizes.append(o)
+    return sizes
+
+
+def _windows(ctx: RewriteContext, x: ir.Value, pad_value: float, geometry: tuple[list[int], ...],
+             sizes: Sequence[ir.Value], data: ir.Value | None = None) -> list[ir.Value]:
+    """The pooling windows: strided Slices of ``x`` padded with ``pad_value`` (plus ``s - 1`` at the
+    end under ``ceil_mode``, so every window exists; the slices stop after ``sizes`` windows).
+
+    SAME padding with a run-time size pads by its largest amount (``span - 1`` in total) and starts
+    the slices at ``largest begin - begin(n)``, ``begin(n)`` computed from ``data``'s shape.
+    """
+    kernel, strides, dilations, begins, ends = geometry
+    k = len(kernel)
+    ceil_mode = int(ctx.attr("ceil_mode", 0)) == 1
+    i64 = lambda v: ctx.b.const(np.asarray([v], np.int64), np.int64, "i")  # noqa: E731
+    shift: list[ir.Value | None] = [None] * k
+    if _same_at_run_time(ctx):
+        upper = ctx.attr("auto_pad") == "SAME_UPPER"
+        begins, ends = [], []
+        for i in range(k):
+            span = (kernel[i] - 1) * dilations[i] + 1
+            most = span - 1
+            begins.append(most // 2 if upper else most - most // 2)
+            ends.append(most - begins[-1])
+            n = ctx.dim(data if data is not None else x, 2 + i)
+            total = ctx.op("Max", [ctx.op("Sub", [ctx.op("Add", [ctx.op("Mul", [ctx.op("Sub", [sizes[i], i64(1)]),
+                                                                              i64(strides[i])]), i64(span)]), n]), i64(0)])
+            half = ctx.op("Div", [total, i64(2)])
+            begin = half if upper else ctx.op("Sub", [total, half])
+            shift[i] = ctx.op("Sub", [i64(begins[-1]), begin])
+    pads = [0, 0, *begins, 0, 0, *[e + (s - 1 if ceil_mode else 0) for e, s in zip(ends, strides)]]
+    padded = x if not any(pads) else ctx.op("Pad", [x, ctx.ints(pads), ctx.const(pad_value)])
+    axes = ctx.ints(list(range(2, 2 + k)))
+    steps = ctx.ints(strides)
+    views = []
+    for offset in np.ndindex(*kernel):
+        starts: list[ir.Value] = []
+        stops: list[ir.Value] = []
+        for i in range(k):
+            start = i64(int(offset[i]) * dilations[i])
+            if shift[i] is not None:
+                start = ctx.op("Add", [start, shift[i]])
+            starts.append(start)
+            stops.append(ctx.op("Add", [ctx.op("Add", [ctx.op("Mul", [ctx.op("Sub", [sizes[i], i64(1)]), i64(strides[i])]),
+                                                       i64(1)]), start]))
+        views.append(ctx.op("Slice", [padded, ctx.op("Concat", starts, axis=0), ctx.op("Concat", stops, axis=0), axes,
+                                      steps]))
+    return views
+
+
+def _rw_max_pool(ctx: RewriteContext) -> list[ir.Value | None]:
+    """Max over the window slices, first maximum kept (``where(t > m, t, m)``): onnxruntime's
+    MaxPoolGrad is wrong with symbolic spatial dims. Pads are -inf. An Indices output comes
+    from the native op (integers need no gradient)."""
+    x = ctx.input(0)
+    assert x is not None
+    geometry = _pool_geometry(ctx)
+    assert not isinstance(geometry, str)
+    views = _windows(ctx, x, -np.inf, geometry, _pool_sizes(ctx, x, geometry))
+    y = views[0]
+    for view in views[1:]:
+        y = ctx.where(ctx.op("Greater", [view, y]), view, y)
+    if y is views[0]:
+        y = ctx.op("Identity", [y])
+    if len(ctx.node.outputs) > 1 and (ctx.node.outputs[1].uses() or ctx.node.outputs[1].is_graph_output()):
+        native = ctx.emit("MaxPool", [x], list(ctx.node.attributes.values()), outputs=2)
+        return [y, native[1]]
+    return [y] + [None] * (len(ctx.node.outputs) - 1)
+
+
+def _rw_average_pool(ctx: RewriteContext) -> list[ir.Value | None]:
+    """Static shapes with SAME padding: the same op with explicit pads. Otherwise the window slices
+    summed and divided by the kernel size (count_include_pad=1, as onnxruntime does even for
+    ceil_mode windows past the pads) or by the number of input elements each window covers (the
+    same windows summed over ones)."""
+    dims = ctx.static_dims(ctx.input(0))
+    if dims is not None and all(d is not None and d > 0 for d in dims):
+        if ctx.attr("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
+            return _rw_explicit_pads(ctx)
+        return list(ctx.emit("AveragePool", list(ctx.node.inputs), list(ctx.node.attributes.values())))
+    x = ctx.input(0)
+    assert x is not None
+    geometry = _pool_geometry(ctx)
+    assert not isinstance(geometry, str)
+    kernel = geometry[0]
+    sizes = _pool_sizes(ctx, x, geometry)
+    views = _windows(ctx, x, 0.0, geometry, sizes)
+    total = views[0]
+    for view in views[1:]:
+        total = ctx.op("Add", [total, view])
+    if int(ctx.attr("count_include_pad", 0)) == 1:  # onnxruntime divides by the kernel size, ceil windows too
+        return [ctx.op("Div", [total, ctx.const(float(np.prod(kernel)))])]
+    rank = 2 + len(kernel)
+    spatial = ctx.op("Slice", [ctx.op("Shape", [x]), ctx.ints([2]), ctx.ints([rank])])
+    ones = ctx.op("Expand", [ctx.const(1.0), ctx.op("Concat", [ctx.ints([1, 1]), spatial], axis=0)])
+    count_views = _windows(ctx, ones, 0.0, geometry, sizes, data=x)
+    count = count_views[0]
+    for view in count_views[1:]:
+        count = ctx.op("Add", [count, view])
+    return [ctx.op("Div", [total, count])]
+
+
+def _check_pool(ctx: RewriteContext) -> str | None:
+    if ctx.opset < 11:
+        return "needs opset >= 11 (Pad with a pads input)"
+    geometry = _pool_geometry(ctx)
+    if isinstance(geometry, str):
+        return geometry
+    if ctx.rank(ctx.input(0)) is None:
+        return "the rank of the input is unknown"
+    if int(np.prod(geometry[0])) > 64:
+        return f"kernel {geometry[0]} has more than 64 windows to slice"
+    return _float32_data(ctx)
+
+
+def _rw_expand(ctx: RewriteContext) -> list[ir.Value | None]:
+    """One Gather per output axis with indices ``Range(out) * (in != 1)``, computed from ``Shape`` at
+    run time: index 0 repeated where the input broadcasts, the identity elsewhere. ExpandGrad, and
+    MulGrad for an operand mixing static 1s with symbolic dims, fail at run time on symbolic shapes;
+    GatherGrad scatter-adds with the shapes it sees."""
+    x, shape = ctx.input(0), ctx.input(1)
+    assert x is not None and shape is not None
+    rank, target = ctx.rank(x), _expand_rank(ctx)
+    assert rank is not None and target is not None
+    if target > rank:  # leading 1s, as broadcasting aligns trailing axes
+        padded = ctx.op("Concat", [ctx.ints([1] * (target - rank)), ctx.op("Shape", [x])], axis=0)
+        x = ctx.op("Reshape", [x, padded])
+    shape_now = ctx.op("Shape", [x])
+    zero, one = ctx.b.const(0, np.int64, "zero_i"), ctx.b.const(1, np.int64, "one_i")
+    y = x
+    for axis in range(max(rank, target)):
+        pick = [ctx.ints([axis]), ctx.ints([axis + 1])]
+        have = ctx.op("Squeeze", [ctx.op("Slice", [shape_now, *pick])])
+        asked = ctx.op("Squeeze", [ctx.op("Slice", [shape, ctx.ints([axis - max(rank, target) + target]),
+                                                     ctx.ints([axis - max(rank, target) + target + 1])])]) \
+            if axis >= max(rank, target) - target else one
+        size = ctx.op("Max", [have, asked])
+        keep = ctx.op("Cast", [ctx.op("Not", [ctx.op("Equal", [have, one])])], to=ir.DataType.INT64)
+        index = ctx.op("Mul", [ctx.op("Range", [zero, size, one]), keep])
+        y = ctx.op("Gather", [y, index], axis=axis)
+    return [y]
+
+
+def _expand_rank(ctx: RewriteContext) -> int | None:
+    shape = ctx.input(1)
+    known = ctx.const_input(1)
+    if known is not None:
+        return int(known.size)
+    if shape is not None and shape.shape is not None and len(shape.shape) == 1 and isinstance(shape.shape[0], int):
+        return int(shape.shape[0])
+    return None
+
+
+def _check_expand(ctx: RewriteContext) -> str | None:
+    if ctx.rank(ctx.input(0)) is None or _expand_rank(ctx) is None:
+        return "the input rank or the length of the shape is unknown"
+    if ctx.opset < 13:
+        return "needs opset >= 13 (Squeeze without axes, Range)"
+    return _float32_data(ctx)
+
+
 def _rw_conv_transpose(ctx: RewriteContext) -> list[ir.Value | None]:
     """Conv of the zero-interleaved input with the flipped, group-transposed kernel.
 
@@ -1152,8 +1371,10 @@ class _ResizePlan:
     rank: int
     axes: tuple[int, ...]              # resized axes
     scales: tuple[float, ...] | None   # full-rank scales, or None when sizes drive the op
-    sizes: tuple[int, ...] | None      # full-rank sizes
+    sizes: tuple[int, ...] | None      # full-rank sizes (-1: given at run time by ``sizes_value``)
     mode: str
+    sizes_value: ir.Value | None = None  # the sizes input, when not a constant
+    positions: tuple[int, ...] = ()      # axis -> index into the sizes input
 
 
 def _resize_plan(ctx: RewriteContext) -> _ResizePlan | str:
@@ -1182,7 +1403,9 @@ def _resize_plan(ctx: RewriteContext) -> _ResizePlan | str:
         if scales is not None and scales.size == 0:
             scales = None
         if scales is None and sizes is None:
-            return "scales/sizes are not constants"
+            if ctx.input(3) is None or (ctx.input(2) is not None and ctx.const_input(2) is None):
+                return "the scales input is not a constant"
+            return _dynamic_sizes_plan(ctx, rank, mode)
     listed = [int(a) % rank for a in ctx.attr("axes", list(range(rank)))]
     full_scales = full_sizes = None
     dims = ctx.static_dims(x)
@@ -1203,6 +1426,44 @@ def _resize_plan(ctx: RewriteContext) -> _ResizePlan | str:
         full_sizes = tuple(full_i)
         axes = tuple(a for a in listed if dims[a] is None or dims[a] != full_i[a])
     return _ResizePlan(rank, axes, full_scales, full_sizes, "linear" if mode == "bilinear" else mode)
+
+
+def _dynamic_sizes_plan(ctx: RewriteContext, rank: int, mode: str) -> _ResizePlan | str:
+    """Sizes computed at run time. Exporters write ``Concat(Slice(Shape(x), 0, k), hw)``
+    (PyTorch's ``interpolate(x, size=...)``): the first ``k`` axes keep their size and the others
+    are resized, with their sizes read from the sizes tensor at run time."""
+    listed = [int(a) % rank for a in ctx.attr("axes", list(range(rank)))]
+    kept = _kept_prefix(ctx, ctx.input(3), ctx.input(0), rank)
+    if kept is None:
+        return "the sizes input is computed at run time and does not show which axes keep their size"
+    axes = tuple(a for a in listed if listed.index(a) >= kept)
+    return _ResizePlan(rank, axes, None, tuple(-1 for _ in range(rank)), "linear" if mode == "bilinear" else mode,
+                       ctx.input(3), tuple(listed.index(a) if a in listed else -1 for a in range(rank)))
+
+
+def _kept_prefix(ctx: RewriteContext, sizes: ir.Value | None, x: ir.Value | None, rank: int) -> int | None:
+    """``k`` if ``sizes`` is ``Concat(Slice(Shape(x), [0], [k]), ...)``, else None."""
+    concat = sizes.producer() if sizes is not None else None
+    if concat is None or concat.op_type != "Concat" or not concat.inputs or concat.inputs[0] is None:
+        return None
+    piece = concat.inputs[0].producer()
+    if piece is None or piece.op_type != "Slice" or piece.inputs[0] is None:
+        return None
+    shape = piece.inputs[0].producer()
+    if shape is None or shape.op_type != "Shape" or shape.inputs[0] is not x or shape.attributes.get("start") is not None:
+        return None
+
+    def const(i: int) -> list[int] | None:
+        value = piece.inputs[i] if i < len(piece.inputs) else None
+        if value is None:
+            return None
+        return [int(v) for v in value.const_value.numpy().reshape(-1)] if value.const_value is not None else [-999]
+
+    starts, ends, axes, steps = const(1), const(2), const(3), const(4)
+    if starts != [0] or ends is None or len(ends) != 1 or axes not in (None, [0]) or steps not in (None, [1]):
+        return None
+    end = ends[0] + rank if ends[0] < 0 else ends[0]
+    return max(0, min(end, rank))
 
 
 def _check_resize(ctx: RewriteContext) -> str | None:
@@ -1232,12 +1493,21 @@ def _native_resize(ctx: RewriteContext, plan: _ResizePlan, data: ir.Value, axis:
         return ctx.emit("Resize", [data, roi, scale_value], attrs)[0]
     assert plan.sizes is not None
     parts: list[ir.Value | int] = [1] * plan.rank
-    parts[axis] = plan.sizes[axis]
+    parts[axis] = _size_of(ctx, plan, axis)
     if basis is not None:
         parts[basis[0]] = basis[1]
     roi = ctx.b.const(np.zeros(0, np.float32), np.float32, "roi") if ctx.opset < 13 else None
     empty = ctx.b.const(np.zeros(0, np.float32), np.float32, "scales") if ctx.opset < 13 else None
     return ctx.emit("Resize", [data, roi, empty, ctx.shape_vector(parts)], attrs)[0]
+
+
+def _size_of(ctx: RewriteContext, plan: _ResizePlan, axis: int) -> ir.Value | int:
+    """The requested output size of ``axis``: an int, or a 1-D slice of the run-time sizes."""
+    assert plan.sizes is not None
+    if plan.sizes[axis] >= 0 or plan.sizes_value is None:
+        return plan.sizes[axis]
+    at = plan.positions[axis]
+    return ctx.op("Slice", [plan.sizes_value, ctx.ints([at]), ctx.ints([at + 1])])
 
 
 def _rw_resize(ctx: RewriteContext) -> list[ir.Value | None]:
@@ -1270,7 +1540,11 @@ def _rw_resize(ctx: RewriteContext) -> list[ir.Value | None]:
             identity = ctx.op("EyeLike", [ctx.op("Expand", [ctx.const(0.0), ctx.shape_vector([n, n])])])
         eye = ctx.op("Reshape", [identity, ctx.shape_vector(layout)])
         weights = _native_resize(ctx, plan, eye, axis, (basis, n))
-        out_n = ctx.dim(weights, axis) if plan.sizes is None else ctx.ints([plan.sizes[axis]])
+        if plan.sizes is None:
+            out_n = ctx.dim(weights, axis)
+        else:
+            size = _size_of(ctx, plan, axis)
+            out_n = ctx.ints([size]) if isinstance(size, int) else size
         if axis == r - 1:  # weights laid out [.., n (basis), out]: y @ W
             matrix = ctx.op("Reshape", [weights, ctx.shape_vector([n, out_n])])
             y = ctx.op("MatMul", [y, matrix])
@@ -1409,8 +1683,18 @@ _RULES: list[Decomposition] = [
     Decomposition("Conv", "Conv-1..11 with auto_pad=SAME_UPPER/SAME_LOWER, static spatial size", "its gradient "
                   "ignores the SAME padding (wrong and nondeterministic); the same Conv with explicit pads",
                   "exact", _check_explicit_pads, _rw_explicit_pads, exact=True),
-    Decomposition("AveragePool", "AveragePool-11..19 with auto_pad=SAME_*, static spatial size", "as Conv",
-                  "exact", _check_explicit_pads, _rw_explicit_pads, exact=True),
+    Decomposition("AveragePool", "AveragePool-11..19: auto_pad=SAME_* with a static size (explicit pads), "
+                  "or symbolic spatial dims (pads, strides, dilations, ceil_mode, count_include_pad)",
+                  "its gradient ignores SAME padding, and is wrong with symbolic spatial dims; the same op with "
+                  "explicit pads, or the window slices summed / the element count", "<= 1 ulp", _check_pool,
+                  _rw_average_pool),
+    Decomposition("MaxPool", "MaxPool-8..12 with symbolic spatial dims (pads, strides, dilations, ceil_mode, "
+                  "SAME with a static size, Indices output)", "MaxPoolGrad is wrong (all zero) when the "
+                  "spatial dims are symbolic; the maximum over strided window slices, first maximum wins",
+                  "exact (an all-padding window gives -inf, onnxruntime -FLT_MAX)", _check_pool, _rw_max_pool, exact=True),
+    Decomposition("Expand", "Expand-8/13 with symbolic input dims", "ExpandGrad fails at run time when the "
+                  "input's dims are symbolic; one Gather per axis with run-time indices", "exact", _check_expand,
+                  _rw_expand, exact=True),
     Decomposition("ConvTranspose", "ConvTranspose-11, any strides/dilations/pads/output_padding/group, "
                   "output_shape and auto_pad with a static input size", "onnxruntime has no CPU kernel for "
                   "ConvTransposeGrad; Conv of the zero-interleaved input with the flipped kernel",
@@ -1419,7 +1703,8 @@ _RULES: list[Decomposition] = [
                   f"{_NO_BUILDER}; private subscripts summed out, one batched MatMul, Reshape/Transpose",
                   "<= 1 ulp per term (summation order)", _check_einsum, _rw_einsum),
     Decomposition("Resize", "Resize-10..19 nearest/linear/cubic (antialias, all coordinate modes but "
-                  "tf_crop_and_resize), constant scales or sizes, keep_aspect_ratio_policy=stretch",
+                  "tf_crop_and_resize), constant scales or sizes, or run-time sizes Concat(Slice(Shape(x), 0, k), "
+                  "...) as exporters write them, keep_aspect_ratio_policy=stretch",
                   "onnxruntime has no CPU kernel for ResizeGrad; per axis a Gather (nearest) or MatMul "
                   "(linear/cubic) whose indices/weights the native op computes on Range/identity inputs",
                   "nearest exact; linear/cubic <= 2 ulps of the output scale", _check_resize, _rw_resize),
@@ -1529,20 +1814,22 @@ class DecomposeForTrainingPass(ir.passes.InPlacePass):
             if id(node) not in on_path or node.domain not in ("", "ai.onnx"):
                 continue
             rule = self.rules.get(node.op_type)
-            row = row_for(node.op_type, opset, node_facts(node), table=table)
-            broken = row is not None and row.status in BROKEN_STATUSES
+            facts = node_facts(node)
+            row = row_for(node.op_type, opset, facts, table=table)
+            effective = row.effective(facts.get("static_shape") == 1) if row is not None else None
+            broken = effective is not None and effective[0] in BROKEN_STATUSES
             if not broken and not (rule is not None and rule.also_when is not None and rule.also_when(node)):
                 continue
             label = _unique(node.name or f"{node.op_type}_{index}", rewritten, missing)
             if rule is None:
-                missing[label] = _reason(node, label, row, "no decomposition exists for it")
+                missing[label] = _reason(node, label, effective, "no decomposition exists for it")
                 continue
             if builder is None:
                 builder = Builder(model, NameScope(model))
             ctx = RewriteContext(builder, node, opset)
             why = rule.check(ctx)
             if why:
-                missing[label] = _reason(node, label, row, f"it cannot be rewritten: {why}")
+                missing[label] = _reason(node, label, effective, f"it cannot be rewritten: {why}")
                 continue
             existing = {id(n) for n in graph}
             outputs = list(rule.rewrite(ctx))
@@ -1572,13 +1859,47 @@ def _unique(label: str, *taken: Mapping[str, str]) -> str:
     return name
 
 
-def _reason(node: ir.Node, label: str, row: GradientRow | None, why: str) -> str:
-    found = f"{row.status}: {row.error}" if row is not None and row.error else (row.status if row else "?")
+def _reason(node: ir.Node, label: str, status: tuple[str, str] | None, why: str) -> str:
+    found = f"{status[0]}: {status[1]}" if status is not None and status[1] else (status[0] if status else "?")
     return (f"{node.op_type} node '{label}' has no usable gradient in onnxruntime-training 1.19 ({found}) and "
             f"{why}; freeze the parameters before it (freeze=[...]) or train only the layers after it (train_last_n)")
 
 
-def _data_inputs(node: ir.Node) -> list[ir.Value]:
+def _float_values(graph: ir.Graph) -> set[int]:
+    """Ids of the float values of ``graph``, inferred where no type is recorded.
+
+    Nodes that passes add (the lowering's among them) often carry no types; a ``Cast`` to an
+    integer there is still a stop edge, so types are derived from the structure: the ``to`` of a
+    Cast, comparisons and shape ops give non-float outputs, index outputs are integers, and other
+    outputs take the type of their (first) data input.
+    """
+    floats: set[int] = set()
+    for value in list(graph.inputs) + list(graph.initializers.values()):
+        if value.dtype is None or is_float(value):
+            floats.add(id(value))
+    for node in graph:
+        for k, out in enumerate(node.outputs):
+            if out.dtype is not None:
+                is_f = is_float(out)
+            elif node.op_type == "Cast":
+                to = node.attributes.get("to")
+                is_f = to is not None and ir.DataType(to.as_int()) in (
+                    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+            elif node.op_type in _NON_FLOAT_OUTPUTS or _INDEX_OUTPUTS.get(node.op_type) == k:
+                is_f = False
+            elif node.op_type in ("ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike"):
+                is_f = True
+            else:
+                i = _TYPE_SOURCE.get(node.op_type, 0)
+                source = node.inputs[i] if i < len(node.inputs) else None
+                is_f = source is None or id(source) in floats or (source.producer() is None and source.dtype is None
+                                                                    and source.const_value is None)
+            if is_f:
+                floats.add(id(out))
+    return floats
+
+
+def _data_inputs(node: ir.Node, floats: set[int]) -> list[ir.Value]:
     """Float inputs onnxruntime differentiates, and outer values that subgraphs read."""
     skip = _PARAMETER_INPUTS.get(node.op_type, frozenset())
     values = [v for i, v in enumerate(node.inputs) if v is not None and i not in skip]
@@ -1590,21 +1911,22 @@ def _data_inputs(node: ir.Node) -> list[ir.Value]:
                 inner |= {id(v) for v in sub.inputs}
                 values += [v for n in ir.traversal.RecursiveGraphIterator(sub) for v in n.inputs
                            if v is not None and id(v) not in inner]
-    return [v for v in values if v.dtype is None or is_float(v)]
+    return [v for v in values if id(v) in floats or (v.dtype is not None and is_float(v))]
 
 
 def _gradient_nodes(graph: ir.Graph, sources: Collection[str]) -> set[int]:
     """Ids of the nodes between ``sources`` and the graph outputs along float values."""
+    floats = _float_values(graph)
     reached: set[int] = set()
     for node in graph:  # topological order
-        if any(v.name in sources or id(v) in reached for v in _data_inputs(node)):
-            reached.update(id(out) for out in node.outputs if out.dtype is None or is_float(out))
+        if any(v.name in sources or id(v) in reached for v in _data_inputs(node, floats)):
+            reached.update(id(out) for out in node.outputs if id(out) in floats)
     needed: set[int] = {id(v) for v in graph.outputs}
     on_path: set[int] = set()
     for node in reversed(list(graph)):
         if not any(id(out) in needed for out in node.outputs):
             continue
-        needed.update(id(v) for v in _data_inputs(node))
+        needed.update(id(v) for v in _data_inputs(node, floats))
         if any(id(out) in reached and id(out) in needed for out in node.outputs):
             on_path.add(id(node))
     return on_path

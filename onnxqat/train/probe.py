@@ -12,6 +12,12 @@ what QAT does:
 3. ``api.Module`` runs one training step;
 4. the gradient is compared with central differences of the loss along random directions.
 
+Every probed row runs twice: with static shapes, and with input 0 declared with symbolic dims
+(its trainable ``p`` broadcast from shape ``[1, ..., 1]`` so that nothing makes the shapes static
+again). Several gradient builders read static shapes: ``MaxPool`` and ``AveragePool`` give an
+all-zero or wrong gradient when the spatial dims are symbolic. The second result is the row's
+``dynamic`` status; :func:`has_gradient` uses it unless told the node's shapes are static.
+
 Statuses (:data:`STATUSES`):
 
 * ``grad``: all four steps passed.
@@ -96,8 +102,10 @@ class GradientRow:
         variant: Short description of the attributes/inputs probed; ``""`` for the default row.
         match: What a node must have for this row to describe it: attribute values, and
             ``"inputs"`` (comma-separated indices of the present inputs) where that matters.
-        status: One of :data:`STATUSES`.
+        status: One of :data:`STATUSES`, with static input shapes.
         error: First line of the error (or the reason), ``""`` for ``grad``.
+        dynamic: The status with input 0's dims symbolic (as in most exported models).
+        dynamic_error: Its error line.
     """
 
     op: str
@@ -106,20 +114,38 @@ class GradientRow:
     match: Mapping[str, Any]
     status: str
     error: str
+    dynamic: str = ""
+    dynamic_error: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.dynamic:
+            object.__setattr__(self, "dynamic", self.status)
+            object.__setattr__(self, "dynamic_error", self.error)
+
+    def effective(self, static_shape: bool = False) -> tuple[str, str]:
+        """``(status, error)`` for a node with static shapes, else the worse of both probes."""
+        if static_shape or self.status != "grad":
+            return self.status, self.error
+        return self.dynamic, self.dynamic_error
 
     @property
     def key(self) -> tuple[str, int, str]:
         return (self.op, self.opset, self.variant)
 
     def to_json(self) -> dict[str, Any]:
-        return {"op": self.op, "opset": self.opset, "variant": self.variant, "match": dict(self.match),
-                "status": self.status, "error": self.error}
+        data = {"op": self.op, "opset": self.opset, "variant": self.variant, "match": dict(self.match),
+                "status": self.status, "error": self.error, "dynamic": self.dynamic}
+        if self.dynamic_error != self.error:
+            data["dynamic_error"] = self.dynamic_error
+        return data
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> GradientRow:
         match = {k: tuple(v) if isinstance(v, list) else v for k, v in data.get("match", {}).items()}
+        status, error = str(data["status"]), str(data.get("error", ""))
+        dynamic = str(data.get("dynamic", status))
         return GradientRow(str(data["op"]), int(data["opset"]), str(data["variant"]), types.MappingProxyType(match),
-                           str(data["status"]), str(data.get("error", "")))
+                           status, error, dynamic, str(data.get("dynamic_error", error)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -173,7 +199,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-FACTS = ("inputs", "outputs", "rank", "negative_steps")
+FACTS = ("inputs", "outputs", "rank", "negative_steps", "static_shape")
 
 
 def row_for(
@@ -192,7 +218,8 @@ def row_for(
     rows, a failing one: they describe different aspects of the node). Attributes absent from
     ``attrs`` take their schema defaults. ``attrs`` may also hold node facts (:data:`FACTS`):
     ``inputs`` (comma-separated indices of the present inputs), ``outputs`` (number of outputs),
-    ``rank`` (of input 0), ``negative_steps`` (Slice: 1 if a step is negative); a row needing a
+    ``rank`` (of input 0), ``negative_steps`` (Slice: 1 if a step is negative), ``static_shape``
+    (1 if input 0's shape is fully static, which selects the row's static status); a row needing a
     fact that is not given does not match. When no row matches but all rows of the version agree
     on the status, the first of them is returned.
     """
@@ -257,7 +284,8 @@ def has_gradient(
     False
 
     Returns:
-        True for ``grad`` rows; False for every failing status (missing builder, build or run
+        True for ``grad`` rows (with symbolic shapes too, unless ``attrs`` says
+        ``static_shape=1``); False for every failing status (missing builder, build or run
         failure, wrong gradient) and for ops that are non-differentiable by nature; None when the
         op is unknown at that opset, was not probed, or its rows disagree and ``attrs`` does not
         say which applies.
@@ -265,7 +293,7 @@ def has_gradient(
     row = row_for(op_type, opset, attrs, table=table)
     if row is None or row.status == "unprobed":
         return None
-    return row.status == "grad"
+    return row.effective(bool((attrs or {}).get("static_shape")))[0] == "grad"
 
 
 def node_facts(node: Any) -> dict[str, Any]:
@@ -277,6 +305,7 @@ def node_facts(node: Any) -> dict[str, Any]:
     first = node.inputs[0] if node.inputs else None
     if first is not None and first.shape is not None:
         facts["rank"] = len(first.shape)
+        facts["static_shape"] = int(all(isinstance(d, int) and d > 0 for d in first.shape))
     if node.op_type == "Slice":
         steps = node.inputs[4] if len(node.inputs) > 4 else None
         if steps is None:
@@ -539,8 +568,12 @@ def _cases() -> list[Case]:
     for op, version in [("Add", 14), ("Sub", 14), ("Mul", 14)]:
         add(Case(op, version, "", (_d(2, 3, 4), _d(2, 3, 4))))
         add(Case(op, version, "broadcast", (_d(2, 3, 4), _d(3, 1)), match={"probe": "broadcast"}))
+        add(Case(op, version, "broadcast, lower-rank input 0", (_d(3, 1), _d(2, 3, 4)),
+                 match={"probe": "broadcast, lower-rank input 0"}))
     add(Case("Div", 14, "", (_d(2, 3, 4), _d(2, 3, 4, lo=0.5, hi=2.0))))
     add(Case("Div", 14, "broadcast", (_d(2, 3, 4), _d(3, 1, lo=0.5, hi=2.0)), match={"probe": "broadcast"}))
+    add(Case("Div", 14, "broadcast, lower-rank input 0", (_d(3, 1), _d(2, 3, 4, lo=0.5, hi=2.0)),
+             match={"probe": "broadcast, lower-rank input 0"}))
     add(Case("Pow", 15, "", (_d(2, 3, lo=0.5, hi=2.0), _f(2.0))))
     add(Case("Pow", 15, "exponent trained", (_d(2, 3, lo=0.5, hi=2.0), _d(2, 3, lo=0.5, hi=2.0)),
              match={"probe": "exponent trained"}))
@@ -851,8 +884,11 @@ def _values(slot: Diff, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(values, dtype=slot.dtype)
 
 
-def _build(case: Case, rng: np.random.Generator) -> tuple[Any, dict[str, np.ndarray], list[str]]:
-    """The one-node model (outputs: the node's outputs), its feeds and its trainable names."""
+def _build(case: Case, rng: np.random.Generator, dynamic: bool = False) -> tuple[Any, dict[str, np.ndarray], list[str]]:
+    """The one-node model (outputs: the node's outputs), its feeds and its trainable names.
+
+    ``dynamic``: the first differentiable input has symbolic dims and a ``[1, ..., 1]`` parameter.
+    """
     from onnx import helper, numpy_helper
 
     inits, feeds, trainable, nodes, inputs, names = [], {}, [], [], [], []
@@ -872,8 +908,11 @@ def _build(case: Case, rng: np.random.Generator) -> tuple[Any, dict[str, np.ndar
         else:
             data = _values(slot, rng)
             feeds[f"x{i}"] = data
-            inputs.append(helper.make_tensor_value_info(f"x{i}", helper.np_dtype_to_tensor_dtype(data.dtype), data.shape))
-            inits.append(numpy_helper.from_array(np.zeros_like(data), f"p{i}"))
+            symbolic = dynamic and i == _first_diff(case) and data.ndim > 0
+            shape = [f"x{i}_d{k}" for k in range(data.ndim)] if symbolic else data.shape
+            inputs.append(helper.make_tensor_value_info(f"x{i}", helper.np_dtype_to_tensor_dtype(data.dtype), shape))
+            param = np.zeros([1] * data.ndim, data.dtype) if symbolic else np.zeros_like(data)
+            inits.append(numpy_helper.from_array(param, f"p{i}"))
             trainable.append(f"p{i}")
             nodes.append(helper.make_node("Add", [f"x{i}", f"p{i}"], [f"a{i}"], name=f"add{i}"))
             names.append(f"a{i}")
@@ -887,6 +926,10 @@ def _build(case: Case, rng: np.random.Generator) -> tuple[Any, dict[str, np.ndar
     opset = _model_opset(case.op, case.version)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10 if opset > 18 else 8)
     return model, feeds, trainable
+
+
+def _first_diff(case: Case) -> int | None:
+    return next((i for i, slot in enumerate(case.inputs) if isinstance(slot, Diff)), None)
 
 
 def _with_loss(model: Any, outputs: Sequence[np.ndarray], rng: np.random.Generator) -> Any:
@@ -952,18 +995,23 @@ def _session(model: Any) -> Any:
 
 def probe_case(case: Case) -> GradientRow:
     """Probe one case in this process (see the module docstring); never raises for op failures."""
+    match = types.MappingProxyType(dict(case.match))
     if case.status is not None:
-        return GradientRow(case.op, case.version, case.variant, types.MappingProxyType(dict(case.match)),
-                           case.status, case.reason)
+        return GradientRow(case.op, case.version, case.variant, match, case.status, case.reason)
     status, error = _probe(case)
-    return GradientRow(case.op, case.version, case.variant, types.MappingProxyType(dict(case.match)), status, error)
+    first = _first_diff(case)
+    slot = case.inputs[first] if first is not None else None
+    if status in ("unprobed", "non_differentiable") or not (isinstance(slot, Diff) and slot.shape):
+        return GradientRow(case.op, case.version, case.variant, match, status, error)
+    dynamic, dynamic_error = _probe(case, dynamic=True)
+    return GradientRow(case.op, case.version, case.variant, match, status, error, dynamic, dynamic_error)
 
 
-def _probe(case: Case) -> tuple[str, str]:
+def _probe(case: Case, dynamic: bool = False) -> tuple[str, str]:
     from onnxqat.train.ort_training import training_modules
 
     rng = np.random.default_rng(zlib.crc32(repr(case.key).encode()))
-    model, feeds, trainable = _build(case, rng)
+    model, feeds, trainable = _build(case, rng, dynamic)
     try:
         outputs = _session(model).run(None, feeds)
     except Exception as e:
@@ -1019,11 +1067,13 @@ def _gradient_agrees(model: Any, feeds: Mapping[str, np.ndarray], grads: Mapping
     magnitude = float(_session(magnitude_model).run(None, dict(feeds))[0])
     h = 1e-3
     for _ in range(directions):
-        direction = {}
+        direction, analytic = {}, 0.0
         for name, value in feeds.items():
             scale = max(1.0, float(np.max(np.abs(value)))) if value.size else 1.0
-            direction[name] = rng.standard_normal(value.shape) * scale
-        analytic = sum(float(np.sum(grads["p" + name[1:]] * direction[name])) for name in feeds)
+            grad = grads["p" + name[1:]]  # the parameter may broadcast: step along it, constant over x
+            along = rng.standard_normal(grad.shape) * scale
+            direction[name] = np.broadcast_to(along, value.shape)
+            analytic += float(np.sum(grad * along))
 
         def loss(sign: float, direction: Mapping[str, np.ndarray] = direction) -> float:
             shifted = {n: (v + sign * h * direction[n]).astype(v.dtype) for n, v in feeds.items()}
@@ -1173,6 +1223,10 @@ def summarize(rows: Sequence[GradientRow]) -> str:
         names = sorted({f"{r.op}-{r.opset}" + (f"[{r.variant}]" if r.variant else "") for r in rows if r.status == status})
         if names:
             lines.append(f"{status}: " + ", ".join(names))
+    names = sorted(f"{r.op}-{r.opset}" + (f"[{r.variant}]" if r.variant else "") + f" ({r.dynamic})"
+                   for r in rows if r.status == "grad" and r.dynamic != "grad")
+    if names:
+        lines.append("grad with static shapes only: " + ", ".join(names))
     return "\n".join(lines)
 
 
