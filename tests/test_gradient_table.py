@@ -124,6 +124,12 @@ def test_a_crashing_probe_is_recorded_and_the_rest_still_runs(monkeypatch: pytes
     ("Slice", 13, {"negative_steps": 1}, False),
     ("Slice", 13, {"negative_steps": 0}, True),
     ("HardSigmoid", 17, {"alpha": 1 / 6}, False),
+    ("MaxPool", 17, {"static_shape": 1}, True),          # right with static shapes ...
+    ("MaxPool", 17, {"static_shape": 0}, False),         # ... all zero with symbolic spatial dims
+    ("MaxPool", 17, {}, False),                          # unknown shapes: assume symbolic
+    ("AveragePool", 17, {"static_shape": 1}, True),
+    ("Expand", 17, {}, False),
+    ("Conv", 17, {}, True),                              # right either way
     ("Equal", 17, {}, False),                           # non-differentiable by nature
     ("SequenceConstruct", 17, {}, None),                # unprobed
 ])
@@ -147,6 +153,16 @@ def test_has_gradient_reads_an_ir_node() -> None:
     assert has_gradient_for_node(norm, 17) is False
     assert has_gradient_for_node(norm3, 17) is True
     assert has_gradient_for_node(custom, 17) is None
+
+
+def test_rows_record_the_symbolic_shape_probe() -> None:
+    table = load_gradient_table()
+    maxpool = table[("MaxPool", 12, "")]
+    assert (maxpool.status, maxpool.dynamic) == ("grad", "wrong_grad")
+    assert maxpool.effective(static_shape=True) == ("grad", "")
+    assert maxpool.effective()[0] == "wrong_grad"
+    assert table[("Conv", 11, "2d")].dynamic == "grad"
+    assert table[("HardSwish", 14, "")].dynamic == "no_grad_builder"
 
 
 def test_row_for_returns_the_row_with_its_reason() -> None:

@@ -31,6 +31,12 @@ arithmetic and agree to a few float32 ulps (each rule's ``forward`` says how clo
 ``tests/test_decompose.py``); ``bit_exact=True`` wraps them as ``stop(native) + (dec - stop(dec))``
 for exact values at the cost of about 70 elementwise ops per output.
 
+Shapes. Several gradients are right only with static shapes (the probe runs every op with input
+0's dims symbolic too): MaxPool's is all zero and AveragePool's wrong with symbolic spatial dims,
+ExpandGrad fails. A node whose input shape is not fully static is judged by that second probe,
+and those rules compute every size from ``Shape`` at run time, so the graph stays valid for any
+input size. A trainer that pins the graph inputs to its (fixed) batch shape keeps these ops native.
+
 Names. A rewrite's final value takes over the original output's name (``replace_all_uses_with``
 then renaming), so every tensor name of the model keeps its value and graph outputs are kept.
 
