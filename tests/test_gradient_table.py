@@ -125,7 +125,9 @@ def test_a_crashing_probe_is_recorded_and_the_rest_still_runs(monkeypatch: pytes
     ("Slice", 13, {"negative_steps": 0}, True),
     ("HardSigmoid", 17, {"alpha": 1 / 6}, False),
     ("MaxPool", 17, {"static_shape": 1}, True),          # right with static shapes ...
+    ("MaxPool", 17, {"static_shape": 2}, True),          # ... and with a symbolic batch dim only ...
     ("MaxPool", 17, {"static_shape": 0}, False),         # ... all zero with symbolic spatial dims
+    ("AveragePool", 17, {"static_shape": 2}, False),     # wrong as soon as the batch dim is symbolic
     ("MaxPool", 17, {}, False),                          # unknown shapes: assume symbolic
     ("AveragePool", 17, {"static_shape": 1}, True),
     ("Expand", 17, {}, False),
@@ -158,7 +160,8 @@ def test_has_gradient_reads_an_ir_node() -> None:
 def test_rows_record_the_symbolic_shape_probe() -> None:
     table = load_gradient_table()
     maxpool = table[("MaxPool", 12, "")]
-    assert (maxpool.status, maxpool.dynamic) == ("grad", "wrong_grad")
+    assert (maxpool.status, maxpool.batch, maxpool.dynamic) == ("grad", "grad", "wrong_grad")
+    assert maxpool.effective(2) == ("grad", "")
     assert maxpool.effective(static_shape=True) == ("grad", "")
     assert maxpool.effective()[0] == "wrong_grad"
     assert table[("Conv", 11, "2d")].dynamic == "grad"

@@ -33,9 +33,10 @@ for exact values at the cost of about 70 elementwise ops per output.
 
 Shapes. Several gradients are right only with static shapes (the probe runs every op with input
 0's dims symbolic too): MaxPool's is all zero and AveragePool's wrong with symbolic spatial dims,
-ExpandGrad fails. A node whose input shape is not fully static is judged by that second probe,
-and those rules compute every size from ``Shape`` at run time, so the graph stays valid for any
-input size. A trainer that pins the graph inputs to its (fixed) batch shape keeps these ops native.
+ExpandGrad fails; AveragePool's is wrong as soon as the batch dim is symbolic. A node is judged by
+the probe matching its input shape (static, symbolic batch only, other symbolic dims), and those
+rules compute every size from ``Shape`` at run time, so the graph stays valid for any input size.
+A trainer that pins the graph inputs to its (fixed) batch shape keeps these ops native.
 
 Names. A rewrite's final value takes over the original output's name (``replace_all_uses_with``
 then renaming), so every tensor name of the model keeps its value and graph outputs are kept.
@@ -1080,9 +1081,7 @@ def _rw_average_pool(ctx: RewriteContext) -> list[ir.Value | None]:
     same windows summed over ones)."""
     dims = ctx.static_dims(ctx.input(0))
     if dims is not None and all(d is not None and d > 0 for d in dims):
-        if ctx.attr("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
-            return _rw_explicit_pads(ctx)
-        return list(ctx.emit("AveragePool", list(ctx.node.inputs), list(ctx.node.attributes.values())))
+        return _rw_explicit_pads(ctx)  # static shapes: only SAME padding was the problem
     x = ctx.input(0)
     assert x is not None
     geometry = _pool_geometry(ctx)
@@ -1822,7 +1821,7 @@ class DecomposeForTrainingPass(ir.passes.InPlacePass):
             rule = self.rules.get(node.op_type)
             facts = node_facts(node)
             row = row_for(node.op_type, opset, facts, table=table)
-            effective = row.effective(facts.get("static_shape") == 1) if row is not None else None
+            effective = row.effective(int(facts.get("static_shape") or 0)) if row is not None else None
             broken = effective is not None and effective[0] in BROKEN_STATUSES
             if not broken and not (rule is not None and rule.also_when is not None and rule.also_when(node)):
                 continue

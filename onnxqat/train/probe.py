@@ -12,11 +12,12 @@ what QAT does:
 3. ``api.Module`` runs one training step;
 4. the gradient is compared with central differences of the loss along random directions.
 
-Every probed row runs twice: with static shapes, and with input 0 declared with symbolic dims
-(its trainable ``p`` broadcast from shape ``[1, ..., 1]`` so that nothing makes the shapes static
-again). Several gradient builders read static shapes: ``MaxPool`` and ``AveragePool`` give an
-all-zero or wrong gradient when the spatial dims are symbolic. The second result is the row's
-``dynamic`` status; :func:`has_gradient` uses it unless told the node's shapes are static.
+Every probed row runs three times: with static shapes, with input 0's batch dim symbolic, and
+with all its dims symbolic (its trainable ``p`` broadcast from ``[1, ..., 1]`` along them, so
+that nothing makes the shapes static again). Several gradient builders read static shapes:
+``MaxPool`` gives an all-zero gradient when the spatial dims are symbolic, ``AveragePool`` a
+wrong one as soon as the batch dim is. These are the rows' ``batch`` and ``dynamic`` statuses;
+:func:`has_gradient` picks the one the node's shape calls for (``static_shape`` fact).
 
 Statuses (:data:`STATUSES`):
 
@@ -104,8 +105,10 @@ class GradientRow:
             ``"inputs"`` (comma-separated indices of the present inputs) where that matters.
         status: One of :data:`STATUSES`, with static input shapes.
         error: First line of the error (or the reason), ``""`` for ``grad``.
-        dynamic: The status with input 0's dims symbolic (as in most exported models).
+        dynamic: The status with all of input 0's dims symbolic.
         dynamic_error: Its error line.
+        batch: The status with only input 0's first (batch) dim symbolic.
+        batch_error: Its error line.
     """
 
     op: str
@@ -116,16 +119,25 @@ class GradientRow:
     error: str
     dynamic: str = ""
     dynamic_error: str = ""
+    batch: str = ""
+    batch_error: str = ""
 
     def __post_init__(self) -> None:
         if not self.dynamic:
             object.__setattr__(self, "dynamic", self.status)
             object.__setattr__(self, "dynamic_error", self.error)
+        if not self.batch:
+            object.__setattr__(self, "batch", self.status)
+            object.__setattr__(self, "batch_error", self.error)
 
-    def effective(self, static_shape: bool = False) -> tuple[str, str]:
-        """``(status, error)`` for a node with static shapes, else the worse of both probes."""
-        if static_shape or self.status != "grad":
+    def effective(self, static_shape: bool | int = 0) -> tuple[str, str]:
+        """``(status, error)`` for a node whose input 0 has static dims (``static_shape=1``), a
+        symbolic batch dim only (``2``) or unknown/other symbolic dims (``0``/False)."""
+        level = int(static_shape)
+        if level == 1 or self.status != "grad":
             return self.status, self.error
+        if level == 2 or self.batch != "grad":
+            return self.batch, self.batch_error
         return self.dynamic, self.dynamic_error
 
     @property
@@ -134,7 +146,9 @@ class GradientRow:
 
     def to_json(self) -> dict[str, Any]:
         data = {"op": self.op, "opset": self.opset, "variant": self.variant, "match": dict(self.match),
-                "status": self.status, "error": self.error, "dynamic": self.dynamic}
+                "status": self.status, "error": self.error, "batch": self.batch, "dynamic": self.dynamic}
+        if self.batch_error != self.error:
+            data["batch_error"] = self.batch_error
         if self.dynamic_error != self.error:
             data["dynamic_error"] = self.dynamic_error
         return data
@@ -143,9 +157,10 @@ class GradientRow:
     def from_json(data: Mapping[str, Any]) -> GradientRow:
         match = {k: tuple(v) if isinstance(v, list) else v for k, v in data.get("match", {}).items()}
         status, error = str(data["status"]), str(data.get("error", ""))
-        dynamic = str(data.get("dynamic", status))
+        dynamic, batch = str(data.get("dynamic", status)), str(data.get("batch", status))
         return GradientRow(str(data["op"]), int(data["opset"]), str(data["variant"]), types.MappingProxyType(match),
-                           status, error, dynamic, str(data.get("dynamic_error", error)))
+                           status, error, dynamic, str(data.get("dynamic_error", error)), batch,
+                           str(data.get("batch_error", error)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -219,7 +234,8 @@ def row_for(
     ``attrs`` take their schema defaults. ``attrs`` may also hold node facts (:data:`FACTS`):
     ``inputs`` (comma-separated indices of the present inputs), ``outputs`` (number of outputs),
     ``rank`` (of input 0), ``negative_steps`` (Slice: 1 if a step is negative), ``static_shape``
-    (1 if input 0's shape is fully static, which selects the row's static status); a row needing a
+    (input 0's shape: 1 fully static, 2 static but the batch dim; it selects the row's status, see
+    :meth:`GradientRow.effective`); a row needing a
     fact that is not given does not match. When no row matches but all rows of the version agree
     on the status, the first of them is returned.
     """
@@ -293,7 +309,7 @@ def has_gradient(
     row = row_for(op_type, opset, attrs, table=table)
     if row is None or row.status == "unprobed":
         return None
-    return row.effective(bool((attrs or {}).get("static_shape")))[0] == "grad"
+    return row.effective(int((attrs or {}).get("static_shape") or 0))[0] == "grad"
 
 
 def node_facts(node: Any) -> dict[str, Any]:
@@ -305,7 +321,8 @@ def node_facts(node: Any) -> dict[str, Any]:
     first = node.inputs[0] if node.inputs else None
     if first is not None and first.shape is not None:
         facts["rank"] = len(first.shape)
-        facts["static_shape"] = int(all(isinstance(d, int) and d > 0 for d in first.shape))
+        known = [isinstance(d, int) and d > 0 for d in first.shape]
+        facts["static_shape"] = 1 if all(known) else 2 if known and all(known[1:]) else 0
     if node.op_type == "Slice":
         steps = node.inputs[4] if len(node.inputs) > 4 else None
         if steps is None:
@@ -884,10 +901,11 @@ def _values(slot: Diff, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(values, dtype=slot.dtype)
 
 
-def _build(case: Case, rng: np.random.Generator, dynamic: bool = False) -> tuple[Any, dict[str, np.ndarray], list[str]]:
+def _build(case: Case, rng: np.random.Generator, dynamic: str = "") -> tuple[Any, dict[str, np.ndarray], list[str]]:
     """The one-node model (outputs: the node's outputs), its feeds and its trainable names.
 
-    ``dynamic``: the first differentiable input has symbolic dims and a ``[1, ..., 1]`` parameter.
+    ``dynamic``: ``"all"`` or ``"batch"``: those dims of the first differentiable input are
+    symbolic, and its parameter has size 1 along them.
     """
     from onnx import helper, numpy_helper
 
@@ -908,10 +926,11 @@ def _build(case: Case, rng: np.random.Generator, dynamic: bool = False) -> tuple
         else:
             data = _values(slot, rng)
             feeds[f"x{i}"] = data
-            symbolic = dynamic and i == _first_diff(case) and data.ndim > 0
-            shape = [f"x{i}_d{k}" for k in range(data.ndim)] if symbolic else data.shape
+            symbolic = bool(dynamic) and i == _first_diff(case) and data.ndim > 0
+            dims = (range(data.ndim) if dynamic == "all" else [0]) if symbolic else []
+            shape = [f"x{i}_d{k}" if k in dims else n for k, n in enumerate(data.shape)]
             inputs.append(helper.make_tensor_value_info(f"x{i}", helper.np_dtype_to_tensor_dtype(data.dtype), shape))
-            param = np.zeros([1] * data.ndim, data.dtype) if symbolic else np.zeros_like(data)
+            param = np.zeros([1 if k in dims else n for k, n in enumerate(data.shape)], data.dtype)
             inits.append(numpy_helper.from_array(param, f"p{i}"))
             trainable.append(f"p{i}")
             nodes.append(helper.make_node("Add", [f"x{i}", f"p{i}"], [f"a{i}"], name=f"add{i}"))
@@ -1003,11 +1022,13 @@ def probe_case(case: Case) -> GradientRow:
     slot = case.inputs[first] if first is not None else None
     if status in ("unprobed", "non_differentiable") or not (isinstance(slot, Diff) and slot.shape):
         return GradientRow(case.op, case.version, case.variant, match, status, error)
-    dynamic, dynamic_error = _probe(case, dynamic=True)
-    return GradientRow(case.op, case.version, case.variant, match, status, error, dynamic, dynamic_error)
+    dynamic, dynamic_error = _probe(case, dynamic="all")
+    batch, batch_error = _probe(case, dynamic="batch") if len(slot.shape) > 1 else (dynamic, dynamic_error)
+    return GradientRow(case.op, case.version, case.variant, match, status, error, dynamic, dynamic_error, batch,
+                       batch_error)
 
 
-def _probe(case: Case, dynamic: bool = False) -> tuple[str, str]:
+def _probe(case: Case, dynamic: str = "") -> tuple[str, str]:
     from onnxqat.train.ort_training import training_modules
 
     rng = np.random.default_rng(zlib.crc32(repr(case.key).encode()))
@@ -1223,8 +1244,8 @@ def summarize(rows: Sequence[GradientRow]) -> str:
         names = sorted({f"{r.op}-{r.opset}" + (f"[{r.variant}]" if r.variant else "") for r in rows if r.status == status})
         if names:
             lines.append(f"{status}: " + ", ".join(names))
-    names = sorted(f"{r.op}-{r.opset}" + (f"[{r.variant}]" if r.variant else "") + f" ({r.dynamic})"
-                   for r in rows if r.status == "grad" and r.dynamic != "grad")
+    names = sorted(f"{r.op}-{r.opset}" + (f"[{r.variant}]" if r.variant else "") + f" (batch: {r.batch}, all: {r.dynamic})"
+                   for r in rows if r.status == "grad" and (r.dynamic != "grad" or r.batch != "grad"))
     if names:
         lines.append("grad with static shapes only: " + ", ".join(names))
     return "\n".join(lines)
