@@ -20,18 +20,25 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 from collections.abc import Callable, Mapping
 
 import onnx_ir as ir
 
 __all__ = [
+    "INTEGER_FORMS",
     "OP_RULES",
+    "IntegerFormRule",
     "OpKind",
     "OpRule",
     "WeightSlot",
     "channel_axis",
+    "constant_operand",
+    "integer_form",
     "is_depthwise",
+    "kernel_problem",
+    "rescale_factor",
     "rule",
     "saturates_u8s8",
     "weight_index",
@@ -80,6 +87,10 @@ class OpRule:
         stop_inputs: Inputs through which no gradient flows (shapes, indices, bounds).
         no_gradient: The op's outputs carry no gradient at all (comparisons, arg-reductions,
             rounding): the training lowering does not look through it.
+        kernel_check: For ops whose integer kernel exists only for some attributes: returns why
+            a node cannot use it (e.g. Resize in cubic mode), or None.
+        constant_kernel: A constant operand can be quantized so the node runs on the integer
+            kernel (``Add(x, c)`` as QLinearAdd; ``Sub(x, c)`` is deployed as ``Add(x, -c)``).
     """
 
     op_type: str
@@ -90,6 +101,8 @@ class OpRule:
     u8s8_gemm: bool = False
     stop_inputs: frozenset[int] = frozenset()
     no_gradient: bool = False
+    kernel_check: Callable[[ir.Node], str | None] | None = None
+    constant_kernel: bool = False
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int:
@@ -119,10 +132,18 @@ def _movement(op_type: str, reason: str, stops: frozenset[int] = frozenset()) ->
     return OpRule(op_type, OpKind.DATA_MOVEMENT, reason, stop_inputs=stops)
 
 
-def _elementwise(op_type: str, kernel: str | None = None) -> OpRule:
+def _elementwise(op_type: str, kernel: str | None = None, constant_kernel: bool = False) -> OpRule:
     return OpRule(op_type, OpKind.ELEMENTWISE,
                   "elementwise arithmetic: integer kernels only when every operand is quantized",
-                  integer_kernel=kernel)
+                  integer_kernel=kernel, constant_kernel=constant_kernel)
+
+
+def _resize_check(node: ir.Node) -> str | None:
+    mode = node.attributes.get("mode")
+    value = mode.as_string() if mode is not None else "nearest"
+    if value not in ("nearest", "linear"):
+        return f"Resize in {value} mode has no integer kernel in onnxruntime (nearest and linear only)"
+    return None
 
 
 def _no_grad(op_type: str, reason: str) -> OpRule:
@@ -157,9 +178,9 @@ _RULES: tuple[OpRule, ...] = (
     _movement("SpaceToDepth", _MOVES),
     _movement("Gather", _MOVES, _STOP_SHAPE),
     OpRule("Concat", OpKind.SHARED, "inputs and output share one grid", integer_kernel="QLinearConcat"),
-    _elementwise("Add", "QLinearAdd"),
-    _elementwise("Mul", "QLinearMul"),
-    _elementwise("Sub"),
+    _elementwise("Add", "QLinearAdd", constant_kernel=True),
+    _elementwise("Mul", "QLinearMul", constant_kernel=True),
+    _elementwise("Sub", "QLinearAdd", constant_kernel=True),
     _elementwise("Div"),
     OpRule("Pow", OpKind.ELEMENTWISE, "elementwise power", stop_inputs=frozenset({1})),
     _elementwise("Max"),
@@ -174,7 +195,12 @@ _RULES: tuple[OpRule, ...] = (
     OpRule("AveragePool", OpKind.OTHER, "pooling", integer_kernel="QLinearAveragePool"),
     OpRule("GlobalAveragePool", OpKind.OTHER, "pooling", integer_kernel="QLinearGlobalAveragePool"),
     OpRule("Softmax", OpKind.OTHER, "softmax", integer_kernel="QLinearSoftmax"),
-    OpRule("Resize", OpKind.OTHER, "resampling", stop_inputs=frozenset({1, 2, 3})),
+    OpRule("Resize", OpKind.OTHER, "resampling", integer_kernel="Resize", stop_inputs=frozenset({1, 2, 3}),
+           kernel_check=_resize_check),
+    OpRule("HardSigmoid", OpKind.OTHER, "clip(alpha x + beta, 0, 1): an integer form (QLinearAdd onto a "
+           "grid whose saturation is the clip)", integer_kernel="QLinearAdd"),
+    OpRule("HardSwish", OpKind.OTHER, "x hardsigmoid(x): an integer form (QLinearAdd, QLinearMul)",
+           integer_kernel="QLinearAdd+QLinearMul"),
     OpRule("BatchNormalization", OpKind.OTHER, "normalization with frozen statistics",
            stop_inputs=frozenset({3, 4})),
     OpRule("Where", OpKind.OTHER, "select", integer_kernel="Where", stop_inputs=frozenset({0})),
@@ -253,3 +279,93 @@ def saturates_u8s8(node: ir.Node) -> bool:
     """
     r = rule(node.op_type, node.domain)
     return r.u8s8_gemm and not is_depthwise(node)
+
+
+def kernel_problem(node: ir.Node) -> str | None:
+    """Why this node cannot run on its op type's integer kernel (attribute conditions), or None."""
+    check = rule(node.op_type, node.domain).kernel_check
+    return check(node) if check is not None else None
+
+
+def _scalar_constant(value: ir.Value | None) -> float | None:
+    if not _is_constant(value):
+        return None
+    assert value is not None and value.const_value is not None
+    array = value.const_value.numpy()
+    if array.size != 1 or array.dtype.kind != "f":
+        return None
+    x = float(array.reshape(()))
+    return x if math.isfinite(x) else None
+
+
+def rescale_factor(node: ir.Node) -> float | None:
+    """``k`` when the node computes ``x * k`` with a positive scalar constant ``k`` (``Mul`` by
+    ``k``, ``Div`` by ``1/k``): its output is its input's integers read with scale x ``k``."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if node.op_type == "Div":
+        k = _scalar_constant(b)
+        return 1.0 / k if k is not None and k > 0 and not _is_constant(a) else None
+    for data, const in ((a, b), (b, a)):
+        k = _scalar_constant(const)
+        if k is not None and k > 0 and not _is_constant(data):
+            return k
+    return None
+
+
+def constant_operand(node: ir.Node) -> int | None:
+    """Index of the constant operand a node can run with on its integer kernel once the constant is
+    quantized (``Add(x, c)``, ``Mul(x, c)``, ``Sub(x, c)``), or None."""
+    if not rule(node.op_type, node.domain).constant_kernel or len(node.inputs) != 2:
+        return None
+    constant = [i for i, v in enumerate(node.inputs) if _is_constant(v)]
+    if len(constant) != 1:
+        return None
+    index = constant[0]
+    if node.op_type == "Sub" and index != 1:
+        return None  # c - x would need a negated input
+    value = node.inputs[index]
+    assert value is not None and value.const_value is not None
+    if value.const_value.dtype.numpy().kind != "f":
+        return None
+    return index
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerFormRule:
+    """An op without an integer kernel of its own that deploys as integer kernels.
+
+    ``HardSigmoid(x) = clip(alpha x + beta, 0, 1)``: quantize ``x + beta/alpha`` (QLinearAdd with a
+    quantized constant) onto the grid ``[0, 1/alpha]``, so the saturation is the clip, and read the
+    same integers as ``[0, 1]`` (scale x alpha). ``HardSwish(x) = x HardSigmoid_{1/6, 1/2}(x)`` adds
+    a QLinearMul with ``x``.
+    """
+
+    op_type: str
+    default_alpha: float
+    default_beta: float
+    multiplies_input: bool
+
+
+INTEGER_FORMS: Mapping[str, IntegerFormRule] = types.MappingProxyType({
+    "HardSigmoid": IntegerFormRule("HardSigmoid", 0.2, 0.5, multiplies_input=False),
+    "HardSwish": IntegerFormRule("HardSwish", 1.0 / 6.0, 0.5, multiplies_input=True),
+})
+
+
+def integer_form(node: ir.Node) -> tuple[IntegerFormRule, float, float] | None:
+    """The integer form of a node with its ``(alpha, beta)``, or None."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    form = INTEGER_FORMS.get(node.op_type)
+    if form is None:
+        return None
+    alpha, beta = form.default_alpha, form.default_beta
+    if node.op_type == "HardSigmoid":
+        a, b = node.attributes.get("alpha"), node.attributes.get("beta")
+        alpha = a.as_float() if a is not None else alpha
+        beta = b.as_float() if b is not None else beta
+    if not alpha > 0:
+        return None
+    return form, float(alpha), float(beta)

@@ -40,6 +40,7 @@ from onnxqat.graph import const_array, values_by_name
 from onnxqat.io import load_model, save_model, staged_outputs
 from onnxqat.passes.annotate import annotate
 from onnxqat.passes.canonicalize import canonical_passes
+from onnxqat.passes.elementwise import SubtractConstantAsAddPass
 from onnxqat.passes.float16 import Float16Record, Float16ToFloat32Pass, cast_interface, restore_float16
 from onnxqat.passes.fold_batchnorm import FoldBatchNormPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
@@ -95,6 +96,7 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True) -> Prepared:
     else:
         raise ModelError(f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(source).__name__}")
     model = canonical_passes()(model).model
+    SubtractConstantAsAddPass()(model)
     to_float32 = Float16ToFloat32Pass()
     if to_float32(model).modified:
         ShapeInferencePass(strict_mode=False)(model)
@@ -139,7 +141,17 @@ class SimState:
     encodings: Mapping[str, Encoding]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "encodings", types.MappingProxyType(dict(self.encodings)))
+        encodings = dict(self.encodings)
+        for q in self.plan.activations:  # derived encodings always follow their sources
+            if q.derived_from is not None:
+                source, factor = q.derived_from
+                if source in encodings:
+                    src = encodings[source]
+                    encodings[q.name] = dataclasses.replace(
+                        src, scale=(src.scale.astype(np.float64) * factor).astype(np.float32))
+                else:
+                    encodings.pop(q.name, None)
+        object.__setattr__(self, "encodings", types.MappingProxyType(encodings))
 
     @property
     def calibrated(self) -> bool:
@@ -177,9 +189,10 @@ def calibrate(
     progress: bool | None = None,
 ) -> dict[str, Encoding]:
     """Encodings of every activation quantizer of ``state.plan`` from the batches (streamed)."""
-    observers = collect_statistics(state.float_model, state.plan, batches, scheme, progress=progress)
+    observed = dataclasses.replace(state.plan, activations=state.plan.calibrated_activations)
+    observers = collect_statistics(state.float_model, observed, batches, scheme, progress=progress)
     encodings = {}
-    for q in state.plan.activations:
+    for q in observed.activations:
         if q.spec.fixed_range is not None:
             encodings[q.name] = compute_encoding(*q.spec.fixed_range, q.spec)
             continue
@@ -260,7 +273,7 @@ def bind_encodings(parsed: ParsedEncodings, state: SimState, where: str = "encod
         raise EncodingsError(f"{where}: tensor(s) not in the model: {unknown[:5]}")
     encodings = {}
     missing = []
-    for q in state.plan.activations:
+    for q in state.plan.calibrated_activations:
         found = [parsed.activations[t] for t in q.tensors if t in parsed.activations]
         if not found:
             missing.append(q.name)

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 
 from onnxqat.spec import QuantSpec
 
-__all__ = ["ActivationQuantizer", "BiasQuantizer", "ParamQuantizer", "QuantPlan"]
+__all__ = ["ActivationQuantizer", "BiasQuantizer", "IntegerForm", "ParamQuantizer", "QuantPlan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,11 +24,17 @@ class ActivationQuantizer:
         name: Quantizer name (the first tensor it was created for).
         spec: Grid of the quantizer (always per tensor).
         tensors: Every tensor that is quantized with this encoding, ``name`` first.
+        derived_from: ``(source quantizer, k)`` when ``name`` is ``x * k`` of a tensor ``x`` of the
+            source quantizer (a Mul/Div by a positive scalar; the source comes earlier in the
+            plan and may itself be derived): its encoding is the source's with
+            the scale multiplied by ``k``, and the deployed graph reads the source's integers with
+            that scale instead of running the Mul/Div. Not calibrated.
     """
 
     name: str
     spec: QuantSpec
     tensors: tuple[str, ...]
+    derived_from: tuple[str, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +70,26 @@ class BiasQuantizer:
 
 
 @dataclasses.dataclass(frozen=True)
+class IntegerForm:
+    """A node without an integer kernel deployed as integer kernels (see :mod:`onnxqat.ops`).
+
+    Attributes:
+        node: Name of the HardSigmoid/HardSwish node.
+        op_type: Its op type.
+        alpha, beta: ``clip(alpha x + beta, 0, 1)`` (HardSwish: 1/6, 1/2).
+        input: Its (quantized) input tensor.
+        output: Its (quantized) output tensor.
+    """
+
+    node: str
+    op_type: str
+    alpha: float
+    beta: float
+    input: str
+    output: str
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantPlan:
     """Everything the annotation pass decided about a model.
 
@@ -72,6 +98,7 @@ class QuantPlan:
         params: Weight quantizers.
         biases: Derived int32 bias quantizers.
         skipped: For every float tensor left unquantized, the rule that skipped it.
+        integer_forms: Nodes deployed as integer forms.
     """
 
     activations: tuple[ActivationQuantizer, ...] = ()
@@ -80,6 +107,7 @@ class QuantPlan:
     skipped: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({})
     )
+    integer_forms: tuple[IntegerForm, ...] = ()
 
     def __post_init__(self) -> None:
         names = [q.name for q in self.activations] + [q.name for q in self.params]
@@ -96,6 +124,14 @@ class QuantPlan:
             if overlap:
                 raise ValueError(f"tensors {sorted(overlap)} belong to two quantizers")
             seen.update(q.tensors)
+        known: set[str] = set()
+        for q in self.activations:
+            if q.derived_from is not None:
+                source, factor = q.derived_from
+                if source not in known or not factor > 0:
+                    raise ValueError(f"quantizer {q.name} derives from {source!r}, which is not an earlier "
+                                     "quantizer, or by a factor that is not positive")
+            known.add(q.name)
 
     def activation_of(self, tensor: str) -> ActivationQuantizer | None:
         """The activation quantizer applied to ``tensor``, if any."""
@@ -109,6 +145,11 @@ class QuantPlan:
             object.__setattr__(self, "_index", index)
         return index
 
+    @property
+    def calibrated_activations(self) -> tuple[ActivationQuantizer, ...]:
+        """Activation quantizers whose encodings come from data (not derived)."""
+        return tuple(q for q in self.activations if q.derived_from is None)
+
     def param(self, name: str) -> ParamQuantizer | None:
         return next((q for q in self.params if q.name == name), None)
 
@@ -120,8 +161,11 @@ class QuantPlan:
     def summary(self) -> str:
         tied = sum(len(q.tensors) for q in self.activations)
         per_channel = sum(q.spec.per_channel for q in self.params)
+        derived = sum(q.derived_from is not None for q in self.activations)
+        forms = f", {len(self.integer_forms)} integer forms" if self.integer_forms else ""
         return (
-            f"{len(self.activations)} activation quantizers on {tied} tensors, "
+            f"{len(self.activations)} activation quantizers on {tied} tensors"
+            f"{f' ({derived} derived)' if derived else ''}{forms}, "
             f"{len(self.params)} weight quantizers ({per_channel} per-channel), "
             f"{len(self.biases)} int32 biases, {len(self.skipped)} float tensors left float"
         )

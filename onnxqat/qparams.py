@@ -10,6 +10,7 @@ against.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -23,7 +24,9 @@ __all__ = [
     "compute_encoding",
     "dequantize",
     "fake_quantize",
+    "IntegerFormConstants",
     "grid_bounds",
+    "integer_form_constants",
     "pair_safe_scale",
     "quantize",
 ]
@@ -294,3 +297,44 @@ def dequantize(q: np.ndarray, enc: Encoding) -> np.ndarray:
 def fake_quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:
     """Quantize then dequantize (what the simulation computes for a quantized tensor)."""
     return dequantize(quantize(x, enc), enc)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerFormConstants:
+    """The numbers of ``clip(alpha x + beta, 0, 1)`` deployed as integer kernels (uint8 grids).
+
+    ``offset = beta / alpha`` is stored exactly as one uint8 value (``offset_q`` with scale
+    ``|offset| / 255``); ``x + offset`` is quantized with ``grid_scale = (1 / alpha) / 255`` onto
+    ``[0, 255]``, whose saturation is the clip; the same integers read with ``read_scale = 1/255``
+    are the result on ``[0, 1]``.
+    """
+
+    offset_q: int
+    offset_scale: np.float32
+    offset_zero_point: int
+    grid_scale: np.float32
+    read_scale: np.float32
+
+    @property
+    def offset(self) -> np.float32:
+        """The offset as the deployed graph computes it (dequantized)."""
+        return np.float32(np.float32(self.offset_q - self.offset_zero_point) * self.offset_scale)
+
+
+def integer_form_constants(alpha: float, beta: float) -> IntegerFormConstants:
+    """See :class:`IntegerFormConstants`.
+
+    >>> c = integer_form_constants(1 / 6, 0.5)      # HardSwish's gate: (x + 3) / 6
+    >>> float(c.offset), float(c.grid_scale * 255), float(c.read_scale * 255)
+    (3.0, 6.0, 1.0)
+    """
+    if not (alpha > 0 and math.isfinite(alpha) and math.isfinite(beta)):
+        raise ValueError(f"alpha must be > 0 and both finite, got alpha={alpha}, beta={beta}")
+    offset = beta / alpha
+    if offset > 0:
+        q, scale, zp = 255, np.float32(offset / 255), 0
+    elif offset < 0:
+        q, scale, zp = 0, np.float32(-offset / 255), 255
+    else:
+        q, scale, zp = 0, np.float32(1.0), 0
+    return IntegerFormConstants(q, scale, zp, np.float32((1.0 / alpha) / 255), np.float32(1.0 / 255))

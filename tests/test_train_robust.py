@@ -96,7 +96,8 @@ def hard_act_model():
 
 
 def test_ops_without_gradients_are_decomposed_and_train():
-    sim = QuantizationSimModel(hard_act_model(), per_channel=True)
+    # 16-bit activations: no integer form for HardSwish/HardSigmoid, so the decompositions apply
+    sim = QuantizationSimModel(hard_act_model(), per_channel=True, activation_bw=16)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(8, 3, 6, 6)).astype(f32)
     sim.compute_encodings([{"x": x}], progress=False)
@@ -115,12 +116,13 @@ def test_an_op_nothing_decomposes_is_refused_before_any_work(monkeypatch):
     rules = dict(decompose.DECOMPOSITIONS)
     del rules["HardSwish"]
     monkeypatch.setattr(decompose, "DECOMPOSITIONS", rules)
-    sim = QuantizationSimModel(hard_act_model())
+    sim = QuantizationSimModel(hard_act_model(), activation_bw=16)
     sim.compute_encodings([{"x": np.ones((2, 3, 6, 6), f32)}], progress=False)
     with pytest.raises(ModelError) as e:
         sim.trainer(loss="distill")
     message = str(e.value)
-    assert "'hswish'" in message and "HardSwish" in message and "--freeze" in message and "\n" not in message
+    assert "'hswish'" in message and "HardSwish" in message and "freeze" in message and "\n" not in message
+    assert message.count("freeze the parameters") == 1
 
 
 def test_batches_of_another_shape():

@@ -10,10 +10,19 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
 4. An op output inside a supergroup (e.g. Conv followed by Relu, the only consumer) is left float;
    the supergroup's last output carries the quantizer.
 5. Outputs of data-movement ops (Reshape, Transpose, MaxPool, ...) reuse their input's quantizer.
-6. Other outputs are quantized when the op type's ``is_output_quantized`` says so, when a consumer's
+6. The output of a Mul/Div by a positive scalar constant whose input is quantized is *derived*:
+   the input's integers read with the scale times the factor (the deployed graph drops the node).
+7. Other outputs are quantized when the op type's ``is_output_quantized`` says so, when a consumer's
    op type has ``is_input_quantized``, or when they are model outputs and
-   ``model_output.is_output_quantized``.
-7. All float inputs and the output of a Concat share one quantizer.
+   ``model_output.is_output_quantized``. Add/Sub/Mul with a constant operand whose other input is
+   quantized count as integer ops (the constant is quantized, so onnxruntime runs
+   QLinearAdd/QLinearMul); they never make their input quantized, so a float island (GELU's
+   erf) gets no extra conversion. Ops whose integer kernel does not cover the node's attributes
+   (Resize in cubic mode) do not count.
+8. HardSigmoid/HardSwish with a quantized uint8 input become integer forms (:mod:`onnxqat.ops`);
+   HardSigmoid's output then has the fixed encoding [0, 1].
+9. All float inputs and the output of a Concat share one quantizer (a derived quantizer tied so
+   becomes a calibrated one).
 
 Every float tensor left unquantized gets the reason in ``plan.skipped``.
 """
@@ -27,7 +36,7 @@ import onnx_ir as ir
 from onnxqat import ops
 from onnxqat.config import QuantSimConfig
 from onnxqat.graph import is_constant, is_float
-from onnxqat.plan import ActivationQuantizer, BiasQuantizer, ParamQuantizer, QuantPlan
+from onnxqat.plan import ActivationQuantizer, BiasQuantizer, IntegerForm, ParamQuantizer, QuantPlan
 from onnxqat.spec import QuantSpec
 from onnxqat.target import Target, resolve_target
 
@@ -67,6 +76,24 @@ class _UnionFind:
         return x in self.parent
 
 
+def _sources_first(derived: list[ActivationQuantizer]) -> list[ActivationQuantizer]:
+    """Derived quantizers ordered so each comes after the derived quantizer it reads (if any)."""
+    names = {q.name for q in derived}
+    done: set[str] = set()
+    ordered: list[ActivationQuantizer] = []
+    pending = list(derived)
+    while pending:
+        ready = [q for q in pending if q.derived_from is None or q.derived_from[0] not in names
+                 or q.derived_from[0] in done]
+        if not ready:  # a cycle cannot arise from a DAG; keep the rest in creation order
+            ready = pending[:1]
+        for q in ready:
+            ordered.append(q)
+            done.add(q.name)
+            pending.remove(q)
+    return ordered
+
+
 def annotate(
     model: ir.Model,
     config: QuantSimConfig,
@@ -95,6 +122,10 @@ class _Annotator:
         self.order: list[str] = []  # quantized tensors in creation order
         self.skipped: dict[str, str] = {}
         self.nodes = list(self.graph)
+        self.derived: dict[str, tuple[str, float]] = {}  # tensor -> (input tensor, factor)
+        self.constant_kernels: list[tuple[ir.Node, int]] = []
+        self.forms: list[IntegerForm] = []
+        self.chain_end: dict[str, str] = {}  # tensor inside a supergroup -> the group's last output
 
     # -- helpers -------------------------------------------------------------------------------
     def excluded(self, node: ir.Node) -> str | None:
@@ -165,7 +196,27 @@ class _Annotator:
                     label = "+".join(group)
                     for member in chain[:-1]:
                         interior[member.outputs[0].name] = f"inside supergroup {label}"
+                        self.chain_end[member.outputs[0].name] = chain[-1].outputs[0].name
         return interior
+
+    def kernel_problem(self, node: ir.Node) -> str | None:
+        """Why the node cannot use its integer kernel in onnxruntime (not for HTP), or None."""
+        return None if self.target.name == "htp" else ops.kernel_problem(node)
+
+    def constant_kernel(self, node: ir.Node) -> int | None:
+        """Index of a constant operand quantized so the node runs on its integer kernel, or None."""
+        index = ops.constant_operand(node)
+        if index is None:
+            return None
+        config_op = "Add" if node.op_type == "Sub" else node.op_type
+        return index if self.config.input_quantized_for(config_op) else None
+
+    def integer_with_constant(self, node: ir.Node) -> bool:
+        """An Add/Sub/Mul with a constant whose data input is quantized: it runs on the integer
+        kernel with the constant quantized (rule 7); it never makes its input quantized."""
+        index = self.constant_kernel(node)
+        data = node.inputs[1 - index] if index is not None else None
+        return data is not None and self.quantized(data.name)
 
     @staticmethod
     def moves_data(node: ir.Node) -> bool:
@@ -180,9 +231,11 @@ class _Annotator:
         """Tensors that a consumer or the model-output rule needs quantized -> why."""
         demand: dict[str, str] = {}
         for node in self.nodes:
-            if self.excluded(node) or not self.config.input_quantized_for(node.op_type):
+            if self.excluded(node) or self.kernel_problem(node):
                 continue
             if self.float_elementwise(node):
+                continue  # runs on integers only where its input is quantized anyway (rule 7)
+            if not self.config.input_quantized_for(node.op_type):
                 continue
             for value in node.inputs:
                 if is_float(value) and not is_constant(value):
@@ -208,6 +261,7 @@ class _Annotator:
         for node in self.nodes:
             self.visit_outputs(node, interior, demand)
 
+        self.quantize_constants()
         self.tie_concats()
         activations = self.activation_quantizers()
         by_tensor = {t: q.name for q in activations for t in q.tensors}
@@ -218,6 +272,7 @@ class _Annotator:
             params=tuple(params),
             biases=tuple(biases),
             skipped=types.MappingProxyType(dict(self.skipped)),
+            integer_forms=tuple(f for f in self.forms if self.quantized(f.output) and self.quantized(f.input)),
         )
 
     def visit_outputs(self, node: ir.Node, interior: dict[str, str], demand: dict[str, str]) -> None:
@@ -229,8 +284,16 @@ class _Annotator:
             name = out.name
             if excluded:
                 self.skip(out, excluded)
+            elif self.kernel_problem(node):
+                # never Q right after it: onnxruntime would form the integer kernel that does not exist
+                self.skip(out, f"{self.kernel_problem(node)}; its output stays float")
             elif name in interior:
                 self.skip(out, interior[name])
+                index = self.constant_kernel(node) if self.float_elementwise(node) else None
+                if index is not None and out is node.outputs[0]:
+                    self.constant_kernels.append((node, index))
+            elif self.derive(node, out, override is not None):
+                pass
             elif (
                 self.moves_data(node)
                 and node.inputs
@@ -243,10 +306,17 @@ class _Annotator:
                     self.new_group(name, self.act_spec(node))
                 else:
                     self.skip(out, f"node '{node.name}': is_output_quantized false in config")
+            elif self.integer_form(node, out, demand):
+                pass
             elif name in demand or (
-                self.config.output_quantized_for(node.op_type) and not self.float_elementwise(node)
+                self.config.output_quantized_for(node.op_type)
+                and (not self.float_elementwise(node) or self.integer_with_constant(node))
+                and not self.kernel_problem(node)
             ):
                 self.new_group(name, self.act_spec(node))
+                index = self.constant_kernel(node) if self.float_elementwise(node) else None
+                if index is not None:
+                    self.constant_kernels.append((node, index))
             elif self.moves_data(node):
                 self.skip(out, f"{node.op_type} reuses its input's encoding and its input is float")
             elif self.float_elementwise(node):
@@ -258,6 +328,56 @@ class _Annotator:
                     f"op type {node.op_type}: output not quantized by config and no consumer "
                     "needs a quantized input",
                 )
+
+    def derive(self, node: ir.Node, out: ir.Value, overridden: bool) -> bool:
+        """Rule 6: a Mul/Div by a positive scalar of a quantized tensor reads its integers."""
+        factor = ops.rescale_factor(node)
+        if factor is None or overridden or out is not node.outputs[0]:
+            return False
+        data = next(v for v in node.inputs if v is not None and not is_constant(v))
+        if not self.quantized(data.name):
+            return False
+        self.new_group(out.name, self.group_spec[self.groups.find(data.name)])
+        self.derived[out.name] = (data.name, factor)
+        return True
+
+    def integer_form(self, node: ir.Node, out: ir.Value, demand: dict[str, str]) -> bool:
+        """Rule 8: HardSigmoid/HardSwish of a quantized uint8 tensor as integer kernels."""
+        found = ops.integer_form(node)
+        data = node.inputs[0] if node.inputs else None
+        if found is None or data is None or out is not node.outputs[0] or not self.quantized(data.name):
+            return False
+        if not self.config.input_quantized_for(node.op_type) and out.name not in demand:
+            return False
+        spec = self.act_spec(node)
+        source = self.group_spec[self.groups.find(data.name)]
+        if spec.bitwidth != 8 or source.bitwidth != 8 or source.symmetric or spec.symmetric:
+            return False
+        form, alpha, beta = found
+        if not form.multiplies_input:
+            spec = spec.replace(fixed_range=(0.0, 1.0))
+        self.new_group(out.name, spec)
+        self.forms.append(IntegerForm(node.name, node.op_type, alpha, beta, data.name, out.name))
+        return True
+
+    def quantize_constants(self) -> None:
+        """Constants of Add/Sub/Mul whose data input and output are quantized get quantizers."""
+        for node, index in self.constant_kernels:
+            const = node.inputs[index]
+            data = node.inputs[1 - index]
+            assert const is not None and data is not None
+            if self.quantized(const.name):
+                continue
+            out = self.chain_end.get(node.outputs[0].name, node.outputs[0].name)
+            if self.quantized(data.name) and self.quantized(out):
+                self.new_group(const.name, self.group_spec[self.groups.find(out)])
+            else:
+                self.skip(const, f"constant of {node.op_type} node '{node.name}': its input or output is float")
+
+    def underive(self, tensor: str) -> None:
+        root = self.groups.find(tensor)
+        for name in [t for t in self.derived if self.groups.find(t) == root]:
+            del self.derived[name]
 
     def tie_concats(self) -> None:
         for node in self.nodes:
@@ -275,18 +395,25 @@ class _Annotator:
                         self.new_group(value.name, self.group_spec[self.groups.find(out.name)])
                     else:
                         continue
+                self.underive(out.name)
+                self.underive(value.name)
                 self.groups.union(out.name, value.name)
 
     def activation_quantizers(self) -> tuple[ActivationQuantizer, ...]:
         members: dict[str, list[str]] = {}
         for tensor in self.order:
             members.setdefault(self.groups.find(tensor), []).append(tensor)
-        quantizers = []
+        name_of = {t: tensors[0] for tensors in members.values() for t in tensors}
+        calibrated, derived = [], []
         for tensors in members.values():
             specs = [self.group_spec[t] for t in tensors if t in self.group_spec]
             spec = max(specs, key=lambda s: s.bitwidth)
-            quantizers.append(ActivationQuantizer(tensors[0], spec, tuple(tensors)))
-        return tuple(quantizers)
+            source = self.derived.get(tensors[0])
+            if source is not None:
+                derived.append(ActivationQuantizer(tensors[0], spec, tuple(tensors), (name_of[source[0]], source[1])))
+            else:
+                calibrated.append(ActivationQuantizer(tensors[0], spec, tuple(tensors)))
+        return tuple(calibrated + _sources_first(derived))
 
     def params(
         self, by_tensor: dict[str, str]

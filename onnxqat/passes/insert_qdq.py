@@ -15,6 +15,12 @@ initializers with ``DequantizeLinear`` (scale = input scale x weight scale).
 
 Graph inputs and outputs keep their names: a quantized graph output is produced by the
 DequantizeLinear node and the float tensor before it gets a fresh name.
+
+Derived quantizers (a Mul/Div by a positive scalar of a quantized tensor) drop their node: the
+consumers read the input's integers with the derived scale. Integer forms replace their node
+(HardSigmoid/HardSwish) with ``Add(x, DQ(offset)) -> Q(grid) -> DQ(read)`` (and, for HardSwish,
+``Mul(x, .)``), which onnxruntime runs as QLinearAdd (QLinearMul). Both flavours get exactly the
+same activation graph, so the simulation runs what is deployed.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array, make_initializer, opset_version, values_by_name
-from onnxqat.plan import QuantPlan
-from onnxqat.qparams import Encoding, quantize
+from onnxqat.plan import ActivationQuantizer, IntegerForm, QuantPlan
+from onnxqat.qparams import Encoding, integer_form_constants, quantize
 from onnxqat.runtime import release_if_mapped
 
 __all__ = ["InsertQDQPass", "bias_encoding", "bias_fits", "qdq_domain", "quantize_bias"]
@@ -105,6 +111,8 @@ class _Inserter:
         self.nodes = {node.name: node for node in self.graph if node.name}
         self.count = 0
         self.sites: dict[str, str] = {}
+        self.qvalues: dict[str, ir.Value] = {}  # tensor -> the QuantizeLinear output holding its integers
+        self.tensor_of: dict[str, str] = {}  # DequantizeLinear output -> the tensor it replaces
 
     def base(self, name: str) -> str:
         """Stem of generated names: the tensor's name, or a short id in the deployable model."""
@@ -118,7 +126,13 @@ class _Inserter:
             enc = self.encodings[q.name]
             params = self.qparam_values(self.base(q.name), enc)
             for tensor in q.tensors:
-                self.quantize_activation(self.values[tensor], enc, params)
+                if q.derived_from is not None and tensor == q.name:
+                    self.read_derived(q, enc, params)
+                else:
+                    self.quantize_activation(self.values[tensor], enc, params)
+        for form in self.plan.integer_forms:
+            self.integer_form(form)
+        self.drop_unused_dequantize()
         for p in self.plan.params:
             self.quantize_param(p.name, p.consumers, self.encodings[p.name])
         for b in self.plan.biases:
@@ -173,8 +187,17 @@ class _Inserter:
         was_output = value.is_graph_output()
         dq = self.qdq(value, enc, params, self.base(name))
         dq.type, dq.shape = value.type, value.shape
+        q_node = dq.producer()
+        assert q_node is not None and q_node.inputs[0] is not None
+        self.qvalues[name] = q_node.inputs[0]
         for use in users:
             use.node.replace_input_with(use.idx, dq)
+        self.publish(value, dq, was_output)
+
+    def publish(self, value: ir.Value, dq: ir.Value, was_output: bool) -> None:
+        """Make ``dq`` take ``value``'s graph-output slot and name (its uses are already moved)."""
+        name = value.name
+        assert name is not None
         if was_output:
             value.name = self.names.fresh(f"{name}_float")
             for i, out in enumerate(self.graph.outputs):
@@ -182,6 +205,64 @@ class _Inserter:
                     self.graph.outputs[i] = dq
             dq.name = name
         self.sites[name] = dq.name  # type: ignore[assignment]
+        self.tensor_of[dq.name] = name  # type: ignore[index]
+
+    def read_derived(self, q: ActivationQuantizer, enc: Encoding, params: tuple[ir.Value, ir.Value]) -> None:
+        """``y = x * k``: the consumers of ``y`` read ``x``'s integers with ``y``'s scale; the
+        Mul/Div node is dropped."""
+        value = self.values[q.name]
+        node = value.producer()
+        assert node is not None
+        data = next(v for v in node.inputs if v is not None and v.const_value is None)
+        source = self._source_tensor(data)
+        qvalue = self.qvalues[source]
+        domain = self.qdq_domain(enc)
+        dq = self.node("DequantizeLinear", [qvalue, *params], self.base(q.name), domain)
+        dq.type, dq.shape = value.type, value.shape
+        self.qvalues[q.name] = qvalue
+        was_output = value.is_graph_output()
+        for use in list(value.uses()):
+            use.node.replace_input_with(use.idx, dq)
+        self.publish(value, dq, was_output)
+        if not value.uses() and not value.is_graph_output():
+            self.graph.remove(node, safe=True)
+
+    def drop_unused_dequantize(self) -> None:
+        """A source's own DequantizeLinear is left without uses when every consumer now reads a
+        derived scale; onnxruntime would keep it (and lay out a transpose for it)."""
+        for node in reversed(list(self.graph)):
+            if node.op_type == "DequantizeLinear" and not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
+                self.graph.remove(node, safe=True)
+
+    def _source_tensor(self, value: ir.Value) -> str:
+        """The float-model tensor whose integers ``value`` (a DQ output after insertion) carries."""
+        assert value.name is not None
+        return self.tensor_of.get(value.name, value.name)
+
+    def integer_form(self, form: IntegerForm) -> None:
+        """HardSigmoid / HardSwish as ``Add -> Q -> DQ (-> Mul)`` on the integer kernels."""
+        node = self.nodes[form.node]
+        x = node.inputs[0]
+        assert x is not None
+        base = self.base(form.output)
+        c = integer_form_constants(form.alpha, form.beta)
+        offset_q = make_initializer(self.graph, self.names.fresh(f"{base}_offset_quantized"), np.array(c.offset_q, np.uint8))
+        offset_s = make_initializer(self.graph, self.names.fresh(f"{base}_offset_scale"), np.array(c.offset_scale, np.float32))
+        offset_z = make_initializer(self.graph, self.names.fresh(f"{base}_offset_zero_point"),
+                                    np.array(c.offset_zero_point, np.uint8))
+        offset = self.node("DequantizeLinear", [offset_q, offset_s, offset_z], base)
+        added = self.node("Add", [x, offset], base)
+        zero = make_initializer(self.graph, self.names.fresh(f"{base}_gate_zero_point"), np.array(0, np.uint8))
+        grid = make_initializer(self.graph, self.names.fresh(f"{base}_gate_grid_scale"), np.array(c.grid_scale, np.float32))
+        read = make_initializer(self.graph, self.names.fresh(f"{base}_gate_read_scale"), np.array(c.read_scale, np.float32))
+        gate_q = self.node("QuantizeLinear", [added, grid, zero], base)
+        out = self.node("DequantizeLinear", [gate_q, read, zero], base)
+        if form.op_type == "HardSwish":
+            out = self.node("Mul", [x, out], base)
+        value = node.outputs[0]
+        out.type, out.shape = value.type, value.shape
+        value.replace_all_uses_with(out, replace_graph_outputs=True)  # its quantizer reads ``out``
+        self.graph.remove(node, safe=True)
 
     # -- weights and biases ----------------------------------------------------------------------
     def quantize_param(self, name: str, consumers: tuple[str, ...], enc: Encoding) -> None:

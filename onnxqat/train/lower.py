@@ -29,7 +29,7 @@ from onnxqat.errors import ConfigError, ModelError
 from onnxqat.graph import NameScope, const_array, is_float, remove_dead_nodes, values_by_name
 from onnxqat import ops
 from onnxqat.plan import ActivationQuantizer, ParamQuantizer, QuantPlan
-from onnxqat.qparams import MIN_SCALE, Encoding
+from onnxqat.qparams import MIN_SCALE, Encoding, integer_form_constants
 from onnxqat.train.builder import CONTRIB, Builder
 from onnxqat.train.decompose import DecomposeForTrainingPass
 from onnxqat.train.options import Loss
@@ -222,6 +222,11 @@ class _Lowering:
 
     def activation(self, q: ActivationQuantizer) -> None:
         enc = self.encodings[q.name]
+        if q.derived_from is not None:
+            # x * k of a fake-quantized x is on the derived grid already: only the scale is needed
+            source, factor = q.derived_from
+            self.act_scale[q.name] = self.b.op("Mul", [self.act_scale[source], self.b.const(factor, name="derived")], q.name)
+            return
         sources = {t: self.implied_clamp(t, enc) for t in q.tensors}
         if self.range_learning and q.spec.fixed_range is None:
             gain = self.encoding_lr_scale
@@ -229,12 +234,10 @@ class _Lowering:
             s = self.b.op("Max", [self.b.op("Mul", [self.b.op("Exp", [self.b.op("Mul", [u, self.b.const(gain, name="gain")], q.name)], q.name),
                                                     self.b.const(float(enc.scale), name="s0")], q.name),
                                   self.b.const(MIN_SCALE, name="min_scale")], q.name)
-            zp_value = None
+            zp_value = self.b.const(float(enc.zero_point), name="zero_point")
             zp_name = None
             zp_gain = gain * (enc.qmax - enc.qmin) / 2
-            if any(sources.values()):
-                zp_value = self.b.const(float(enc.zero_point), name="zero_point")
-            elif not enc.symmetric:
+            if not any(sources.values()) and not enc.symmetric:
                 v = self.b.param(f"{q.name}.zero_point_offset", np.array(0.0))
                 zp_name = v.name
                 zp = self.b.op("Add", [self.b.op("Mul", [v, self.b.const(zp_gain, name="zp_gain")], q.name),
@@ -258,15 +261,8 @@ class _Lowering:
             value = self.values[tensor]
             users = list(value.uses())
             source = sources[tensor] or value
-            if q.name in learned and zp_name is not None:
-                u = self.b.op("Add", [self.b.op("Div", [source, s], tensor), zp_value], tensor)
-                r = self.b.ste_round(self.clamp_to_grid(u, enc, tensor), tensor, bounded=True)
-                out = self.b.op("Mul", [self.b.op("Sub", [r, zp_value], tensor), s], tensor)
-            elif q.name in learned:
-                # a constant zero point folds into the clip bounds: round(x/s + zp) - zp == round(x/s)
-                u = self.b.op("Div", [source, s], tensor)
-                r = self.b.ste_round(self.clamp_to_grid(u, enc, tensor, offset=int(enc.zero_point)), tensor, bounded=True)
-                out = self.b.op("Mul", [r, s], tensor)
+            if q.name in learned:
+                out = self.learned_fake_quant(source, s, zp_value, zp_name is not None, enc, tensor)
             else:
                 out = self.b.op("FakeQuant", [source, s, zp_value], tensor, domain=CONTRIB, outputs=2,
                                 quant_min=enc.qmin, quant_max=enc.qmax)
@@ -274,6 +270,44 @@ class _Lowering:
             for use in users:
                 use.node.replace_input_with(use.idx, out)
             self.values[tensor] = out
+
+    def learned_fake_quant(self, x: ir.Value, s: ir.Value, zp: ir.Value, zp_learned: bool, enc: Encoding,
+                           base: str) -> ir.Value:
+        """Fake-quant with a trained scale (and zero point) whose backward keeps little memory.
+
+        The value and the gradient to ``x`` come from ``FakeQuant`` on the current encoding behind a
+        stop-gradient (it keeps a one-byte mask for its backward). The LSQ gradients are added with
+        terms that are zero in value: ``(s - sg(s)) * h`` with ``h = (y - x * inside) / s``, which is
+        ``round(x/s) - x/s`` inside the grid and ``bound - zp`` outside, and, for a learned zero
+        point, ``Where(inside, 0, (zp - sg(zp)) * -s)``. ``h`` is cut from autodiff by an int64
+        round trip at 2^-20 resolution (it only scales the encoding gradients), so the backward
+        keeps ``h`` and the mask: 5 bytes per element, where the Div/Clip/round/Mul chain kept
+        three float tensors plus their gradient temporaries.
+        """
+        b = self.b
+        s_fixed = b.stop_gradient(s, base)
+        zp_fixed = zp
+        if zp_learned:
+            lift = b.const(float(1 - enc.qmin), name="zp_lift")  # zp - qmin + 1 >= 1: the stop-gradient's domain
+            zp_fixed = b.op("Sub", [b.stop_gradient(b.op("Add", [zp, lift], base), base), lift], base)
+        y = b.op("FakeQuant", [x, s_fixed, zp_fixed], base, domain=CONTRIB, outputs=2,
+                 quant_min=enc.qmin, quant_max=enc.qmax)
+        producer = y.producer()
+        assert producer is not None
+        inside = producer.outputs[1]
+        inside_f = b.op("Cast", [inside], base, to=ir.DataType.FLOAT)
+        h = b.op("Div", [b.op("Sub", [y, b.op("Mul", [x, inside_f], base)], base), s_fixed], base)
+        resolution = 2.0**20  # |h| <= 2^16 on any grid: h * 2^20 fits int64 exactly
+        h = b.op("Cast", [b.op("Mul", [h, b.const(resolution, name="h_res")], base)], base, to=ir.DataType.INT64)
+        h = b.op("Mul", [b.op("Cast", [h], base, to=ir.DataType.FLOAT), b.const(1.0 / resolution, name="h_inv_res")], base)
+        out = b.op("Add", [y, b.op("Mul", [b.op("Sub", [s, s_fixed], base), h], base)], base)
+        if zp_learned:
+            push = b.op("Mul", [b.op("Sub", [zp, zp_fixed], base), b.op("Neg", [s_fixed], base)], base)
+            # broadcast first (Add reduces its gradient; Where's gradient in onnxruntime-training 1.19
+            # does not, and Expand's fails on these shapes)
+            push = b.op("Add", [push, b.op("ConstantOfShape", [b.op("Shape", [x], base)], base)], base)
+            out = b.op("Add", [out, b.op("Where", [inside, b.const(0.0, name="zero"), push], base)], base)
+        return out
 
     # -- weights and biases ----------------------------------------------------------------------
     def weight(self, p: ParamQuantizer) -> None:
@@ -350,6 +384,28 @@ class _Lowering:
             shape[p.spec.axis % rank] = -1
             need = b.op("Reshape", [need, b.const(np.array(shape), np.int64, "pc_shape")], base)
         return b.stop_gradient(b.op("Max", [need, b.const(_SG_FLOOR, name="sg_floor")], base), base)
+
+    def integer_forms(self) -> None:
+        """HardSigmoid/HardSwish as deployed: ``round(clip((x + offset) / grid)) * read`` (times
+        ``x``), with a straight-through gradient inside the grid, zero outside (the clip)."""
+        nodes = {n.name: n for n in self.model.graph}
+        for form in self.plan.integer_forms:
+            node = nodes[form.node]
+            x = node.inputs[0]
+            assert x is not None
+            c = integer_form_constants(form.alpha, form.beta)
+            gate_grid = Encoding(np.float32(c.grid_scale), np.int64(0), 8, False, False)
+            base = form.node
+            t = self.b.op("Add", [x, self.b.const(float(c.offset), name="form_offset")], base)
+            u = self.b.op("Div", [t, self.b.const(float(c.grid_scale), name="form_grid")], base)
+            r = self.b.ste_round(self.clamp_to_grid(u, gate_grid, base), base, bounded=True)
+            out = self.b.op("Mul", [r, self.b.const(float(c.read_scale), name="form_read")], base)
+            if form.op_type == "HardSwish":
+                out = self.b.op("Mul", [x, out], base)
+            value = node.outputs[0]
+            out.type, out.shape = value.type, value.shape
+            value.replace_all_uses_with(out, replace_graph_outputs=True)
+            self.model.graph.remove(node, safe=True)
 
     def biases(self) -> None:
         for bq in self.plan.biases:
@@ -445,11 +501,7 @@ class _Lowering:
         if result.not_decomposable:
             node, reason = next(iter(result.not_decomposable.items()))
             more = len(result.not_decomposable) - 1
-            raise ModelError(
-                f"node '{node}' cannot be trained through: {reason}"
-                + (f" (and {more} more node(s))" if more else "")
-                + "; freeze the parameters before it (--freeze NODE, or --train-last-n with only layers after it)"
-            )
+            raise ModelError(f"cannot train this model: {reason}" + (f" (and {more} more node(s))" if more else ""))
 
     # -- trainable parameters ----------------------------------------------------------------------
     def trainable(self, loss: ir.Value) -> tuple[str, ...]:
@@ -493,6 +545,7 @@ class _Lowering:
         for p in self.plan.params:
             self.weight(p)
         self.biases()
+        self.integer_forms()
         self.batchnorms()
         loss, prediction, feeds, teacher = self.loss_graph()
         # sorted first: the nodes appended above go where their inputs are, so the decomposition

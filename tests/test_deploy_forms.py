@@ -1,0 +1,186 @@
+"""Integer forms for ops without integer kernels, checked against the float ops, onnxruntime's own
+kernels in the deploy runtime, and the training graph.
+
+* Mul/Div by a positive scalar: derived quantizers, the node dropped from the deployed graph.
+* Add/Sub with a constant: QLinearAdd with the constant quantized.
+* HardSigmoid/HardSwish: QLinearAdd onto a grid whose saturation is the clip (+ QLinearMul).
+* Resize in cubic mode: no uint8 kernel, so it stays float and the export runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from conftest import make_model, tensor
+from deployrt import DeployedSession, optimized_op_counts
+from onnxqat import QuantizationSimModel
+from onnxqat.passes.insert_qdq import InsertQDQPass
+from onnxqat.qparams import integer_form_constants
+from onnxqat.runtime import Session
+
+f32 = np.float32
+rng = np.random.default_rng(0)
+
+
+def conv(name, x, w, out, **attrs):
+    return helper.make_node("Conv", [x, w], [out], name=name, **attrs)
+
+
+def weights(*shape, scale=0.4):
+    return (rng.normal(size=shape) * scale).astype(f32)
+
+
+def calibrated(model, x, **options):
+    sim = QuantizationSimModel(model, per_channel=True, **options)
+    sim.compute_encodings([{"x": x[i:i + 4]} for i in range(0, len(x), 4)], progress=False)
+    return sim
+
+
+def output_lsb(sim, name="y"):
+    q = sim.plan.activation_of(name)
+    return float(sim.encodings[q.name].scale)
+
+
+def float_run(model, x):
+    from conftest import run_onnx
+
+    return run_onnx(model, {"x": x})[0]
+
+
+def hard_model(op, **attrs):
+    nodes = [conv("conv1", "x", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node(op, ["c1"], ["h"], name="act", **attrs),
+             conv("conv2", "h", "w2", "y")]
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 8, 8])],
+                      {"w1": weights(6, 3, 3, 3), "w2": weights(4, 6, 1, 1)}, opset=14)
+
+
+@pytest.mark.parametrize("op, attrs", [("HardSwish", {}), ("HardSigmoid", {}), ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}),
+                                        ("HardSigmoid", {"alpha": 0.3, "beta": -0.2})])
+def test_hard_activations_are_integer_forms_within_one_lsb_of_the_float_op(op, attrs):
+    model = hard_model(op, **attrs)
+    x = rng.normal(size=(16, 3, 8, 8)).astype(f32) * 2
+    sim = calibrated(model, x)
+    (form,) = sim.plan.integer_forms
+    assert form.op_type == op and form.node == "act"
+    if op == "HardSigmoid":
+        assert float(sim.encodings["h"].scale) == np.float32(1 / 255)  # the gate grid read as [0, 1]
+    # the sim's activation 'h' against the float op applied to the sim's own (quantized) input
+    inserter = InsertQDQPass(sim.effective_plan, sim.encodings, fold_weights=False)
+    sim_model = inserter(sim.float_model).model
+    values = {v.name: v for n in sim_model.graph for v in n.outputs}
+    sim_model.graph.outputs.extend([values[inserter.sites["c1"]], values[inserter.sites["h"]]])
+    session = Session(sim_model)
+    c1, h = session.run({"x": x})[1:]
+    alpha, beta = (1 / 6, 0.5) if op == "HardSwish" else (attrs.get("alpha", 0.2), attrs.get("beta", 0.5))
+    gate = np.clip(alpha * c1.astype(np.float64) + beta, 0, 1)
+    reference = c1 * gate if op == "HardSwish" else gate
+    lsb = float(sim.encodings["h"].scale)
+    assert np.abs(h - reference).max() <= 1.0 * lsb + 1e-6
+    assert np.mean(np.abs(h - reference) <= 0.5 * lsb + 1e-6) > 0.95
+
+
+@pytest.mark.deploy
+def test_hard_swish_deploys_on_integer_kernels_and_matches_the_sim(deploy_python, tmp_path):
+    model = hard_model("HardSwish")
+    x = rng.normal(size=(16, 3, 8, 8)).astype(f32) * 2
+    sim = calibrated(model, x)
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    assert "HardSwish" not in ops and "HardSigmoid" not in ops
+    assert ops.get("QLinearAdd", 0) == 1 and ops.get("QLinearMul", 0) == 1 and ops.get("QLinearConv", 0) == 2
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    (simulated,) = sim.run({"x": x})
+    np.testing.assert_array_equal(got, simulated)
+
+
+def written_out_hard_swish():
+    """paddle2onnx's HardSwish: x * clip(x + 3, 0, 6) / 6, and a BN-like scalar Mul."""
+    inits = {"w1": weights(6, 3, 3, 3), "w2": weights(4, 6, 1, 1), "three": np.array(3.0, f32),
+             "lo": np.array(0.0, f32), "hi": np.array(6.0, f32), "six": np.array(6.0, f32), "two": np.array(2.0, f32),
+             "shift": np.array(0.25, f32)}
+    nodes = [conv("conv1", "x", "w1", "c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c1", "three"], ["a"], name="add3"),
+             helper.make_node("Clip", ["a", "lo", "hi"], ["r6"], name="relu6"),
+             helper.make_node("Mul", ["c1", "r6"], ["m"], name="mul"),
+             helper.make_node("Div", ["m", "six"], ["hs"], name="div6"),
+             helper.make_node("Mul", ["hs", "two"], ["hs2"], name="double"),
+             helper.make_node("Sub", ["hs2", "shift"], ["s"], name="shift"),
+             conv("conv2", "s", "w2", "y")]
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 8, 8])], inits, opset=13)
+
+
+def test_written_out_hard_swish_plan():
+    model = written_out_hard_swish()
+    x = rng.normal(size=(16, 3, 8, 8)).astype(f32) * 2
+    sim = calibrated(model, x)
+    derived = {q.name: q.derived_from for q in sim.plan.activations if q.derived_from}
+    assert derived == {"hs": ("m", pytest.approx(1 / 6)), "hs2": ("hs", 2.0)}
+    assert np.isclose(float(sim.encodings["hs2"].scale), float(sim.encodings["m"].scale) / 3, rtol=1e-6)
+    quantized = {t for q in sim.plan.activations for t in q.tensors}
+    assert {"three", "c1", "r6", "m", "s"} <= quantized and "a" not in quantized  # Add+Clip: one quantizer
+    assert [n.op_type for n in sim.float_model.graph if n.name == "shift"] == ["Add"]  # Sub(x, c) -> Add(x, -c)
+    sim_ops = [n.op_type for n in sim.sim_ir().graph]
+    assert "Div" not in sim_ops and sim_ops.count("Mul") == 1  # derived: dropped; x * r6 stays
+    ref = float_run(model, x)
+    (got,) = sim.run({"x": x})
+    lsb = output_lsb(sim)
+    assert np.abs(got - ref).max() < 12 * lsb  # every step on 8-bit grids, errors accumulated over 3 convs
+
+
+@pytest.mark.deploy
+def test_written_out_hard_swish_deploys_without_float_ops(deploy_python, tmp_path):
+    sim = calibrated(written_out_hard_swish(), rng.normal(size=(16, 3, 8, 8)).astype(f32) * 2)
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    assert set(ops) <= {"QLinearConv", "QLinearAdd", "QLinearMul", "QuantizeLinear", "DequantizeLinear", "Transpose"}, ops
+    assert ops.get("DequantizeLinear", 0) == 1 and ops.get("QuantizeLinear", 0) == 1  # the model's boundaries only
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32) * 2
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    np.testing.assert_array_equal(got, sim.run({"x": x})[0])
+
+
+def test_training_graph_lowers_integer_forms_as_deployed():
+    model = hard_model("HardSwish")
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32) * 2
+    sim = calibrated(model, x)
+    trainer = sim.trainer(loss="mse", target_key="t", lr=1e-3)
+    assert not trainer.graph.decomposed  # the integer form is differentiable as it is
+    batch = {"x": x, "t": np.zeros((8, 4, 8, 8), f32)}
+    prediction = trainer.predict(batch)
+    (simulated,) = sim.run({"x": x})
+    lsb = output_lsb(sim)
+    assert np.abs(prediction - simulated).max() <= 1.0 * lsb + 1e-6  # QLinearAdd vs float rounding: <= 1 LSB
+    first = trainer.step(batch).loss
+    for _ in range(15):
+        last = trainer.step(batch).loss
+    assert last < first
+
+
+def test_integer_form_constants_are_exact():
+    for alpha, beta in ((1 / 6, 0.5), (0.2, 0.5), (0.3, -0.2), (0.5, 0.0)):
+        c = integer_form_constants(alpha, beta)
+        assert float(c.offset) == pytest.approx(beta / alpha, rel=1e-6, abs=1e-12)
+        assert float(c.grid_scale) * 255 == pytest.approx(1 / alpha, rel=1e-6)
+
+
+@pytest.mark.deploy
+def test_cubic_resize_stays_float_and_the_export_runs(deploy_python, tmp_path):
+    scales = np.array([1, 1, 2, 2], f32)
+    nodes = [conv("conv1", "x", "w1", "c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c1", "", "scales"], ["up"], name="up", mode="cubic"),
+             conv("conv2", "up", "w2", "y")]
+    model = make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 16, 16])],
+                       {"w1": weights(6, 3, 3, 3), "w2": weights(4, 6, 1, 1), "scales": scales}, opset=13)
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32)
+    sim = calibrated(model, x)
+    assert "cubic mode has no integer kernel" in sim.why_not_quantized()["up"]
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    assert ops.get("Resize") == 1 and ops.get("QLinearConv") == 1 and ops.get("Conv") == 1  # conv2 reads float
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    np.testing.assert_array_equal(got, sim.run({"x": x})[0])
