@@ -151,9 +151,9 @@ def remove_dead_nodes(graph: ir.Graph) -> None:
                 inner = {id(v) for n in sub for v in n.outputs} | {id(v) for v in sub.inputs}
                 stack.extend(v.producer() for n in ir.traversal.RecursiveGraphIterator(sub)
                              for v in n.inputs if v is not None and id(v) not in inner)
-    for node in reversed(list(graph)):
-        if id(node) not in live:
-            graph.remove(node, safe=True)
+    dead = [node for node in graph if id(node) not in live]
+    if dead:
+        graph.remove(dead, safe=True)  # one call: each call scans the graph outputs
     used = {v.name for n in ir.traversal.RecursiveGraphIterator(graph) for v in n.inputs if v is not None}
     used |= {v.name for v in graph.outputs}
     for name in [n for n in graph.initializers if n not in used]:

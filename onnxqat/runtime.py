@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -56,7 +57,7 @@ class Session:
     """An ``InferenceSession`` over an ``ir.Model``.
 
     Args:
-        model: The model to run.
+        model: The model to run (a ``ModelProto`` must be under the 2 GB protobuf limit).
         optimize: Apply onnxruntime's graph optimizations (constant folding, fusions, integer
             QDQ kernels). Off gives a plain op-by-op float evaluation.
         threads: Intra-op threads (None: onnxruntime's default).
@@ -70,7 +71,12 @@ class Session:
     """
 
     def __init__(
-        self, model: ir.Model, *, optimize: bool = True, threads: int | None = None, follow_node_order: bool = False
+        self,
+        model: ir.Model | onnx.ModelProto,
+        *,
+        optimize: bool = True,
+        threads: int | None = None,
+        follow_node_order: bool = False,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = (
@@ -82,8 +88,10 @@ class Session:
         if follow_node_order:
             options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         self._tmpdir: str | None = None
-        if model_bytes_size(model) < PROTO_LIMIT:
-            payload: Any = ir.to_proto(model).SerializeToString()
+        if isinstance(model, onnx.ModelProto):
+            payload: Any = model.SerializeToString()
+        elif model_bytes_size(model) < PROTO_LIMIT:
+            payload = ir.to_proto(model).SerializeToString()
         else:
             self._tmpdir = tempfile.mkdtemp(prefix="onnxqat-session-")
             payload = os.path.join(self._tmpdir, "model.onnx")

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
@@ -21,7 +22,7 @@ from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import DataError
 from onnxqat.graph import NameScope, const_array, is_constant, values_by_name
 from onnxqat.plan import QuantPlan
-from onnxqat.runtime import Session
+from onnxqat.runtime import PROTO_LIMIT, Session, model_bytes_size
 
 __all__ = ["collect_statistics"]
 
@@ -43,7 +44,7 @@ def collect_statistics(
         for q in plan.activations
     }
     stats = _statistics_model(model, plan, scheme, observers)
-    session = Session(stats.model, follow_node_order=True)
+    session = _statistics_session(model, stats)
     signature = input_signature(model)
     fetch_names = [name for name, _ in stats.fetches]
     seen = 0
@@ -80,19 +81,35 @@ def collect_statistics(
 _FAN_IN = 16
 
 
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    """One node the statistics model adds: ReduceMin/ReduceMax (``keepdims``) or Concat (``axis``)."""
+
+    op_type: str
+    inputs: tuple[str, ...]
+    output: str
+    name: str
+    attribute: tuple[str, int]
+
+
 @dataclasses.dataclass
 class _StatisticsModel:
-    """The model run on calibration data and how to read its outputs.
+    """What calibration adds to the float model, and how to read the outputs.
 
     Attributes:
-        model: A clone of the float model with extra outputs.
+        after: Nodes to place right after the node at each position of the float graph's order.
+        tail: Nodes to append at the end of the graph.
+        outputs: Graph outputs to add: an existing value (histogram schemes) or a new one
+            ``(name, dtype, is_scalar)``.
         fetches: ``(output name, targets)``: targets is a quantizer name when the output is a
             whole tensor (histogram schemes), else the ``(quantizer, upper)`` bounds that the
             output holds in order (``upper`` False for a minimum, True for a maximum).
         from_inputs: ``(graph input, quantizer)`` read straight from the feed.
     """
 
-    model: ir.Model
+    after: dict[int, list[_Op]]
+    tail: list[_Op]
+    outputs: list[ir.Value | tuple[str, ir.DataType, bool]]
     fetches: list[tuple[str, str | list[tuple[str, bool]]]]
     from_inputs: list[tuple[str, str]]
 
@@ -109,31 +126,28 @@ class _BoundGatherer:
     def __init__(self, names: NameScope, base: str) -> None:
         self.names = names
         self.base = base
-        self.levels: list[list[ir.Value]] = []
+        self.levels: list[list[str]] = []
         self.targets: list[tuple[str, bool]] = []
 
-    def add(self, value: ir.Value, target: tuple[str, bool], emitted: list[ir.Node]) -> None:
+    def add(self, bound: str, target: tuple[str, bool], emitted: list[_Op]) -> None:
         self.targets.append(target)
-        self._push(value, 0, emitted)
+        self._push(bound, 0, emitted)
 
-    def _push(self, value: ir.Value, level: int, emitted: list[ir.Node]) -> None:
+    def _push(self, bound: str, level: int, emitted: list[_Op]) -> None:
         if level == len(self.levels):
             self.levels.append([])
         pending = self.levels[level]
-        pending.append(value)
+        pending.append(bound)
         if len(pending) == _FAN_IN:
             self.levels[level] = []
             self._push(self._concat(pending, emitted), level + 1, emitted)
 
-    def _concat(self, inputs: list[ir.Value], emitted: list[ir.Node]) -> ir.Value:
-        node = ir.Node("", "Concat", inputs, attributes=[ir.AttrInt64("axis", 0)],
-                       name=self.names.fresh(f"{self.base}_Concat"), num_outputs=1)
-        node.outputs[0].name = self.names.fresh(self.base)
-        node.outputs[0].dtype = inputs[0].dtype
-        emitted.append(node)
-        return node.outputs[0]
+    def _concat(self, inputs: list[str], emitted: list[_Op]) -> str:
+        output = self.names.fresh(self.base)
+        emitted.append(_Op("Concat", tuple(inputs), output, self.names.fresh(f"{self.base}_Concat"), ("axis", 0)))
+        return output
 
-    def finish(self, emitted: list[ir.Node]) -> ir.Value:
+    def finish(self, emitted: list[_Op]) -> str:
         """The output holding every bound (higher levels hold the earlier bounds)."""
         rest = [v for level in reversed(self.levels) for v in level]
         return rest[0] if len(rest) == 1 else self._concat(rest, emitted)
@@ -142,20 +156,17 @@ class _BoundGatherer:
 def _statistics_model(
     model: ir.Model, plan: QuantPlan, scheme: Scheme, observers: dict[str, Observer]
 ) -> _StatisticsModel:
-    """Clone ``model`` with outputs exposing what each observer needs.
+    """What to add to ``model`` so that its outputs expose what each observer needs.
 
     Histogram schemes fetch each quantized tensor. Min-max reduces each tensor in the graph with
     ReduceMin/ReduceMax, placed right after the tensor's producer, and gathers the bounds of
     tensors of one dtype and rank into one output (tensors of unknown or zero rank each get
     their own scalar outputs). Constants are observed here, graph inputs from the feed.
     """
-    stats = model.clone()
-    graph = stats.graph
-    names = NameScope(stats)
+    graph = model.graph
     values = values_by_name(graph)
     existing_outputs = {v.name for v in graph.outputs}
-    fetches: list[tuple[str, str | list[tuple[str, bool]]]] = []
-    from_inputs: list[tuple[str, str]] = []
+    stats = _StatisticsModel({}, [], [], [], [])
     reduced: dict[int, list[tuple[ir.Value, str]]] = {}  # id(producer) -> (tensor, quantizer)
     for q in plan.activations:
         for tensor in q.tensors:
@@ -163,51 +174,118 @@ def _statistics_model(
             if is_constant(value):
                 observers[q.name].update(const_array(value))  # type: ignore[arg-type]
             elif value.is_graph_input():
-                from_inputs.append((tensor, q.name))
+                stats.from_inputs.append((tensor, q.name))
             elif scheme.needs_histogram:
                 if tensor not in existing_outputs:
-                    graph.outputs.append(value)
+                    stats.outputs.append(value)
                     existing_outputs.add(tensor)
-                fetches.append((tensor, q.name))
+                stats.fetches.append((tensor, q.name))
             else:
                 producer = value.producer()
                 assert producer is not None
                 reduced.setdefault(id(producer), []).append((value, q.name))
     if not reduced:
-        return _StatisticsModel(stats, fetches, from_inputs)
+        return stats
 
+    names = NameScope(model)
     gatherers: dict[tuple[ir.DataType | None, int], _BoundGatherer] = {}
-    for node in list(graph):
+    for position, node in enumerate(graph):
         pending = reduced.get(id(node))
         if pending is None:
             continue
-        emitted: list[ir.Node] = []
+        emitted: list[_Op] = []
         for value, quantizer in pending:
             rank = len(value.shape) if value.shape is not None else 0
             for op, upper in (("ReduceMin", False), ("ReduceMax", True)):
                 kind = "max" if upper else "min"
-                reduce = ir.Node(
-                    "", op, [value], attributes=[ir.AttrInt64("keepdims", 1 if rank else 0)],
-                    name=names.fresh(f"{value.name}_{op}"), num_outputs=1,
-                )
-                out = reduce.outputs[0]
-                out.name = names.fresh(f"{value.name}_{kind}")
-                out.dtype = value.dtype
-                emitted.append(reduce)
+                out = names.fresh(f"{value.name}_{kind}")
+                emitted.append(_Op(op, (value.name,), out, names.fresh(f"{value.name}_{op}"),  # type: ignore[arg-type]
+                                   ("keepdims", 1 if rank else 0)))
                 if rank:
                     key = (value.dtype, rank)
                     if key not in gatherers:
                         gatherers[key] = _BoundGatherer(names, f"calibration_bounds_{len(gatherers)}")
                     gatherers[key].add(out, (quantizer, upper), emitted)
                 else:
-                    out.shape = ir.Shape([])
-                    graph.outputs.append(out)
-                    fetches.append((out.name, [(quantizer, upper)]))  # type: ignore[list-item]
-        graph.insert_after(node, emitted)
-    for gatherer in gatherers.values():
-        emitted = []
-        out = gatherer.finish(emitted)
-        graph.extend(emitted)
-        graph.outputs.append(out)
-        fetches.append((out.name, gatherer.targets))  # type: ignore[arg-type]
-    return _StatisticsModel(stats, fetches, from_inputs)
+                    stats.outputs.append((out, value.dtype, True))  # type: ignore[arg-type]
+                    stats.fetches.append((out, [(quantizer, upper)]))
+        stats.after[position] = emitted
+    for (dtype, _), gatherer in gatherers.items():
+        out = gatherer.finish(stats.tail)
+        stats.outputs.append((out, dtype, False))  # type: ignore[arg-type]
+        stats.fetches.append((out, gatherer.targets))  # type: ignore[arg-type]
+    return stats
+
+
+def _statistics_session(model: ir.Model, stats: _StatisticsModel) -> Session:
+    """An onnxruntime session of ``model`` with the additions of ``stats``.
+
+    The additions go into the model's protobuf (no copy of the IR graph); a model too big for
+    one protobuf gets them on an IR clone instead, which the session saves with external data.
+    """
+    if model_bytes_size(model) < PROTO_LIMIT:
+        return Session(_with_additions_proto(ir.to_proto(model), stats), follow_node_order=True)
+    return Session(_with_additions_ir(model.clone(), stats), follow_node_order=True)
+
+
+def _with_additions_proto(proto: onnx.ModelProto, stats: _StatisticsModel) -> onnx.ModelProto:
+    graph = proto.graph
+    if stats.after or stats.tail:
+        nodes: list[onnx.NodeProto] = []
+        for position, node in enumerate(graph.node):
+            nodes.append(node)
+            nodes.extend(_node_proto(op) for op in stats.after.get(position, ()))
+        nodes.extend(_node_proto(op) for op in stats.tail)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    new_outputs = set()
+    for output in stats.outputs:
+        if isinstance(output, ir.Value):
+            graph.output.append(ir.serde.serialize_value(output))
+            new_outputs.add(output.name)
+        else:
+            name, dtype, scalar = output
+            graph.output.append(onnx.helper.make_tensor_value_info(name, int(dtype), [] if scalar else None))
+    if new_outputs:  # graph outputs carry their type in the outputs, not in value_info
+        kept = [info for info in graph.value_info if info.name not in new_outputs]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    return proto
+
+
+def _node_proto(op: _Op) -> onnx.NodeProto:
+    """``onnx.helper.make_node`` for an :class:`_Op`, at half its cost."""
+    node = onnx.NodeProto(op_type=op.op_type, input=op.inputs, output=[op.output], name=op.name)
+    node.attribute.add(name=op.attribute[0], type=onnx.AttributeProto.INT, i=op.attribute[1])
+    return node
+
+
+def _with_additions_ir(model: ir.Model, stats: _StatisticsModel) -> ir.Model:
+    graph = model.graph
+    values = values_by_name(graph)
+    nodes = list(graph)
+
+    def build(ops: list[_Op]) -> list[ir.Node]:
+        built = []
+        for op in ops:
+            node = ir.Node("", op.op_type, [values[name] for name in op.inputs],
+                           attributes=[ir.AttrInt64(*op.attribute)], name=op.name, num_outputs=1)
+            node.outputs[0].name = op.output
+            values[op.output] = node.outputs[0]
+            built.append(node)
+        return built
+
+    for position, ops in stats.after.items():
+        graph.insert_after(nodes[position], build(ops))
+    graph.extend(build(stats.tail))
+    for output in stats.outputs:
+        if isinstance(output, ir.Value):
+            graph.outputs.append(values[output.name])  # type: ignore[index]
+        else:
+            name, dtype, scalar = output
+            value = values[name]
+            value.dtype = dtype
+            if scalar:
+                value.shape = ir.Shape([])
+            graph.outputs.append(value)
+    return model

@@ -1,0 +1,113 @@
+"""Calibration time grows linearly with the graph (issue 14).
+
+The statistics model used to expose two scalar graph outputs per quantized tensor, appended at
+the end of the graph: onnxruntime kept every quantized tensor alive to the end of the run, and
+session creation and first-run memory planning grew quadratically (a 10k-node chain took minutes).
+These tests pin the layout that fixed it and bound the growth of onnxqat's own calibration time.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxqat import QuantizationSimModel
+from onnxqat.calibrate import runner
+from onnxqat.calibrate.observers import MinMaxObserver
+from onnxqat.calibrate.schemes import Scheme
+from onnxqat.graph import values_by_name
+from onnxqat.runtime import Session
+
+WIDTH = 8
+BATCH = 64
+
+
+def chain(nodes: int, seed: int = 0) -> onnx.ModelProto:
+    """``nodes / 3`` blocks of MatMul (8x8 weight) + Add (bias) + Relu."""
+    rng = np.random.default_rng(seed)
+    graph_nodes, inits, x = [], [], "x"
+    for i in range(nodes // 3):
+        w = (rng.normal(size=(WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array((rng.normal(size=WIDTH) * 0.1).astype(np.float32), f"b{i}")]
+        graph_nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
+                        helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"add{i}"),
+                        helper.make_node("Relu", [f"a{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+    graph = helper.make_graph(graph_nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, WIDTH])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [BATCH, WIDTH])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _batch() -> list[dict[str, np.ndarray]]:
+    return [{"x": np.random.default_rng(1).normal(size=(BATCH, WIDTH)).astype(np.float32)}]
+
+
+def test_statistics_model_gathers_bounds_beside_their_producers():
+    sim = QuantizationSimModel(chain(300))
+    observers = {q.name: MinMaxObserver() for q in sim.plan.activations}
+    stats = runner._statistics_model(sim.float_model, sim.plan, Scheme.MINMAX, observers)
+    graph = runner._with_additions_proto(ir.to_proto(sim.float_model), stats).graph
+    # one output for the model's own, one holding every bound (all tensors are float [64, 8])
+    assert len(graph.output) == len(sim.float_model.graph.outputs) + 1
+    (name, targets), = stats.fetches
+    values = values_by_name(sim.float_model.graph)
+    reduced = [t for q in sim.plan.activations for t in q.tensors if values[t].producer() is not None]
+    assert name == graph.output[-1].name and len(targets) == 2 * len(reduced)
+    # each reduction comes right after the node producing the tensor it reads (Concats may follow)
+    added = ("ReduceMin", "ReduceMax", "Concat")
+    producer_of = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    for i, node in enumerate(graph.node):
+        if node.op_type in ("ReduceMin", "ReduceMax"):
+            before = next(j for j in range(i - 1, -1, -1) if graph.node[j].op_type not in added)
+            assert producer_of[node.input[0]] == before
+    assert all(n.op_type != "Concat" or len(n.input) <= runner._FAN_IN for n in graph.node)
+
+
+class _UnoptimizedSession(Session):
+    """The timing test measures onnxqat, not onnxruntime's graph optimizer: skip the latter."""
+
+    def __init__(self, model, **options):
+        options["optimize"] = False
+        super().__init__(model, **options)
+
+
+def _own_calibration_seconds(nodes: int, monkeypatch: pytest.MonkeyPatch) -> float:
+    """CPU seconds of compute_encodings outside onnxruntime (session creation and runs)."""
+    sim = QuantizationSimModel(chain(nodes))
+    spent = {"ort": 0.0}
+    init, run = ort.InferenceSession.__init__, ort.InferenceSession.run
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent["ort"] += time.process_time() - start
+        return wrapper
+
+    monkeypatch.setattr(ort.InferenceSession, "__init__", timed(init))
+    monkeypatch.setattr(ort.InferenceSession, "run", timed(run))
+    monkeypatch.setattr(runner, "Session", _UnoptimizedSession)
+    gc.collect()
+    start = time.process_time()
+    sim.compute_encodings(_batch(), progress=False)
+    total = time.process_time() - start
+    monkeypatch.undo()
+    assert sim.calibrated
+    return total - spent["ort"]
+
+
+def test_calibration_time_grows_linearly_with_the_graph(monkeypatch):
+    small = min(_own_calibration_seconds(2_000, monkeypatch) for _ in range(2))
+    large = _own_calibration_seconds(20_000, monkeypatch)
+    # 10x the nodes: linear is ~10x; the quadratic layout was over 100x
+    assert large < 20 * small, f"2k nodes: {small:.2f} s, 20k nodes: {large:.2f} s ({large / small:.1f}x)"
