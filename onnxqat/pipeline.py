@@ -320,12 +320,26 @@ def export(
     float16: Float16Record,
     document: Mapping[str, Any],
     prefix: str = "model",
+    check_feed: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, str]:
-    """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` as one set."""
+    """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` as one set.
+
+    With ``check_feed`` (a few calibration samples), the deployable model is first run in
+    onnxruntime fused and unfused (:mod:`onnxqat.deploycheck`): one that cannot run is an error
+    and nothing is written.
+    """
     state.require_calibrated()
     if not prefix or os.sep in prefix or prefix in (".", ".."):
         raise ConfigError(f"invalid export prefix {prefix!r}")
     deploy = lower(state, deploy=True)
+    if check_feed is not None:
+        from onnxqat.deploycheck import check_deployment
+
+        lsbs = {}
+        for value in state.float_model.graph.outputs:
+            q = state.effective_plan.activation_of(value.name or "")
+            lsbs[value.name or ""] = float(np.max(state.encodings[q.name].scale)) if q is not None else None
+        check_deployment(deploy, check_feed, lsbs)
     float_model = state.float_model
     if float16:
         float_model = restore_float16(float_model, float16)

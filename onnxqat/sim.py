@@ -34,6 +34,10 @@ def prepare_model(source: ModelSource, *, fold_batchnorm: bool = True) -> ir.Mod
     return pipeline.prepare(source, fold_batchnorm=fold_batchnorm).model
 
 
+# Samples of the first calibration batch the export's check run uses.
+_CHECK_SAMPLES = 4
+
+
 def _check_bitwidth(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITWIDTH <= value <= MAX_BITWIDTH:
         raise ConfigError(f"{name} must be an integer from {MIN_BITWIDTH} to {MAX_BITWIDTH}, got {value!r}")
@@ -100,6 +104,7 @@ class QuantizationSimModel:
                                   target=self.target)
         self._state = SimState(prepared.model, plan, pipeline.encode_weights(prepared.model, plan, self.param_scheme))
         self._session: tuple[SimState, Session] | None = None
+        self._check_feed: dict[str, np.ndarray] | None = None
 
     # -- the state -----------------------------------------------------------------------------
     @property
@@ -130,10 +135,24 @@ class QuantizationSimModel:
     def compute_encodings(
         self, batches: Iterable[Mapping[str, np.ndarray]], *, progress: bool | None = None
     ) -> QuantizationSimModel:
-        """Calibrate every activation quantizer on ``batches`` (dicts of input arrays)."""
-        found = pipeline.calibrate(self._state, batches, self.quant_scheme, percentile=self.percentile,
+        """Calibrate every activation quantizer on ``batches`` (dicts of input arrays).
+
+        A few samples of the first batch are kept for the check run at export.
+        """
+        signature = input_signature(self.float_model)
+        kept: list[dict[str, np.ndarray]] = []
+
+        def keep_first(items: Iterable[Mapping[str, np.ndarray]]) -> Iterable[Mapping[str, np.ndarray]]:
+            for batch in items:
+                if not kept:
+                    feed = validate_feed(batch, signature, where="calibration data: batch 0")
+                    kept.append({k: np.array(v[:_CHECK_SAMPLES]) if np.ndim(v) else np.array(v) for k, v in feed.items()})
+                yield batch
+
+        found = pipeline.calibrate(self._state, keep_first(batches), self.quant_scheme, percentile=self.percentile,
                                    progress=progress)
         self._state = self._state.with_encodings(found)
+        self._check_feed = kept[0] if kept else None
         return self
 
     @property
@@ -287,4 +306,5 @@ class QuantizationSimModel:
         Returns the paths by kind (``float``, ``encodings``, ``qdq``).
         """
         self._require_calibrated()
-        return pipeline.export(self._state, out_dir, self.float16, self.encodings_document(encoding_version), prefix)
+        return pipeline.export(self._state, out_dir, self.float16, self.encodings_document(encoding_version), prefix,
+                               check_feed=self._check_feed)

@@ -19,6 +19,7 @@ from onnxqat import QuantizationSimModel
 from onnxqat.passes.insert_qdq import InsertQDQPass
 from onnxqat.qparams import integer_form_constants
 from onnxqat.runtime import Session
+from onnxqat.target import detect_target
 
 f32 = np.float32
 rng = np.random.default_rng(0)
@@ -184,3 +185,48 @@ def test_cubic_resize_stays_float_and_the_export_runs(deploy_python, tmp_path):
     with DeployedSession(deploy_python, qdq) as deployed:
         (got,) = deployed.run({"x": x})
     np.testing.assert_array_equal(got, sim.run({"x": x})[0])
+
+
+def test_export_refuses_a_model_that_does_not_run_and_writes_nothing(tmp_path, monkeypatch):
+    """Before cubic Resize was known to have no uint8 kernel, its QDQ export failed at the first
+    inference: the check run turns such a model into an error before anything is published."""
+    import onnxqat.ops as ops_module
+    from onnxqat.errors import ModelError
+
+    monkeypatch.setattr(ops_module, "kernel_problem", lambda node: None)
+    nodes = [conv("conv1", "x", "w1", "c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c1", "", "scales"], ["up"], name="up", mode="cubic"),
+             conv("conv2", "up", "w2", "y")]
+    model = make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 16, 16])],
+                       {"w1": weights(6, 3, 3, 3), "w2": weights(4, 6, 1, 1), "scales": np.array([1, 1, 2, 2], f32)},
+                       opset=13)
+    sim = calibrated(model, rng.normal(size=(8, 3, 8, 8)).astype(f32))
+    assert sim.plan.activation_of("up") is not None  # the rule is gone: DQ -> Resize(cubic) -> Q
+    out = tmp_path / "out"
+    with pytest.raises(ModelError) as e:
+        sim.export(out)
+    message = str(e.value)
+    assert "does not run" in message and "at node 'up' (Resize)" in message and "Cubic" in message
+    assert "\n" not in message and ".h:" not in message
+    assert not out.exists()
+
+
+@pytest.mark.skipif(detect_target().name != "x86-avx2", reason="needs a CPU whose U8S8 kernels saturate (no VNNI)")
+def test_export_warns_where_fused_kernels_part_from_the_reference(tmp_path):
+    """Weights made for a VNNI target saturate in this CPU's fused kernels: the check run says so
+    and names the first layer where fused and reference outputs part."""
+    w = (2.0 + weights(8, 16, 3, 3, scale=0.05)).astype(f32)  # near the top of the grid in any pairing
+    nodes = [conv("first", "x", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             conv("second", "r", "w2", "y")]
+    model = make_model(nodes, [tensor("x", ["N", 16, 6, 6])], [tensor("y", ["N", 4, 6, 6])],
+                       {"w1": w, "w2": weights(4, 8, 1, 1)})
+    x = np.abs(rng.normal(size=(8, 16, 6, 6)).astype(f32)) * 3
+    sim = calibrated(model, x, target="x86-vnni")
+    with pytest.warns(RuntimeWarning, match="differ from the reference graph .* first part at 'first'"):
+        sim.export(tmp_path / "vnni")
+    safe = calibrated(model, x, target="x86-avx2")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        safe.export(tmp_path / "avx2")
