@@ -191,7 +191,7 @@ def quantize(tool: str, spec: dict, wbits: int, out: str, args: argparse.Namespa
     if args.reuse and os.path.exists(cell):
         with open(cell) as f:
             result = json.load(f)
-        if result.get("status") == "ok":
+        if result.get("status") in ("ok", "failed"):  # a tool's own failure is deterministic; timeouts re-run
             common.progress("peers", f"{tool}: reusing {cell}")
             return result
     shutil.rmtree(out, ignore_errors=True)
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="run onnxqat from this folder (PYTHONPATH), e.g. a `git archive HEAD onnxqat` snapshot, so "
                         "uncommitted changes in the shared checkout do not leak into the numbers")
     p.add_argument("--reuse", action="store_true",
-                   help="keep cells (OUT/cell.json) that succeeded in an earlier run into the same --work-dir")
+                   help="keep cells (OUT/cell.json) that succeeded or failed in an earlier run into the same --work-dir")
     p.add_argument("--skip", default="", help="comma list of model/setting/tool triples to skip, e.g. ppocr-rec/w4a8/aimet-adaround")
     args = p.parse_args(argv)
     start = common.run_start("bench_peers.py", argv)
