@@ -58,8 +58,18 @@ def _add_sim_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
                    help="deployment target whose integer arithmetic the model must be exact on "
                         "(default: detected from this machine)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="batch size for running the data")
+    _add_data_layout(p)
+    p.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE",
+                   help="specialise the model to a constant input (e.g. sr=16000): folds If nodes "
+                        "whose condition becomes constant (repeatable)")
     p.add_argument("--report", default=None,
                    help="write a JSON report: every quantizer, and why each float tensor left float stays float")
+
+
+def _add_data_layout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-axis", action="append", default=[], metavar="NAME=AXIS",
+                   help="axis of input NAME that indexes samples in the npz files (default 0; "
+                        "none: the same array for every batch, e.g. a scalar); repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label-key", default="label")
     e.add_argument("--output-index", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=256)
+    _add_data_layout(e)
     return parser
 
 
 def _calibrated_sim(args: argparse.Namespace, calib: str):  # type: ignore[no-untyped-def]
-    from onnxqat.data import NpzBatches, input_signature, load_model_inputs
+    from onnxqat.data import NpzBatches, input_signature, load_model_inputs, parse_batch_axes
+    from onnxqat.passes.fix_inputs import parse_fixed_inputs
     from onnxqat.sim import QuantizationSimModel
 
     sim = QuantizationSimModel(
@@ -145,12 +157,14 @@ def _calibrated_sim(args: argparse.Namespace, calib: str):  # type: ignore[no-un
         per_channel=True if args.per_channel else None,
         config=args.config,
         target=args.target,
+        fix_inputs=parse_fixed_inputs(args.fix_input),
     )
     how = "given" if args.target else "detected"
     print(f"target: {sim.target.name} ({how}; {sim.target.description})")
     print(f"plan: {sim.plan.summary()}")
-    arrays = load_model_inputs(calib, input_signature(sim.float_model))
-    sim.compute_encodings(NpzBatches(arrays, args.batch_size))
+    axes = parse_batch_axes(args.batch_axis)
+    arrays = load_model_inputs(calib, input_signature(sim.float_model), batch_axes=axes)
+    sim.compute_encodings(NpzBatches(arrays, args.batch_size, batch_axes=axes))
     return sim
 
 
@@ -170,7 +184,7 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from onnxqat.data import NpzBatches, input_signature, load_model_inputs
+    from onnxqat.data import NpzBatches, input_signature, load_model_inputs, parse_batch_axes
     from onnxqat.errors import ConfigError
     from onnxqat.train.options import default_epochs
 
@@ -181,8 +195,9 @@ def _train(args: argparse.Namespace) -> None:
     sim = _calibrated_sim(args, args.calib)
     signature = input_signature(sim.float_model)
     extra = {"cross_entropy": [args.label_key], "mse": [args.target_key], "distill": []}[args.loss]
-    train = load_model_inputs(args.data, signature, extra)
-    batches = NpzBatches(train, args.batch_size, shuffle=True, seed=args.seed, limit=args.max_samples)
+    axes = parse_batch_axes(args.batch_axis)
+    train = load_model_inputs(args.data, signature, extra, batch_axes=axes)
+    batches = NpzBatches(train, args.batch_size, shuffle=True, seed=args.seed, limit=args.max_samples, batch_axes=axes)
     epochs = args.epochs
     if epochs is None:
         epochs = default_epochs(len(batches))
@@ -194,7 +209,8 @@ def _train(args: argparse.Namespace) -> None:
         freeze=tuple(args.freeze), train_last_n=args.train_last_n,
     ) as trainer:
         if args.eval is not None:
-            evaluation = list(NpzBatches(load_model_inputs(args.eval, signature, optional_keys=[args.label_key]), 256))
+            evaluation = list(NpzBatches(load_model_inputs(args.eval, signature, optional_keys=[args.label_key],
+                                                           batch_axes=axes), 256, batch_axes=axes))
             print("calibrated (PTQ) " + _metrics_line(trainer.evaluate(evaluation)), flush=True)
         trainer.fit(batches, epochs=epochs, eval_batches=evaluation, checkpoint_dir=args.checkpoint_dir,
                     on_epoch=lambda stats: print(stats.line(), flush=True))
@@ -207,15 +223,16 @@ def _metrics_line(metrics: dict[str, float]) -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from onnxqat.data import NpzBatches, input_signature, load_model_inputs
+    from onnxqat.data import NpzBatches, input_signature, load_model_inputs, parse_batch_axes
     from onnxqat.evaluate import accuracy
     from onnxqat.io import load_model
     from onnxqat.runtime import Session
 
     model = load_model(args.model)
-    arrays = load_model_inputs(args.data, input_signature(model), [args.label_key])
+    axes = parse_batch_axes(args.batch_axis)
+    arrays = load_model_inputs(args.data, input_signature(model), [args.label_key], batch_axes=axes)
     session = Session(model)
-    acc, n = accuracy(session.run, NpzBatches(arrays, args.batch_size), label_key=args.label_key,
+    acc, n = accuracy(session.run, NpzBatches(arrays, args.batch_size, batch_axes=axes), label_key=args.label_key,
                       output_index=args.output_index)
     print(f"accuracy={acc:.6f} n={n}")
 

@@ -28,6 +28,7 @@ __all__ = [
     "input_signature",
     "load_model_inputs",
     "load_npz",
+    "parse_batch_axes",
     "validate_feed",
 ]
 
@@ -76,6 +77,7 @@ def validate_feed(
     *,
     where: str,
     batch_dim: bool = True,
+    batch_axes: BatchAxes | None = None,
 ) -> dict[str, np.ndarray]:
     """Check one batch against the model's inputs; return the arrays to feed.
 
@@ -102,7 +104,8 @@ def validate_feed(
                     f"{where}: input '{spec.name}' has shape {list(arr.shape)}, the model expects "
                     f"{spec.describe().split(' ', 2)[-1]}"
                 )
-        if batch_dim and arr.ndim and arr.shape[0] == 0:
+        axis = (batch_axes or {}).get(spec.name, 0)
+        if batch_dim and axis is not None and arr.ndim > axis and arr.shape[axis] == 0:
             raise DataError(f"{where}: input '{spec.name}' is an empty batch")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = int(arr.size - np.isfinite(arr).sum())
@@ -113,9 +116,14 @@ def validate_feed(
     return out
 
 
-def load_npz(path: str | os.PathLike[str], keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+BatchAxes = Mapping[str, "int | None"]
+
+
+def load_npz(path: str | os.PathLike[str], keys: Sequence[str], optional: Sequence[str] = (),
+             batch_axes: BatchAxes | None = None) -> dict[str, np.ndarray]:
     """Load ``keys`` (and those of ``optional`` that are present) from an npz file: one array per
-    key, first axis = samples.
+    key, samples along axis 0 unless ``batch_axes`` says another axis (or None: not batched, the
+    same array with every batch, e.g. a sample rate).
 
     Raises :class:`DataError` for unreadable files, missing keys, empty or mismatched sample counts.
     """
@@ -135,11 +143,17 @@ def load_npz(path: str | os.PathLike[str], keys: Sequence[str], optional: Sequen
         raise DataError(f"{path}: no such file") from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise DataError(f"{path}: cannot read npz data: {e}") from None
-    counts = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
-    for k, n in counts.items():
-        if n is None:
-            raise DataError(f"{path}: '{k}' is a scalar; the first axis must index samples")
-        if n == 0:
+    axes = dict(batch_axes or {})
+    counts: dict[str, int] = {}
+    for k, a in arrays.items():
+        axis = axes.get(k, 0)
+        if axis is None:
+            continue
+        if not -a.ndim <= axis < a.ndim:
+            hint = "" if a.ndim else f" (a scalar: --batch-axis {k}=none passes it whole)"
+            raise DataError(f"{path}: '{k}' has {a.ndim} axes, no batch axis {axis}{hint}")
+        counts[k] = a.shape[axis]
+        if counts[k] == 0:
             raise DataError(f"{path}: '{k}' holds no samples")
     if len(set(counts.values())) > 1:
         raise DataError(f"{path}: sample counts differ between keys: {counts}")
@@ -148,7 +162,7 @@ def load_npz(path: str | os.PathLike[str], keys: Sequence[str], optional: Sequen
 
 def load_model_inputs(
     path: str | os.PathLike[str], signature: Sequence[InputSpec], extra_keys: Sequence[str] = (),
-    optional_keys: Sequence[str] = (),
+    optional_keys: Sequence[str] = (), batch_axes: BatchAxes | None = None,
 ) -> dict[str, np.ndarray]:
     """Load one array per model input (plus ``extra_keys``, e.g. labels, and ``optional_keys``
     where present) and validate them all.
@@ -157,8 +171,8 @@ def load_model_inputs(
     """
     names = {s.name for s in signature}
     arrays = load_npz(path, [s.name for s in signature] + [k for k in extra_keys if k not in names],
-                      optional=[k for k in optional_keys if k not in names])
-    validate_feed(arrays, signature, where=os.fspath(path))
+                      optional=[k for k in optional_keys if k not in names], batch_axes=batch_axes)
+    validate_feed(arrays, signature, where=os.fspath(path), batch_axes=batch_axes)
     return arrays
 
 
@@ -182,12 +196,15 @@ class NpzBatches:
         seed: int = 0,
         drop_last: bool = False,
         limit: int | None = None,
+        batch_axes: BatchAxes | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
-        sizes = {len(a) for a in arrays.values()}
+        self.axes = {k: (batch_axes or {}).get(k, 0) for k in arrays}
+        counts = {k: a.shape[axis] for k, a in arrays.items() if (axis := self.axes[k]) is not None}
+        sizes = set(counts.values())
         if len(sizes) != 1:
-            raise DataError(f"arrays have different sample counts: { {k: len(a) for k, a in arrays.items()} }")
+            raise DataError(f"arrays have different sample counts: {counts or 'no batched array'}")
         self.arrays = dict(arrays)
         self.n = min(sizes.pop(), limit) if limit is not None else sizes.pop()
         if self.n == 0:
@@ -220,10 +237,35 @@ class NpzBatches:
             stop = self.n
         for start in range(0, stop, self.batch_size):
             sel = idx[start : start + self.batch_size]
-            if self.shuffle:
-                yield {k: a[sel] for k, a in self.arrays.items()}
-            else:
-                yield {k: a[start : start + len(sel)] for k, a in self.arrays.items()}
+            batch = {}
+            for k, a in self.arrays.items():
+                axis = self.axes[k]
+                if axis is None:
+                    batch[k] = a
+                elif self.shuffle:
+                    batch[k] = np.take(a, sel, axis=axis)
+                else:
+                    index = [slice(None)] * a.ndim
+                    index[axis] = slice(start, start + len(sel))
+                    batch[k] = a[tuple(index)]
+            yield batch
+
+
+def parse_batch_axes(items: Sequence[str]) -> dict[str, int | None]:
+    """``["state=1", "sr=none"]`` -> ``{"state": 1, "sr": None}`` (CLI ``--batch-axis``)."""
+    out: dict[str, int | None] = {}
+    for item in items:
+        name, sep, axis = item.partition("=")
+        if not sep or not name:
+            raise DataError(f"--batch-axis {item!r}: expected NAME=AXIS (an integer, or none)")
+        if axis.strip().lower() == "none":
+            out[name] = None
+            continue
+        try:
+            out[name] = int(axis)
+        except ValueError:
+            raise DataError(f"--batch-axis {item!r}: the axis must be an integer or none") from None
+    return out
 
 
 def count_batches(batches: Iterable[Any]) -> int | None:

@@ -41,6 +41,7 @@ from onnxqat.io import load_model, save_model, staged_outputs
 from onnxqat.passes.annotate import annotate
 from onnxqat.passes.canonicalize import canonical_passes
 from onnxqat.passes.elementwise import SubtractConstantAsAddPass
+from onnxqat.passes.fix_inputs import FixInputsPass
 from onnxqat.passes.float16 import Float16Record, Float16ToFloat32Pass, cast_interface, restore_float16
 from onnxqat.passes.fold_batchnorm import FoldBatchNormPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
@@ -81,8 +82,13 @@ class Prepared:
     float16: Float16Record
 
 
-def prepare(source: ModelSource, *, fold_batchnorm: bool = True) -> Prepared:
-    """Load (if a path) and canonicalise a model; the caller's object or file is never modified."""
+def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
+            fix_inputs: Mapping[str, Any] | None = None) -> Prepared:
+    """Load (if a path) and canonicalise a model; the caller's object or file is never modified.
+
+    ``fix_inputs`` makes those inputs constants and folds the control flow that then has a
+    constant condition (:mod:`onnxqat.passes.fix_inputs`).
+    """
     if isinstance(source, (str, os.PathLike)):
         model = load_model(source)
     elif isinstance(source, onnx.ModelProto):
@@ -95,6 +101,8 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True) -> Prepared:
         model = source.clone()
     else:
         raise ModelError(f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(source).__name__}")
+    if fix_inputs:
+        FixInputsPass(fix_inputs)(model)
     model = canonical_passes()(model).model
     SubtractConstantAsAddPass()(model)
     to_float32 = Float16ToFloat32Pass()

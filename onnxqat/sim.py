@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ import onnx_ir as ir
 from onnxqat import pipeline
 from onnxqat.calibrate.schemes import DEFAULT_PERCENTILE, Scheme
 from onnxqat.config import QuantSimConfig, load_config
+from onnxqat.coverage import coverage
 from onnxqat.data import input_signature, validate_feed
 from onnxqat.encodings import parse_aimet
 from onnxqat.errors import ConfigError, EncodingsError
@@ -32,10 +34,6 @@ def prepare_model(source: ModelSource, *, fold_batchnorm: bool = True) -> ir.Mod
     :mod:`onnxqat.passes.float16`).
     """
     return pipeline.prepare(source, fold_batchnorm=fold_batchnorm).model
-
-
-# Samples of the first calibration batch the export's check run uses.
-_CHECK_SAMPLES = 4
 
 
 def _check_bitwidth(name: str, value: int) -> int:
@@ -66,6 +64,9 @@ class QuantizationSimModel:
         target: Deployment target (``x86-avx2``, ``x86-vnni``, ``arm64``, ``htp``; default:
             detected from this machine): what the deployed integer kernels compute exactly, and
             the default config (see :mod:`onnxqat.target`).
+        fix_inputs: ``{input name: value}`` to specialise the model to (the inputs become
+            constants; ``If`` nodes whose condition is then constant are folded, exposing the
+            weights inside them).
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class QuantizationSimModel:
         param_scheme: str | Scheme | None = None,
         fold_batchnorm: bool = True,
         target: str | Target | None = None,
+        fix_inputs: Mapping[str, Any] | None = None,
     ) -> None:
         self.param_bw = _check_bitwidth("param_bw", param_bw)
         self.activation_bw = _check_bitwidth("activation_bw", activation_bw)
@@ -98,11 +100,17 @@ class QuantizationSimModel:
         if per_channel is not None:
             cfg = cfg.with_overrides(per_channel_quantization=bool(per_channel))
         self.config = cfg
-        prepared = pipeline.prepare(model, fold_batchnorm=fold_batchnorm)
+        prepared = pipeline.prepare(model, fold_batchnorm=fold_batchnorm, fix_inputs=fix_inputs)
         self.float16 = prepared.float16
         plan = pipeline.make_plan(prepared.model, cfg, param_bw=self.param_bw, activation_bw=self.activation_bw,
                                   target=self.target)
         self._state = SimState(prepared.model, plan, pipeline.encode_weights(prepared.model, plan, self.param_scheme))
+        covered = coverage(prepared.model, plan)
+        if covered.quantized_share < 0.5:
+            hint = ""
+            if any("control flow" in place for place in covered.float_places):
+                hint = "; an If chosen by an input can be folded with fix_inputs (--fix-input NAME=VALUE)"
+            warnings.warn(f"most of the compute stays float: {covered.summary()}{hint}", RuntimeWarning, stacklevel=2)
         self._session: tuple[SimState, Session] | None = None
         self._check_feed: dict[str, np.ndarray] | None = None
 
@@ -137,7 +145,7 @@ class QuantizationSimModel:
     ) -> QuantizationSimModel:
         """Calibrate every activation quantizer on ``batches`` (dicts of input arrays).
 
-        A few samples of the first batch are kept for the check run at export.
+        The first batch is kept for the check run at export.
         """
         signature = input_signature(self.float_model)
         kept: list[dict[str, np.ndarray]] = []
@@ -146,7 +154,7 @@ class QuantizationSimModel:
             for batch in items:
                 if not kept:
                     feed = validate_feed(batch, signature, where="calibration data: batch 0")
-                    kept.append({k: np.array(v[:_CHECK_SAMPLES]) if np.ndim(v) else np.array(v) for k, v in feed.items()})
+                    kept.append({k: np.array(v) for k, v in feed.items()})
                 yield batch
 
         found = pipeline.calibrate(self._state, keep_first(batches), self.quant_scheme, percentile=self.percentile,

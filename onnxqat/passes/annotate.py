@@ -12,9 +12,11 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
 5. Outputs of data-movement ops (Reshape, Transpose, MaxPool, ...) reuse their input's quantizer.
 6. The output of a Mul/Div by a positive scalar constant whose input is quantized is *derived*:
    the input's integers read with the scale times the factor (the deployed graph drops the node).
-7. Other outputs are quantized when the op type's ``is_output_quantized`` says so, when a consumer's
-   op type has ``is_input_quantized``, or when they are model outputs and
-   ``model_output.is_output_quantized``. Add/Sub/Mul with a constant operand whose other input is
+7. Other outputs are quantized when a consumer's op type has ``is_input_quantized`` and is a
+   compute-heavy kernel (convolution, matrix product; under configs that quantize every output,
+   any consumer), when they are model outputs and ``model_output.is_output_quantized``, or when
+   the op type's ``is_output_quantized`` says so and, for a cheap kernel, its inputs are quantized
+   (an Add between float ops stays float: conversions around it cost more than it saves). Add/Sub/Mul with a constant operand whose other input is
    quantized count as integer ops (the constant is quantized, so onnxruntime runs
    QLinearAdd/QLinearMul); they never make their input quantized, so a float island (GELU's
    erf) gets no extra conversion. Ops whose integer kernel does not cover the node's attributes
@@ -126,6 +128,7 @@ class _Annotator:
         self.constant_kernels: list[tuple[ir.Node, int]] = []
         self.forms: list[IntegerForm] = []
         self.chain_end: dict[str, str] = {}  # tensor inside a supergroup -> the group's last output
+        self.chain_start: dict[str, ir.Node] = {}  # a supergroup's last output -> its first node
 
     # -- helpers -------------------------------------------------------------------------------
     def excluded(self, node: ir.Node) -> str | None:
@@ -197,6 +200,7 @@ class _Annotator:
                     for member in chain[:-1]:
                         interior[member.outputs[0].name] = f"inside supergroup {label}"
                         self.chain_end[member.outputs[0].name] = chain[-1].outputs[0].name
+                    self.chain_start[chain[-1].outputs[0].name] = chain[0]
         return interior
 
     def kernel_problem(self, node: ir.Node) -> str | None:
@@ -210,6 +214,27 @@ class _Annotator:
             return None
         config_op = "Add" if node.op_type == "Sub" else node.op_type
         return index if self.config.input_quantized_for(config_op) else None
+
+    def pays_conversions(self, node: ir.Node) -> bool:
+        """Whether an integer kernel is worth quantizing float inputs for.
+
+        Compute-heavy kernels (convolutions, matrix products) are: QLinearConv beats the float
+        path even with a QuantizeLinear in front. A cheap kernel (Add, Mul, pooling, Concat, a
+        lookup) is not: between float ops, Q -> QLinearAdd -> DQ only adds two conversions and an
+        8-bit grid (the power spectrum of silero-vad's STFT lost 4 points of frame accuracy so).
+        Configs that quantize every output by default (AIMET/HTP) quantize cheap ops anyway.
+        """
+        if self.config.output_quantized:
+            return True
+        start = self.chain_start.get(node.outputs[0].name if node.outputs else "", node)
+        return ops.rule(start.op_type, start.domain).kind is ops.OpKind.WEIGHTED
+
+    def inputs_quantized(self, node: ir.Node) -> bool:
+        """Every float, non-constant data input of ``node`` (of its supergroup's first node, for
+        the group's last op) is quantized."""
+        node = self.chain_start.get(node.outputs[0].name if node.outputs else "", node)
+        data = [v for v in node.inputs if is_float(v) and not is_constant(v)]
+        return all(v is not None and self.quantized(v.name) for v in data)
 
     def integer_with_constant(self, node: ir.Node) -> bool:
         """An Add/Sub/Mul with a constant whose data input is quantized: it runs on the integer
@@ -235,7 +260,7 @@ class _Annotator:
                 continue
             if self.float_elementwise(node):
                 continue  # runs on integers only where its input is quantized anyway (rule 7)
-            if not self.config.input_quantized_for(node.op_type):
+            if not self.config.input_quantized_for(node.op_type) or not self.pays_conversions(node):
                 continue
             for value in node.inputs:
                 if is_float(value) and not is_constant(value):
@@ -311,6 +336,7 @@ class _Annotator:
             elif name in demand or (
                 self.config.output_quantized_for(node.op_type)
                 and (not self.float_elementwise(node) or self.integer_with_constant(node))
+                and (self.pays_conversions(node) or self.inputs_quantized(node))
                 and not self.kernel_problem(node)
             ):
                 self.new_group(name, self.act_spec(node))
@@ -322,6 +348,9 @@ class _Annotator:
             elif self.float_elementwise(node):
                 self.skip(out, f"{node.op_type} with a constant operand runs in float and no consumer "
                                "needs a quantized input")
+            elif self.config.output_quantized_for(node.op_type) and not self.inputs_quantized(node):
+                self.skip(out, f"{node.op_type} node '{node.name}': its inputs are float and no consumer needs "
+                               "a quantized input (a cheap integer kernel does not pay for conversions)")
             else:
                 self.skip(
                     out,
