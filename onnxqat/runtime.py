@@ -68,6 +68,10 @@ class Session:
             default order every such tensor lives to the end of the run, and onnxruntime's
             memory planning on the first run grows quadratically with their number. Results
             are the same in either order.
+        share_constants: Keep onnxruntime's ConstantSharing optimization, which merges
+            initializers holding the same single value. It changes no value, and its cost grows
+            quadratically with the number of initializers (half the session build of a
+            30k-node chain); sessions run once, such as calibration's, can go without it.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class Session:
         optimize: bool = True,
         threads: int | None = None,
         follow_node_order: bool = False,
+        share_constants: bool = True,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = (
@@ -97,9 +102,11 @@ class Session:
             payload = os.path.join(self._tmpdir, "model.onnx")
             save_with_external_data(model, payload, "model.onnx.data")
         self.fused_qdq = optimize
+        disabled = [] if share_constants else ["ConstantSharing"]
         try:
             try:
-                self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+                self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"],
+                                                    disabled_optimizers=disabled)
             except NotImplementedError_ as e:
                 if not optimize:
                     raise
@@ -113,7 +120,7 @@ class Session:
                     RuntimeWarning, stacklevel=2,
                 )
                 self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"],
-                                                    disabled_optimizers=["QDQSelectorActionTransformer"])
+                                                    disabled_optimizers=[*disabled, "QDQSelectorActionTransformer"])
         finally:
             self._cleanup()
         self.input_names = [i.name for i in self.session.get_inputs()]

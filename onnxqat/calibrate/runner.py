@@ -223,9 +223,10 @@ def _statistics_session(model: ir.Model, stats: _StatisticsModel) -> Session:
     The additions go into the model's protobuf (no copy of the IR graph); a model too big for
     one protobuf gets them on an IR clone instead, which the session saves with external data.
     """
+    options = {"follow_node_order": True, "share_constants": False}
     if model_bytes_size(model) < PROTO_LIMIT:
-        return Session(_with_additions_proto(ir.to_proto(model), stats), follow_node_order=True)
-    return Session(_with_additions_ir(model.clone(), stats), follow_node_order=True)
+        return Session(_with_additions_proto(ir.to_proto(model), stats), **options)
+    return Session(_with_additions_ir(model.clone(), stats), **options)
 
 
 def _with_additions_proto(proto: onnx.ModelProto, stats: _StatisticsModel) -> onnx.ModelProto:

@@ -85,15 +85,22 @@ def _merge_inferred_flat(graph: ir.Graph, inferred: onnx.GraphProto) -> bool:
     known = produced | infos.keys() | {t.name for t in inferred.initializer}
     known.update(name for node in inferred.node for name in node.input if name)
     modified = False
+    # Most values share a few types: deserialize each distinct TypeProto once. The shapes are
+    # frozen (immutable), so values may share one.
+    types: dict[bytes, tuple[ir.Shape | None, ir.DataType | None]] = {}
     for name, value in ir.convenience.create_value_mapping(graph).items():
         info = infos.get(name)
         if info is None:
             if name not in known:
                 logger.warning("Value %s not found in inferred graph %s", name, inferred.name)
             continue
-        shape = ir.serde.deserialize_type_proto_for_shape(info.type)
-        type_ = ir.serde.deserialize_type_proto_for_type(info.type)
-        dtype = type_.dtype if type_ is not None else None
+        key = info.type.SerializeToString()
+        found = types.get(key)
+        if found is None:
+            type_ = ir.serde.deserialize_type_proto_for_type(info.type)
+            found = types[key] = (ir.serde.deserialize_type_proto_for_shape(info.type),
+                                  type_.dtype if type_ is not None else None)
+        shape, dtype = found
         if shape is not None and value.shape != shape:
             value.shape = shape
             modified = True
