@@ -13,17 +13,18 @@ state and produces new ones.
 >>> prepared = prepare("models/fmnist_dsconv.onnx")                       # doctest: +SKIP
 >>> plan = make_plan(prepared.model, load_config("onnxruntime"))          # doctest: +SKIP
 >>> state = SimState(prepared.model, plan, encode_weights(prepared.model, plan))   # doctest: +SKIP
->>> state = state.with_encodings(calibrate(state, batches))               # doctest: +SKIP
+>>> state = state.with_encodings(calibrate(state, batches).encodings)     # doctest: +SKIP
 >>> export(state, "out", prepared.float16)                                 # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,8 @@ __all__ = [
     "SimState",
     "apply_weights",
     "bind_encodings",
+    "Calibration",
+    "SHARED_RANGE_RATIO",
     "calibrate",
     "encode_weights",
     "encodings_document",
@@ -114,9 +117,9 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
 
 
 def make_plan(model: ir.Model, config: QuantSimConfig, *, param_bw: int = 8, activation_bw: int = 8,
-              target: Target | str | None = None) -> QuantPlan:
+              target: Target | str | None = None, untie: Mapping[str, str] | None = None) -> QuantPlan:
     """The placement rules applied to a prepared model (see :mod:`onnxqat.passes.annotate`)."""
-    return annotate(model, config, param_bw=param_bw, activation_bw=activation_bw, target=target)
+    return annotate(model, config, param_bw=param_bw, activation_bw=activation_bw, target=target, untie=untie)
 
 
 def encode_weights(model: ir.Model, plan: QuantPlan, scheme: Scheme = Scheme.MINMAX) -> dict[str, Encoding]:
@@ -188,6 +191,27 @@ class SimState:
         }
 
 
+# A Concat whose inputs' ranges differ by more than this factor does not share one grid: its
+# smallest input would keep about 255 / 16 = 16 steps (YOLOv8's head concatenates boxes in pixels
+# with class scores in [0, 1] and kept 14% of its detections so).
+SHARED_RANGE_RATIO = 16.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What calibration found.
+
+    Attributes:
+        plan: The plan the encodings are for (the state's, or one with Concat nodes untied).
+        encodings: Encodings of every calibrated activation quantizer of ``plan``.
+        untied: Concat node -> why its inputs got their own quantizers and it runs in float.
+    """
+
+    plan: QuantPlan
+    encodings: Mapping[str, Encoding]
+    untied: Mapping[str, str]
+
+
 def calibrate(
     state: SimState,
     batches: Iterable[Mapping[str, np.ndarray]],
@@ -195,22 +219,67 @@ def calibrate(
     *,
     percentile: float = DEFAULT_PERCENTILE,
     progress: bool | None = None,
-) -> dict[str, Encoding]:
-    """Encodings of every activation quantizer of ``state.plan`` from the batches (streamed)."""
-    observed = dataclasses.replace(state.plan, activations=state.plan.calibrated_activations)
+    replan: Callable[[Mapping[str, str]], QuantPlan] | None = None,
+) -> Calibration:
+    """Encodings of every activation quantizer from the batches (streamed, one pass).
+
+    The tensors a Concat ties are observed one by one; where its inputs' ranges differ by more
+    than :data:`SHARED_RANGE_RATIO`, ``replan(untie)`` gives the plan without that tie (no
+    ``replan``: the tie is kept).
+    """
+    split = []
+    for q in state.plan.calibrated_activations:
+        if q.shared_by and len(q.tensors) > 1:
+            split.extend(dataclasses.replace(q, name=t, tensors=(t,), shared_by=()) for t in q.tensors)
+        else:
+            split.append(q)
+    observed = dataclasses.replace(state.plan, activations=tuple(split), biases=(), integer_forms=())
     observers = collect_statistics(state.float_model, observed, batches, scheme, progress=progress)
+    untie = _untie(state, observers) if replan is not None else {}
+    plan = replan(untie) if untie and replan is not None else state.plan
+    group_of = {t: q.name for q in observed.activations for t in q.tensors}
     encodings = {}
-    for q in observed.activations:
+    for q in plan.calibrated_activations:
         if q.spec.fixed_range is not None:
             encodings[q.name] = compute_encoding(*q.spec.fixed_range, q.spec)
             continue
-        obs = observers[q.name]
-        if obs.empty:
+        parts = {group_of[t] for t in q.tensors if t in group_of}
+        obs = None
+        for part in sorted(parts):
+            if obs is None:
+                obs = copy.deepcopy(observers[part])
+            else:
+                obs.merge(observers[part])  # type: ignore[arg-type]
+        if obs is None or obs.empty:
             raise ModelError(
                 f"tensor '{q.name}' held no finite value on the calibration data; exclude its producer in the config"
             )
         encodings[q.name] = activation_encoding(obs, q.spec, scheme, percentile)
-    return encodings
+    return Calibration(plan, encodings, untie)
+
+
+def _untie(state: SimState, observers: Mapping[str, Any]) -> dict[str, str]:
+    nodes = {n.name: n for n in state.float_model.graph}
+    untie = {}
+    for q in state.plan.calibrated_activations:
+        for name in q.shared_by:
+            node = nodes.get(name)
+            if node is None:
+                continue
+            spans = {}
+            for value in node.inputs:
+                obs = observers.get(value.name) if value is not None else None
+                if obs is not None and not obs.empty:
+                    spans[value.name] = max(obs.max, 0.0) - min(obs.min, 0.0)
+            positive = [v for v in spans.values() if v > 0]
+            if len(positive) < 2 or max(positive) <= SHARED_RANGE_RATIO * min(positive):
+                continue
+            small = min(spans, key=lambda k: spans[k] if spans[k] > 0 else np.inf)
+            large = max(spans, key=lambda k: spans[k])
+            untie[name] = (f"Concat '{name}': its inputs span {spans[small]:.3g} ('{small}') to {spans[large]:.3g} "
+                           f"('{large}'), {spans[large] / spans[small]:.0f}x, more than the {SHARED_RANGE_RATIO:.0f}x "
+                           "one grid serves; it runs in float, each input keeps its own quantizer")
+    return untie
 
 
 def finalize(model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding]) -> QuantPlan:

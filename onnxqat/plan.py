@@ -29,12 +29,15 @@ class ActivationQuantizer:
             plan and may itself be derived): its encoding is the source's with
             the scale multiplied by ``k``, and the deployed graph reads the source's integers with
             that scale instead of running the Mul/Div. Not calibrated.
+        shared_by: Nodes (Concat) whose inputs and output this quantizer ties onto one grid;
+            calibration checks that their inputs' ranges are close enough to share it.
     """
 
     name: str
     spec: QuantSpec
     tensors: tuple[str, ...]
     derived_from: tuple[str, float] | None = None
+    shared_by: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

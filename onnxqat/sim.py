@@ -157,9 +157,21 @@ class QuantizationSimModel:
                     kept.append({k: np.array(v) for k, v in feed.items()})
                 yield batch
 
+        model = self._state.float_model
+
+        def replan(untie: Mapping[str, str]) -> QuantPlan:
+            return pipeline.make_plan(model, self.config, param_bw=self.param_bw, activation_bw=self.activation_bw,
+                                      target=self.target, untie=untie)
+
         found = pipeline.calibrate(self._state, keep_first(batches), self.quant_scheme, percentile=self.percentile,
-                                   progress=progress)
-        self._state = self._state.with_encodings(found)
+                                   progress=progress, replan=replan)
+        for reason in found.untied.values():
+            warnings.warn(reason, RuntimeWarning, stacklevel=2)
+        if found.plan is self._state.plan:
+            self._state = self._state.with_encodings(found.encodings)
+        else:
+            weights = pipeline.encode_weights(model, found.plan, self.param_scheme)
+            self._state = SimState(model, found.plan, {**weights, **found.encodings})
         self._check_feed = kept[0] if kept else None
         return self
 

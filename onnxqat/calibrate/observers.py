@@ -45,6 +45,12 @@ class MinMaxObserver:
     def empty(self) -> bool:
         return self.min > self.max
 
+    def merge(self, other: MinMaxObserver) -> None:
+        """Fold in another observer's statistics (exact)."""
+        if not other.empty:
+            self.update_range(other.min, other.max)
+        self.nonfinite += other.nonfinite
+
 
 class HistogramObserver:
     """Histogram with ``bins`` equal bins over a range that grows as data arrives.
@@ -111,6 +117,23 @@ class HistogramObserver:
         self.counts = np.bincount(old_index, weights=self.counts, minlength=self.bins)[: self.bins]
         self.lo -= shift * self.width
         self.width *= factor
+
+    def merge(self, other: HistogramObserver) -> None:
+        """Fold in another histogram: its counts go to this grid's bins by their centres (exact
+        when the grids agree, else within one bin of the coarser grid)."""
+        self.minmax.nonfinite += other.nonfinite
+        if other.empty:
+            return
+        if self.empty:
+            self.counts, self.lo, self.width = other.counts.copy(), other.lo, other.width
+            self.minmax.update_range(other.min, other.max)
+            return
+        self.minmax.update_range(other.min, other.max)
+        self._grow(other.min, other.max)
+        keep = other.counts > 0
+        idx = np.floor((other.centers()[keep] - self.lo) / self.width).astype(np.int64)
+        np.clip(idx, 0, self.bins - 1, out=idx)
+        self.counts += np.bincount(idx, weights=other.counts[keep], minlength=self.bins)
 
     def centers(self) -> np.ndarray:
         return self.lo + (np.arange(self.bins) + 0.5) * self.width

@@ -32,6 +32,7 @@ Every float tensor left unquantized gets the reason in ``plan.skipped``.
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 
 import onnx_ir as ir
 
@@ -103,19 +104,25 @@ def annotate(
     param_bw: int = 8,
     activation_bw: int = 8,
     target: Target | str | None = None,
+    untie: Mapping[str, str] | None = None,
 ) -> QuantPlan:
     """Apply the placement rules to ``model`` (BatchNorm already folded, shapes inferred).
 
     ``target`` (default: detected) sets what the deployed integer kernels compute exactly; on
     ``x86-avx2`` 8-bit weights of U8S8 GEMM kernels get a pair limit (see :mod:`onnxqat.target`).
+    ``untie``: Concat node name -> why its inputs must not share one grid (found by calibration);
+    such a Concat runs in float and its inputs keep their own quantizers.
     """
-    return _Annotator(model, config, param_bw, activation_bw, resolve_target(target)).run()
+    return _Annotator(model, config, param_bw, activation_bw, resolve_target(target), untie or {}).run()
 
 
 class _Annotator:
-    def __init__(self, model: ir.Model, config: QuantSimConfig, param_bw: int, act_bw: int, target: Target) -> None:
+    def __init__(self, model: ir.Model, config: QuantSimConfig, param_bw: int, act_bw: int, target: Target,
+                 untie: Mapping[str, str]) -> None:
         self.graph = model.graph
         self.target = target
+        self.untie = untie
+        self.shared_by: dict[str, list[str]] = {}  # a tensor of the group -> Concat nodes tying it
         self.config = config
         self.param_bw = param_bw
         self.act_bw = act_bw
@@ -312,6 +319,8 @@ class _Annotator:
             elif self.kernel_problem(node):
                 # never Q right after it: onnxruntime would form the integer kernel that does not exist
                 self.skip(out, f"{self.kernel_problem(node)}; its output stays float")
+            elif node.name in self.untie and name not in demand:
+                self.skip(out, self.untie[node.name])
             elif name in interior:
                 self.skip(out, interior[name])
                 index = self.constant_kernel(node) if self.float_elementwise(node) else None
@@ -412,6 +421,8 @@ class _Annotator:
         for node in self.nodes:
             if ops.rule(node.op_type, node.domain).kind is not ops.OpKind.SHARED or self.excluded(node):
                 continue
+            if node.name in self.untie:
+                continue
             out = node.outputs[0]
             if not self.quantized(out.name):
                 continue
@@ -427,21 +438,26 @@ class _Annotator:
                 self.underive(out.name)
                 self.underive(value.name)
                 self.groups.union(out.name, value.name)
+            self.shared_by.setdefault(out.name, []).append(node.name)
 
     def activation_quantizers(self) -> tuple[ActivationQuantizer, ...]:
         members: dict[str, list[str]] = {}
         for tensor in self.order:
             members.setdefault(self.groups.find(tensor), []).append(tensor)
         name_of = {t: tensors[0] for tensors in members.values() for t in tensors}
+        shared: dict[str, list[str]] = {}
+        for tensor, nodes in self.shared_by.items():
+            shared.setdefault(name_of[tensor], []).extend(nodes)
         calibrated, derived = [], []
         for tensors in members.values():
             specs = [self.group_spec[t] for t in tensors if t in self.group_spec]
             spec = max(specs, key=lambda s: s.bitwidth)
             source = self.derived.get(tensors[0])
+            by = tuple(shared.get(tensors[0], ()))
             if source is not None:
-                derived.append(ActivationQuantizer(tensors[0], spec, tuple(tensors), (name_of[source[0]], source[1])))
+                derived.append(ActivationQuantizer(tensors[0], spec, tuple(tensors), (name_of[source[0]], source[1]), by))
             else:
-                calibrated.append(ActivationQuantizer(tensors[0], spec, tuple(tensors)))
+                calibrated.append(ActivationQuantizer(tensors[0], spec, tuple(tensors), shared_by=by))
         return tuple(calibrated + _sources_first(derived))
 
     def params(
