@@ -168,3 +168,22 @@ def test_plain_progress_lines_when_not_a_terminal(capsys):
         trainer.fit(batches, epochs=1)  # progress=None: pytest's stderr is not a TTY
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 1:")]
     assert len(lines) == 10 and lines[-1].startswith("epoch 1: 10/10 batches") and "loss" in lines[-1]
+
+
+def test_range_learning_graph_has_static_shapes_and_no_foldable_full_size_constants():
+    """The LSQ terms of range learning: no ConstantOfShape/Expand of a static shape, which
+    onnxruntime folds into one full-size constant per quantizer (+1 GiB on the PP-LCNet orientation
+    classifier at batch 32), and static shapes on the activation-sized values (onnx shape inference
+    stops at FakeQuant)."""
+    sim = QuantizationSimModel(pooled_conv(), per_channel=True)
+    rng = np.random.default_rng(7)
+    sim.compute_encodings([{"x": rng.uniform(-1, 1, size=(8, 4, 7, 7)).astype(f32)}], progress=False)
+    with sim.trainer(loss="distill", range_learning=True, lr=1e-3) as trainer:
+        assert any(p.zero_point_param for p in trainer.graph.range_params)  # the zero-point term is there
+        trainer.step({"x": rng.uniform(-1, 1, size=(8, 4, 7, 7)).astype(f32)})
+        graph = trainer.graph.model.graph
+        assert not [n.name for n in graph if n.op_type in ("ConstantOfShape", "Expand")]
+        activation_fq = [n for n in graph if n.op_type == "FakeQuant" and n.attributes["quant_max"].as_int() < 2**16]
+        assert activation_fq
+        downstream = [u.node for n in activation_fq for v in n.outputs for u in v.uses()]
+        assert all(is_static(v.shape) for n in activation_fq + downstream for v in n.outputs)

@@ -282,31 +282,46 @@ class _Lowering:
         point, ``Where(inside, 0, (zp - sg(zp)) * -s)``. ``h`` is cut from autodiff by an int64
         round trip at 2^-20 resolution (it only scales the encoding gradients), so the backward
         keeps ``h`` and the mask: 5 bytes per element, where the Div/Clip/round/Mul chain kept
-        three float tensors plus their gradient temporaries.
+        three float tensors plus their gradient temporaries. The activation-sized values get their
+        static shapes here (onnx shape inference stops at ``FakeQuant``).
         """
         b = self.b
-        s_fixed = b.stop_gradient(s, base)
+
+        def full(v: ir.Value, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
+            v.type, v.shape = ir.TensorType(dtype), x.shape
+            return v
+
+        def scalar(v: ir.Value) -> ir.Value:
+            v.type, v.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([])
+            return v
+
+        s_fixed = scalar(b.stop_gradient(s, base))
         zp_fixed = zp
         if zp_learned:
             lift = b.const(float(1 - enc.qmin), name="zp_lift")  # zp - qmin + 1 >= 1: the stop-gradient's domain
-            zp_fixed = b.op("Sub", [b.stop_gradient(b.op("Add", [zp, lift], base), base), lift], base)
-        y = b.op("FakeQuant", [x, s_fixed, zp_fixed], base, domain=CONTRIB, outputs=2,
-                 quant_min=enc.qmin, quant_max=enc.qmax)
+            zp_fixed = scalar(b.op("Sub", [b.stop_gradient(b.op("Add", [zp, lift], base), base), lift], base))
+        y = full(b.op("FakeQuant", [x, s_fixed, zp_fixed], base, domain=CONTRIB, outputs=2,
+                      quant_min=enc.qmin, quant_max=enc.qmax))
         producer = y.producer()
         assert producer is not None
-        inside = producer.outputs[1]
-        inside_f = b.op("Cast", [inside], base, to=ir.DataType.FLOAT)
-        h = b.op("Div", [b.op("Sub", [y, b.op("Mul", [x, inside_f], base)], base), s_fixed], base)
+        inside = full(producer.outputs[1], ir.DataType.BOOL)
+        inside_f = full(b.op("Cast", [inside], base, to=ir.DataType.FLOAT))
+        h = full(b.op("Div", [full(b.op("Sub", [y, full(b.op("Mul", [x, inside_f], base))], base)), s_fixed], base))
         resolution = 2.0**20  # |h| <= 2^16 on any grid: h * 2^20 fits int64 exactly
-        h = b.op("Cast", [b.op("Mul", [h, b.const(resolution, name="h_res")], base)], base, to=ir.DataType.INT64)
-        h = b.op("Mul", [b.op("Cast", [h], base, to=ir.DataType.FLOAT), b.const(1.0 / resolution, name="h_inv_res")], base)
-        out = b.op("Add", [y, b.op("Mul", [b.op("Sub", [s, s_fixed], base), h], base)], base)
+        h = full(b.op("Cast", [full(b.op("Mul", [h, b.const(resolution, name="h_res")], base))], base,
+                      to=ir.DataType.INT64), ir.DataType.INT64)
+        h = full(b.op("Mul", [full(b.op("Cast", [h], base, to=ir.DataType.FLOAT)),
+                              b.const(1.0 / resolution, name="h_inv_res")], base))
+        out = full(b.op("Add", [y, full(b.op("Mul", [scalar(b.op("Sub", [s, s_fixed], base)), h], base))], base))
         if zp_learned:
-            push = b.op("Mul", [b.op("Sub", [zp, zp_fixed], base), b.op("Neg", [s_fixed], base)], base)
-            # broadcast first (Add reduces its gradient; Where's gradient in onnxruntime-training 1.19
-            # does not, and Expand's fails on these shapes)
-            push = b.op("Add", [push, b.op("ConstantOfShape", [b.op("Shape", [x], base)], base)], base)
-            out = b.op("Add", [out, b.op("Where", [inside, b.const(0.0, name="zero"), push], base)], base)
+            push = scalar(b.op("Mul", [scalar(b.op("Sub", [zp, zp_fixed], base)),
+                                       scalar(b.op("Neg", [s_fixed], base))], base))
+            # broadcast first: Add reduces its gradient, Where's gradient in onnxruntime-training 1.19
+            # does not (and Expand's fails on these shapes). The zeros are computed at run time:
+            # ConstantOfShape of a static shape would be folded into one constant per quantizer.
+            zeros = full(b.op("Mul", [inside_f, b.const(0.0, name="zero")], base))
+            push = full(b.op("Add", [push, zeros], base))
+            out = full(b.op("Add", [out, full(b.op("Where", [inside, b.const(0.0, name="zero"), push], base))], base))
         return out
 
     # -- weights and biases ----------------------------------------------------------------------
