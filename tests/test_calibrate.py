@@ -155,3 +155,32 @@ def test_encoding_from_observer_follows_spec():
     h.update(np.linspace(0, 6, 1000))
     enc = activation_encoding(h, QuantSpec(), Scheme.MINMAX)
     assert enc.equals(compute_encoding(0.0, 6.0, QuantSpec()))
+
+
+def test_histogram_calibration_splits_batches_to_its_memory_budget(monkeypatch):
+    """Histogram schemes fetch every observed tensor of a run: batches are split so the fetched
+    bytes stay within the budget, and the encodings stay within two histogram bins."""
+    import onnxqat.calibrate.runner as runner_module
+    import onnxqat.pipeline as pipeline_module
+    from conftest import random_batches, tiny_cnn
+    from onnxqat import QuantizationSimModel
+
+    data = random_batches(n_batches=2, batch=16)
+    whole = QuantizationSimModel(tiny_cnn(), quant_scheme="percentile")
+    whole.compute_encodings(data, progress=False)
+    seen = []
+    original = runner_module.validate_feed
+
+    def counting(feed, *args, **kw):
+        seen.append(len(next(iter(feed.values()))))
+        return original(feed, *args, **kw)
+
+    monkeypatch.setattr(runner_module, "validate_feed", counting)
+    monkeypatch.setattr(pipeline_module, "FETCH_BUDGET", 4 * 8 * 8 * 30)  # a few samples' tensors
+    split = QuantizationSimModel(tiny_cnn(), quant_scheme="percentile")
+    split.compute_encodings(data, progress=False)
+    assert len(seen) > 2 and max(seen) < 16
+    for q in whole.plan.activations:
+        a, b = whole.encodings[q.name], split.encodings[q.name]
+        span = float(a.max - a.min)
+        assert abs(float(b.max - b.min) - span) <= 2 * span / 2048 + 1e-6, q.name
