@@ -3,6 +3,7 @@
     onnxqat quantize MODEL.onnx --data CALIB.npz --output-dir OUT [options]
     onnxqat train MODEL.onnx --data TRAIN.npz --calib CALIB.npz --output-dir OUT [options]
     onnxqat eval MODEL.onnx --data DATA.npz [--label-key label] [--output-index 0]
+    onnxqat compare FLOAT.onnx QDQ.onnx --data DATA.npz [--batch-axis NAME=AXIS] [--json OUT.json]
     onnxqat analyze MODEL.onnx --data CALIB.npz [--eval EVAL.npz] --output-dir OUT [options]
     onnxqat demo [--output-dir onnxqat-demo]
 
@@ -134,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--models", default=None, help="folder of the shipped demo assets (default: the repository's models/)")
     d.add_argument("--epochs", type=int, default=2)
 
+    c = sub.add_parser("compare", help="a quantized model against its float original: per-output SQNR, cosine, "
+                                       "top-1 agreement, fused vs reference")
+    c.add_argument("float_model", help="the float ONNX model")
+    c.add_argument("quantized_model", help="the quantized (QDQ) model, e.g. OUT/model_qdq.onnx")
+    c.add_argument("--data", required=True, help="npz with one array per model input")
+    c.add_argument("--batch-size", type=int, default=32, help="samples per run")
+    _add_data_layout(c)
+    c.add_argument("--json", default=None, help="also write the numbers as JSON here")
+
     e = sub.add_parser("eval", help="top-1 accuracy of a model (float, sim export or QDQ) on npz data")
     e.add_argument("model")
     e.add_argument("--data", required=True, help="npz with the model inputs and a label array")
@@ -237,6 +247,29 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"accuracy={acc:.6f} n={n}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from onnxqat.compare import compare_models
+    from onnxqat.data import NpzBatches, input_signature, load_model_inputs, parse_batch_axes
+    from onnxqat.io import load_model, write_text_atomic
+
+    float_model = load_model(args.float_model)
+    quantized = load_model(args.quantized_model)
+    axes = parse_batch_axes(args.batch_axis)
+    arrays = load_model_inputs(args.data, input_signature(float_model), batch_axes=axes)
+    rows = compare_models(float_model, quantized, NpzBatches(arrays, args.batch_size, batch_axes=axes))
+    for r in rows:
+        parts = [f"output {r.output}:", f"sqnr_db={r.sqnr_db:.2f}", f"cosine={r.cosine:.6f}"]
+        if r.top1_agreement is not None:
+            parts.append(f"top1_agreement={r.top1_agreement:.4f}")
+        parts.append(f"max_abs_diff={r.max_abs_diff:.4g}")
+        if r.fused_vs_reference_lsb is not None:
+            parts.append(f"fused_vs_reference_lsb={r.fused_vs_reference_lsb:.1f}")
+        print(" ".join(parts))
+    if args.json:
+        write_text_atomic(args.json, json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
 def _analyze(args: argparse.Namespace) -> None:
     from onnxqat.analysis import analyze
     from onnxqat.data import NpzBatches, input_signature, load_model_inputs
@@ -286,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     warnings.showwarning = _one_line_warning
-    handlers = {"quantize": _quantize, "train": _train, "eval": _eval, "analyze": _analyze, "demo": _demo}
+    handlers = {"quantize": _quantize, "train": _train, "eval": _eval, "analyze": _analyze, "demo": _demo,
+                "compare": _compare}
     try:
         handlers[args.command](args)
     except OnnxQatError as e:

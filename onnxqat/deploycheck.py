@@ -6,6 +6,10 @@ calibration samples. A model that fails to load or run is an error (nothing is w
 between fused and reference outputs beyond :data:`GAP_LSB` steps of the output's quantizer is a
 warning naming the first quantized tensor where fused and reference part (found by running
 prefixes of the graph).
+
+Gaps are the 99.9th percentile of the per-element difference: broken arithmetic (saturating
+kernels) moves most elements, while fused kernels' rounding, amplified at near-ties of a softmax
+(PaddleOCR's 6625-way recognizer flips 2% of its positions between two close classes), moves few.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ __all__ = ["GAP_LSB", "DeployCheck", "check_deployment"]
 # steps of difference at the output are normal after many layers; more points at a kernel whose
 # arithmetic is not what the simulation assumed.
 GAP_LSB = 4.0
+_GAP_PERCENTILE = 99.9
+
+
+def _gap(a: np.ndarray, b: np.ndarray, lsb: float) -> float:
+    d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).ravel()
+    return float(np.percentile(d, _GAP_PERCENTILE)) / lsb if d.size else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +47,8 @@ class DeployCheck:
     """What the check run found.
 
     Attributes:
-        gaps: Output name -> largest |fused - reference| in steps of its quantizer (None when the
-            output is not quantized).
+        gaps: Output name -> 99.9th percentile of |fused - reference| in steps of its quantizer
+            (None when the output is not quantized).
         first_gap: The first quantized tensor (a DequantizeLinear output) where fused and reference
             differ by more than one step, when some output's gap exceeds :data:`GAP_LSB`.
         runtime: onnxruntime version that ran it.
@@ -132,7 +142,7 @@ def check_deployment(model: ir.Model, feed: Mapping[str, np.ndarray], lsbs: Mapp
         if lsb is None or np.asarray(a).dtype.kind != "f":
             gaps[name] = None
             continue
-        gaps[name] = float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()) / lsb
+        gaps[name] = _gap(a, b, lsb)
     first = None
     if any(g is not None and g > GAP_LSB for g in gaps.values()):
         first = _first_gap(model, feed)
@@ -160,7 +170,7 @@ def _prefix_gap(model: ir.Model, feed: Mapping[str, np.ndarray], value_name: str
     a = Session(clone).run(feed)[0]
     b = Session(clone, optimize=False).run(feed)[0]
     lsb = float(np.max(scale)) if scale is not None else 1.0
-    return float(np.abs(a.astype(np.float64) - b).max()) / lsb
+    return _gap(a, b, lsb)
 
 
 def _first_gap(model: ir.Model, feed: Mapping[str, np.ndarray]) -> str | None:

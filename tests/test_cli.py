@@ -100,3 +100,26 @@ def test_usage_errors_are_one_line_too(cli):
     line = _error_line(cli("quantize", "m.onnx", "--scheme", "best"))
     assert "invalid choice: 'best'" in line
     assert "the following arguments are required: --data" in _error_line(cli("eval", "m.onnx"))
+
+
+def test_compare_reports_every_output_against_float_and_fused_against_reference(cli, demo_assets, tmp_path):
+    model, calib, test = demo_assets
+    out = tmp_path / "out"
+    cli("quantize", model, "--data", calib, "--output-dir", out, "--per-channel", check=True)
+    proc = cli("compare", model, out / "model_qdq.onnx", "--data", test, "--json", tmp_path / "c.json", check=True)
+    (line,) = [l for l in proc.stdout.splitlines() if l.startswith("output probs:")]
+    doc = json.loads((tmp_path / "c.json").read_text())
+    (row,) = doc
+    assert row["output"] == "probs" and 0.98 < row["top1_agreement"] <= 1.0 and row["cosine"] > 0.99
+    # QLinearSoftmax's lookup table against the reference's float exp: a few steps of 1/256
+    assert row["sqnr_db"] > 15 and row["fused_vs_reference_lsb"] <= 8
+    # independent check of the agreement: eval both models' predictions
+    import numpy as np
+    import onnxruntime as ort
+
+    data = np.load(test)["image"][:2000]
+    a = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"image": data})[0]
+    b = ort.InferenceSession(str(out / "model_qdq.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": data})[0]
+    assert abs((a.argmax(1) == b.argmax(1)).mean() - row["top1_agreement"]) < 0.01
+    bad = cli("compare", model, tmp_path / "missing.onnx", "--data", test)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.onnx" in bad.stderr
