@@ -44,7 +44,7 @@ from onnxqat.passes.canonicalize import canonical_passes
 from onnxqat.passes.elementwise import SubtractConstantAsAddPass
 from onnxqat.passes.fix_inputs import FixInputsPass
 from onnxqat.passes.float16 import Float16Record, Float16ToFloat32Pass, cast_interface, restore_float16
-from onnxqat.passes.fold_batchnorm import FoldBatchNormPass
+from onnxqat.passes.fold_batchnorm import FoldAffinePass, FoldBatchNormPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding, compute_encoding
@@ -113,6 +113,7 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
         ShapeInferencePass(strict_mode=False)(model)
     if fold_batchnorm:
         FoldBatchNormPass()(model)
+        FoldAffinePass()(model)
     return Prepared(model, to_float32.record)
 
 

@@ -193,3 +193,27 @@ def test_strict_and_narrow_grids_insert_a_clip():
     clip = next(n for n in sim.graph if n.op_type == "Clip" and n.inputs[0].name == "x")
     lo = clip.inputs[1].const_value.numpy()
     assert lo == pytest.approx(-127 * enc["x"].scale)
+
+
+def test_batchnorm_written_as_mul_add_folds_into_the_conv():
+    from onnxqat.passes.fold_batchnorm import FoldAffinePass
+
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Mul", ["c", "scale"], ["m"], name="bn_mul"),
+             helper.make_node("Add", ["m", "shift"], ["y"], name="bn_add"),
+             helper.make_node("Conv", ["y", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Mul", ["c2", "spatial"], ["z"], name="not_per_channel")]
+    inits = {"w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "scale": rng.uniform(0.5, 2, (4, 1, 1)).astype(np.float32),
+             "shift": rng.normal(size=(1, 4, 1, 1)).astype(np.float32), "w2": rng.normal(size=(2, 4, 1, 1)).astype(np.float32),
+             "spatial": rng.normal(size=(1, 1, 4, 4)).astype(np.float32)}
+    model = make_model(nodes, [tensor("x", ["N", 3, 6, 6])], [tensor("z", ["N", 2, 4, 4])], inits)
+    x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
+    ref = run_onnx(model, {"x": x})[0]
+    ir_model = ir.from_proto(model)
+    assert FoldAffinePass()(ir_model).modified
+    ops = [n.op_type for n in ir_model.graph]
+    assert ops == ["Conv", "Conv", "Mul"]  # the per-channel Mul/Add folded, the spatial Mul kept
+    assert [v.name for n in ir_model.graph for v in n.outputs][0] == "y"  # the folded conv takes the chain's name
+    got = run_onnx(ir.to_proto(ir_model), {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,9 @@
-"""Fold inference BatchNormalization into the Conv, ConvTranspose or Gemm that feeds it.
+"""Fold inference BatchNormalization, and BatchNorm written as Mul/Add, into the op before it.
+
+:class:`FoldBatchNormPass` folds BatchNormalization into the Conv, ConvTranspose or Gemm that
+feeds it; :class:`FoldAffinePass` folds ``Mul(c)`` and/or ``Add(d)`` with constants that are per
+output channel (or scalar) after such an op, as exporters write BatchNorm (CRNNs exported from
+PyTorch with folded BN statistics) or a separate bias.
 
 ``y = gamma * (W x + b - mean) / sqrt(var + eps) + beta`` becomes ``W' x + b'`` with
 ``W' = W * s`` on the output-channel axis and ``b' = s * (b - mean) + beta``, ``s = gamma /
@@ -16,7 +21,7 @@ import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array, is_constant, make_initializer
 
-__all__ = ["FoldBatchNormPass"]
+__all__ = ["FoldAffinePass", "FoldBatchNormPass"]
 
 
 class FoldBatchNormPass(ir.passes.InPlacePass):
@@ -79,32 +84,39 @@ def _fold(graph: ir.Graph, names: NameScope, op: ir.Node, bn: ir.Node) -> None:
     gamma, beta, mean, var = (const_array(v).astype(np.float64) for v in bn.inputs[1:5])  # type: ignore[union-attr]
     eps = float(_attr(bn, "epsilon", 1e-5))
     scale = gamma / np.sqrt(var + eps)
+    _fold_affine(graph, names, op, scale, beta - scale * mean, [bn])
 
+
+def _channel_axis(op: ir.Node) -> int:
+    if op.op_type == "Conv":
+        return 0
+    if op.op_type == "ConvTranspose":
+        return 1
+    return 0 if int(_attr(op, "transB", 0)) else 1
+
+
+def _fold_affine(graph: ir.Graph, names: NameScope, op: ir.Node, scale: np.ndarray, shift: np.ndarray,
+                 consumed: list[ir.Node]) -> None:
+    """``op``'s output times ``scale`` plus ``shift`` per output channel, folded into its weight
+    and bias; the nodes in ``consumed`` (a chain after ``op``) are removed and ``op``'s output
+    takes the last one's name."""
     weight_value = op.inputs[1]
     assert weight_value is not None
     weight = const_array(weight_value)
     assert weight is not None
-    if op.op_type == "Conv":
-        axis = 0
-    elif op.op_type == "ConvTranspose":
-        axis = 1
-    else:
-        axis = 0 if int(_attr(op, "transB", 0)) else 1
     shape = [1] * weight.ndim
-    shape[axis] = -1
+    shape[_channel_axis(op)] = -1
     new_weight = (weight.astype(np.float64) * scale.reshape(shape)).astype(weight.dtype)
 
     bias_value = op.inputs[2] if len(op.inputs) > 2 else None
     bias = const_array(bias_value)
     if op.op_type == "Gemm":
         gemm_beta = float(_attr(op, "beta", 1.0))
-        c = np.zeros_like(mean) if bias is None else np.broadcast_to(bias.astype(np.float64) * gemm_beta, mean.shape)
-        new_bias = scale * (c - mean) + beta
+        c = np.zeros_like(shift) if bias is None else np.broadcast_to(bias.astype(np.float64) * gemm_beta, shift.shape)
         op.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     else:
-        b = np.zeros_like(mean) if bias is None else bias.astype(np.float64)
-        new_bias = scale * (b - mean) + beta
-    new_bias = new_bias.astype(weight.dtype)
+        c = np.zeros_like(shift) if bias is None else bias.astype(np.float64)
+    new_bias = (scale * c + shift).astype(weight.dtype)
 
     _set_const_input(graph, names, op, 1, new_weight)
     if bias_value is not None:
@@ -114,15 +126,93 @@ def _fold(graph: ir.Graph, names: NameScope, op: ir.Node, bn: ir.Node) -> None:
         op.replace_input_with(2, make_initializer(graph, names.fresh(f"{op.name or op.op_type}_bias"), new_bias))
 
     out = op.outputs[0]
-    bn_out = bn.outputs[0]
-    bn_name = bn_out.name
-    bn_params = [v for v in bn.inputs[1:] if v is not None]
-    bn_out.replace_all_uses_with(out, replace_graph_outputs=True)
-    graph.remove(bn, safe=True)
-    for value in bn_params:
+    last = consumed[-1].outputs[0]
+    name = last.name
+    params = [v for node in consumed for v in node.inputs if v is not None and is_constant(v)]
+    last.replace_all_uses_with(out, replace_graph_outputs=True)
+    for node in reversed(consumed):
+        graph.remove(node, safe=True)
+    for value in params:
         if not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
             graph.initializers.pop(value.name)
-    out.name = bn_name
+    out.name = name
+
+
+class FoldAffinePass(ir.passes.InPlacePass):
+    """Fold ``Mul(c)`` and/or ``Add(d)`` per output channel after Conv/ConvTranspose/Gemm.
+
+    ``c`` and ``d`` must be float constants that broadcast along the output-channel axis only
+    (shapes like ``[C, 1, 1]``, ``[1, C, 1, 1]``) or be scalars; each node in the chain must be
+    the only user of its input. ``Sub(x, d)`` is already ``Add(x, -d)`` here (preparation).
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        names = NameScope(model)
+        graph = model.graph
+        modified = False
+        for op in list(graph):
+            if op.op_type not in ("Conv", "ConvTranspose", "Gemm") or op.domain not in ("", "ai.onnx"):
+                continue
+            if not _foldable_op(op):
+                continue
+            weight = const_array(op.inputs[1])
+            assert weight is not None
+            channels = weight.shape[_channel_axis(op)]
+            out = op.outputs[0]
+            rank = len(out.shape) if out.shape is not None else (2 if op.op_type == "Gemm" else weight.ndim)
+            scale, shift = np.ones(channels), np.zeros(channels)
+            chain: list[ir.Node] = []
+            value = out
+            for kind in ("Mul", "Add"):
+                user = _only_user(value)
+                if user is None or user.op_type != kind or user.domain not in ("", "ai.onnx"):
+                    continue
+                other = next((v for v in user.inputs if v is not value), None)
+                vector = _channel_vector(other, channels, rank)
+                if vector is None:
+                    break
+                if kind == "Mul":
+                    scale, shift = scale * vector, shift * vector
+                else:
+                    shift = shift + vector
+                chain.append(user)
+                value = user.outputs[0]
+            if chain:
+                _fold_affine(graph, names, op, scale, shift, chain)
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _foldable_op(op: ir.Node) -> bool:
+    if not is_constant(op.inputs[1]):
+        return False
+    if len(op.inputs) > 2 and op.inputs[2] is not None and not is_constant(op.inputs[2]):
+        return False
+    if op.op_type == "ConvTranspose" and int(_attr(op, "group", 1)) != 1:
+        return False
+    if op.op_type == "Gemm" and (op.inputs[0] is None or is_constant(op.inputs[0])):
+        return False
+    return True
+
+
+def _only_user(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    if value.is_graph_output() or len(uses) != 1:
+        return None
+    return uses[0].node
+
+
+def _channel_vector(value: ir.Value | None, channels: int, rank: int) -> np.ndarray | None:
+    """A float constant that broadcasts along axis 1 only (or a scalar), as a ``[channels]`` vector."""
+    array = const_array(value)
+    if array is None or array.dtype.kind != "f" or array.ndim > rank:
+        return None
+    if array.size == 1:
+        return np.full(channels, float(array.reshape(())))
+    shape = (1,) * (rank - array.ndim) + tuple(array.shape)
+    if rank < 2 or shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
+        return None
+    return array.astype(np.float64).reshape(-1)
 
 
 def _set_const_input(graph: ir.Graph, names: NameScope, node: ir.Node, index: int, array: np.ndarray) -> None:
