@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from onnxqat import pipeline
 from onnxqat.calibrate.schemes import Scheme
@@ -44,11 +43,11 @@ from onnxqat.passes.shapes import ConcreteShapesPass
 from onnxqat.pipeline import SimState
 from onnxqat.plan import QuantPlan
 from onnxqat.progress import Progress
-from onnxqat.runtime import Session
 from onnxqat.train.canary import locate_crash, run_canary
 from onnxqat.train.lower import LossSpec, RangeParams, TrainingGraph, lower_for_training
 from onnxqat.train.options import MIN_STEPS, TrainOptions
 from onnxqat.train.ort_training import training_modules
+from onnxqat.train.sessions import EvalSession, release_free_memory, session_options
 
 __all__ = ["EpochStats", "QATTrainer", "StepResult", "apply_trained"]
 
@@ -159,8 +158,7 @@ class QATTrainer:
         # lowered once with the model's own shapes: every problem is reported before any work
         self.graph: TrainingGraph = self._lower(state.float_model)
         self._signature = input_signature(state.float_model)
-        self._teacher = self._teacher_session() if self.graph.teacher_input else None
-        self._float: Session | None = None
+        self._float: EvalSession | None = None  # the float model: teacher and evaluation reference
         if work_dir is None:
             self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(prefix="onnxqat-train-")
             self.work_dir = self._tmp.name
@@ -196,6 +194,7 @@ class QATTrainer:
         return lower_for_training(
             model, self._plan, self.initial.encodings, self.loss, range_learning=o.range_learning and o.quantized,
             encoding_lr_scale=o.encoding_lr_scale, frozen=self._frozen, freeze_ranges=o.train_last_n is not None,
+            fixed_weights=self.initial.fixed,
         )
 
     def _resolve_frozen(self) -> set[str]:
@@ -217,13 +216,18 @@ class QATTrainer:
             frozen.update(name for name in graph.initializers if name not in keep)
         return frozen
 
-    def _teacher_session(self) -> Session:
-        teacher = self.initial.float_model.clone()
-        source = self.graph.teacher_source
-        values = values_by_name(teacher.graph)
-        teacher.graph.outputs.clear()
-        teacher.graph.outputs.append(values[source])
-        return Session(teacher)
+    def _float_session(self) -> EvalSession:
+        """One session of the float model for both the distillation teacher (its ``teacher_source``
+        is an extra output) and evaluation (the model outputs), built at first use."""
+        if self._float is None:
+            model = self.initial.float_model
+            outputs = [v.name for v in model.graph.outputs]
+            source = self.graph.teacher_source
+            if source is not None and source not in outputs:
+                model = model.clone()
+                model.graph.outputs.append(values_by_name(model.graph)[source])
+            self._float = EvalSession(model, threads=self.options.threads, outputs=outputs)
+        return self._float
 
     def _path(self, name: str) -> str:
         return os.path.join(self.work_dir, name)
@@ -263,11 +267,7 @@ class QATTrainer:
 
     def _open(self, checkpoint: str) -> None:
         _, api = training_modules()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.options.threads:
-            options.intra_op_num_threads = self.options.threads
+        options = session_options(self.options.threads)  # one arena with the evaluation sessions
         try:
             self._state = api.CheckpointState.load_checkpoint(checkpoint)
         except Exception as e:
@@ -298,29 +298,30 @@ class QATTrainer:
         return h.hexdigest()[:16]
 
     def save_checkpoint(self, checkpoint_dir: str | os.PathLike[str]) -> str:
-        """Write the training state (weights, optimizer, epoch) atomically; returns its path."""
+        """Write the training state (weights, optimizer, epoch) as one output transaction; returns its path.
+
+        The metadata (epoch, setup fingerprint, history) is kept in the checkpoint's properties, so
+        file and metadata are one unit; it replaces the previous checkpoint only once completely
+        written (:mod:`onnxqat.outputs`), and what killed runs left in the folder is removed.
+        """
+        from onnxqat.outputs import transaction
+
         if self._state is None:
             raise ConfigError("nothing to checkpoint: no training step was run yet")
         _, api = training_modules()
         folder = os.fspath(checkpoint_dir)
+        self._state.properties["onnxqat_epoch"] = self.epochs_done
+        self._state.properties["onnxqat_fingerprint"] = self.fingerprint()
+        self._state.properties["onnxqat_history"] = json.dumps([dataclasses.asdict(s) for s in self.history])
         try:
-            os.makedirs(folder, exist_ok=True)
-            self._state.properties["onnxqat_epoch"] = self.epochs_done
-            self._state.properties["onnxqat_fingerprint"] = self.fingerprint()
-            self._state.properties["onnxqat_history"] = json.dumps([dataclasses.asdict(s) for s in self.history])
-            fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=folder)
-            os.close(fd)
-            try:
-                api.CheckpointState.save_checkpoint(self._state, tmp, include_optimizer_state=True)
-                os.replace(tmp, os.path.join(folder, _CHECKPOINT))
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-        except OSError as e:
-            raise OutputError(f"{folder}: cannot write checkpoint: {e.strerror or e}") from None
+            with transaction(join=False) as tx:  # published now, even inside a caller's transaction
+                stage = tx.folder(folder, "checkpoint")
+                api.CheckpointState.save_checkpoint(self._state, stage.path(_CHECKPOINT), include_optimizer_state=True)
         except RuntimeError as e:  # onnxruntime reports a full disk as a plain RuntimeError
-            raise OutputError(f"{folder}: cannot write checkpoint: {str(e).strip().splitlines()[-1][:200]}") from None
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = next((line for line in lines if "rror" in line or "ail" in line), lines[0] if lines else "")
+            raise OutputError(f"{os.path.join(folder, _CHECKPOINT)}: cannot write checkpoint: "
+                              f"{reason.split('] : ', 1)[-1][:200]}") from None
         return os.path.join(folder, _CHECKPOINT)
 
     def _resume(self, checkpoint_dir: str) -> bool:
@@ -397,9 +398,8 @@ class QATTrainer:
         """Metrics of the current state: accuracy where batches carry labels (cross-entropy), and
         agreement with the float model (top-1 agreement, output SQNR) always."""
         batches = list(batches)
-        run = Session(pipeline.lower(self.state)).run
-        if self._float is None:
-            self._float = Session(self.initial.float_model)
+        run = EvalSession(pipeline.lower(self.state), threads=self.options.threads).run
+        reference = self._float_session().run
         metrics: dict[str, float] = {}
         index = self.options.output_index
         if batches and self.options.label_key in batches[0] and self.loss.kind != "mse":
@@ -408,7 +408,7 @@ class QATTrainer:
                                                   progress=progress, desc="evaluating")
             except DataError:
                 pass  # labels that are not class labels of this output: agreement only
-        found = agreement(self._float.run, run, batches, output_index=index, progress=progress, desc="comparing")
+        found = agreement(reference, run, batches, output_index=index, progress=progress, desc="comparing")
         metrics.update({k: v for k, v in found.items() if k != "n"})
         return metrics
 
@@ -429,8 +429,8 @@ class QATTrainer:
                 if key not in batch:
                     raise DataError(f"{where}: no target array '{key}' for the mse loss")
                 extra[graph_input] = np.asarray(batch[key], dtype=np.float32)
-        if self._teacher is not None and self.graph.teacher_input is not None:
-            extra[self.graph.teacher_input] = self._teacher.run(feed)[0]
+        if self.graph.teacher_input is not None and self.graph.teacher_source is not None:
+            extra[self.graph.teacher_input] = self._float_session().run(feed, [self.graph.teacher_source])[0]
         values = {**feed, **extra}
         self._check_labels_range(values)
         return values
@@ -555,7 +555,8 @@ class QATTrainer:
 
     def close(self) -> None:
         """Release the training session and delete the temporary working folder."""
-        self._module = self._optimizer = self._state = None
+        self._module = self._optimizer = self._state = self._float = None
+        release_free_memory()  # the training step's memory goes back to the system
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
