@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["PROTO_LIMIT", "Session", "model_bytes_size", "release_if_mapped", "save_with_external_data"]
+__all__ = ["PROTO_LIMIT", "Session", "fits_in_proto", "model_bytes_size", "release_if_mapped", "save_with_external_data"]
 
 # Serialize in memory below this size; above it, save with external data and load by path.
 PROTO_LIMIT = 1_800_000_000
@@ -53,6 +53,14 @@ def model_bytes_size(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def fits_in_proto(model: ir.Model) -> bool:
+    """Whether the model goes through one protobuf (else through external data files).
+
+    Every stage asks this one function, so they all take the same path for one model.
+    """
+    return model_bytes_size(model) < PROTO_LIMIT
+
+
 class Session:
     """An ``InferenceSession`` over an ``ir.Model``.
 
@@ -69,9 +77,9 @@ class Session:
             memory planning on the first run grows quadratically with their number. Results
             are the same in either order.
         share_constants: Keep onnxruntime's ConstantSharing optimization, which merges
-            initializers holding the same single value. It changes no value, and its cost grows
-            quadratically with the number of initializers (half the session build of a
-            30k-node chain); sessions run once, such as calibration's, can go without it.
+            initializers holding the same single value. It changes no value, and its time grows
+            about quadratically with the graph (half the session build of a 30k-node chain);
+            sessions run once, such as calibration's, can go without it.
     """
 
     def __init__(
@@ -95,7 +103,7 @@ class Session:
         self._tmpdir: str | None = None
         if isinstance(model, onnx.ModelProto):
             payload: Any = model.SerializeToString()
-        elif model_bytes_size(model) < PROTO_LIMIT:
+        elif fits_in_proto(model):
             payload = ir.to_proto(model).SerializeToString()
         else:
             self._tmpdir = tempfile.mkdtemp(prefix="onnxqat-session-")

@@ -200,5 +200,8 @@ def test_deployable_model_agrees_with_simulation_within_one_lsb(case):
     (deployed,) = Session(deploy).run(data[0])
     (simulated,) = sim.run(data[0])
     out = sim.plan.activation_of(sim.output_names[0])
+    if out is None:  # the output stays float (e.g. a chain of cheap ops on a float input)
+        np.testing.assert_allclose(deployed, simulated, rtol=1e-5, atol=1e-6)
+        return
     lsb = float(sim.encodings[out.name].scale)
     assert np.abs(deployed - simulated).max() <= lsb * 1.0001

@@ -62,7 +62,7 @@ def test_statistics_model_gathers_bounds_beside_their_producers():
     reduced = [t for q in sim.plan.activations for t in q.tensors if values[t].producer() is not None]
     assert name == graph.output[-1].name and len(targets) == 2 * len(reduced)
     # each reduction comes right after the node producing the tensor it reads (Concats may follow)
-    added = ("ReduceMin", "ReduceMax", "Concat")
+    added = ("ReduceMin", "ReduceMax", "Flatten", "Concat")
     producer_of = {out: i for i, node in enumerate(graph.node) for out in node.output}
     for i, node in enumerate(graph.node):
         if node.op_type in ("ReduceMin", "ReduceMax"):

@@ -22,7 +22,7 @@ from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import DataError
 from onnxqat.graph import NameScope, const_array, is_constant, values_by_name
 from onnxqat.plan import QuantPlan
-from onnxqat.runtime import PROTO_LIMIT, Session, model_bytes_size
+from onnxqat.runtime import Session, fits_in_proto
 
 __all__ = ["collect_statistics"]
 
@@ -115,7 +115,7 @@ class _StatisticsModel:
 
 
 class _BoundGatherer:
-    """Gathers ``[1, ..., 1]`` bound tensors of one dtype and rank into one output.
+    """Gathers ``[1, 1]`` bound tensors of one dtype into one output.
 
     Bounds are concatenated by trees of ``_FAN_IN``-input Concat nodes, each emitted as soon as
     its inputs exist, so onnxruntime keeps few small tensors alive and sees few graph outputs
@@ -159,9 +159,8 @@ def _statistics_model(
     """What to add to ``model`` so that its outputs expose what each observer needs.
 
     Histogram schemes fetch each quantized tensor. Min-max reduces each tensor in the graph with
-    ReduceMin/ReduceMax, placed right after the tensor's producer, and gathers the bounds of
-    tensors of one dtype and rank into one output (tensors of unknown or zero rank each get
-    their own scalar outputs). Constants are observed here, graph inputs from the feed.
+    ReduceMin/ReduceMax (then Flatten to ``[1, 1]``), placed right after the tensor's producer,
+    and gathers the bounds of tensors of one dtype into one output. Constants are observed here, graph inputs from the feed.
     """
     graph = model.graph
     values = values_by_name(graph)
@@ -188,29 +187,28 @@ def _statistics_model(
         return stats
 
     names = NameScope(model)
-    gatherers: dict[tuple[ir.DataType | None, int], _BoundGatherer] = {}
+    gatherers: dict[ir.DataType | None, _BoundGatherer] = {}
     for position, node in enumerate(graph):
         pending = reduced.get(id(node))
         if pending is None:
             continue
         emitted: list[_Op] = []
         for value, quantizer in pending:
-            rank = len(value.shape) if value.shape is not None else 0
             for op, upper in (("ReduceMin", False), ("ReduceMax", True)):
                 kind = "max" if upper else "min"
-                out = names.fresh(f"{value.name}_{kind}")
-                emitted.append(_Op(op, (value.name,), out, names.fresh(f"{value.name}_{op}"),  # type: ignore[arg-type]
-                                   ("keepdims", 1 if rank else 0)))
-                if rank:
-                    key = (value.dtype, rank)
-                    if key not in gatherers:
-                        gatherers[key] = _BoundGatherer(names, f"calibration_bounds_{len(gatherers)}")
-                    gatherers[key].add(out, (quantizer, upper), emitted)
-                else:
-                    stats.outputs.append((out, value.dtype, True))  # type: ignore[arg-type]
-                    stats.fetches.append((out, [(quantizer, upper)]))
+                reduced_out = names.fresh(f"{value.name}_{kind}")
+                emitted.append(_Op(op, (value.name,), reduced_out,  # type: ignore[arg-type]
+                                   names.fresh(f"{value.name}_{op}"), ("keepdims", 1)))
+                # Flatten(axis=0) makes every bound [1, 1] whatever the tensor's actual rank
+                # (a recorded shape can be stale), so one Concat per dtype gathers them all.
+                out = names.fresh(f"{value.name}_{kind}_flat")
+                emitted.append(_Op("Flatten", (reduced_out,), out, names.fresh(f"{value.name}_{kind}_Flatten"),
+                                   ("axis", 0)))
+                if value.dtype not in gatherers:
+                    gatherers[value.dtype] = _BoundGatherer(names, f"calibration_bounds_{len(gatherers)}")
+                gatherers[value.dtype].add(out, (quantizer, upper), emitted)
         stats.after[position] = emitted
-    for (dtype, _), gatherer in gatherers.items():
+    for dtype, gatherer in gatherers.items():
         out = gatherer.finish(stats.tail)
         stats.outputs.append((out, dtype, False))  # type: ignore[arg-type]
         stats.fetches.append((out, gatherer.targets))  # type: ignore[arg-type]
@@ -224,7 +222,7 @@ def _statistics_session(model: ir.Model, stats: _StatisticsModel) -> Session:
     one protobuf gets them on an IR clone instead, which the session saves with external data.
     """
     options = {"follow_node_order": True, "share_constants": False}
-    if model_bytes_size(model) < PROTO_LIMIT:
+    if fits_in_proto(model):
         return Session(_with_additions_proto(ir.to_proto(model), stats), **options)
     return Session(_with_additions_ir(model.clone(), stats), **options)
 

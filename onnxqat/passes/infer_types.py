@@ -19,7 +19,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxqat.graph import call_with_light_proto, values_by_name
-from onnxqat.runtime import PROTO_LIMIT, model_bytes_size
+from onnxqat.runtime import fits_in_proto
 
 __all__ = ["InferShapesPass", "InferTypesWithOnnxruntimePass"]
 
@@ -133,7 +133,7 @@ def _merge_inferred(model: ir.Model, inferred: ir.Model) -> bool:
 class InferTypesWithOnnxruntimePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         missing = [v for node in model.graph for v in node.outputs if v.name and v.dtype is None]
-        if not missing or model_bytes_size(model) >= PROTO_LIMIT:
+        if not missing or not fits_in_proto(model):
             return ir.passes.PassResult(model, False)
         probe = model.clone()
         values = values_by_name(probe.graph)

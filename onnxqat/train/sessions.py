@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxqat.runtime import PROTO_LIMIT, NotImplementedError_, model_bytes_size, save_with_external_data
+from onnxqat.runtime import NotImplementedError_, fits_in_proto, save_with_external_data
 
 __all__ = ["EvalSession", "release_free_memory", "session_options"]
 
@@ -66,7 +66,7 @@ class EvalSession:
     def __init__(self, model: ir.Model, *, threads: int | None = None, outputs: Sequence[str] | None = None) -> None:
         options = session_options(threads)
         tmpdir = None
-        if model_bytes_size(model) < PROTO_LIMIT:
+        if fits_in_proto(model):
             payload: Any = ir.to_proto(model).SerializeToString()
         else:
             tmpdir = tempfile.mkdtemp(prefix="onnxqat-session-")
