@@ -1,11 +1,16 @@
 """Typed quantization config, loadable from JSON in AIMET's config vocabulary.
 
 The JSON keys follow AIMET's quantsim config (``defaults``, ``params``, ``op_type``,
-``supergroups``, ``model_input``, ``model_output``) so AIMET config files load as they are
-(AIMET's ``"True"``/``"False"`` strings are accepted and converted once, here). Two keys are
-onnxqat's own: ``exclude`` (node names and op types left float) and ``nodes`` (per-node bitwidth
-overrides, e.g. for mixed precision). Unknown keys are errors, so a typo never silently does
-nothing.
+``supergroups``, ``supergroup_pass_list``, ``model_input``, ``model_output``) so AIMET config
+files load as they are (AIMET's ``"True"``/``"False"`` strings are accepted and converted once,
+here): every quantsim config aimet-onnx 2.42 ships loads. AIMET keys onnxqat does not use
+(``hw_version``, ``supported_kernels``, BatchNormalization's ``running_mean``/``running_var``
+params, a fixed minimum without a maximum, ...) are listed in :attr:`QuantSimConfig.unused` and
+reported as a warning by :func:`load_config`, never silently dropped. Three keys are onnxqat's
+own: ``exclude`` (node names and op types left float), ``nodes`` (per-node bitwidth overrides,
+e.g. for mixed precision) and ``defaults.symmetric_scale`` (the symmetric grid convention, see
+:mod:`onnxqat.spec`). Keys that are neither AIMET's nor onnxqat's are errors, so a typo never
+silently does nothing.
 
 Two presets ship with the package:
 
@@ -13,8 +18,9 @@ Two presets ship with the package:
   (Conv, MatMul, Gemm, Add, Mul, pooling, Concat, Softmax, ...) and at the boundaries of float-only
   ops, so the deployed QDQ model runs fused integer kernels without Q/DQ churn. Softmax outputs
   use the fixed encoding [0, 255/256] (scale 1/256) that onnxruntime's QLinearSoftmax assumes.
-* ``aimet``: every op output quantized, as AIMET's default config (for targets such as HTP that
-  run every op in integer arithmetic).
+* ``aimet``: every op output quantized, as aimet-onnx 2.42's default config (for targets such as
+  HTP that run every op in integer arithmetic): its supergroups, unquantized biases, and its
+  symmetric weight scale ``max(-min / 2^(b-1), max / (2^(b-1) - 1))``.
 """
 
 from __future__ import annotations
@@ -23,15 +29,20 @@ import dataclasses
 import json
 import os
 import types
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from typing import Any
 
 from onnxqat.errors import ConfigError
+from onnxqat.spec import SYMMETRIC_SCALES
 
-__all__ = ["PRESETS", "NodeOverride", "OpTypeRule", "ParamRule", "QuantSimConfig", "load_config"]
+__all__ = ["PRESETS", "NodeOverride", "OpTypeRule", "ParamRule", "QuantSimConfig", "check_names", "load_config"]
 
 PRESETS = ("onnxruntime", "aimet")
+
+# aimet graph passes (``supergroup_pass_list``) that the AIMET export placement reproduces.
+EXPORT_GRAPH_PASSES = frozenset({"MatmulAdd"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +78,14 @@ class NodeOverride:
 
 @dataclasses.dataclass(frozen=True)
 class QuantSimConfig:
-    """Placement and grid rules. Build with :func:`load_config` or :meth:`from_dict`."""
+    """Placement and grid rules. Build with :func:`load_config` or :meth:`from_dict`.
+
+    ``symmetric_scale`` is the scale convention of symmetric signed grids (``"onnxqat"`` or
+    ``"aimet"``, see :mod:`onnxqat.spec`). ``graph_passes`` are AIMET's ``supergroup_pass_list``
+    (e.g. ``MatmulAdd``): onnxqat's placement does not run them; the AIMET export
+    (:func:`onnxqat.encodings.aimet_placement`) follows them. ``unused`` lists the keys of the
+    source file that onnxqat read but does not use, each as ``"path: why"`` (not compared).
+    """
 
     output_quantized: bool = True
     activation_symmetric: bool = False
@@ -90,8 +108,13 @@ class QuantSimConfig:
     nodes: Mapping[str, NodeOverride] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({})
     )
+    symmetric_scale: str = "onnxqat"
+    graph_passes: tuple[str, ...] = ()
+    unused: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
+        if self.symmetric_scale not in SYMMETRIC_SCALES:
+            raise ConfigError(f"symmetric_scale must be one of {SYMMETRIC_SCALES}, got {self.symmetric_scale!r}")
         for group in self.supergroups:
             if len(group) < 2:
                 raise ConfigError(f"a supergroup needs at least two op types, got {list(group)}")
@@ -152,10 +175,12 @@ class QuantSimConfig:
                 "strict_symmetric": self.strict_symmetric,
                 "unsigned_symmetric": self.unsigned_symmetric,
                 "per_channel_quantization": self.per_channel_quantization,
+                "symmetric_scale": self.symmetric_scale,
             },
             "params": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.params.items()},
             "op_type": {},
             "supergroups": [{"op_list": list(g)} for g in self.supergroups],
+            "supergroup_pass_list": list(self.graph_passes),
             "model_input": {"is_input_quantized": self.model_input_quantized},
             "model_output": {"is_output_quantized": self.model_output_quantized},
             "exclude": {
@@ -194,6 +219,10 @@ class _Parser:
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self.unused: list[str] = []
+
+    def report(self, path: str, why: str) -> None:
+        self.unused.append(f"{path}: {why}")
 
     def fail(self, path: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {path}: {message}")
@@ -227,6 +256,15 @@ class _Parser:
         if value is None:
             return None
         body = self.obj(value, path, {"min", "max"})
+        if "min" in body and "max" not in body:  # AIMET's schema requires only "min"
+            try:
+                lo = float(body["min"])
+            except (TypeError, ValueError):
+                raise self.fail(path, "expected {\"min\": number[, \"max\": number]}") from None
+            same = " (for min 0 calibration gives the same: ranges always include 0)" if lo == 0.0 else ""
+            self.report(path, f"a fixed minimum ({lo:g}) without a maximum is not applied; onnxqat fixes whole "
+                              f"ranges only{same}")
+            return None
         try:
             lo, hi = float(body["min"]), float(body["max"])
         except (KeyError, TypeError, ValueError):
@@ -242,16 +280,37 @@ class _Parser:
 
     def param_rules(self, value: Any, path: str) -> Mapping[str, ParamRule]:
         rules = {}
-        for role, body in self.obj(value, path, {"weight", "bias"}).items():
+        if not isinstance(value, Mapping):
+            raise self.fail(path, f"expected an object, got {type(value).__name__}")
+        for role, body in value.items():
             p = f"{path}.{role}"
             body = self.obj(body, p, {"is_quantized", "is_symmetric"})
+            if role not in ("weight", "bias"):
+                for key in body:
+                    self.opt_bool(body, key, p)
+                self.report(p, "not used: onnxqat quantizes the weights and biases of weighted ops only "
+                               "(BatchNormalization is folded into the op before it)")
+                continue
             rules[role] = ParamRule(
                 is_quantized=self.opt_bool(body, "is_quantized", p),
                 is_symmetric=self.opt_bool(body, "is_symmetric", p),
             )
         return types.MappingProxyType(rules)
 
+    def kernels(self, body: Mapping[str, Any], path: str) -> None:
+        if "supported_kernels" in body:
+            if not isinstance(body["supported_kernels"], list):
+                raise self.fail(f"{path}.supported_kernels", "expected a list")
+            self.report(f"{path}.supported_kernels", "not used: bitwidths come from param_bw/activation_bw "
+                                                     "and the nodes overrides")
+
     def config(self, data: Mapping[str, Any]) -> QuantSimConfig:
+        if isinstance(data, Mapping) and {"handlers", "loggers", "formatters"} & set(data) and not (
+            {"defaults", "op_type", "supergroups", "params"} & set(data)
+        ):
+            raise self.fail("$", "this is a Python logging config (logging.config.dictConfig: 'version', "
+                                 "'handlers', 'loggers'), not a quantsim config; aimet-onnx ships it as "
+                                 "default_logging_config.json beside its quantsim configs")
         top = self.obj(
             data,
             "$",
@@ -260,6 +319,7 @@ class _Parser:
                 "params",
                 "op_type",
                 "supergroups",
+                "supergroup_pass_list",
                 "model_input",
                 "model_output",
                 "exclude",
@@ -270,9 +330,26 @@ class _Parser:
         defaults = self.obj(
             top.get("defaults", {}),
             "defaults",
-            {"ops", "params", "strict_symmetric", "unsigned_symmetric", "per_channel_quantization"},
+            {"ops", "params", "strict_symmetric", "unsigned_symmetric", "per_channel_quantization",
+             "hw_version", "supported_kernels", "symmetric_scale"},
         )
-        ops = self.obj(defaults.get("ops", {}), "defaults.ops", {"is_output_quantized", "is_symmetric"})
+        if "hw_version" in defaults:
+            if not isinstance(defaults["hw_version"], str):
+                raise self.fail("defaults.hw_version", "expected a string")
+            self.report("defaults.hw_version", f"{defaults['hw_version']!r} not used (aimet-onnx 2.42 only logs it "
+                                               "and applies its default per-op rules)")
+        self.kernels(defaults, "defaults")
+        if "symmetric_scale" in defaults:
+            if defaults["symmetric_scale"] not in SYMMETRIC_SCALES:
+                raise self.fail("defaults.symmetric_scale", f"expected one of {list(SYMMETRIC_SCALES)}, "
+                                                            f"got {defaults['symmetric_scale']!r}")
+            kw["symmetric_scale"] = defaults["symmetric_scale"]
+        ops = self.obj(defaults.get("ops", {}), "defaults.ops",
+                       {"is_output_quantized", "is_symmetric", "is_input_quantized"})
+        if "is_input_quantized" in ops:
+            self.opt_bool(ops, "is_input_quantized", "defaults.ops")
+            self.report("defaults.ops.is_input_quantized", "not used: input quantization is set per op type "
+                                                          "(op_type.<T>.is_input_quantized)")
         params = self.obj(
             defaults.get("params", {}), "defaults.params", {"is_quantized", "is_symmetric"}
         )
@@ -299,10 +376,12 @@ class _Parser:
                 "per_channel_quantization",
                 "encoding_constraints",
                 "params",
+                "supported_kernels",
             }
             for op_type, body in self.obj(top["op_type"], "op_type", set(top["op_type"])).items():
                 p = f"op_type.{op_type}"
                 body = self.obj(body, p, op_fields)
+                self.kernels(body, p)
                 op_types[op_type] = OpTypeRule(
                     is_output_quantized=self.opt_bool(body, "is_output_quantized", p),
                     is_input_quantized=self.opt_bool(body, "is_input_quantized", p),
@@ -328,6 +407,20 @@ class _Parser:
                     raise self.fail(f"supergroups[{i}].op_list", "expected two or more op types")
                 parsed.append(tuple(ops_list))
             kw["supergroups"] = tuple(parsed)
+        if "supergroup_pass_list" in top:
+            passes = top["supergroup_pass_list"]
+            if not isinstance(passes, list) or not all(isinstance(x, str) for x in passes):
+                raise self.fail("supergroup_pass_list", "expected a list of pass names")
+            kw["graph_passes"] = tuple(passes)
+            if passes:
+                followed = [x for x in passes if x in EXPORT_GRAPH_PASSES]
+                others = [x for x in passes if x not in EXPORT_GRAPH_PASSES]
+                why = "not applied to onnxqat's own placement (a MatMul followed by a bias Add keeps its quantizer)"
+                if followed:
+                    why += f"; the AIMET export placement follows {', '.join(followed)}"
+                if others:
+                    why += f"; {', '.join(others)} not followed at all (aimet's patterns for decomposed layers)"
+                self.report("supergroup_pass_list", why)
         if "model_input" in top:
             mi = self.obj(top["model_input"], "model_input", {"is_input_quantized"})
             value = self.opt_bool(mi, "is_input_quantized", "model_input")
@@ -359,24 +452,25 @@ class _Parser:
                     is_output_quantized=self.opt_bool(body, "is_output_quantized", p),
                 )
             kw["nodes"] = types.MappingProxyType(nodes)
-        return QuantSimConfig(**kw)
+        return QuantSimConfig(**kw, unused=tuple(self.unused))
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | QuantSimConfig | None) -> QuantSimConfig:
     """A config from a preset name, a JSON file path, a dict, or an existing config.
 
-    ``None`` gives the ``onnxruntime`` preset.
+    ``None`` gives the ``onnxruntime`` preset. AIMET keys the config holds but onnxqat does not use
+    (:attr:`QuantSimConfig.unused`) are reported in one ``UserWarning``.
     """
     if isinstance(source, QuantSimConfig):
         return source
     if source is None:
         source = "onnxruntime"
     if isinstance(source, Mapping):
-        return QuantSimConfig.from_dict(source)
+        return _reported(QuantSimConfig.from_dict(source), "config")
     text_source = os.fspath(source)
     if text_source in PRESETS:
         text = resources.files("onnxqat").joinpath("configs").joinpath(f"{text_source}.json").read_text()
-        return QuantSimConfig.from_dict(json.loads(text), source=f"preset {text_source}")
+        return QuantSimConfig.from_dict(json.loads(text), source=f"preset {text_source}")  # documented, not warned
     try:
         with open(text_source, encoding="utf-8") as f:
             data = json.load(f)
@@ -388,4 +482,47 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | QuantSimCon
         raise ConfigError(f"{text_source}: cannot read config: {e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{text_source}: not valid JSON: {e}") from None
-    return QuantSimConfig.from_dict(data, source=text_source)
+    except RecursionError:
+        raise ConfigError(f"{text_source}: nested too deeply to be a quantization config") from None
+    return _reported(QuantSimConfig.from_dict(data, source=text_source), text_source)
+
+
+def _reported(config: QuantSimConfig, source: str) -> QuantSimConfig:
+    if config.unused:
+        warnings.warn(f"{source}: {len(config.unused)} AIMET config key(s) not used by onnxqat: "
+                      + "; ".join(config.unused), UserWarning, stacklevel=3)
+    return config
+
+
+def check_names(config: QuantSimConfig, node_names: Iterable[str], op_types: Iterable[str], *,
+                source: str = "config") -> None:
+    """Refuse ``exclude``/``nodes`` entries that match nothing in the model (a typo would
+    otherwise silently do nothing), naming the closest real name.
+
+    An excluded op type that is a known ONNX operator the model lacks only warns: shared configs
+    list op types for many models.
+    """
+    import difflib
+    import warnings
+
+    import onnx.defs
+
+    nodes = set(node_names)
+    present = set(op_types)
+
+    def closest(name: str, candidates: Iterable[str]) -> str:
+        found = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.5)
+        return f" (closest: '{found[0]}')" if found else ""
+
+    for path, names in (("exclude.nodes", sorted(config.exclude_nodes)), ("nodes", sorted(config.nodes))):
+        for name in names:
+            if name not in nodes:
+                raise ConfigError(f"{source}: {path}: no node named '{name}' in the model{closest(name, nodes)}")
+    for op_type in sorted(config.exclude_op_types - present):
+        if any(onnx.defs.has(op_type, domain) for domain in ("", "com.microsoft")):
+            warnings.warn(f"{source}: exclude.op_types: the model has no {op_type} node; the rule does nothing",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            known = present | {s.name for s in onnx.defs.get_all_schemas() if s.domain == ""}
+            raise ConfigError(f"{source}: exclude.op_types: '{op_type}' is no op type of the model or of "
+                              f"ONNX{closest(op_type, known)}")

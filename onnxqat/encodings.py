@@ -22,7 +22,7 @@ from onnxqat.errors import EncodingsError
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding
 
-__all__ = ["VERSIONS", "ParsedEncodings", "parse_aimet", "to_aimet"]
+__all__ = ["VERSIONS", "ParsedEncodings", "parse_aimet", "read_document", "to_aimet"]
 
 VERSIONS = ("1.0.0", "0.6.1")
 
@@ -167,7 +167,7 @@ def _entries(section: Any, version: str, key: str, fail: Any) -> dict[str, tuple
             is_sym = entry.get("is_sym")
             if not isinstance(is_sym, bool):
                 raise fail(f"{where}: is_sym must be true or false")
-            scale = _numbers(entry.get("scale"), where, "scale", fail)
+            scale = _scales(entry.get("scale"), where, fail)
             offset = _numbers(entry.get("offset"), where, "offset", fail)
             if len(scale) != len(offset):
                 raise fail(f"{where}: {len(scale)} scales but {len(offset)} offsets")
@@ -189,7 +189,7 @@ def _entries(section: Any, version: str, key: str, fail: Any) -> dict[str, tuple
         syms = {str(c.get("is_symmetric")) for c in channels}
         if len(bws) != 1 or len(syms) != 1 or not syms <= {"True", "False"}:
             raise fail(f"{where}: inconsistent or invalid bitwidth/is_symmetric across channels")
-        scale = _numbers([c.get("scale") for c in channels], where, "scale", fail)
+        scale = _scales([c.get("scale") for c in channels], where, fail)
         offset = _numbers([c.get("offset") for c in channels], where, "offset", fail)
         out[name] = (bws.pop(), syms.pop() == "True", scale, offset, len(channels) > 1)
     return out
@@ -207,6 +207,34 @@ def _numbers(value: Any, where: str, field: str, fail: Any) -> np.ndarray:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
         raise fail(f"{where}: {field} must hold finite numbers")
     return np.asarray(value, dtype=np.float64)
+
+
+_FLOAT32_NORMAL = float(np.finfo(np.float32).tiny)
+
+
+def _scales(value: Any, where: str, fail: Any) -> np.ndarray:
+    """Scales are finite numbers; a positive one below float32's normal range (1.18e-38, e.g. a
+    denormal 1e-45) makes ``x / scale`` overflow, so every value lands on the grid's ends."""
+    scale = _numbers(value, where, "scale", fail)
+    tiny = scale[(scale > 0) & (scale < _FLOAT32_NORMAL)]
+    if tiny.size:
+        raise fail(f"{where}: scale {float(tiny[0]):.3g} is below float32's normal range ({_FLOAT32_NORMAL:.3g}); "
+                   "x / scale would overflow and wreck the tensor")
+    return scale
+
+
+def read_document(path: str) -> Any:
+    """The JSON document of an encodings file; errors (unreadable, not JSON, nested absurdly
+    deep) are :class:`EncodingsError` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise EncodingsError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EncodingsError(f"{path}: not a readable JSON file: {e}") from None
+    except RecursionError:
+        raise EncodingsError(f"{path}: nested too deeply to be an encodings file") from None
 
 
 def dumps(doc: Mapping[str, Any]) -> str:

@@ -208,11 +208,16 @@ def compute_encoding(
     The range is first widened to include zero. Asymmetric: ``scale = (max - min) / (2^b - 1)``,
     ``zero_point = -round(min / scale)``. Symmetric: ``scale = max(|min|, |max|) / (2^(b-1) - 1)``
     on the signed grid, or ``max / (2^b - 1)`` on the unsigned grid when the range is non-negative
-    and ``spec.unsigned_symmetric`` is set. Per-channel when ``min_val`` is 1-d.
+    and ``spec.unsigned_symmetric`` is set. With ``spec.symmetric_scale == "aimet"`` the signed
+    symmetric scale is ``max(-min / 2^(b-1), max / (2^(b-1) - 1))`` instead (aimet-onnx's: the most
+    negative value may reach ``-2^(b-1)``). Per-channel when ``min_val`` is 1-d.
 
     >>> e = compute_encoding(-1.0, 3.0, QuantSpec(bitwidth=8))
     >>> float(e.scale), int(e.zero_point), e.aimet_offset.item()
     (0.01568627543747425, 64, -64)
+    >>> w = QuantSpec(bitwidth=8, symmetric=True)
+    >>> float(compute_encoding(-1.28, 1.0, w).scale), float(compute_encoding(-1.28, 1.0, w.replace(symmetric_scale="aimet")).scale)
+    (0.010078740306198597, 0.009999999776482582)
     """
     lo = np.minimum(np.asarray(min_val, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(max_val, dtype=np.float64), 0.0)
@@ -227,8 +232,11 @@ def compute_encoding(
         if unsigned:
             scale = _floor_scale(hi / ((1 << b) - 1))
             return Encoding(scale, np.zeros(lo.shape, np.int64), b, False, True, False, axis)
-        abs_max = np.maximum(-lo, hi)
-        scale = _floor_scale(abs_max / ((1 << (b - 1)) - 1))
+        half = 1 << (b - 1)
+        if spec.symmetric_scale == "aimet" and not spec.strict_symmetric:
+            scale = _floor_scale(np.maximum(-lo / half, hi / (half - 1)))
+        else:
+            scale = _floor_scale(np.maximum(-lo, hi) / (half - 1))
         return Encoding(
             scale, np.zeros(lo.shape, np.int64), b, True, True, spec.strict_symmetric, axis
         )

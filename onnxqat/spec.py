@@ -10,6 +10,13 @@ Grids follow AIMET's definitions:
 * strict symmetric: signed grid ``[-(2^(b-1) - 1), 2^(b-1) - 1]``;
 * unsigned symmetric: a symmetric quantizer whose observed range is non-negative uses the
   unsigned grid ``[0, 2^b - 1]`` with zero point 0 (when ``unsigned_symmetric`` is set).
+
+The scale of a symmetric signed grid follows one of two conventions (``symmetric_scale``):
+
+* ``"onnxqat"``: ``max(|min|, |max|) / (2^(b-1) - 1)``: the larger magnitude reaches
+  ``±(2^(b-1) - 1)``, so ``-2^(b-1)`` is never used by the calibration range;
+* ``"aimet"``: ``max(-min / 2^(b-1), max / (2^(b-1) - 1))``: the most negative value may reach
+  ``-2^(b-1)``, as aimet-onnx 2.42 computes it (measured: tests/fixtures/aimet/measured.json).
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import math
 
 from onnxqat.errors import ConfigError
 
-__all__ = ["MAX_BITWIDTH", "MIN_BITWIDTH", "QuantSpec"]
+__all__ = ["MAX_BITWIDTH", "MIN_BITWIDTH", "SYMMETRIC_SCALES", "QuantSpec"]
 
 MIN_BITWIDTH = 4
 MAX_BITWIDTH = 16
+SYMMETRIC_SCALES = ("onnxqat", "aimet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +51,9 @@ class QuantSpec:
             weights of one output channel may reach; None when the kernel is exact.
         pair_axis: Output-channel axis of the weight that ``pair_limit`` applies along (also for
             per-tensor weights).
+        symmetric_scale: Scale convention of a symmetric signed grid, ``"onnxqat"`` or
+            ``"aimet"`` (see the module docstring); strict symmetric grids always use
+            ``max(|min|, |max|) / (2^(b-1) - 1)``.
 
     >>> QuantSpec(bitwidth=8, symmetric=True).with_axis(0).axis
     0
@@ -56,6 +67,7 @@ class QuantSpec:
     fixed_range: tuple[float, float] | None = None
     pair_limit: int | None = None
     pair_axis: int | None = None
+    symmetric_scale: str = "onnxqat"
 
     def __post_init__(self) -> None:
         if isinstance(self.bitwidth, bool) or not isinstance(self.bitwidth, int):
@@ -73,6 +85,8 @@ class QuantSpec:
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ConfigError(f"fixed_range must be finite with min < max, got {self.fixed_range}")
 
+        if self.symmetric_scale not in SYMMETRIC_SCALES:
+            raise ConfigError(f"symmetric_scale must be one of {SYMMETRIC_SCALES}, got {self.symmetric_scale!r}")
         if self.pair_limit is not None:
             if isinstance(self.pair_limit, bool) or not isinstance(self.pair_limit, int) or self.pair_limit < 2:
                 raise ConfigError(f"pair_limit must be an integer >= 2, got {self.pair_limit!r}")
