@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
-from onnxqat.errors import OnnxQatError
+from onnxqat.errors import OnnxQatError, Terminated
 from onnxqat.train.options import TrainOptions
 
 TRAIN_DEFAULTS = TrainOptions()
@@ -154,9 +156,123 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _calibrated_sim(args: argparse.Namespace, calib: str):  # type: ignore[no-untyped-def]
-    from onnxqat.data import NpzBatches, input_signature, load_model_inputs, parse_batch_axes
-    from onnxqat.passes.fix_inputs import parse_fixed_inputs
+# -- checks before any work ---------------------------------------------------------------------------
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric option in range (argparse accepts -1, nan and inf)."""
+    from onnxqat.errors import ConfigError
+    from onnxqat.spec import MAX_BITWIDTH, MIN_BITWIDTH
+
+    for name, low in (("batch_size", 1), ("epochs", 1), ("max_samples", 1), ("eval_samples", 1),
+                      ("train_last_n", 1), ("keep_16bit", 0), ("seed", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in ("param_bw", "activation_bw"):
+        value = getattr(args, name, None)
+        if value is not None and not MIN_BITWIDTH <= value <= MAX_BITWIDTH:
+            raise ConfigError(f"{name} must be an integer from {MIN_BITWIDTH} to {MAX_BITWIDTH}, got {value}")
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    from onnxqat.config import PRESETS
+
+    config = getattr(args, "config", None)
+    return config if config is not None and config not in PRESETS else None
+
+
+def _inputs(args: argparse.Namespace, *names: str) -> list[str]:
+    """The input files of a command (the model, its data, the config), checked to be regular files."""
+    from onnxqat.errors import ConfigError, DataError, ModelError
+    from onnxqat.io import check_input_file
+
+    paths = []
+    for name in names:
+        path = getattr(args, name, None)
+        if path is not None:
+            error = ModelError if name in ("model", "float_model", "quantized_model") else DataError
+            paths.append(check_input_file(path, error))
+    config = _config_path(args)
+    if config is not None:
+        paths.append(check_input_file(config, ConfigError))
+    return paths
+
+
+def _export_names(prefix: str) -> list[str]:
+    from onnxqat.errors import ConfigError
+
+    if not prefix or "/" in prefix or os.sep in prefix or "\0" in prefix or prefix in (".", ".."):
+        raise ConfigError(f"--prefix {prefix!r}: expected a plain file name prefix")
+    return [f"{prefix}.onnx", f"{prefix}.onnx.data", f"{prefix}.encodings", f"{prefix}_qdq.onnx",
+            f"{prefix}_qdq.onnx.data"]
+
+
+def _model_files(model: str, out_dir: str) -> list[str]:
+    """The model and, when ``out_dir`` is its folder or inside it, the external-data files it uses."""
+    from onnxqat.io import external_data_files
+
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(model)))
+    out = os.path.realpath(out_dir)
+    if os.path.commonpath([folder, out]) == folder:
+        return [model, *external_data_files(model)]
+    return [model]
+
+
+def _check_outputs(args: argparse.Namespace, inputs: list[str], folder_names: list[str],
+                   checkpoint_dir: str | None = None) -> None:
+    """Every output writable, none replacing an input or another output: before any work."""
+    from onnxqat.outputs import check_distinct, check_output_dir, check_output_file
+
+    inputs = [*inputs, *_model_files(args.model, args.output_dir)[1:]]
+    check_output_dir(args.output_dir, folder_names, inputs=inputs)
+    outputs: list[tuple[str, str]] = [(f"output {n}", os.path.join(args.output_dir, n)) for n in folder_names]
+    report = getattr(args, "report", None)
+    if report:
+        check_output_file(report, inputs=inputs)
+        outputs.append(("report", report))
+    if checkpoint_dir is not None:
+        check_output_dir(checkpoint_dir, ["checkpoint.ckpt"], inputs=inputs)
+        outputs.append(("checkpoint", os.path.join(checkpoint_dir, "checkpoint.ckpt")))
+    check_distinct(outputs)
+
+
+class _Checked:
+    """What the checks before any work found: the model, its inputs, the calibration data."""
+
+    def __init__(self, args: argparse.Namespace, calib: str) -> None:
+        from onnxqat.config import check_names, load_config
+        from onnxqat.data import input_signature, load_model_inputs, parse_batch_axes, warn_range_outliers
+        from onnxqat.io import load_model
+        from onnxqat.passes.fix_inputs import parse_fixed_inputs
+
+        self.model_path = args.model
+        self.fixed = parse_fixed_inputs(args.fix_input)
+        self.axes = parse_batch_axes(args.batch_axis)
+        self.model = load_model(args.model)
+        self.signature = [s for s in input_signature(self.model) if s.name not in self.fixed]
+        if args.config is not None:
+            config = load_config(args.config)
+            nodes = list(self.model.graph.all_nodes())
+            check_names(config, (n.name for n in nodes if n.name), (n.op_type for n in nodes),
+                        source=args.config)
+        self.calib = load_model_inputs(calib, self.signature, batch_axes=self.axes)
+        warn_range_outliers(self.calib, self.signature, where=calib, batch_axes=self.axes)
+
+    def load(self, path: str, extra: Sequence[str] = (), optional: Sequence[str] = ()) -> dict:
+        from onnxqat.data import load_model_inputs
+
+        return load_model_inputs(path, self.signature, extra, optional_keys=optional, batch_axes=self.axes)
+
+    def check_labels(self, arrays: dict, where: str, key: str, output_index: int) -> None:
+        from onnxqat.data import check_label_range, output_classes
+
+        classes = output_classes(self.model, output_index)
+        labels = arrays.get(key)
+        if classes is not None and labels is not None and labels.ndim == 1:
+            check_label_range(labels, classes, where=where, key=key)
+
+
+def _calibrated_sim(args: argparse.Namespace, checked: _Checked):  # type: ignore[no-untyped-def]
+    from onnxqat.data import NpzBatches
     from onnxqat.sim import QuantizationSimModel
 
     sim = QuantizationSimModel(
@@ -167,64 +283,89 @@ def _calibrated_sim(args: argparse.Namespace, calib: str):  # type: ignore[no-un
         per_channel=True if args.per_channel else None,
         config=args.config,
         target=args.target,
-        fix_inputs=parse_fixed_inputs(args.fix_input),
+        fix_inputs=checked.fixed,
     )
     how = "given" if args.target else "detected"
     print(f"target: {sim.target.name} ({how}; {sim.target.description})")
     print(f"plan: {sim.plan.summary()}")
-    axes = parse_batch_axes(args.batch_axis)
-    arrays = load_model_inputs(calib, input_signature(sim.float_model), batch_axes=axes)
-    sim.compute_encodings(NpzBatches(arrays, args.batch_size, batch_axes=axes))
+    sim.compute_encodings(NpzBatches(checked.calib, args.batch_size, batch_axes=checked.axes))
     return sim
 
 
 def _export(sim, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
-    paths = sim.export(args.output_dir, args.prefix, encoding_version=args.encoding_version)
+    """The export set and the report as one output transaction: both are published, or neither."""
+    from onnxqat.outputs import transaction
+
+    with transaction() as tx:
+        paths = sim.export(args.output_dir, args.prefix, encoding_version=args.encoding_version)
+        if args.report:
+            with open(tx.file(args.report), "w", encoding="utf-8") as f:
+                f.write(json.dumps(sim.report(), indent=2) + "\n")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     if args.report:
-        from onnxqat.io import write_text_atomic
-
-        write_text_atomic(args.report, json.dumps(sim.report(), indent=2) + "\n")
         print(f"wrote report: {args.report}")
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    _export(_calibrated_sim(args, args.data), args)
+    _check_numbers(args)
+    inputs = _inputs(args, "model", "data")
+    _check_outputs(args, inputs, _export_names(args.prefix))
+    checked = _Checked(args, args.data)
+    _export(_calibrated_sim(args, checked), args)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from onnxqat.data import NpzBatches, input_signature, load_model_inputs, parse_batch_axes
-    from onnxqat.errors import ConfigError
-    from onnxqat.train.options import default_epochs
+    from onnxqat.data import NpzBatches, output_classes
+    from onnxqat.train.options import TrainOptions, default_epochs
 
-    for name in ("max_samples", "epochs", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    sim = _calibrated_sim(args, args.calib)
-    signature = input_signature(sim.float_model)
+    _check_numbers(args)
+    options = {"loss": args.loss, "optimizer": args.optimizer, "lr": args.lr, "range_learning": args.range_learning,
+               "output_index": args.output_index, "label_key": args.label_key, "target_key": args.target_key,
+               "freeze": tuple(args.freeze), "train_last_n": args.train_last_n}
+    TrainOptions(**options)  # every training option checked before any work
+    inputs = _inputs(args, "model", "data", "calib", "eval")
+    _check_outputs(args, inputs, _export_names(args.prefix), args.checkpoint_dir)
+    checked = _Checked(args, args.calib)
+    output_classes(checked.model, args.output_index)  # in range
+    _check_freeze(checked, args.freeze)
     extra = {"cross_entropy": [args.label_key], "mse": [args.target_key], "distill": []}[args.loss]
-    axes = parse_batch_axes(args.batch_axis)
-    train = load_model_inputs(args.data, signature, extra, batch_axes=axes)
-    batches = NpzBatches(train, args.batch_size, shuffle=True, seed=args.seed, limit=args.max_samples, batch_axes=axes)
-    epochs = args.epochs
-    if epochs is None:
-        epochs = default_epochs(len(batches))
-        print(f"epochs: {epochs} ({len(batches)} steps per epoch at batch size {args.batch_size}; --epochs to change)")
+    train = checked.load(args.data, extra)
+    if args.loss == "cross_entropy":
+        checked.check_labels(train, args.data, args.label_key, args.output_index)
     evaluation = None
-    with sim.trainer(
-        loss=args.loss, optimizer=args.optimizer, lr=args.lr, range_learning=args.range_learning,
-        output_index=args.output_index, label_key=args.label_key, target_key=args.target_key,
-        freeze=tuple(args.freeze), train_last_n=args.train_last_n,
-    ) as trainer:
-        if args.eval is not None:
-            evaluation = list(NpzBatches(load_model_inputs(args.eval, signature, optional_keys=[args.label_key],
-                                                           batch_axes=axes), 256, batch_axes=axes))
+    if args.eval is not None:
+        arrays = checked.load(args.eval, optional=[args.label_key])
+        if args.loss == "cross_entropy":
+            checked.check_labels(arrays, args.eval, args.label_key, args.output_index)
+        evaluation = list(NpzBatches(arrays, 256, batch_axes=checked.axes))
+    batches = NpzBatches(train, args.batch_size, shuffle=True, seed=args.seed, limit=args.max_samples,
+                         batch_axes=checked.axes)
+    if args.epochs is None:
+        args.epochs = default_epochs(len(batches))
+        print(f"epochs: {args.epochs} ({len(batches)} steps per epoch at batch size {args.batch_size}; "
+              "--epochs to change)")
+    sim = _calibrated_sim(args, checked)
+    with sim.trainer(**options) as trainer:
+        if evaluation is not None:
             print("calibrated (PTQ) " + _metrics_line(trainer.evaluate(evaluation)), flush=True)
-        trainer.fit(batches, epochs=epochs, eval_batches=evaluation, checkpoint_dir=args.checkpoint_dir,
+        trainer.fit(batches, epochs=args.epochs, eval_batches=evaluation, checkpoint_dir=args.checkpoint_dir,
                     on_epoch=lambda stats: print(stats.line(), flush=True))
     _export(sim, args)
+
+
+def _check_freeze(checked: _Checked, names: list[str]) -> None:
+    import difflib
+
+    from onnxqat.errors import ConfigError
+
+    graph = checked.model.graph
+    known = set(graph.initializers) | {n.name for n in graph if n.name}
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.5)
+            hint = f" (closest: '{close[0]}')" if close else ""
+            raise ConfigError(f"--freeze: no initializer or node named '{name}' in {checked.model_path}{hint}")
 
 
 def _metrics_line(metrics: dict[str, float]) -> str:
@@ -233,16 +374,35 @@ def _metrics_line(metrics: dict[str, float]) -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from onnxqat.data import NpzBatches, input_signature, load_model_inputs, parse_batch_axes
+    from onnxqat.data import (NpzBatches, check_label_range, input_signature, load_model_inputs, output_classes,
+                              parse_batch_axes)
     from onnxqat.evaluate import accuracy
     from onnxqat.io import load_model
     from onnxqat.runtime import Session
 
-    model = load_model(args.model)
+    _check_numbers(args)
+    _inputs(args, "model", "data")
     axes = parse_batch_axes(args.batch_axis)
+    model = load_model(args.model)
     arrays = load_model_inputs(args.data, input_signature(model), [args.label_key], batch_axes=axes)
+    labels = arrays[args.label_key]
+    classes = output_classes(model, args.output_index)
+    if classes is not None:
+        check_label_range(labels, classes, where=args.data, key=args.label_key)
     session = Session(model)
-    acc, n = accuracy(session.run, NpzBatches(arrays, args.batch_size, batch_axes=axes), label_key=args.label_key,
+    checked = classes is not None or labels.ndim != 1
+
+    def run(batch):  # type: ignore[no-untyped-def]
+        nonlocal checked
+        outputs = session.run(batch)
+        if not checked:  # a symbolic class dimension: checked on the first batch's scores
+            scores = outputs[args.output_index] if -len(outputs) <= args.output_index < len(outputs) else None
+            if scores is not None and scores.ndim >= 1 and scores.shape[-1] >= 2:
+                check_label_range(labels, scores.shape[-1], where=args.data, key=args.label_key)
+            checked = True
+        return outputs
+
+    acc, n = accuracy(run, NpzBatches(arrays, args.batch_size, batch_axes=axes), label_key=args.label_key,
                       output_index=args.output_index)
     print(f"accuracy={acc:.6f} n={n}")
 
@@ -251,10 +411,15 @@ def _compare(args: argparse.Namespace) -> None:
     from onnxqat.compare import compare_models
     from onnxqat.data import NpzBatches, input_signature, load_model_inputs, parse_batch_axes
     from onnxqat.io import load_model, write_text_atomic
+    from onnxqat.outputs import check_output_file
 
+    _check_numbers(args)
+    inputs = _inputs(args, "float_model", "quantized_model", "data")
+    if args.json:
+        check_output_file(args.json, inputs=inputs)
+    axes = parse_batch_axes(args.batch_axis)
     float_model = load_model(args.float_model)
     quantized = load_model(args.quantized_model)
-    axes = parse_batch_axes(args.batch_axis)
     arrays = load_model_inputs(args.data, input_signature(float_model), batch_axes=axes)
     rows = compare_models(float_model, quantized, NpzBatches(arrays, args.batch_size, batch_axes=axes))
     for r in rows:
@@ -270,31 +435,36 @@ def _compare(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+ANALYZE_OUTPUTS = ("report.html", "report.json", "mixed_precision.json")
+
+
 def _analyze(args: argparse.Namespace) -> None:
     from onnxqat.analysis import analyze
-    from onnxqat.data import NpzBatches, input_signature, load_model_inputs
-    from onnxqat.io import staged_outputs
+    from onnxqat.data import NpzBatches
+    from onnxqat.outputs import transaction
     from onnxqat.report import render_html
 
-    sim = _calibrated_sim(args, args.data)
-    signature = input_signature(sim.float_model)
-    calib = list(NpzBatches(load_model_inputs(args.data, signature), args.batch_size, limit=4 * args.batch_size))
+    _check_numbers(args)
+    inputs = _inputs(args, "model", "data", "eval")
+    _check_outputs(args, inputs, list(ANALYZE_OUTPUTS))
+    checked = _Checked(args, args.data)
     evaluation = None
     if args.eval is not None:
-        arrays = load_model_inputs(args.eval, signature, [args.label_key])
-        evaluation = list(NpzBatches(arrays, 500, limit=args.eval_samples))
+        arrays = checked.load(args.eval, [args.label_key])
+        checked.check_labels(arrays, args.eval, args.label_key, args.output_index)
+        evaluation = list(NpzBatches(arrays, 500, limit=args.eval_samples, batch_axes=checked.axes))
+    sim = _calibrated_sim(args, checked)
+    calib = list(NpzBatches(checked.calib, args.batch_size, limit=4 * args.batch_size, batch_axes=checked.axes))
     result = analyze(sim, calib, evaluation, label_key=args.label_key, output_index=args.output_index,
                      keep=args.keep_16bit)
-    import os
-
     name = os.path.basename(args.model)
-    with staged_outputs(args.output_dir) as stage:
-        for file, text in (("report.html", render_html(result, model_name=name)),
-                           ("report.json", json.dumps(result, indent=1) + "\n"),
-                           ("mixed_precision.json", json.dumps(result["mixed_precision"], indent=2) + "\n")):
+    texts = (render_html(result, model_name=name), json.dumps(result, indent=1) + "\n",
+             json.dumps(result["mixed_precision"], indent=2) + "\n")
+    with transaction() as tx:
+        stage = tx.folder(args.output_dir, "analyze")
+        for file, text in zip(ANALYZE_OUTPUTS, texts):
             with open(stage.path(file), "w", encoding="utf-8") as f:
                 f.write(text)
-            stage.add(stage.path(file))
     sens = result["sensitivity"]
     print(f"{result['settings']['metric']}: float {sens['float']:.4f}, quantized {sens['quantized']:.4f}")
     for rank, node in enumerate(sens["ranking"][:5], 1):
@@ -306,6 +476,7 @@ def _analyze(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from onnxqat.demo import run_demo
 
+    _check_numbers(args)
     run_demo(args.output_dir, models=args.models, epochs=args.epochs)
 
 
@@ -314,21 +485,49 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean shutdown; a second TERM waits for it
+    raise Terminated()
+
+
+def _internal_error(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import warnings
 
+    shown = warnings.showwarning
     warnings.showwarning = _one_line_warning
     handlers = {"quantize": _quantize, "train": _train, "eval": _eval, "analyze": _analyze, "demo": _demo,
                 "compare": _compare}
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: temp folders removed, nothing half-published
     try:
         handlers[args.command](args)
     except OnnxQatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("error: terminated (SIGTERM); nothing was published, the last good checkpoint is kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; nothing was published, the last good checkpoint is kept", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory (use smaller --batch-size or fewer samples)", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, the traceback on request
+        if os.environ.get("ONNXQAT_TRACEBACK"):
+            raise
+        print(f"error: internal error, please report it (ONNXQAT_TRACEBACK=1 shows where): {_internal_error(e)}",
+              file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = shown
     return 0
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,11 +27,16 @@ __all__ = [
     "Batches",
     "InputSpec",
     "NpzBatches",
+    "OUTLIER_RATIO",
+    "check_label_range",
+    "data_memory_limit",
     "input_signature",
     "load_model_inputs",
     "load_npz",
+    "output_classes",
     "parse_batch_axes",
     "validate_feed",
+    "warn_range_outliers",
 ]
 
 Batches = Iterable[Mapping[str, Any]]
@@ -119,33 +126,104 @@ def validate_feed(
 BatchAxes = Mapping[str, "int | None"]
 
 
+def data_memory_limit() -> int | None:
+    """Bytes the arrays of one npz file may expand to: ``ONNXQAT_MAX_DATA_BYTES``, else 80% of
+    the memory available now (None where that is unknown)."""
+    env = os.environ.get("ONNXQAT_MAX_DATA_BYTES")
+    if env:
+        try:
+            value = int(float(env))
+        except ValueError:
+            raise DataError(f"ONNXQAT_MAX_DATA_BYTES={env!r}: expected a number of bytes") from None
+        if value < 1:
+            raise DataError(f"ONNXQAT_MAX_DATA_BYTES={env!r}: must be positive")
+        return value
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * 0.8)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.8)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.3g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def _npy_bytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, key: str) -> int:
+    """Bytes the npy member ``info`` expands to, from its header; refuses members that are no
+    numpy array (raw bytes, a pickle), hold Python objects, or whose header claims more data than
+    the member holds (which would allocate that much before failing)."""
+    fmt = np.lib.format
+    with zf.open(info) as fp:
+        try:
+            version = fmt.read_magic(fp)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(fp)
+            else:
+                shape, _, dtype = fmt.read_array_header_2_0(fp)
+        except (ValueError, EOFError) as e:
+            raise DataError(f"{path}: '{key}' is not a numpy array (raw bytes or a pickle?): {e}") from None
+        start = fp.tell()
+    if dtype.hasobject:
+        raise DataError(f"{path}: '{key}' holds Python objects, which only load through pickle; onnxqat refuses them")
+    need = math.prod(shape) * dtype.itemsize
+    if need > info.file_size - start:
+        raise DataError(f"{path}: '{key}': its header claims shape {list(shape)} {dtype} ({_gib(need)}) but the "
+                        f"member holds {_gib(max(info.file_size - start, 0))}; the file is damaged")
+    return need
+
+
 def load_npz(path: str | os.PathLike[str], keys: Sequence[str], optional: Sequence[str] = (),
-             batch_axes: BatchAxes | None = None) -> dict[str, np.ndarray]:
+             batch_axes: BatchAxes | None = None, *, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Load ``keys`` (and those of ``optional`` that are present) from an npz file: one array per
     key, samples along axis 0 unless ``batch_axes`` says another axis (or None: not batched, the
     same array with every batch, e.g. a sample rate).
 
-    Raises :class:`DataError` for unreadable files, missing keys, empty or mismatched sample counts.
+    The arrays must fit ``max_bytes`` (default :func:`data_memory_limit`), checked from the
+    members' headers before anything is read. Raises :class:`DataError` for unreadable files,
+    special files (a FIFO would block), missing keys, members that are no arrays or lie about
+    their size, empty or mismatched sample counts.
     """
-    path = os.fspath(path)
+    from onnxqat.io import check_input_file
+
+    path = check_input_file(path, DataError)
+    sizes: dict[str, int] = {}
     try:
-        f = np.load(path, allow_pickle=False)
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            raise DataError(f"{path}: not an npz archive (a single .npy array?)")
-        with f:
-            missing = [k for k in keys if k not in f.files]
+        with open(path, "rb") as raw:
+            if raw.read(6) == b"\x93NUMPY":
+                raise DataError(f"{path}: not an npz archive (a single .npy array?)")
+        with zipfile.ZipFile(path) as zf:
+            members = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i for i in zf.infolist()}
+            missing = [k for k in keys if k not in members]
             if missing:
                 raise DataError(
-                    f"{path}: missing key(s) {missing}; the file holds {sorted(f.files) or 'nothing'}"
+                    f"{path}: missing key(s) {missing}; the file holds {sorted(members) or 'nothing'}"
                 )
-            arrays = {k: f[k] for k in [*keys, *(o for o in optional if o in f.files and o not in keys)]}
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            wanted = [*keys, *(o for o in optional if o in members and o not in keys)]
+            sizes = {k: _npy_bytes(zf, members[k], path, k) for k in wanted}
+        limit = max_bytes if max_bytes is not None else data_memory_limit()
+        if limit is not None and sum(sizes.values()) > limit:
+            biggest = max(sizes, key=lambda k: sizes[k])
+            raise DataError(f"{path}: the arrays need {_gib(sum(sizes.values()))} in memory ('{biggest}': "
+                            f"{_gib(sizes[biggest])}), more than the limit of {_gib(limit)} (80% of the available "
+                            "memory, or ONNXQAT_MAX_DATA_BYTES); use fewer samples per file")
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in wanted}
+    except MemoryError:
+        raise DataError(f"{path}: out of memory reading the arrays ({_gib(sum(sizes.values()))})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, ValueError, EOFError, KeyError) as e:
         raise DataError(f"{path}: cannot read npz data: {e}") from None
     axes = dict(batch_axes or {})
     counts: dict[str, int] = {}
     for k, a in arrays.items():
+        if not isinstance(a, np.ndarray):
+            raise DataError(f"{path}: '{k}' is not a numpy array")
         axis = axes.get(k, 0)
         if axis is None:
             continue
@@ -174,6 +252,68 @@ def load_model_inputs(
                       optional=[k for k in optional_keys if k not in names], batch_axes=batch_axes)
     validate_feed(arrays, signature, where=os.fspath(path), batch_axes=batch_axes)
     return arrays
+
+
+def output_classes(model: ir.Model, output_index: int = 0) -> int | None:
+    """The class count of output ``output_index``: its last dimension, when static and >= 2."""
+    outputs = list(model.graph.outputs)
+    if not -len(outputs) <= output_index < len(outputs):
+        raise DataError(f"output index {output_index} is out of range: the model has {len(outputs)} output(s)")
+    shape = outputs[output_index].shape
+    if shape is None or len(shape) < 1:
+        return None
+    last = shape[-1]
+    return last if isinstance(last, int) and last >= 2 else None
+
+
+def check_label_range(labels: Any, classes: int, *, where: str, key: str = "label") -> None:
+    """Class labels must be integers in ``[0, classes)``: out-of-range labels give an accuracy of
+    0 and, in training, a loss that teaches nothing (or nonsense)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{where}: labels '{key}' must be integers, got {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = int(np.count_nonzero((labels < 0) | (labels >= classes)))
+        raise DataError(f"{where}: labels '{key}' range over [{int(labels.min())}, {int(labels.max())}] but the "
+                        f"model output has {classes} classes (0 to {classes - 1}); {bad} label(s) are outside")
+
+
+# A sample whose peak magnitude exceeds the typical sample's by this factor sets a calibration
+# range in which the typical sample keeps less than about 1% of the grid.
+OUTLIER_RATIO = 100.0
+
+
+def warn_range_outliers(arrays: Mapping[str, np.ndarray], signature: Sequence[InputSpec], *, where: str,
+                        batch_axes: BatchAxes | None = None) -> list[str]:
+    """Warn where a few samples dominate an input's range (e.g. two corrupt samples at 3e38 make
+    every real value quantize to 0): legal data, almost surely a wrong calibration set.
+
+    Returns the names of the inputs warned about.
+    """
+    warned = []
+    for spec in signature:
+        a = arrays.get(spec.name)
+        axis = (batch_axes or {}).get(spec.name, 0)
+        if a is None or a.dtype.kind != "f" or axis is None or a.ndim == 0 or a.shape[axis] < 8:
+            continue
+        others = tuple(i for i in range(a.ndim) if i != axis % a.ndim)
+        if others:
+            peaks = np.maximum(np.max(a, axis=others), -np.min(a, axis=others)).astype(np.float64)
+        else:
+            peaks = np.abs(a).astype(np.float64)
+        typical = float(np.median(peaks))
+        if not typical > 0:
+            continue
+        high = np.flatnonzero(peaks > OUTLIER_RATIO * typical)
+        if 0 < len(high) <= max(1, len(peaks) // 20):
+            top = float(peaks.max())
+            warnings.warn(
+                f"{where}: input '{spec.name}': {len(high)} of {len(peaks)} samples (e.g. sample {int(high[0])}) "
+                f"reach |x| = {top:.3g}, {top / typical:.3g}x the typical sample's peak ({typical:.3g}); they set "
+                "the calibration range and the other samples keep almost none of the grid", RuntimeWarning,
+                stacklevel=2)
+            warned.append(spec.name)
+    return warned
 
 
 class NpzBatches:

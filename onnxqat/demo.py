@@ -50,8 +50,13 @@ def _plain(python: str, *args: str) -> dict:
 
 def run_demo(out_dir: str, *, models: str | None = None, epochs: int = 2, progress: bool | None = None) -> list[tuple]:
     """Run the demo; returns the table rows ``(what, accuracy, note)`` and prints the table."""
+    from onnxqat.outputs import check_output_dir
+
     folder = find_models(models)
     model = folder / "fmnist_dsconv.onnx"
+    data = [folder / f"fmnist_{part}.npz" for part in ("calib", "train", "test")]
+    # before any work: the export folder is writable and replaces none of the shipped files
+    check_output_dir(out_dir, ["model.onnx", "model.encodings", "model_qdq.onnx"], inputs=[str(model), *map(str, data)])
     start = time.perf_counter()
     probe = QuantizationSimModel(model)
     signature = input_signature(probe.float_model)

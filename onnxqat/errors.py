@@ -14,6 +14,7 @@ __all__ = [
     "ModelError",
     "OnnxQatError",
     "OutputError",
+    "Terminated",
 ]
 
 
@@ -39,3 +40,8 @@ class EncodingsError(OnnxQatError):
 
 class OutputError(OnnxQatError):
     """Outputs cannot be written where requested."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the CLI receives it: handled like Ctrl-C (temporary folders removed,
+    staged outputs discarded, the last good checkpoint kept)."""

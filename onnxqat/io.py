@@ -2,16 +2,17 @@
 
 Loading never modifies the input file and never reads outside the model's folder: external-data
 locations that are absolute, climb out with ``..``, or resolve (through symlinks) outside the
-folder are refused before any weight is read. Outputs are staged in a temporary folder next to
-their destination and moved into place only when all of them were written.
+folder are refused before any weight is read, and so is a tensor whose data (inline or in its
+external file) is shorter than its shape. Outputs go through :mod:`onnxqat.outputs`: staged,
+then published all together or not at all.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
-import shutil
-import tempfile
+import stat
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,14 +20,35 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from onnxqat.errors import ModelError, OutputError
+from onnxqat.errors import ModelError, OnnxQatError
 from onnxqat.graph import array_tensor
-from onnxqat.runtime import PROTO_LIMIT, model_bytes_size, save_with_external_data
+from onnxqat.outputs import transaction
+from onnxqat.runtime import fits_in_proto, save_with_external_data
 
-__all__ = ["MAX_IR_VERSION", "MAX_OPSET", "load_model", "save_model", "staged_outputs", "write_text_atomic"]
+__all__ = ["MAX_IR_VERSION", "MAX_OPSET", "NEWEST_IR_VERSION", "check_input_file", "external_data_files",
+           "load_model", "save_model", "write_text_atomic"]
 
 MAX_OPSET = 21
 MAX_IR_VERSION = 10
+# The newest IR version an ONNX release defines (onnx 1.18); newer ones are refused, not lowered.
+NEWEST_IR_VERSION = max(11, onnx.IR_VERSION)
+
+
+def check_input_file(path: str | os.PathLike[str], error: type[OnnxQatError] = ModelError) -> str:
+    """Refuse an input that is missing or is no regular file (a FIFO would block, a directory or
+    device is no data); returns the path as a string."""
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"{path}: is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: not a regular file (a FIFO, socket or device); onnxqat reads only files")
+    return path
 
 
 def _tensors_with_external_data(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -59,15 +81,103 @@ def _check_external_paths(proto: onnx.ModelProto, path: str) -> None:
             raise ModelError(f"{where}: resolves outside the model's folder")
         if not os.path.isfile(resolved):
             raise ModelError(f"{where}: file not found")
+        _check_external_size(tensor, resolved, where)
+
+
+def _data_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's shape needs, or None for types without a fixed size (strings)."""
+    n = math.prod(tensor.dims)
+    if tensor.data_type in _FOUR_BIT:
+        return (n + 1) // 2
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+_FOUR_BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def _shape_text(tensor: onnx.TensorProto) -> str:
+    return f"shape {list(tensor.dims)} {onnx.TensorProto.DataType.Name(tensor.data_type).lower()}"
+
+
+def _check_external_size(tensor: onnx.TensorProto, file: str, where: str) -> None:
+    fields = {e.key: e.value for e in tensor.external_data}
+    try:
+        offset = int(fields.get("offset", "0") or 0)
+        length = int(fields["length"]) if fields.get("length") else None
+    except ValueError:
+        raise ModelError(f"{where}: offset/length are not integers") from None
+    size = os.path.getsize(file)
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelError(f"{where}: negative offset or length")
+    if offset > size or (offset == size and (length or 0) > 0):
+        raise ModelError(f"{where}: offset {offset} is past the end of the file ({size} bytes)")
+    if length is not None and offset + length > size:
+        raise ModelError(f"{where}: offset {offset} + length {length} runs past the end of the file ({size} bytes)")
+    need = _data_bytes(tensor)
+    have = length if length is not None else size - offset
+    if need is not None and have < need:
+        raise ModelError(f"{where}: holds {have} bytes, its {_shape_text(tensor)} needs {need}")
+
+
+# the typed field holding each element type's values, and values per element
+_TYPED = {
+    onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1), onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1), onnx.TensorProto.INT32: ("int32_data", 1),
+    onnx.TensorProto.INT16: ("int32_data", 1), onnx.TensorProto.INT8: ("int32_data", 1),
+    onnx.TensorProto.UINT16: ("int32_data", 1), onnx.TensorProto.UINT8: ("int32_data", 1),
+    onnx.TensorProto.BOOL: ("int32_data", 1), onnx.TensorProto.FLOAT16: ("int32_data", 1),
+    onnx.TensorProto.BFLOAT16: ("int32_data", 1),
+}
+
+
+def _check_inline_sizes(proto: onnx.ModelProto, path: str) -> None:
+    """Every inline tensor holds as many values as its shape says (a short one would be read
+    past its end or fail deep inside a later stage)."""
+    for tensor in _tensors_with_external_data(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        where = f"{path}: tensor '{tensor.name}'"
+        if tensor.HasField("raw_data"):
+            need = _data_bytes(tensor)
+            if need is not None and len(tensor.raw_data) != need:
+                raise ModelError(f"{where}: holds {len(tensor.raw_data)} bytes, its {_shape_text(tensor)} needs {need}")
+            continue
+        field, per = _TYPED.get(tensor.data_type, (None, 1))
+        if field is None:
+            continue
+        n = math.prod(tensor.dims)
+        have = len(getattr(tensor, field))
+        if have != n * per and not (n == 0 and have == 0):
+            raise ModelError(f"{where}: holds {have // per} values, its {_shape_text(tensor)} needs {n}")
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[str]:
+    """The external-data files a model file refers to (absolute paths; read from its header only)."""
+    path = os.fspath(path)
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:  # not a model: load_model reports it
+        return []
+    base = os.path.dirname(os.path.abspath(path))
+    files = []
+    for tensor in _tensors_with_external_data(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location:
+                files.append(os.path.join(base, location))
+    return sorted(set(files))
 
 
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
     """Load and validate an ONNX model file; raises :class:`ModelError` naming what is wrong."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ModelError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: not a file")
+    path = check_input_file(path, ModelError)
     try:
         proto = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as e:
@@ -76,7 +186,11 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         raise ModelError(f"{path}: cannot read: {e}") from None
     if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
         raise ModelError(f"{path}: not an ONNX model (no graph, IR version or opset)")
+    if proto.ir_version > NEWEST_IR_VERSION:
+        raise ModelError(f"{path}: IR version {proto.ir_version} is newer than any ONNX release defines "
+                         f"({NEWEST_IR_VERSION}); the file is damaged or from an unknown future format")
     _check_external_paths(proto, path)
+    _check_inline_sizes(proto, path)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > MAX_OPSET or proto.ir_version > MAX_IR_VERSION:
         return _convert_down(proto, path, opset)
@@ -89,7 +203,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     if not external:
         return ir.from_proto(proto)  # what ir.load gives, without parsing the file again
     model = ir.load(path)
-    if model_bytes_size(model) < PROTO_LIMIT:
+    if fits_in_proto(model):
         _materialize(model)
     return model
 
@@ -121,7 +235,10 @@ def _convert_down(proto: onnx.ModelProto, path: str, opset: int) -> ir.Model:
                 f"{path}: opset {opset} is newer than {MAX_OPSET} (the newest onnxruntime-training 1.19 "
                 f"runs) and onnx cannot convert it down: {str(e).strip().splitlines()[0]}"
             ) from None
-    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    if proto.ir_version > MAX_IR_VERSION:
+        warnings.warn(f"{path}: IR version {proto.ir_version} lowered to {MAX_IR_VERSION} (the newest "
+                      "onnxruntime-training 1.19 loads)", RuntimeWarning, stacklevel=3)
+        proto.ir_version = MAX_IR_VERSION
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
@@ -147,7 +264,7 @@ def save_model(model: ir.Model, path: str) -> list[str]:
         for value, _, _ in stripped:
             value.shape = None
             value.type = None
-        if model_bytes_size(model) >= PROTO_LIMIT:
+        if not fits_in_proto(model):
             data_name = os.path.basename(path) + ".data"
             save_with_external_data(model, path, data_name)
             return [path, os.path.join(os.path.dirname(path), data_name)]
@@ -159,58 +276,8 @@ def save_model(model: ir.Model, path: str) -> list[str]:
             value.shape = shape
 
 
-class _Stage:
-    def __init__(self, directory: str, tmp: str) -> None:
-        self.directory = directory
-        self.tmp = tmp
-        self.files: list[str] = []
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.tmp, name)
-
-    def add(self, staged_path: str) -> None:
-        self.files.append(os.path.basename(staged_path))
-
-
-@contextlib.contextmanager
-def staged_outputs(directory: str | os.PathLike[str]) -> Iterator[_Stage]:
-    """Write outputs into a temp folder inside ``directory``; move them in place at the end.
-
-    Files registered with ``stage.add`` replace their namesakes in ``directory`` only if the
-    ``with`` block finishes without error; otherwise nothing in ``directory`` changes.
-    """
-    directory = os.fspath(directory)
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise OutputError(f"{directory}: exists and is not a directory")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".onnxqat-", dir=directory)
-    except OSError as e:
-        raise OutputError(f"{directory}: cannot write outputs here: {e.strerror or e}") from None
-    stage = _Stage(directory, tmp)
-    try:
-        yield stage
-        for name in stage.files:
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    except OSError as e:
-        raise OutputError(f"{directory}: writing outputs failed: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write a text file through a temporary name in the same folder, then rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".onnxqat-", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+    """Write a text file as one output transaction (joining the caller's, if any)."""
+    with transaction() as tx:
+        with open(tx.file(path), "w", encoding="utf-8") as f:
+            f.write(text)

@@ -38,7 +38,8 @@ from onnxqat.config import QuantSimConfig
 from onnxqat.encodings import ParsedEncodings, dumps, to_aimet
 from onnxqat.errors import ConfigError, EncodingsError, ModelError
 from onnxqat.graph import const_array, values_by_name
-from onnxqat.io import load_model, save_model, staged_outputs
+from onnxqat.io import load_model, save_model
+from onnxqat.outputs import transaction
 from onnxqat.passes.annotate import annotate
 from onnxqat.passes.canonicalize import canonical_passes
 from onnxqat.passes.elementwise import SubtractConstantAsAddPass
@@ -146,11 +147,14 @@ class SimState:
             return a state with a new model.
         plan: The plan as annotated (biases included before the int32 check).
         encodings: Encodings by quantizer name (activations, weights).
+        fixed: Weight quantizers whose encodings no longer follow the weights (set by a weight
+            rounding search: SeqMSE's scales, AdaRound's grid); QAT keeps their grids.
     """
 
     float_model: ir.Model
     plan: QuantPlan
     encodings: Mapping[str, Encoding]
+    fixed: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         encodings = dict(self.encodings)
@@ -175,9 +179,11 @@ class SimState:
         if not self.calibrated:
             raise EncodingsError("the simulation is not calibrated: call compute_encodings() or load_encodings()")
 
-    def with_encodings(self, updates: Mapping[str, Encoding]) -> SimState:
-        """A state whose encodings are these, replaced or added by ``updates``."""
-        return SimState(self.float_model, self.plan, {**self.encodings, **updates})
+    def with_encodings(self, updates: Mapping[str, Encoding], fixed: frozenset[str] | None = None) -> SimState:
+        """A state whose encodings are these, replaced or added by ``updates`` (and ``fixed``, if
+        given, as the set of weight encodings that do not follow the weights)."""
+        return SimState(self.float_model, self.plan, {**self.encodings, **updates},
+                        self.fixed if fixed is None else fixed)
 
     @functools.cached_property
     def effective_plan(self) -> QuantPlan:
@@ -374,9 +380,9 @@ def apply_weights(state: SimState, weights: Mapping[str, np.ndarray], scheme: Sc
     model = state.float_model.clone()
     for name, array in checked.items():
         model.graph.initializers[name].const_value = ir.tensor(array, name=name)
-    changed = [p for p in state.plan.params if p.name in checked]
+    changed = [p for p in state.plan.params if p.name in checked and p.name not in state.fixed]
     encodings = encode_weights(model, dataclasses.replace(state.plan, params=tuple(changed)), scheme)
-    return SimState(model, state.plan, {**state.encodings, **encodings})
+    return SimState(model, state.plan, {**state.encodings, **encodings}, state.fixed)
 
 
 def bind_encodings(parsed: ParsedEncodings, state: SimState, where: str = "encodings") -> dict[str, Encoding]:
@@ -442,13 +448,19 @@ def export(
 ) -> dict[str, str]:
     """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` as one set.
 
+    The set is one output transaction (:mod:`onnxqat.outputs`): published all together, replacing
+    an earlier set only once every file was written; inside an enclosing ``transaction()`` it is
+    published with the other outputs of that transaction.
+
     With ``check_feed`` (a few calibration samples), the deployable model is first run in
     onnxruntime fused and unfused (:mod:`onnxqat.deploycheck`): one that cannot run is an error
     and nothing is written.
     """
     state.require_calibrated()
-    if not prefix or os.sep in prefix or prefix in (".", ".."):
+    if (not isinstance(prefix, str) or not prefix or os.sep in prefix or (os.altsep and os.altsep in prefix)
+            or "\0" in prefix or prefix in (".", "..")):
         raise ConfigError(f"invalid export prefix {prefix!r}")
+    _warn_subnormal_scales(state)
     deploy = lower(state, deploy=True)
     if check_feed is not None:
         from onnxqat.deploycheck import check_deployment
@@ -462,18 +474,28 @@ def export(
     if float16:
         float_model = restore_float16(float_model, float16)
         deploy = cast_interface(deploy, float16)
-    with staged_outputs(out_dir) as stage:
-        for staged in save_model(float_model, stage.path(f"{prefix}.onnx")):
-            stage.add(staged)
-        enc_path = stage.path(f"{prefix}.encodings")
-        with open(enc_path, "w", encoding="utf-8") as f:
+    with transaction() as tx:
+        stage = tx.folder(out_dir, f"export-{prefix}", also=(f"{prefix}.onnx.data", f"{prefix}_qdq.onnx.data"))
+        save_model(float_model, stage.path(f"{prefix}.onnx"))
+        with open(stage.path(f"{prefix}.encodings"), "w", encoding="utf-8") as f:
             f.write(dumps(document))
-        stage.add(enc_path)
-        for staged in save_model(deploy, stage.path(f"{prefix}_qdq.onnx")):
-            stage.add(staged)
+        save_model(deploy, stage.path(f"{prefix}_qdq.onnx"))
     out = os.fspath(out_dir)
     return {
         "float": os.path.join(out, f"{prefix}.onnx"),
         "encodings": os.path.join(out, f"{prefix}.encodings"),
         "qdq": os.path.join(out, f"{prefix}_qdq.onnx"),
     }
+
+
+def _warn_subnormal_scales(state: SimState) -> None:
+    """A scale below float32's normal range makes ``x / scale`` overflow: legal, almost surely wrong."""
+    tiny = float(np.finfo(np.float32).tiny)
+    for name, enc in state.encodings.items():
+        low = float(np.min(enc.scale))
+        if low < tiny:
+            import warnings
+
+            warnings.warn(f"tensor '{name}': scale {low:.3g} is below float32's normal range ({tiny:.3g}); "
+                          "x / scale overflows and the tensor quantizes to its grid's ends", RuntimeWarning,
+                          stacklevel=3)

@@ -128,3 +128,8 @@ def cli():
         return proc
 
     return _run
+
+
+def visible(folder):
+    """The files a reader sees in an output folder (not the hidden .onnxqat control folder)."""
+    return sorted(n for n in os.listdir(folder) if not n.startswith("."))

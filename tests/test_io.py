@@ -11,7 +11,13 @@ from onnx import helper, numpy_helper
 
 from conftest import make_model, random_batches, tensor, tiny_cnn
 from onnxqat import ModelError, OutputError, QuantizationSimModel
-from onnxqat.io import load_model, staged_outputs
+from onnxqat.io import load_model
+from onnxqat.outputs import transaction
+
+
+def visible(folder):
+    """The files a reader sees (not the hidden .onnxqat control folder)."""
+    return sorted(n for n in os.listdir(folder) if not n.startswith("."))
 
 
 def test_not_an_onnx_file(tmp_path):
@@ -107,10 +113,9 @@ def test_staged_outputs_leave_nothing_on_failure(tmp_path):
     out.mkdir()
     (out / "model.onnx").write_text("earlier result")
     with pytest.raises(RuntimeError):
-        with staged_outputs(out) as stage:
-            p = stage.path("model.onnx")
-            open(p, "w").write("half")
-            stage.add(p)
+        with transaction() as tx:
+            stage = tx.folder(out, "export-model")
+            open(stage.path("model.onnx"), "w").write("half")
             raise RuntimeError("disk full")
     assert sorted(os.listdir(out)) == ["model.onnx"]
     assert (out / "model.onnx").read_text() == "earlier result"
@@ -136,7 +141,7 @@ def test_export_failure_keeps_earlier_outputs(tmp_path, tiny_model_path, monkeyp
     sim.compute_encodings(random_batches(), progress=False)
     out = tmp_path / "out"
     sim.export(out)
-    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    before = {p: (out / p).read_bytes() for p in visible(out)}
     import onnxqat.pipeline as sim_module
 
     original = sim_module.save_model
@@ -149,13 +154,12 @@ def test_export_failure_keeps_earlier_outputs(tmp_path, tiny_model_path, monkeyp
     monkeypatch.setattr(sim_module, "save_model", failing_save)
     with pytest.raises(OutputError, match="No space left"):
         sim.export(out)
-    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+    assert {p: (out / p).read_bytes() for p in visible(out)} == before
 
 
 def test_external_data_models_round_trip_through_the_large_model_path(tmp_path, monkeypatch):
     """Above the protobuf limit, sessions and exports go through external data files. The limit
     is lowered here so a small model takes that path."""
-    import onnxqat.io as io_module
     import onnxqat.runtime as runtime_module
 
     source = tmp_path / "src" / "model.onnx"
@@ -163,11 +167,10 @@ def test_external_data_models_round_trip_through_the_large_model_path(tmp_path, 
     onnx.save(tiny_cnn(), source, save_as_external_data=True, all_tensors_to_one_file=True,
               location="weights.bin", size_threshold=0)
     monkeypatch.setattr(runtime_module, "PROTO_LIMIT", 100)
-    monkeypatch.setattr(io_module, "PROTO_LIMIT", 100)
     sim = QuantizationSimModel(source, per_channel=True)
     sim.compute_encodings(random_batches(), progress=False)
     paths = sim.export(tmp_path / "out")
-    assert sorted(os.listdir(tmp_path / "out")) == [
+    assert visible(tmp_path / "out") == [
         "model.encodings", "model.onnx", "model.onnx.data", "model_qdq.onnx", "model_qdq.onnx.data"]
     x = random_batches(1)[0]
     from conftest import run_onnx

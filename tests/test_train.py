@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import DEMO_TRAIN, random_batches, run_onnx
+from conftest import visible, DEMO_TRAIN, random_batches, run_onnx
 from onnxqat import ConfigError, DataError, ModelError, QuantizationSimModel
 from onnxqat.data import NpzBatches, load_npz
 from onnxqat.evaluate import accuracy
@@ -91,7 +91,7 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
     first = w4_sim(data)
     with first.trainer(lr=1e-4) as trainer:
         trainer.fit(batches(), epochs=1, checkpoint_dir=tmp_path, progress=False)
-    assert os.listdir(tmp_path) == ["checkpoint.ckpt"]
+    assert visible(tmp_path) == ["checkpoint.ckpt"]
     resumed = w4_sim(data)
     with resumed.trainer(lr=1e-4) as trainer:
         history = trainer.fit(batches(), epochs=2, checkpoint_dir=tmp_path, progress=False)
@@ -126,7 +126,7 @@ def test_ctrl_c_keeps_the_last_good_checkpoint(data, tmp_path):
     with sim.trainer(lr=1e-4) as trainer:
         with pytest.raises(KeyboardInterrupt):
             trainer.fit(batches, epochs=3, checkpoint_dir=tmp_path, progress=False)
-    assert os.listdir(tmp_path) == ["checkpoint.ckpt"]
+    assert visible(tmp_path) == ["checkpoint.ckpt"]
     resumed = w4_sim(data)
     with resumed.trainer(lr=1e-4) as trainer:
         history = trainer.fit(NpzBatches(data["train"], 64, limit=640), epochs=2, checkpoint_dir=tmp_path, progress=False)
@@ -204,7 +204,7 @@ def test_cli_train_end_to_end(cli, demo_assets, tmp_path):
     assert len(epochs) == 2 and all("loss=" in l and "eval_accuracy=" in l for l in epochs)
     final = float(epochs[-1].split("eval_accuracy=")[1].split()[0])
     assert final > ptq
-    assert sorted(os.listdir(out)) == ["model.encodings", "model.onnx", "model_qdq.onnx"]
+    assert visible(out) == ["model.encodings", "model.onnx", "model_qdq.onnx"]
     doc = json.loads((out / "model.encodings").read_text())
     assert {e["bw"] for e in doc["param_encodings"]} == {4, 32}
     scored = cli("eval", out / "model_qdq.onnx", "--data", test, check=True).stdout.strip().splitlines()[-1]

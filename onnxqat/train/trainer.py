@@ -194,6 +194,7 @@ class QATTrainer:
         return lower_for_training(
             model, self._plan, self.initial.encodings, self.loss, range_learning=o.range_learning and o.quantized,
             encoding_lr_scale=o.encoding_lr_scale, frozen=self._frozen, freeze_ranges=o.train_last_n is not None,
+            fixed_weights=self.initial.fixed,
         )
 
     def _resolve_frozen(self) -> set[str]:
@@ -297,36 +298,41 @@ class QATTrainer:
         return h.hexdigest()[:16]
 
     def save_checkpoint(self, checkpoint_dir: str | os.PathLike[str]) -> str:
-        """Write the training state (weights, optimizer, epoch) atomically; returns its path."""
+        """Write the training state (weights, optimizer, epoch) as one output transaction; returns its path.
+
+        The metadata (epoch, setup fingerprint, history) is kept in the checkpoint's properties, so
+        file and metadata are one unit; it replaces the previous checkpoint only once completely
+        written (:mod:`onnxqat.outputs`), and what killed runs left in the folder is removed.
+        """
+        from onnxqat.outputs import transaction
+
         if self._state is None:
             raise ConfigError("nothing to checkpoint: no training step was run yet")
         _, api = training_modules()
         folder = os.fspath(checkpoint_dir)
+        self._state.properties["onnxqat_epoch"] = self.epochs_done
+        self._state.properties["onnxqat_fingerprint"] = self.fingerprint()
+        self._state.properties["onnxqat_history"] = json.dumps([dataclasses.asdict(s) for s in self.history])
         try:
-            os.makedirs(folder, exist_ok=True)
-            self._state.properties["onnxqat_epoch"] = self.epochs_done
-            self._state.properties["onnxqat_fingerprint"] = self.fingerprint()
-            self._state.properties["onnxqat_history"] = json.dumps([dataclasses.asdict(s) for s in self.history])
-            fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=folder)
-            os.close(fd)
-            try:
-                api.CheckpointState.save_checkpoint(self._state, tmp, include_optimizer_state=True)
-                os.replace(tmp, os.path.join(folder, _CHECKPOINT))
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-        except OSError as e:
-            raise OutputError(f"{folder}: cannot write checkpoint: {e.strerror or e}") from None
+            with transaction(join=False) as tx:  # published now, even inside a caller's transaction
+                stage = tx.folder(folder, "checkpoint")
+                api.CheckpointState.save_checkpoint(self._state, stage.path(_CHECKPOINT), include_optimizer_state=True)
         except RuntimeError as e:  # onnxruntime reports a full disk as a plain RuntimeError
-            raise OutputError(f"{folder}: cannot write checkpoint: {str(e).strip().splitlines()[-1][:200]}") from None
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = next((line for line in lines if "rror" in line or "ail" in line), lines[0] if lines else "")
+            raise OutputError(f"{os.path.join(folder, _CHECKPOINT)}: cannot write checkpoint: "
+                              f"{reason.split('] : ', 1)[-1][:200]}") from None
         return os.path.join(folder, _CHECKPOINT)
 
     def _resume(self, checkpoint_dir: str) -> bool:
         path = os.path.join(checkpoint_dir, _CHECKPOINT)
         if not os.path.isfile(path):
             return False
-        self._open(path)
+        try:
+            self._open(path)
+        except ConfigError:  # onnxruntime's reason is a C++ signature
+            raise ConfigError(f"{path}: not a readable training checkpoint (damaged or truncated); delete it to "
+                              "start afresh, or use another checkpoint_dir") from None
         props = self._state.properties
         if "onnxqat_fingerprint" not in props or props["onnxqat_fingerprint"] != self.fingerprint():
             raise ConfigError(
