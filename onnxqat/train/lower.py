@@ -137,23 +137,26 @@ def lower_for_training(
     encoding_lr_scale: float = 10.0,
     frozen: Collection[str] = (),
     freeze_ranges: bool = False,
+    fixed_weights: Collection[str] = (),
 ) -> TrainingGraph:
     """Build the training forward graph (see module docstring).
 
     ``frozen``: initializer names not to train; ``freeze_ranges``: keep the range-learning
-    parameters (scales and zero points) fixed too.
+    parameters (scales and zero points) fixed too; ``fixed_weights``: weight quantizers whose
+    encodings stay as given (a rounding search chose them) instead of following the weights.
     """
     return _Lowering(float_model, plan, encodings, loss, range_learning, encoding_lr_scale, frozen,
-                     freeze_ranges).run()
+                     freeze_ranges, fixed_weights).run()
 
 
 class _Lowering:
     def __init__(
         self, float_model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding],
         loss: LossSpec, range_learning: bool, encoding_lr_scale: float, frozen: Collection[str],
-        freeze_ranges: bool = False,
+        freeze_ranges: bool = False, fixed_weights: Collection[str] = (),
     ) -> None:
         self.freeze_ranges = freeze_ranges
+        self.fixed_weights = set(fixed_weights)
         self.encoding_lr_scale = encoding_lr_scale
         self.model = float_model.clone()
         self.original_params = {
@@ -335,7 +338,14 @@ class _Lowering:
         min_scale = self.b.const(MIN_SCALE, name="min_scale")
         steps_total = float((1 << enc.bitwidth) - 1)
         zp = None
-        if enc.symmetric:
+        if p.name in self.fixed_weights:
+            shape = [1] * rank
+            if enc.axis is not None:
+                shape[enc.axis % rank] = -1
+            s = self.b.const(enc.scale.astype(np.float32).reshape(shape), name="fixed_scale")
+            if not enc.symmetric:
+                zp = self.b.const(enc.zero_point.astype(np.float32).reshape(shape), name="fixed_zp")
+        elif enc.symmetric:
             absmax = self.b.reduce("ReduceMax", self.b.op("Abs", [value], base), axes, base)
             absmax = self.b.stop_gradient(self.b.op("Max", [absmax, tiny], base), base)
             steps = float((1 << (enc.bitwidth - 1)) - 1)
