@@ -305,7 +305,7 @@ def warn_range_outliers(arrays: Mapping[str, np.ndarray], signature: Sequence[In
         if not typical > 0:
             continue
         high = np.flatnonzero(peaks > OUTLIER_RATIO * typical)
-        if 0 < len(high) <= max(1, len(peaks) // 20):
+        if 0 < len(high) <= max(2, len(peaks) // 10):  # a few: two of a small set count
             top = float(peaks.max())
             warnings.warn(
                 f"{where}: input '{spec.name}': {len(high)} of {len(peaks)} samples (e.g. sample {int(high[0])}) "

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -320,8 +321,8 @@ class QATTrainer:
         except RuntimeError as e:  # onnxruntime reports a full disk as a plain RuntimeError
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             reason = next((line for line in lines if "rror" in line or "ail" in line), lines[0] if lines else "")
-            raise OutputError(f"{os.path.join(folder, _CHECKPOINT)}: cannot write checkpoint: "
-                              f"{reason.split('] : ', 1)[-1][:200]}") from None
+            reason = re.sub(r"^\d+ : \w+ : ", "", reason.split("] : ", 1)[-1])  # "1 : FAIL : " is no reason
+            raise OutputError(f"{os.path.join(folder, _CHECKPOINT)}: cannot write checkpoint: {reason[:200]}") from None
         return os.path.join(folder, _CHECKPOINT)
 
     def _resume(self, checkpoint_dir: str) -> bool:
