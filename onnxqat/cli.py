@@ -57,6 +57,11 @@ def _add_sim_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
         "--config", default=None,
         help="quantization config: JSON file or preset 'onnxruntime' (default) / 'aimet'",
     )
+    p.add_argument("--weight-rounding", choices=["none", "seqmse", "adaround"], default="none",
+                   help="after calibration, choose weight grids against each layer's float output on the "
+                        "calibration data: seqmse (per-channel scales), adaround (scales, then rounding)")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="correct biases for the weights' mean output error (default: on with --weight-rounding)")
     p.add_argument("--target", choices=["x86-avx2", "x86-vnni", "arm64", "htp"], default=None,
                    help="deployment target whose integer arithmetic the model must be exact on "
                         "(default: detected from this machine)")
@@ -288,7 +293,8 @@ def _calibrated_sim(args: argparse.Namespace, checked: _Checked):  # type: ignor
     how = "given" if args.target else "detected"
     print(f"target: {sim.target.name} ({how}; {sim.target.description})")
     print(f"plan: {sim.plan.summary()}")
-    sim.compute_encodings(NpzBatches(checked.calib, args.batch_size, batch_axes=checked.axes))
+    sim.compute_encodings(NpzBatches(checked.calib, args.batch_size, batch_axes=checked.axes),
+                          weight_rounding=args.weight_rounding, bias_correction=args.bias_correction)
     return sim
 
 

@@ -20,6 +20,7 @@ from onnxqat.errors import ConfigError, EncodingsError
 from onnxqat.pipeline import ModelSource, SimState
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding
+from onnxqat.rounding import Rounding, WeightRoundingReport, collect_layer_stats, round_weights
 from onnxqat.runtime import Session
 from onnxqat.spec import MAX_BITWIDTH, MIN_BITWIDTH
 from onnxqat.target import Target, resolve_target
@@ -141,11 +142,14 @@ class QuantizationSimModel:
 
     # -- calibration ---------------------------------------------------------------------------
     def compute_encodings(
-        self, batches: Iterable[Mapping[str, np.ndarray]], *, progress: bool | None = None
+        self, batches: Iterable[Mapping[str, np.ndarray]], *, progress: bool | None = None,
+        weight_rounding: str = "none", bias_correction: bool | None = None,
     ) -> QuantizationSimModel:
         """Calibrate every activation quantizer on ``batches`` (dicts of input arrays).
 
-        The first batch is kept for the check run at export.
+        ``weight_rounding`` (``none``, ``seqmse``, ``adaround``) then optimises the weight grids on
+        the same data (:meth:`round_weights`; ``batches`` must be re-iterable). The first batch is
+        kept for the check run at export.
         """
         signature = input_signature(self.float_model)
         kept: list[dict[str, np.ndarray]] = []
@@ -179,8 +183,22 @@ class QuantizationSimModel:
     def calibrated(self) -> bool:
         return self._state.calibrated
 
+        if Rounding.parse(weight_rounding) is not Rounding.NONE or bias_correction:
+            self.round_weights(batches, weight_rounding, bias_correction=bias_correction is not False, progress=progress)
     def _require_calibrated(self) -> None:
         self._state.require_calibrated()
+    def round_weights(self, batches: Iterable[Mapping[str, np.ndarray]], method: str = "seqmse", *,
+                      bias_correction: bool = True, iterations: int = 500,
+                      progress: bool | None = None) -> WeightRoundingReport:
+        """Optimise weight grids on calibration data (:mod:`onnxqat.rounding`): ``seqmse``
+        (per-channel scales), ``adaround`` (SeqMSE scales, then rounding), ``none`` (bias
+        correction only). Call after calibration; returns each layer's output MSE before/after."""
+        self._require_calibrated()
+        stats = collect_layer_stats(self._state, batches, progress=progress)
+        self._state, report = round_weights(self._state, stats, method, bias_correction=bias_correction,
+                                            iterations=iterations, progress=progress)
+        return report
+
 
     # -- weights -------------------------------------------------------------------------------
     def weights(self) -> dict[str, np.ndarray]:
