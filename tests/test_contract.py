@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -23,7 +24,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from conftest import ROOT, make_model, random_batches, tensor, tiny_cnn
 from onnxqat import ConfigError, DataError, EncodingsError, ModelError, OutputError, QuantizationSimModel
@@ -111,6 +112,7 @@ def test_report_at_the_input_model_or_at_another_output_is_refused(tiny, tmp_pat
     code, out, err = cli(capsys, "quantize", model, "--data", data, "--output-dir", tmp_path / "o",
                          "--report", tmp_path / "o" / "model.onnx")
     assert "both the output model.onnx and the report would be written there" in error_line(code, out, err)
+    before_any_work(out)
     assert model.read_bytes() == before and not (tmp_path / "o").exists()
 
 
@@ -305,6 +307,18 @@ def test_stale_staging_of_killed_runs_is_removed_by_the_next_run(sims, tmp_path)
     assert staging_left(out_dir) == [live.name] and not stale_gen.exists()
 
 
+def test_stale_temporaries_in_a_checkpoint_dir_are_removed_by_the_next_checkpoint(trainer, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = outputs._HOST
+    (tmp_path / f".onnxqat-{dead.pid}-{host}-0badc0de").mkdir()  # a killed save's staging folder
+    for name in (f".onnxqat-{dead.pid}-{host}-0badc0de.bak", ".checkpoint-x1y2z3w4"):
+        (tmp_path / name).write_text("")
+    os.utime(tmp_path / ".checkpoint-x1y2z3w4", (time.time() - 7200,) * 2)  # an earlier version's temporary
+    trainer.save_checkpoint(tmp_path)
+    assert os.listdir(tmp_path) == ["checkpoint.ckpt"]
+
+
 def test_sigterm_during_train_exits_like_ctrl_c(tiny, tmp_path):
     model, data = tiny
     tmpdir = tmp_path / "tmp"
@@ -428,6 +442,34 @@ def test_a_nonsense_learning_rate_is_refused_before_work(tiny, tmp_path, capsys,
                          "--lr", lr)
     assert message in error_line(code, out, err)
     before_any_work(out)
+
+
+def test_a_loss_that_rises_over_an_epoch_is_warned_about():
+    from onnxqat.train.trainer import _loss_trend
+
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(0.5, 1.5, 200)  # batch-to-batch spread of a real epoch's losses
+    assert _loss_trend(noise * np.linspace(1.0, 0.5, 200))[2] is None  # falling
+    assert _loss_trend(noise)[2] is None  # flat: noise alone is no rise
+    assert _loss_trend(noise * np.linspace(1.0, 2.0, 200))[2].startswith("the training loss rose from")
+    wrecked = np.concatenate([[0.01], 50 * noise[1:]])  # one step wrecks the model, then the loss is flat
+    assert _loss_trend(wrecked)[2].startswith("the training loss went from 0.01 at the epoch's first step to ")
+    assert _loss_trend(noise[:9])[2] is None  # too few steps to tell
+
+
+@pytest.mark.parametrize("lr, warned", [(1e-3, False), (1.0, True)])
+def test_a_learning_rate_that_wrecks_the_model_is_warned_about(lr, warned):
+    # lr 1.0 (the highest the options accept): the second step takes the distillation loss from
+    # 0.003 to ~15 and it stays there, finite; 1e-3 trains this model normally
+    sim = QuantizationSimModel(tiny_cnn())
+    sim.compute_encodings(random_batches(), progress=False)
+    with warnings.catch_warnings(record=True) as caught, sim.trainer(loss="distill", lr=lr) as t:
+        warnings.simplefilter("always")
+        t.fit(random_batches(100, seed=3), epochs=1, progress=False)
+    rose = [str(w.message) for w in caught if "the learning rate may be too high" in str(w.message)]
+    assert len(rose) == int(warned), rose
+    if warned:
+        assert rose[0].startswith("epoch 1: the training loss went from 0.00")
 
 
 @pytest.mark.parametrize("command, option, value", [

@@ -391,8 +391,8 @@ class QATTrainer:
             self.history.append(stats)
             self.epochs_done = epoch + 1
             if trend[2]:
-                warnings.warn(f"epoch {epoch + 1}: the training loss rose from {trend[0]:.4g} to {trend[1]:.4g} "
-                              "over the epoch; the learning rate may be too high", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"epoch {epoch + 1}: {trend[2]}; the learning rate may be too high", RuntimeWarning,
+                              stacklevel=2)
             if folder is not None:
                 self.save_checkpoint(folder)
             if on_epoch is not None:
@@ -490,7 +490,7 @@ class QATTrainer:
         return StepResult(loss, np.asarray(prediction))
 
     def _train_epoch(self, batches: Iterable[Mapping[str, Any]], epoch: int,
-                     progress: bool | None) -> tuple[float, float | None, int, int, tuple[float | None, float | None, bool]]:
+                     progress: bool | None) -> tuple[float, float | None, int, int, tuple[float | None, float | None, str | None]]:
         self._module.train()
         total_loss, total, correct, steps, skipped = 0.0, 0, 0, 0, 0
         losses: list[float] = []
@@ -573,16 +573,31 @@ class QATTrainer:
         self.close()
 
 
-def _loss_trend(losses: Sequence[float]) -> tuple[float | None, float | None, bool]:
-    """Mean loss of the first and last tenth of an epoch's steps, and whether it clearly rose
-    (by over 10% and by more than three standard errors of the two means)."""
-    if len(losses) < 20:
-        return None, None, False
+# The loss of a step's batch varies several-fold from batch to batch; a hundredfold rise above
+# the first step's (the weights the epoch began with) is a wrecked model, not noise.
+WRECKED = 100.0
+
+
+def _loss_trend(losses: Sequence[float]) -> tuple[float | None, float | None, str | None]:
+    """Mean loss of the first and last tenth of an epoch's steps, and why the loss rose (None: it
+    did not): the last tenth's mean clearly above the first tenth's (by over 10% and by more than
+    three standard errors of the two means), or the last tenth's median :data:`WRECKED` times the
+    first step's loss (a step that wrecked the model early, after which the loss stays flat; a far
+    too high learning rate does that within the first tenth)."""
+    if len(losses) < 10:
+        return None, None, None
     tenth = len(losses) // 10
     first, last = np.asarray(losses[:tenth]), np.asarray(losses[-tenth:])
-    margin = 3 * math.sqrt((first.var(ddof=1) + last.var(ddof=1)) / tenth)
-    rose = last.mean() > first.mean() * 1.1 and last.mean() - first.mean() > margin
-    return float(first.mean()), float(last.mean()), bool(rose)
+    reason = None
+    if tenth >= 2:
+        margin = 3 * math.sqrt((first.var(ddof=1) + last.var(ddof=1)) / tenth)
+        if last.mean() > first.mean() * 1.1 and last.mean() - first.mean() > margin:
+            reason = f"the training loss rose from {first.mean():.4g} to {last.mean():.4g} over the epoch"
+    end = float(np.median(last))
+    if reason is None and losses[0] > 0 and end > WRECKED * losses[0]:
+        reason = (f"the training loss went from {losses[0]:.4g} at the epoch's first step to {end:.4g} at its "
+                  "end (median of the last tenth)")
+    return float(first.mean()), float(last.mean()), reason
 
 
 def _labels_nd(batch: Mapping[str, Any], key: str, where: str) -> np.ndarray:
