@@ -62,6 +62,9 @@ def _add_sim_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
                         "calibration data: seqmse (per-channel scales), adaround (scales, then rounding)")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="correct biases for the weights' mean output error (default: on with --weight-rounding)")
+    p.add_argument("--pack-4bit", action="store_true",
+                   help="store weights of at most 4 bits as packed INT4/UINT4 in model_qdq.onnx: half the "
+                        "file, but onnxruntime's CPU provider runs those layers in float")
     p.add_argument("--target", choices=["x86-avx2", "x86-vnni", "arm64", "htp"], default=None,
                    help="deployment target whose integer arithmetic the model must be exact on "
                         "(default: detected from this machine)")
@@ -303,7 +306,8 @@ def _export(sim, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-d
     from onnxqat.outputs import transaction
 
     with transaction() as tx:
-        paths = sim.export(args.output_dir, args.prefix, encoding_version=args.encoding_version)
+        paths = sim.export(args.output_dir, args.prefix, encoding_version=args.encoding_version,
+                           pack_4bit=getattr(args, "pack_4bit", False))
         if args.report:
             with open(tx.file(args.report), "w", encoding="utf-8") as f:
                 f.write(json.dumps(sim.report(), indent=2) + "\n")

@@ -353,10 +353,18 @@ def finalize(model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding]
     )
 
 
-def lower(state: SimState, *, deploy: bool = False) -> ir.Model:
+def lower(state: SimState, *, deploy: bool = False, pack_4bit: bool = False) -> ir.Model:
     """The simulation graph: float weights + Q/DQ (``deploy=False``), or the deployable graph with
-    integer weights behind DequantizeLinear (``deploy=True``)."""
-    return InsertQDQPass(state.effective_plan, state.encodings, fold_weights=deploy)(state.float_model).model
+    integer weights behind DequantizeLinear (``deploy=True``); with ``pack_4bit``, weights of at
+    most 4 bits are stored as packed INT4/UINT4 (:mod:`onnxqat.passes.pack_int4`)."""
+    result = InsertQDQPass(state.effective_plan, state.encodings, fold_weights=deploy)(state.float_model)
+    if deploy and pack_4bit:
+        from onnxqat.passes.pack_int4 import PackInt4Pass
+
+        small = frozenset(result.folded_weights[p.name] for p in state.effective_plan.params
+                          if p.name in result.folded_weights and state.encodings[p.name].bitwidth <= 4)
+        PackInt4Pass(small)(result.model)
+    return result.model
 
 
 def apply_weights(state: SimState, weights: Mapping[str, np.ndarray], scheme: Scheme = Scheme.MINMAX) -> SimState:
@@ -461,11 +469,16 @@ def export(
             or "\0" in prefix or prefix in (".", "..")):
         raise ConfigError(f"invalid export prefix {prefix!r}")
     _warn_subnormal_scales(state)
-    deploy = lower(state, deploy=True)
+    deploy = lower(state, deploy=True, pack_4bit=pack_4bit)
     if check_feed is not None:
+    pack_4bit: bool = False,
         from onnxqat.deploycheck import check_deployment
 
         lsbs = {}
+    ``pack_4bit``: weights of at most 4 bits are stored as packed INT4/UINT4 in the QDQ model
+    (half the bytes; on onnxruntime's CPU provider such layers run in float, see
+    :mod:`onnxqat.passes.pack_int4`).
+
         for value in state.float_model.graph.outputs:
             q = state.effective_plan.activation_of(value.name or "")
             lsbs[value.name or ""] = float(np.max(state.encodings[q.name].scale)) if q is not None else None

@@ -337,12 +337,14 @@ class QuantizationSimModel:
 
     # -- export --------------------------------------------------------------------------------
     def export(
-        self, out_dir: str | os.PathLike[str], prefix: str = "model", *, encoding_version: str = "1.0.0"
+        self, out_dir: str | os.PathLike[str], prefix: str = "model", *, encoding_version: str = "1.0.0",
+        pack_4bit: bool = False,
     ) -> dict[str, str]:
         """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` atomically.
 
-        Returns the paths by kind (``float``, ``encodings``, ``qdq``).
+        Returns the paths by kind (``float``, ``encodings``, ``qdq``). ``pack_4bit``: weights of
+        at most 4 bits go into the QDQ model as packed INT4/UINT4 (half the file; float kernels on CPU).
         """
         self._require_calibrated()
         return pipeline.export(self._state, out_dir, self.float16, self.encodings_document(encoding_version), prefix,
-                               check_feed=self._check_feed)
+                               check_feed=self._check_feed, pack_4bit=pack_4bit)

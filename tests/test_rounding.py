@@ -210,3 +210,36 @@ def test_qat_keeps_the_grids_a_rounding_search_chose():
         w0 = sim.float_model.graph.initializers[name].const_value.numpy()
         moved += int(not np.array_equal(after.float_model.graph.initializers[name].const_value.numpy(), w0))
     assert moved  # the weights trained; their grids stayed
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_packed_four_bit_weights_halve_the_file_and_keep_every_value(tmp_path, deploy_python, opset):
+    """W4 weights stored as INT4: the QDQ file shrinks towards half, and onnxruntime (the training
+    build here, the newest plain release in .venv-deploy) computes the same outputs as from the
+    int8 containers."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    inits = {"w1": (rng.normal(size=(32, 8, 3, 3)) * 0.2).astype(f), "w2": (rng.normal(size=(32, 32, 3, 3)) * 0.1).astype(f)}
+    model = make_model(nodes, [tensor("x", ["N", 8, 8, 8])], [tensor("y", ["N", 32, 8, 8])], inits, opset=opset,
+                       ir_version=10 if opset >= 21 else 8)
+    data = random_batches(2, 4, (8, 8, 8))
+    sim = QuantizationSimModel(model, param_bw=4, per_channel=True).compute_encodings(data, progress=False)
+    plain = sim.export(tmp_path / "int8")["qdq"]
+    packed = sim.export(tmp_path / "int4", pack_4bit=True)["qdq"]
+    proto = onnx.load(packed)
+    weights = [i for i in proto.graph.initializer if i.data_type == TensorProto.INT4]
+    domains = {n.domain for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in
+               {i.name for i in weights}}
+    assert domains == ({""} if opset >= 21 else {"com.microsoft"})  # DequantizeLinear reads INT4 from opset 21
+    assert len(weights) >= 2 and all(len(i.raw_data) == (int(np.prod(i.dims)) + 1) // 2 for i in weights)
+    size4, size8 = (tmp_path / "int4" / "model_qdq.onnx").stat().st_size, (tmp_path / "int8" / "model_qdq.onnx").stat().st_size
+    assert size4 < 0.6 * size8
+    feed = data[0]
+    np.testing.assert_array_equal(run_onnx(onnx.load(packed), feed)[0], run_onnx(onnx.load(plain), feed)[0])
+    from deployrt import DeployedSession
+
+    with DeployedSession(deploy_python, packed) as s4, DeployedSession(deploy_python, plain) as s8:
+        np.testing.assert_array_equal(s4.run(feed)[0], s8.run(feed)[0])

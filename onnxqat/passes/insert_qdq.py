@@ -25,6 +25,8 @@ same activation graph, so the simulation runs what is deployed.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 
 import numpy as np
@@ -66,11 +68,24 @@ def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.clip(q, _INT32.min, _INT32.max).astype(np.int32)
 
 
+@dataclasses.dataclass
+class InsertQDQResult(ir.passes.PassResult):
+    """Attributes:
+        sites: Each quantized activation tensor of the float model -> the name of the
+            DequantizeLinear output that replaces it in the new model.
+        folded_weights: Each weight folded to integers (``fold_weights=True``) -> the name of the
+            integer initializer holding it.
+    """
+
+    sites: dict[str, str] = dataclasses.field(default_factory=dict)
+    folded_weights: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
 class InsertQDQPass(ir.passes.FunctionalPass):
     """Return a copy of the model with Q/DQ pairs for every quantizer of ``plan``.
 
-    After a call, ``sites`` maps each quantized activation tensor of the float model to the name of
-    the DequantizeLinear output that replaces it in the new model.
+    The result (:class:`InsertQDQResult`) tells where each quantizer went; after a call, the
+    pass's ``sites`` holds the same map as the result's.
     """
 
     def __init__(
@@ -85,12 +100,12 @@ class InsertQDQPass(ir.passes.FunctionalPass):
         self.fold_weights = fold_weights
         self.sites: dict[str, str] = {}
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> InsertQDQResult:
         model = model.clone()
         inserter = _Inserter(model, self.plan, self.encodings, self.fold_weights)
         inserter.run()
         self.sites = inserter.sites
-        return ir.passes.PassResult(model, modified=True)
+        return InsertQDQResult(model, modified=True, sites=dict(inserter.sites), folded_weights=dict(inserter.folded))
 
 
 def _is_bias(plan: QuantPlan, name: str) -> bool:
@@ -111,6 +126,7 @@ class _Inserter:
         self.nodes = {node.name: node for node in self.graph if node.name}
         self.count = 0
         self.sites: dict[str, str] = {}
+        self.folded: dict[str, str] = {}  # weight -> its integer initializer (fold)
         self.qvalues: dict[str, ir.Value] = {}  # tensor -> the QuantizeLinear output holding its integers
         self.tensor_of: dict[str, str] = {}  # DequantizeLinear output -> the tensor it replaces
 
@@ -276,6 +292,7 @@ class _Inserter:
             weight = const_array(value)
             assert weight is not None
             q_value = make_initializer(self.graph, self.names.fresh(f"{base}_quantized"), quantize(weight, enc))
+            self.folded[name] = q_value.name  # type: ignore[assignment]
             del weight
             release_if_mapped(value.const_value)
             dq = self.node("DequantizeLinear", [q_value, scale, zp], base, domain, **axis)
