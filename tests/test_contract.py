@@ -286,6 +286,31 @@ def test_export_failing_at_every_publish_step_keeps_the_earlier_set(sims, tmp_pa
     assert step >= 4  # control folder, move into place, switch link, switch
 
 
+def test_analyze_publishes_its_three_reports_as_one_set(tiny, tmp_path, capsys, monkeypatch):
+    model, data = tiny
+    out_dir = tmp_path / "a"
+    assert cli(capsys, "analyze", model, "--data", data, "--output-dir", out_dir, "--param-bw", "4")[0] == 0
+    earlier = contents(out_dir)
+    assert sorted(earlier) == ["mixed_precision.json", "report.html", "report.json"]
+
+    def fail(what, path):
+        if what == "switch":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "_step", fail)  # all three written, the publish fails
+    line = error_line(*cli(capsys, "analyze", model, "--data", data, "--output-dir", out_dir))
+    assert "No space left on device" in line
+    assert contents(out_dir) == earlier and staging_left(out_dir) == []
+
+
+def test_demo_refuses_a_bad_output_dir_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, out, err = cli(capsys, "demo", "--output-dir", blocker)
+    assert "file: exists and is not a directory" in error_line(code, out, err)
+    assert out == ""  # the demo prints its first accuracy only after minutes of work
+
+
 def test_stale_staging_of_killed_runs_is_removed_by_the_next_run(sims, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
