@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from onnxqat import distributed
 from onnxqat.calibrate.observers import HistogramObserver
 from onnxqat.calibrate.runner import collect_statistics
 from onnxqat.calibrate.schemes import Scheme
@@ -188,14 +189,17 @@ def sensitivity(sim: QuantizationSimModel, metric: Metric, *, progress: bool | N
         model = InsertQDQPass(_subset_plan(plan, enabled), sim.encodings, fold_weights=False)(sim.float_model).model
         return metric(Session(model).run)
 
-    units = layers(sim)
-    result: dict[str, Any] = {"float": metric(Session(sim.float_model).run), "quantized": score(every), "layers": []}
-    for layer in tqdm(units, desc="sensitivity", unit="layer", disable=None if progress is None else not progress):
+    def layer_row(layer: Layer) -> dict[str, Any]:
         mine = set(layer.quantizers)
-        result["layers"].append({
-            "node": layer.node, "op_type": layer.op_type, "quantizers": list(layer.quantizers),
-            "only_this_quantized": score(mine), "all_but_this_quantized": score(every - mine),
-        })
+        return {"node": layer.node, "op_type": layer.op_type, "quantizers": list(layer.quantizers),
+                "only_this_quantized": score(mine), "all_but_this_quantized": score(every - mine)}
+
+    def bar(units: Iterable[Layer]) -> Iterable[Layer]:
+        shown = progress if distributed.is_root() else False
+        return tqdm(units, desc="sensitivity", unit="layer", disable=None if shown is None else not shown)
+
+    result: dict[str, Any] = {"float": metric(Session(sim.float_model).run), "quantized": score(every)}
+    result["layers"] = distributed.map_split(layer_row, layers(sim), bar)  # under MPI: layers split across ranks
     for row in result["layers"]:
         row["gain_if_float"] = row["all_but_this_quantized"] - result["quantized"]
     result["ranking"] = [r["node"] for r in sorted(result["layers"], key=lambda r: -r["gain_if_float"])]

@@ -303,8 +303,11 @@ def _calibrated_sim(args: argparse.Namespace, checked: _Checked):  # type: ignor
 
 def _export(sim, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
     """The export set and the report as one output transaction: both are published, or neither."""
+    from onnxqat import distributed
     from onnxqat.outputs import transaction
 
+    if not distributed.is_root():  # under MPI rank 0 alone writes
+        return
     with transaction() as tx:
         paths = sim.export(args.output_dir, args.prefix, encoding_version=args.encoding_version,
                            pack_4bit=getattr(args, "pack_4bit", False))
@@ -349,8 +352,12 @@ def _train(args: argparse.Namespace) -> None:
         if args.loss == "cross_entropy":
             checked.check_labels(arrays, args.eval, args.label_key, args.output_index)
         evaluation = list(NpzBatches(arrays, 256, batch_axes=checked.axes))
-    batches = NpzBatches(train, args.batch_size, shuffle=True, seed=args.seed, limit=args.max_samples,
+    from onnxqat.distributed import RankRows, world
+
+    ranks = world().size  # under MPI --batch-size is per rank: a global batch of ranks x batch size, split
+    batches = NpzBatches(train, args.batch_size * ranks, shuffle=True, seed=args.seed, limit=args.max_samples,
                          batch_axes=checked.axes)
+    batches = RankRows(batches) if ranks > 1 else batches
     if args.epochs is None:
         args.epochs = default_epochs(len(batches))
         print(f"epochs: {args.epochs} ({len(batches)} steps per epoch at batch size {args.batch_size}; "
@@ -470,6 +477,10 @@ def _analyze(args: argparse.Namespace) -> None:
     name = os.path.basename(args.model)
     texts = (render_html(result, model_name=name), json.dumps(result, indent=1) + "\n",
              json.dumps(result["mixed_precision"], indent=2) + "\n")
+    from onnxqat import distributed
+
+    if not distributed.is_root():  # under MPI rank 0 alone writes
+        return
     with transaction() as tx:
         stage = tx.folder(args.output_dir, "analyze")
         for file, text in zip(ANALYZE_OUTPUTS, texts):
@@ -516,7 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: temp folders removed, nothing half-published
     try:
-        handlers[args.command](args)
+        from onnxqat.distributed import run_command
+
+        run_command(handlers[args.command], args)  # under mpirun: same setup on every rank, one error
     except OnnxQatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

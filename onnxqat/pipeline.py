@@ -32,6 +32,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from onnxqat import distributed
 from onnxqat.calibrate.runner import collect_statistics
 from onnxqat.calibrate.schemes import DEFAULT_PERCENTILE, Scheme, activation_encoding, weight_encoding
 from onnxqat.config import QuantSimConfig
@@ -241,9 +242,12 @@ def calibrate(
         else:
             split.append(q)
     observed = dataclasses.replace(state.plan, activations=tuple(split), biases=(), integer_forms=())
+    batches = distributed.own_batches(batches)  # under MPI: every N-th batch, observers merged below
     if scheme.needs_histogram:
         batches = _within_budget(state.float_model, observed, batches)
-    observers = collect_statistics(state.float_model, observed, batches, scheme, progress=progress)
+    observers = collect_statistics(state.float_model, observed, batches, scheme,
+                                   progress=progress if distributed.is_root() else False)
+    observers = distributed.merge_observers(observers)
     untie = _untie(state, observers) if replan is not None else {}
     plan = replan(untie) if untie and replan is not None else state.plan
     group_of = {t: q.name for q in observed.activations for t in q.tensors}

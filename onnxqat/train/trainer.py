@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat import pipeline
+from onnxqat import distributed, pipeline
 from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import ConfigError, DataError, ModelError, OutputError
@@ -374,6 +374,9 @@ class QATTrainer:
             if folder and resume:
                 self._resume(folder)
         per_epoch = count_batches(train_batches)
+        if distributed.world().size > 1:  # rank 0 alone prints and writes; every rank has the same setup
+            progress = progress if distributed.is_root() else False
+            distributed.check_same("training setup", {"setup": self.fingerprint(), "batches": str(per_epoch)})
         if per_epoch is not None and per_epoch * (epochs - self.epochs_done) < MIN_STEPS:
             warnings.warn(f"only {per_epoch * (epochs - self.epochs_done)} optimizer steps to run "
                           f"({per_epoch} per epoch): fine-tuning usually needs {MIN_STEPS} or more; "
@@ -393,7 +396,7 @@ class QATTrainer:
             if trend[2]:
                 warnings.warn(f"epoch {epoch + 1}: {trend[2]}; the learning rate may be too high", RuntimeWarning,
                               stacklevel=2)
-            if folder is not None:
+            if folder is not None and distributed.is_root():
                 self.save_checkpoint(folder)
             if on_epoch is not None:
                 on_epoch(stats)
@@ -494,6 +497,7 @@ class QATTrainer:
         self._module.train()
         total_loss, total, correct, steps, skipped = 0.0, 0, 0, 0, 0
         losses: list[float] = []
+        sync = distributed.GradientSync(self._state, self.graph.trainable) if distributed.world().size > 1 else None
 
         def postfix() -> str:
             return f"loss {total_loss / total:.4f}" if total else ""
@@ -503,21 +507,32 @@ class QATTrainer:
             fed = self._feed(batch, i)
             if fed is None:
                 skipped += len(next(iter(validate_feed(batch, self._signature, where="batch").values())))
+                if sync is not None:
+                    sync.step(None)
                 continue
             inputs, labels = fed
             loss, prediction = self._module(*inputs)
             loss = float(loss)
             if not math.isfinite(loss):
                 raise DataError(f"training diverged: loss is {loss} at epoch {epoch + 1}, batch {i}; lower the learning rate")
+            n = len(inputs[0]) if np.ndim(inputs[0]) else 1
+            if sync is not None:  # gradients averaged over the ranks in place; the loss is their mean
+                mean = sync.step(loss, n)
+                if mean is None:  # some rank had a short batch: no rank steps
+                    self._module.lazy_reset_grad()
+                    skipped += n
+                    continue
+                loss = mean
             self._optimizer.step()
             self._module.lazy_reset_grad()
-            n = len(inputs[0]) if np.ndim(inputs[0]) else 1
             total_loss += loss * n
             total += n
             steps += 1
             losses.append(loss)
             if labels is not None and labels.ndim == 1:
                 correct += int((np.asarray(prediction).reshape(len(labels), -1).argmax(-1) == labels).sum())
+        if sync is not None:
+            sync.finish()
         if steps == 0:
             raise DataError("training data: no batch of the training graph's shape")
         trend = _loss_trend(losses)
