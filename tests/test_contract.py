@@ -785,6 +785,43 @@ def test_property_export_holds_the_old_or_the_new_set(sims, tmp_path_factory, mo
     assert staging_left(folder) == []
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(point=st.integers(0, 7), report_first=st.booleans())  # 6 publish steps, then success
+def test_property_an_export_and_its_report_are_published_together(sims, tmp_path_factory, monkeypatch, point,
+                                                                  report_first):
+    """The CLI's transaction: the export set in OUT and a report elsewhere are both old or both new."""
+    old_sim, new_sim = sims
+    root = tmp_path_factory.mktemp("together")
+    folder, report = root / "out", root / "reports" / "r.json"
+
+    def publish(sim, text):
+        with transaction() as tx:
+            if report_first:  # the order members were staged in must not matter
+                with open(tx.file(report), "w") as f:
+                    f.write(text)
+            sim.export(folder)
+            if not report_first:
+                with open(tx.file(report), "w") as f:
+                    f.write(text)
+
+    publish(new_sim, "new")
+    new = contents(folder)
+    publish(old_sim, "old")
+    old = contents(folder)
+    fail = _FailAt(point)
+    monkeypatch.setattr(outputs, "_step", lambda what, path: fail.tick())
+    try:
+        publish(new_sim, "new")
+        ok = True
+    except OutputError as e:
+        assert "No space left on device (simulated)" in str(e)
+        ok = False
+    finally:
+        monkeypatch.undo()
+    assert (contents(folder), report.read_text()) == ((new, "new") if ok else (old, "old"))
+    assert staging_left(folder) == [] and staging_left(report.parent) == []
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(point=st.integers(0, 6))
 def test_property_checkpoint_is_the_old_or_the_new_one(trainer, tmp_path_factory, monkeypatch, point):
