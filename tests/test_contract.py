@@ -532,6 +532,17 @@ def test_a_fifo_as_data_is_refused_without_blocking(tiny, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_device_or_a_directory_as_data_is_refused(tiny, tmp_path):
+    model, _ = tiny
+    for data, message in (
+        ("/dev/zero", "/dev/zero: not a regular file (a FIFO, socket or device); onnxqat reads only files"),
+        (tmp_path, f"{tmp_path}: is a directory, not a file"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "onnxqat.cli", "eval", str(model), "--data", str(data)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)  # reading /dev/zero never ends
+        assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr
+
+
 # -- one line, never a traceback ------------------------------------------------------------------------
 def _external(tmp_path, data: bytes, offset=None, length=None):
     model = make_model([helper.make_node("Add", ["x", "w"], ["y"])], [tensor("x", [4])], [tensor("y", [4])],
