@@ -763,6 +763,19 @@ class _FailAt:
         self.calls += 1
 
 
+def _survives(publish, monkeypatch):
+    """Run ``publish`` with the failures armed (then disarm them); whether it succeeded. A failure
+    must be the simulated one, as one OutputError."""
+    try:
+        publish()
+        return True
+    except OutputError as e:
+        assert "No space left on device (simulated)" in str(e)
+        return False
+    finally:
+        monkeypatch.undo()
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(point=st.integers(0, 30), prefix=st.sampled_from(["model", "net"]))
 def test_property_export_holds_the_old_or_the_new_set(sims, tmp_path_factory, monkeypatch, point, prefix):
@@ -784,14 +797,7 @@ def test_property_export_holds_the_old_or_the_new_set(sims, tmp_path_factory, mo
 
     monkeypatch.setattr(outputs, "_step", lambda what, path: fail.tick())
     monkeypatch.setattr(pipeline, "save_model", failing_save)
-    try:
-        new_sim.export(folder, prefix)
-        ok = True
-    except OutputError as e:
-        assert "No space left on device (simulated)" in str(e)
-        ok = False
-    finally:
-        monkeypatch.undo()
+    ok = _survives(lambda: new_sim.export(folder, prefix), monkeypatch)
     assert contents(folder) == (new if ok else old)
     assert staging_left(folder) == []
 
@@ -821,14 +827,7 @@ def test_property_an_export_and_its_report_are_published_together(sims, tmp_path
     old = contents(folder)
     fail = _FailAt(point)
     monkeypatch.setattr(outputs, "_step", lambda what, path: fail.tick())
-    try:
-        publish(new_sim, "new")
-        ok = True
-    except OutputError as e:
-        assert "No space left on device (simulated)" in str(e)
-        ok = False
-    finally:
-        monkeypatch.undo()
+    ok = _survives(lambda: publish(new_sim, "new"), monkeypatch)
     assert (contents(folder), report.read_text()) == ((new, "new") if ok else (old, "old"))
     assert staging_left(folder) == [] and staging_left(report.parent) == []
 
@@ -855,12 +854,6 @@ def test_property_checkpoint_is_the_old_or_the_new_one(trainer, tmp_path_factory
 
     monkeypatch.setattr(outputs, "_step", lambda what, path: fail.tick())
     monkeypatch.setattr(api.CheckpointState, "save_checkpoint", failing_save)
-    try:
-        trainer.save_checkpoint(folder)
-        ok = True
-    except OutputError:
-        ok = False
-    finally:
-        monkeypatch.undo()
+    ok = _survives(lambda: trainer.save_checkpoint(folder), monkeypatch)
     assert os.listdir(folder) == ["checkpoint.ckpt"]
     assert (folder / "checkpoint.ckpt").read_bytes() == (new if ok else old)
