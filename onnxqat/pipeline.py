@@ -457,8 +457,13 @@ def export(
     document: Mapping[str, Any],
     prefix: str = "model",
     check_feed: Mapping[str, np.ndarray] | None = None,
+    pack_4bit: bool = False,
 ) -> dict[str, str]:
     """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` as one set.
+
+    ``pack_4bit``: weights of at most 4 bits are stored as packed INT4/UINT4 in the QDQ model
+    (half the bytes; on onnxruntime's CPU provider such layers run in float, see
+    :mod:`onnxqat.passes.pack_int4`).
 
     The set is one output transaction (:mod:`onnxqat.outputs`): published all together, replacing
     an earlier set only once every file was written; inside an enclosing ``transaction()`` it is
@@ -475,14 +480,9 @@ def export(
     _warn_subnormal_scales(state)
     deploy = lower(state, deploy=True, pack_4bit=pack_4bit)
     if check_feed is not None:
-    pack_4bit: bool = False,
         from onnxqat.deploycheck import check_deployment
 
         lsbs = {}
-    ``pack_4bit``: weights of at most 4 bits are stored as packed INT4/UINT4 in the QDQ model
-    (half the bytes; on onnxruntime's CPU provider such layers run in float, see
-    :mod:`onnxqat.passes.pack_int4`).
-
         for value in state.float_model.graph.outputs:
             q = state.effective_plan.activation_of(value.name or "")
             lsbs[value.name or ""] = float(np.max(state.encodings[q.name].scale)) if q is not None else None
