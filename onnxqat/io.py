@@ -125,7 +125,7 @@ def _check_external_size(tensor: onnx.TensorProto, file: str, where: str) -> Non
 
 
 # the typed field holding each element type's values, and values per element
-_TYPED = {
+_TYPED: dict[int, tuple[str, int]] = {
     onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.COMPLEX64: ("float_data", 2),
     onnx.TensorProto.DOUBLE: ("double_data", 1), onnx.TensorProto.COMPLEX128: ("double_data", 2),
     onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT32: ("uint64_data", 1),
@@ -149,9 +149,10 @@ def _check_inline_sizes(proto: onnx.ModelProto, path: str) -> None:
             if need is not None and len(tensor.raw_data) != need:
                 raise ModelError(f"{where}: holds {len(tensor.raw_data)} bytes, its {_shape_text(tensor)} needs {need}")
             continue
-        field, per = _TYPED.get(tensor.data_type, (None, 1))
-        if field is None:
+        typed = _TYPED.get(tensor.data_type)
+        if typed is None:
             continue
+        field, per = typed
         n = math.prod(tensor.dims)
         have = len(getattr(tensor, field))
         if have != n * per and not (n == 0 and have == 0):
