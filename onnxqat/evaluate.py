@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from onnxqat.data import count_batches
+from onnxqat.data import check_label_range, count_batches
 from onnxqat.errors import DataError
 
 __all__ = ["accuracy", "agreement", "check_labels", "sqnr_db"]
@@ -58,6 +58,7 @@ def accuracy(
             )
         n = scores.shape[0] if scores.ndim > 1 else 1
         labels = check_labels(batch, label_key, n, f"batch {i}")
+        check_label_range(labels, scores.shape[-1], where=f"batch {i}", key=label_key)  # else accuracy is 0
         correct += int((scores.reshape(n, -1).argmax(axis=-1) == labels).sum())
         total += n
     bar.close()

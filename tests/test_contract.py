@@ -383,6 +383,16 @@ def test_eval_refuses_labels_outside_the_class_range(tiny, tmp_path, capsys):
         assert f"bad.npz: labels 'label' range over {shown} but the model output has 5 classes" in line
 
 
+def test_the_api_refuses_labels_outside_the_class_range(sims):
+    from onnxqat.evaluate import accuracy
+
+    for bad in (99, -1):
+        batches = [dict(b, label=np.full(8, bad)) for b in random_batches(2)]
+        with pytest.raises(DataError, match=rf"batch 0: labels 'label' range over \[{bad}, {bad}\] but the model output "
+                                            "has 5 classes"):
+            accuracy(sims[0].run, batches)  # (was an accuracy of 0.0)
+
+
 def test_train_and_analyze_refuse_out_of_range_labels_before_work(tiny, tmp_path, capsys):
     model, data = tiny
     x = np.load(data)["x"]
