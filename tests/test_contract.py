@@ -45,12 +45,14 @@ def cli(capsys, *args):
 
 
 def error_line(code, out, err):
-    """The one error line; fails on a traceback, another status, or several error lines."""
+    """The one error line, the last of stderr (warnings and progress lines may come before it);
+    fails on a traceback, another status, several error lines or a message continued on more lines."""
     assert code == 2, out + err
     assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if not line.startswith("warning: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
 
 
 def before_any_work(out):
