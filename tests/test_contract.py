@@ -313,6 +313,35 @@ def test_demo_refuses_a_bad_output_dir_before_any_work(tmp_path, capsys):
     assert out == ""  # the demo prints its first accuracy only after minutes of work
 
 
+def test_without_symlinks_the_set_is_replaced_file_by_file_under_a_manifest(sims, tmp_path, monkeypatch):
+    """Where symlinks cannot be made: regular files, and MANIFEST.json present exactly when the
+    visible files are one complete set."""
+    old_sim, new_sim = sims
+    monkeypatch.setattr(outputs, "_symlinks_work", lambda directory: False)
+    manifest = tmp_path / "o" / CONTROL_DIR / "export-model" / "MANIFEST.json"
+    old_sim.export(tmp_path / "o")
+    assert not any(os.path.islink(tmp_path / "o" / n) for n in EXPORT)
+    old = contents(tmp_path / "o")
+    sizes = {n: len(b) for n, b in old.items()}
+    assert json.loads(manifest.read_text()) == {"files": sizes}
+    new_sim.export(tmp_path / "new")
+    new = contents(tmp_path / "new")
+
+    def fail(what, path):
+        if what == "replace" and os.path.basename(path) == "model.onnx":  # the second of the three
+            raise OSError(errno.EIO, "simulated failure")
+
+    monkeypatch.setattr(outputs, "_step", fail)
+    with pytest.raises(OutputError, match="simulated failure"):
+        new_sim.export(tmp_path / "o")
+    assert not manifest.exists()  # a reader can tell the set is in flux (one file is new already)
+    assert contents(tmp_path / "o")["model.encodings"] == new["model.encodings"]
+    assert staging_left(tmp_path / "o") == []
+    monkeypatch.setattr(outputs, "_step", lambda what, path: None)
+    new_sim.export(tmp_path / "o")
+    assert contents(tmp_path / "o") == new and manifest.exists()
+
+
 def test_stale_staging_of_killed_runs_is_removed_by_the_next_run(sims, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
