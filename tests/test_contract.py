@@ -443,6 +443,27 @@ def test_train_and_analyze_refuse_out_of_range_labels_before_work(tiny, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_data_of_the_wrong_shape_or_dtype_is_refused_before_work(tiny, tmp_path, capsys):
+    model, data = tiny
+    rng = np.random.default_rng(0)
+    for name, x, message in (
+        ("dims.npz", rng.normal(size=(32, 3, 9, 9)).astype(np.float32),
+         "dims.npz: input 'x' has shape [32, 3, 9, 9], the model expects [?, 3, 8, 8]"),
+        ("rank.npz", rng.normal(size=(32, 192)).astype(np.float32),
+         "rank.npz: input 'x' has shape [32, 192], the model expects [?, 3, 8, 8]"),
+        ("dtype.npz", rng.normal(size=(32, 3, 8, 8)), "dtype.npz: input 'x' has dtype float64, the model expects float32"),
+    ):
+        np.savez(tmp_path / name, x=x, label=rng.integers(0, 5, 32))
+        code, out, err = cli(capsys, "quantize", model, "--data", tmp_path / name, "--output-dir", tmp_path / "o")
+        assert message in error_line(code, out, err)
+        before_any_work(out)
+        code, out, err = cli(capsys, "train", model, "--data", data, "--calib", data, "--eval", tmp_path / name,
+                             "--output-dir", tmp_path / "o")
+        assert message in error_line(code, out, err)
+        before_any_work(out)
+    assert not (tmp_path / "o").exists()
+
+
 def test_config_names_that_match_nothing_are_errors_naming_the_closest(tiny, tmp_path, capsys):
     model, data = tiny
     cases = {
