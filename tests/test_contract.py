@@ -573,6 +573,16 @@ def test_negative_and_out_of_range_numbers_are_refused_before_work(tiny, tmp_pat
     before_any_work(out)
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+    ("--output-index", "7", "output index 7 is out of range: the model has 1 output(s)"),
+    ("--output-index", "-9", "output index -9 is out of range: the model has 1 output(s)"),
+])
+def test_eval_refuses_out_of_range_numbers(tiny, capsys, option, value, message):
+    model, data = tiny
+    assert error_line(*cli(capsys, "eval", model, "--data", data, option, value)) == f"error: {message}"
+
+
 def test_ir_version_99_is_refused_not_lowered(tmp_path):
     model = tiny_cnn()
     model.ir_version = 99
