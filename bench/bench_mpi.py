@@ -111,6 +111,7 @@ def main() -> None:
             child_allreduce(out, [int(x) for x in rest[1:]], int(rest[0]))
         return
     me = [sys.executable, os.path.abspath(__file__)]
+    machine = machine_lines()  # the date is the start's
     results: dict = {"runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in (1, 2):
@@ -135,7 +136,7 @@ def main() -> None:
         with open(out) as f:
             results["allreduce_s"] = json.load(f)
         results["allreduce_load"] = [before, load_average()]
-    print("\n".join(machine_lines()))
+    print("\n".join(machine))
     print(f"\ndemo model, {args.samples} samples, global batch {args.global_batch}, W8A8, 2 epochs\n")
     print("| ranks x threads | steps/epoch | epoch 1 (s) | epoch 2 (s) | speed-up (epoch 2) | load (start / end) |")
     print("| :-- | ---: | ---: | ---: | ---: | :-- |")
