@@ -105,6 +105,21 @@ def test_output_dir_and_prefix_naming_the_input_model_are_refused(tiny, capsys):
     assert model.read_bytes() == before
 
 
+def test_an_output_that_would_remove_the_models_external_data_is_refused(tmp_path, capsys):
+    # the export set owns model.onnx.data (removed on publish when the new model needs none): here it
+    # is the weights file of the input model
+    onnx.save(tiny_cnn(), tmp_path / "net.onnx", save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    weights = (tmp_path / "model.onnx.data").read_bytes()
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).normal(size=(32, 3, 8, 8)).astype(np.float32))
+    code, out, err = cli(capsys, "quantize", tmp_path / "net.onnx", "--data", tmp_path / "data.npz",
+                         "--output-dir", tmp_path)
+    assert "model.onnx.data: the output would replace the input" in error_line(code, out, err)
+    before_any_work(out)
+    assert (tmp_path / "model.onnx.data").read_bytes() == weights and visible(tmp_path) == [
+        "data.npz", "model.onnx.data", "net.onnx"]
+
+
 def test_report_at_the_input_model_or_at_another_output_is_refused(tiny, tmp_path, capsys):
     model, data = tiny
     before = model.read_bytes()
