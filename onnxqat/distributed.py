@@ -5,9 +5,12 @@ Each of the N processes (ranks) holds the whole model; the data is split:
 * training: rank ``r`` takes rows ``[r*B, (r+1)*B)`` of every global batch of ``N*B`` rows
   (:class:`RankRows`); after each backward pass the gradient buffers are averaged across ranks in
   place (:class:`GradientSync`) and every rank steps its own optimizer, so the ranks stay identical
-  and N ranks at batch B train as one process at batch N*B;
+  and N ranks at batch B train as one process at batch N*B (``QATTrainer.fit``; ``step`` and
+  ``compute_gradients`` stay per rank);
 * calibration: rank ``r`` observes every N-th batch (:func:`own_batches`); the observers are merged
-  (:func:`merge_observers`) so every rank derives the encodings of all the data;
+  (:func:`merge_observers`) so every rank derives the encodings of all the data (min/max exactly;
+  histograms within a bin, so percentile/SQNR ranges within one quantization step; weight rounding
+  and bias correction still run on all the data on every rank);
 * analysis: per-layer runs are split across ranks and gathered in order (:func:`map_split`).
 
 Rank 0 alone prints and writes (checkpoints, exports, reports); every rank reads the same inputs and
