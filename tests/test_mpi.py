@@ -134,6 +134,17 @@ def worker(job: str, out: str) -> None:
         else:  # a session per layer
             table = analysis.sensitivity(sim, analysis.output_sqnr_metric(sim, calib), progress=False)
         result["sensitivity"] = {k: v for k, v in table.items() if k not in ("runs", "seconds")}  # per rank
+    elif job == "raise":  # rank 1 fails while rank 0 waits for it in a collective
+        import argparse
+
+        from onnxqat.errors import DataError
+
+        def command(args: argparse.Namespace) -> None:
+            if w.rank == 1:
+                raise DataError("training data: batch 3: labels out of range")
+            w.comm.Barrier()
+
+        distributed.run_command(command, argparse.Namespace())
     else:
         raise SystemExit(f"unknown job {job}")
     if w.root:
@@ -244,6 +255,16 @@ def test_a_dead_rank_ends_the_run_and_every_rank_resumes_from_its_checkpoint(tmp
         a, b = json.load(f1)["weights"], json.load(f2)["weights"]
     for name in b:
         np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=0, atol=2e-6, err_msg=name)
+
+
+@needs_mpi
+def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path):
+    start = time.monotonic()
+    done = _worker("raise", str(tmp_path / "raise.json"), ranks=2)
+    assert done.returncode != 0
+    assert time.monotonic() - start < 120  # rank 0 did not wait forever in its Barrier
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 1 of 2: training data: batch 3: labels out of range"], done.stderr[-2000:]
 
 
 def _cli_train(out: str, model: str, data: str, calib: str) -> list[str]:
