@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"- {line}")
     print(f"- load average (1/5/15 min) at start: {load}; at end: {load_average()}")
     print(f"- onnxqat imported from: {results[0].get('onnxqat', '?') if results else '?'}")
-    print(f"- plans: " + "; ".join(f"{r['nodes']:,}: {r.get('plan', '?')}" for r in results))
+    print("- plans: " + "; ".join(f"{r['nodes']:,}: {r.get('plan', '?')}" for r in results))
     print(f"- command: {' '.join([os.path.relpath(sys.executable, REPO_DIR), 'bench/bench_graph_scaling.py', *(argv if argv is not None else sys.argv[1:])])}")
 
 
