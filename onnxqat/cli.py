@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim_options(q)
     q.add_argument("--encoding-version", choices=["1.0.0", "0.6.1"], default="1.0.0")
     q.add_argument("--prefix", default="model", help="file name prefix of the outputs")
+    q.add_argument("--encodings", default=None, metavar="FILE",
+                   help="AIMET encodings to use instead of calibrating (ours or aimet-onnx's; names matched "
+                        "through Identity/Reshape/... and folded BatchNorms)")
+    q.add_argument("--missing-encodings", choices=["error", "calibrate"], default="error",
+                   help="quantizers --encodings has no encoding for: an error, or calibrated on --data")
+    q.add_argument("--encodings-format", choices=["onnxqat", "aimet-strict"], default="onnxqat",
+                   help="aimet-strict: name tensors as aimet-onnx's graph of MODEL does, for its "
+                        "load_encodings(strict=True)")
 
     t = sub.add_parser("train", help="simulate + calibrate + quantization-aware training + export")
     t.add_argument("model", help="float ONNX model")
@@ -296,8 +304,12 @@ def _calibrated_sim(args: argparse.Namespace, checked: _Checked):  # type: ignor
     how = "given" if args.target else "detected"
     print(f"target: {sim.target.name} ({how}; {sim.target.description})")
     print(f"plan: {sim.plan.summary()}")
-    sim.compute_encodings(NpzBatches(checked.calib, args.batch_size, batch_axes=checked.axes),
-                          weight_rounding=args.weight_rounding, bias_correction=args.bias_correction)
+    batches = NpzBatches(checked.calib, args.batch_size, batch_axes=checked.axes)
+    if getattr(args, "encodings", None):
+        sim.load_encodings(args.encodings, missing=args.missing_encodings,
+                           batches=batches if args.missing_encodings == "calibrate" else None)
+        return sim
+    sim.compute_encodings(batches, weight_rounding=args.weight_rounding, bias_correction=args.bias_correction)
     return sim
 
 
@@ -310,6 +322,7 @@ def _export(sim, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-d
         return
     with transaction() as tx:
         paths = sim.export(args.output_dir, args.prefix, encoding_version=args.encoding_version,
+                           encodings_format=getattr(args, "encodings_format", "onnxqat"),
                            pack_4bit=getattr(args, "pack_4bit", False))
         if args.report:
             with open(tx.file(args.report), "w", encoding="utf-8") as f:
@@ -322,7 +335,7 @@ def _export(sim, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-d
 
 def _quantize(args: argparse.Namespace) -> None:
     _check_numbers(args)
-    inputs = _inputs(args, "model", "data")
+    inputs = _inputs(args, "model", "data", "encodings")
     _check_outputs(args, inputs, _export_names(args.prefix))
     checked = _Checked(args, args.data)
     _export(_calibrated_sim(args, checked), args)

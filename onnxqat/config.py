@@ -41,8 +41,9 @@ __all__ = ["PRESETS", "NodeOverride", "OpTypeRule", "ParamRule", "QuantSimConfig
 
 PRESETS = ("onnxruntime", "aimet")
 
-# aimet graph passes (``supergroup_pass_list``) that the AIMET export placement reproduces.
-EXPORT_GRAPH_PASSES = frozenset({"MatmulAdd"})
+# aimet graph passes (``supergroup_pass_list``) that onnxqat's placement follows: ``MatmulAdd`` leaves
+# a MatMul's output and the constant bias of the Add after it unquantized (one quantizer after the Add).
+GRAPH_PASSES = frozenset({"MatmulAdd"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +82,17 @@ class QuantSimConfig:
     """Placement and grid rules. Build with :func:`load_config` or :meth:`from_dict`.
 
     ``symmetric_scale`` is the scale convention of symmetric signed grids (``"onnxqat"`` or
-    ``"aimet"``, see :mod:`onnxqat.spec`). ``graph_passes`` are AIMET's ``supergroup_pass_list``
-    (e.g. ``MatmulAdd``): onnxqat's placement does not run them; the AIMET export
-    (:func:`onnxqat.encodings.aimet_placement`) follows them. ``unused`` lists the keys of the
+    ``"aimet"``, see :mod:`onnxqat.spec`). ``graph_passes`` are AIMET's ``supergroup_pass_list``;
+    the annotation follows ``MatmulAdd`` (:data:`GRAPH_PASSES`), the others are reported unused. ``unused`` lists the keys of the
     source file that onnxqat read but does not use, each as ``"path: why"`` (not compared).
+    ``depthwise_supergroups`` (onnxqat's key ``defaults.depthwise_supergroups``): whether a
+    supergroup may start at a depthwise (or 3-d) convolution; aimet-onnx 2.42 never fuses those,
+    so its depthwise Conv output keeps a quantizer before the Relu (the ``aimet`` preset: false).
+    ``tied_op_types`` (``defaults.tied_op_types``): op types whose output reuses their quantized
+    input's encoding, as data-movement ops do (aimet-onnx ties Relu and AveragePool so).
+    ``calibrate_quantized_weights`` (``defaults.calibrate_quantized_weights``): observe activation
+    ranges with the weights already quantized, as aimet-onnx's ``compute_encodings`` does, instead of
+    with the float weights.
     """
 
     output_quantized: bool = True
@@ -110,6 +118,9 @@ class QuantSimConfig:
     )
     symmetric_scale: str = "onnxqat"
     graph_passes: tuple[str, ...] = ()
+    depthwise_supergroups: bool = True
+    tied_op_types: frozenset[str] = frozenset()
+    calibrate_quantized_weights: bool = False
     unused: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -176,6 +187,9 @@ class QuantSimConfig:
                 "unsigned_symmetric": self.unsigned_symmetric,
                 "per_channel_quantization": self.per_channel_quantization,
                 "symmetric_scale": self.symmetric_scale,
+                "depthwise_supergroups": self.depthwise_supergroups,
+                "tied_op_types": sorted(self.tied_op_types),
+                "calibrate_quantized_weights": self.calibrate_quantized_weights,
             },
             "params": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.params.items()},
             "op_type": {},
@@ -331,7 +345,8 @@ class _Parser:
             top.get("defaults", {}),
             "defaults",
             {"ops", "params", "strict_symmetric", "unsigned_symmetric", "per_channel_quantization",
-             "hw_version", "supported_kernels", "symmetric_scale"},
+             "hw_version", "supported_kernels", "symmetric_scale", "depthwise_supergroups",
+             "tied_op_types", "calibrate_quantized_weights"},
         )
         if "hw_version" in defaults:
             if not isinstance(defaults["hw_version"], str):
@@ -344,6 +359,17 @@ class _Parser:
                 raise self.fail("defaults.symmetric_scale", f"expected one of {list(SYMMETRIC_SCALES)}, "
                                                             f"got {defaults['symmetric_scale']!r}")
             kw["symmetric_scale"] = defaults["symmetric_scale"]
+        value = self.opt_bool(defaults, "depthwise_supergroups", "defaults")
+        if value is not None:
+            kw["depthwise_supergroups"] = value
+        value = self.opt_bool(defaults, "calibrate_quantized_weights", "defaults")
+        if value is not None:
+            kw["calibrate_quantized_weights"] = value
+        if "tied_op_types" in defaults:
+            tied = defaults["tied_op_types"]
+            if not isinstance(tied, list) or not all(isinstance(x, str) and x for x in tied):
+                raise self.fail("defaults.tied_op_types", "expected a list of op types")
+            kw["tied_op_types"] = frozenset(tied)
         ops = self.obj(defaults.get("ops", {}), "defaults.ops",
                        {"is_output_quantized", "is_symmetric", "is_input_quantized"})
         if "is_input_quantized" in ops:
@@ -413,14 +439,10 @@ class _Parser:
                 raise self.fail("supergroup_pass_list", "expected a list of pass names")
             kw["graph_passes"] = tuple(passes)
             if passes:
-                followed = [x for x in passes if x in EXPORT_GRAPH_PASSES]
-                others = [x for x in passes if x not in EXPORT_GRAPH_PASSES]
-                why = "not applied to onnxqat's own placement (a MatMul followed by a bias Add keeps its quantizer)"
-                if followed:
-                    why += f"; the AIMET export placement follows {', '.join(followed)}"
+                others = [x for x in passes if x not in GRAPH_PASSES]
                 if others:
-                    why += f"; {', '.join(others)} not followed at all (aimet's patterns for decomposed layers)"
-                self.report("supergroup_pass_list", why)
+                    self.report("supergroup_pass_list", f"{', '.join(others)} not followed (aimet's patterns for "
+                                                        "decomposed layers); MatmulAdd is")
         if "model_input" in top:
             mi = self.obj(top["model_input"], "model_input", {"is_input_quantized"})
             value = self.opt_bool(mi, "is_input_quantized", "model_input")

@@ -22,7 +22,10 @@ from onnxqat.errors import EncodingsError
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding
 
-__all__ = ["VERSIONS", "ParsedEncodings", "parse_aimet", "read_document", "to_aimet"]
+__all__ = [
+    "AIMET_UNQUANTIZED_OUTPUTS", "ENCODINGS_FORMATS", "MISSING", "VALUE_PRESERVING", "VERSIONS", "Binding", "ParsedEncodings", "SourceGraph",
+    "aimet_names", "bind", "parse_aimet", "read_document", "same_values", "to_aimet",
+]
 
 VERSIONS = ("1.0.0", "0.6.1")
 
@@ -65,12 +68,15 @@ def to_aimet(
     version: str = "1.0.0",
     quantizer_args: Mapping[str, Any] | None = None,
     excluded_layers: list[str] | None = None,
+    names: Mapping[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
-    """The encodings file content for a calibrated plan."""
+    """The encodings file content for a calibrated plan; ``names`` replaces the tensors each
+    activation quantizer is written under (by quantizer name, e.g. :func:`aimet_names`)."""
     if version not in VERSIONS:
         raise EncodingsError(f"unsupported encodings version {version!r}; choose one of {VERSIONS}")
     act_items: list[tuple[str, Encoding]] = [
-        (tensor, encodings[q.name]) for q in plan.activations for tensor in q.tensors
+        (tensor, encodings[q.name]) for q in plan.activations
+        for tensor in (q.tensors if names is None else names[q.name])
     ]
     param_items: list[tuple[str, Encoding]] = [(p.name, encodings[p.name]) for p in plan.params]
     bias_items = [(b.name, bias_scales[b.name]) for b in plan.biases]
@@ -239,3 +245,186 @@ def read_document(path: str) -> Any:
 
 def dumps(doc: Mapping[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+
+
+# -- exchange with aimet-onnx: tensor names across placements --------------------------------------
+
+# Ops whose output holds the same values as their first input (its encoding applies unchanged).
+VALUE_PRESERVING = frozenset({"Identity", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
+# onnxqat and aimet-onnx both fold BatchNormalization into the Conv/ConvTranspose/Gemm before it:
+# aimet's folded op keeps its output name, onnxqat's takes the BatchNorm's. (A Mul/Add that onnxqat
+# folds too is no BatchNorm to aimet: the tensors before it hold other values there.)
+_FOLDED = frozenset({"BatchNormalization"})
+# Op types whose outputs aimet-onnx 2.42 never quantizes (they reuse their input's quantizer): its
+# grid-preserving ops and its list of ignored outputs (aimet_onnx.quantsim, measured in
+# tests/fixtures/aimet/measured.json).
+AIMET_UNQUANTIZED_OUTPUTS = frozenset({
+    "Col2Im", "Compress", "DepthToSpace", "Dropout", "Expand", "Flatten", "Gather", "GatherElements",
+    "GatherND", "Identity", "MaxPool", "MaxRoiPool", "NonZero", "Pad", "ReduceMax", "ReduceMin", "Reshape",
+    "Shape", "Slice", "SpaceToDepth", "Split", "SplitToSequence", "Squeeze", "Tile", "TopK", "Transpose",
+    "Unsqueeze",
+})
+MISSING = ("error", "calibrate")
+ENCODINGS_FORMATS = ("onnxqat", "aimet-strict")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceGraph:
+    """The tensor names of the model an encodings file was made for (before onnxqat prepared it):
+    ``(op_type, inputs, outputs)`` per node in graph order, and the graph inputs."""
+
+    nodes: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]
+    inputs: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: Any) -> SourceGraph:
+        """From a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (weights not needed)."""
+        import os
+
+        import onnx
+
+        if isinstance(model, (str, os.PathLike)):
+            model = onnx.load(os.fspath(model), load_external_data=False)
+        if isinstance(model, onnx.ModelProto):
+            g = model.graph
+            nodes = tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in g.node)
+            return cls(nodes, tuple(i.name for i in g.input))
+        g = model.graph
+        nodes = tuple((n.op_type, tuple(v.name if v is not None else "" for v in n.inputs),
+                       tuple(v.name or "" for v in n.outputs)) for n in g)
+        return cls(nodes, tuple(v.name or "" for v in g.inputs))
+
+    @property
+    def names(self) -> set[str]:
+        out = set(self.inputs)
+        for _, ins, outs in self.nodes:
+            out.update(ins)
+            out.update(outs)
+        out.discard("")
+        return out
+
+
+class _Classes:
+    """Union-find over tensor names: names in one class hold the same values."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+    def members(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for x in list(self.parent):
+            out.setdefault(self.find(x), set()).add(x)
+        return out
+
+
+def same_values(float_model: Any, source: SourceGraph | None) -> dict[str, set[str]]:
+    """For every tensor name, the names holding the same values: through value-preserving ops of
+    the prepared float model and of the source model, and from an op's output before a folded
+    BatchNorm to the name the folded op's output has now."""
+    classes = _Classes()
+    present = set()
+    for node in float_model.graph:
+        for v in node.outputs:
+            present.add(v.name)
+        if node.op_type in VALUE_PRESERVING and node.inputs and node.inputs[0] is not None:
+            classes.union(node.inputs[0].name, node.outputs[0].name)
+    present.update(v.name for v in float_model.graph.inputs)
+    present.update(float_model.graph.initializers)
+    if source is not None:
+        for op_type, ins, outs in source.nodes:
+            if not ins or not outs or not ins[0]:
+                continue
+            if op_type in VALUE_PRESERVING or (op_type in _FOLDED and ins[0] not in present):
+                classes.union(ins[0], outs[0])
+    members = classes.members()
+    return {x: members[classes.find(x)] for x in classes.parent}
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+    """What binding a file's encodings to a plan found: encodings by quantizer name, quantizers the
+    file has no encoding for, and file entries that no quantizer took (not applied)."""
+
+    encodings: Mapping[str, Encoding]
+    missing: tuple[str, ...]
+    unused: tuple[str, ...]
+
+
+def bind(parsed: ParsedEncodings, plan: QuantPlan, float_model: Any, source: SourceGraph | None,
+         where: str = "encodings") -> Binding:
+    """Match a file's encodings to the quantizers of ``plan`` by tensor name.
+
+    An activation quantizer takes the entry of one of its tensors, else of a tensor holding the same
+    values (:func:`same_values`: before/after Identity/Reshape/..., a Conv output named before its
+    folded BatchNorm). Entries of one quantizer must agree. Weights match by name. A name that is
+    no tensor of the float model or of ``source`` is an error.
+    """
+    equal = same_values(float_model, source)
+    known = set(float_model.graph.initializers) | {v.name for v in float_model.graph.inputs}
+    known.update(v.name for n in float_model.graph for v in n.outputs)
+    if source is not None:
+        known |= source.names
+    names = [*parsed.activations, *parsed.params, *parsed.biases]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise EncodingsError(f"{where}: tensor(s) not in the model: {unknown[:5]}"
+                             f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}")
+    encodings: dict[str, Encoding] = {}
+    missing: list[str] = []
+    used: set[str] = set()
+    for q in plan.calibrated_activations:
+        exact = [t for t in q.tensors if t in parsed.activations]
+        found = exact + sorted({n for t in q.tensors for n in equal.get(t, {t})
+                                if n in parsed.activations and n not in exact})
+        if not found:
+            missing.append(q.name)
+            continue
+        first = parsed.activations[found[0]]
+        for other in found[1:]:
+            if not parsed.activations[other].equals(first):
+                raise EncodingsError(f"{where}: '{found[0]}' and '{other}' hold the same values (quantizer "
+                                     f"'{q.name}') but carry different encodings")
+        used.update(found)
+        encodings[q.name] = first
+    for p in plan.params:
+        if p.name in parsed.params:
+            encodings[p.name] = parsed.params[p.name]
+            used.add(p.name)
+        else:
+            missing.append(p.name)
+    used.update(b.name for b in plan.biases if b.name in parsed.biases)  # derived; the file's is not needed
+    unused = tuple(n for n in names if n not in used)
+    return Binding(encodings, tuple(missing), unused)
+
+
+def aimet_names(plan: QuantPlan, float_model: Any, source: SourceGraph) -> dict[str, tuple[str, ...]]:
+    """For every activation quantizer, the tensors aimet-onnx 2.42 quantizes with it in the source
+    model: names of the source model (a folded BatchNorm's output is the Conv's output there), not
+    outputs of ops aimet never quantizes (:data:`AIMET_UNQUANTIZED_OUTPUTS`), float model inputs
+    and op outputs only (no constants)."""
+    equal = same_values(float_model, source)
+    producer = {o: op for op, _, outs in source.nodes for o in outs}
+    folded_bn = {outs[0] for op, ins, outs in source.nodes if op == "BatchNormalization" and ins
+                 and ins[0] in producer and producer[ins[0]] in ("Conv", "ConvTranspose", "Gemm")}
+    graph_inputs = set(source.inputs)
+    out: dict[str, tuple[str, ...]] = {}
+    for q in plan.activations:
+        names: set[str] = set()
+        for t in q.tensors:
+            for n in equal.get(t, {t}):
+                if n in graph_inputs or (n in producer and n not in folded_bn
+                                         and producer[n] not in AIMET_UNQUANTIZED_OUTPUTS
+                                         and producer[n] != "Constant"):
+                    names.add(n)
+        out[q.name] = tuple(sorted(names))
+    return out

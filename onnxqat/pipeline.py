@@ -36,9 +36,9 @@ from onnxqat import distributed
 from onnxqat.calibrate.runner import collect_statistics
 from onnxqat.calibrate.schemes import DEFAULT_PERCENTILE, Scheme, activation_encoding, weight_encoding
 from onnxqat.config import QuantSimConfig
-from onnxqat.encodings import ParsedEncodings, dumps, to_aimet
+from onnxqat.encodings import ENCODINGS_FORMATS, MISSING, Binding, ParsedEncodings, SourceGraph, aimet_names, bind, dumps, to_aimet
 from onnxqat.errors import ConfigError, EncodingsError, ModelError
-from onnxqat.graph import const_array, values_by_name
+from onnxqat.graph import const_array
 from onnxqat.io import load_model, save_model
 from onnxqat.outputs import transaction
 from onnxqat.passes.annotate import annotate
@@ -397,30 +397,32 @@ def apply_weights(state: SimState, weights: Mapping[str, np.ndarray], scheme: Sc
     return SimState(model, state.plan, {**state.encodings, **encodings}, state.fixed)
 
 
-def bind_encodings(parsed: ParsedEncodings, state: SimState, where: str = "encodings") -> dict[str, Encoding]:
-    """Encodings of a parsed file for every quantizer of ``state.plan`` (validated).
+def bind_encodings(parsed: ParsedEncodings, state: SimState, where: str = "encodings", *,
+                   source: SourceGraph | None = None, missing: str = "error",
+                   fallback: Mapping[str, Encoding] | None = None) -> tuple[dict[str, Encoding], Binding]:
+    """Encodings of a parsed file for every quantizer of ``state.plan`` (validated), and what the
+    matching found (:func:`onnxqat.encodings.bind`: names mapped through tensors holding the same
+    values, also in ``source``, the model the file was made for).
 
-    Every quantizer of the plan must get an encoding; a name that is no tensor of the model is an
-    error. Bitwidth and symmetry come from the file.
+    A quantizer the file has no encoding for is an error with ``missing="error"``; with
+    ``missing="calibrate"`` it takes its encoding from ``fallback`` (the sim's own calibration; weights
+    from the weights). Bitwidth and symmetry come from the file.
     """
-    known = set(values_by_name(state.float_model.graph))
-    unknown = sorted(n for n in [*parsed.activations, *parsed.params, *parsed.biases] if n not in known)
-    if unknown:
-        raise EncodingsError(f"{where}: tensor(s) not in the model: {unknown[:5]}")
-    encodings = {}
-    missing = []
-    for q in state.plan.calibrated_activations:
-        found = [parsed.activations[t] for t in q.tensors if t in parsed.activations]
-        if not found:
-            missing.append(q.name)
-            continue
-        if any(not f.equals(found[0]) for f in found[1:]):
-            raise EncodingsError(f"{where}: tied tensors of '{q.name}' carry different encodings")
-        encodings[q.name] = found[0]
+    if missing not in MISSING:
+        raise ConfigError(f"missing must be one of {MISSING}, got {missing!r}")
+    found = bind(parsed, state.plan, state.float_model, source, where)
+    encodings = dict(found.encodings)
+    absent = [m for m in found.missing if missing == "error" or fallback is None or m not in fallback]
+    if absent:
+        hint = "" if missing == "calibrate" else " (missing='calibrate' calibrates them)"
+        raise EncodingsError(f"{where}: no encoding for quantized tensor(s) {absent[:5]}"
+                             f"{f' and {len(absent) - 5} more' if len(absent) > 5 else ''}{hint}")
+    for name in found.missing:
+        assert fallback is not None
+        encodings[name] = fallback[name]
     for p in state.plan.params:
-        enc = parsed.params.get(p.name)
-        if enc is None:
-            missing.append(p.name)
+        enc = encodings[p.name]
+        if p.name in found.missing:
             continue
         weight = state.float_model.graph.initializers[p.name]
         channels = weight.shape[p.spec.axis] if p.spec.axis is not None and weight.shape is not None else None
@@ -438,16 +440,27 @@ def bind_encodings(parsed: ParsedEncodings, state: SimState, where: str = "encod
         elif p.spec.axis is not None:
             raise EncodingsError(f"{where}: '{p.name}' is per-tensor in the file, per-channel in the sim")
         encodings[p.name] = enc
-    if missing:
-        raise EncodingsError(f"{where}: no encoding for quantized tensor(s) {missing[:5]}")
-    return encodings
+    return encodings, found
 
 
 def encodings_document(state: SimState, quantizer_args: Mapping[str, Any], excluded: Iterable[str] = (),
-                       version: str = "1.0.0") -> dict[str, Any]:
-    """The AIMET encodings document of a calibrated state."""
+                       version: str = "1.0.0", *, encodings_format: str = "onnxqat",
+                       source: SourceGraph | None = None) -> dict[str, Any]:
+    """The AIMET encodings document of a calibrated state.
+
+    ``encodings_format="aimet-strict"`` names activations as aimet-onnx 2.42's own graph of
+    ``source`` (the model before onnxqat prepared it) does (:func:`onnxqat.encodings.aimet_names`),
+    so its ``load_encodings(strict=True)`` accepts the file when both placed the same quantizers.
+    """
+    if encodings_format not in ENCODINGS_FORMATS:
+        raise ConfigError(f"encodings_format must be one of {ENCODINGS_FORMATS}, got {encodings_format!r}")
+    names = None
+    if encodings_format == "aimet-strict":
+        if source is None:
+            raise ConfigError("encodings_format='aimet-strict' needs the source model's tensor names")
+        names = aimet_names(state.effective_plan, state.float_model, source)
     return to_aimet(state.effective_plan, state.encodings, state.bias_scales(), version=version,
-                    quantizer_args=dict(quantizer_args), excluded_layers=sorted(excluded))
+                    quantizer_args=dict(quantizer_args), excluded_layers=sorted(excluded), names=names)
 
 
 def export(

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -15,8 +14,8 @@ from onnxqat.calibrate.schemes import DEFAULT_PERCENTILE, Scheme
 from onnxqat.config import QuantSimConfig, load_config
 from onnxqat.coverage import coverage
 from onnxqat.data import input_signature, validate_feed
-from onnxqat.encodings import parse_aimet
-from onnxqat.errors import ConfigError, EncodingsError
+from onnxqat.encodings import SourceGraph, parse_aimet, read_document
+from onnxqat.errors import ConfigError
 from onnxqat.pipeline import ModelSource, SimState
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding
@@ -101,6 +100,7 @@ class QuantizationSimModel:
         if per_channel is not None:
             cfg = cfg.with_overrides(per_channel_quantization=bool(per_channel))
         self.config = cfg
+        self._source = model  # its tensor names: encodings made for it (AIMET's) name them
         prepared = pipeline.prepare(model, fold_batchnorm=fold_batchnorm, fix_inputs=fix_inputs)
         self.float16 = prepared.float16
         plan = pipeline.make_plan(prepared.model, cfg, param_bw=self.param_bw, activation_bw=self.activation_bw,
@@ -167,7 +167,16 @@ class QuantizationSimModel:
             return pipeline.make_plan(model, self.config, param_bw=self.param_bw, activation_bw=self.activation_bw,
                                       target=self.target, untie=untie)
 
-        found = pipeline.calibrate(self._state, keep_first(batches), self.quant_scheme, percentile=self.percentile,
+        observed = self._state
+        if self.config.calibrate_quantized_weights:  # aimet-onnx observes activations so
+            from onnxqat.graph import const_array
+            from onnxqat.qparams import fake_quantize
+
+            inits = model.graph.initializers
+            observed = pipeline.apply_weights(observed, {
+                p.name: fake_quantize(const_array(inits[p.name]), self._state.encodings[p.name])
+                for p in self._state.plan.params})
+        found = pipeline.calibrate(observed, keep_first(batches), self.quant_scheme, percentile=self.percentile,
                                    progress=progress, replan=replan)
         for reason in found.untied.values():
             warnings.warn(reason, RuntimeWarning, stacklevel=2)
@@ -302,29 +311,49 @@ class QuantizationSimModel:
             "target": self.target.name,
         }
 
-    def encodings_document(self, version: str = "1.0.0") -> dict[str, Any]:
-        return pipeline.encodings_document(self._state, self.quantizer_args(), self.config.exclude_nodes, version)
+    def encodings_document(self, version: str = "1.0.0", *, encodings_format: str = "onnxqat") -> dict[str, Any]:
+        """The encodings file content; ``encodings_format="aimet-strict"`` names tensors as aimet-onnx's
+        graph of the source model does (see :func:`onnxqat.pipeline.encodings_document`)."""
+        source = self._source_graph() if encodings_format == "aimet-strict" else None
+        return pipeline.encodings_document(self._state, self.quantizer_args(), self.config.exclude_nodes, version,
+                                           encodings_format=encodings_format, source=source)
 
-    def load_encodings(self, source: str | os.PathLike[str] | Mapping[str, Any]) -> QuantizationSimModel:
+    def _source_graph(self) -> SourceGraph:
+        return SourceGraph.of(self._source)
+
+    def load_encodings(self, source: str | os.PathLike[str] | Mapping[str, Any], *, missing: str = "error",
+                       batches: Iterable[Mapping[str, np.ndarray]] | None = None) -> QuantizationSimModel:
         """Load AIMET encodings (ours or AIMET's) into the simulation.
 
-        Every quantizer of the plan must get an encoding; a name that is no tensor of the model is
-        an error. Bitwidth and symmetry come from the file.
+        Names are matched through tensors holding the same values (before/after Identity, Reshape,
+        Flatten, Transpose, Squeeze/Unsqueeze; a Conv's output named before its folded BatchNorm).
+        A quantizer the file has no encoding for is an error (``missing="error"``) or calibrated
+        (``missing="calibrate"``: on ``batches``, or the sim's current calibration; weights from the
+        weights). Entries no quantizer takes are reported in one warning. A name that is no tensor of
+        the model is an error. Bitwidth and symmetry come from the file.
         """
         where = "encodings"
         if isinstance(source, Mapping):
             data: Any = source
         else:
             where = os.fspath(source)
-            try:
-                with open(where, encoding="utf-8") as f:
-                    data = json.load(f)
-            except FileNotFoundError:
-                raise EncodingsError(f"{where}: no such file") from None
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise EncodingsError(f"{where}: not a readable JSON file: {e}") from None
+            data = read_document(where)
         parsed = parse_aimet(data, source=where)
-        self._state = self._state.with_encodings(pipeline.bind_encodings(parsed, self._state, where))
+        if missing == "calibrate" and batches is not None:
+            self.compute_encodings(batches)
+        fallback = dict(self._state.encodings) if missing == "calibrate" else None
+        encodings, found = pipeline.bind_encodings(parsed, self._state, where, source=self._source_graph(),
+                                                   missing=missing, fallback=fallback)
+        self._state = self._state.with_encodings(encodings)
+        notes = []
+        if found.missing:
+            notes.append(f"{len(found.missing)} quantizer(s) had no encoding in the file and were calibrated: "
+                         f"{list(found.missing[:5])}")
+        if found.unused:
+            notes.append(f"{len(found.unused)} entr(y/ies) name tensors onnxqat does not quantize, not applied: "
+                         f"{list(found.unused[:5])}")
+        if notes:
+            warnings.warn(f"{where}: " + "; ".join(notes), UserWarning, stacklevel=2)
         return self
 
     # -- training ------------------------------------------------------------------------------
@@ -338,13 +367,16 @@ class QuantizationSimModel:
     # -- export --------------------------------------------------------------------------------
     def export(
         self, out_dir: str | os.PathLike[str], prefix: str = "model", *, encoding_version: str = "1.0.0",
-        pack_4bit: bool = False,
+        encodings_format: str = "onnxqat", pack_4bit: bool = False,
     ) -> dict[str, str]:
         """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` atomically.
 
-        Returns the paths by kind (``float``, ``encodings``, ``qdq``). ``pack_4bit``: weights of
-        at most 4 bits go into the QDQ model as packed INT4/UINT4 (half the file; float kernels on CPU).
+        ``encodings_format="aimet-strict"``: the encodings name the tensors of aimet-onnx's graph of
+        the model this sim was built from (load them there into a sim of that model). Returns the
+        paths by kind (``float``, ``encodings``, ``qdq``). ``pack_4bit``: weights of at most 4
+        bits go into the QDQ model as packed INT4/UINT4 (half the file; float kernels on CPU).
         """
         self._require_calibrated()
-        return pipeline.export(self._state, out_dir, self.float16, self.encodings_document(encoding_version), prefix,
-                               check_feed=self._check_feed, pack_4bit=pack_4bit)
+        document = self.encodings_document(encoding_version, encodings_format=encodings_format)
+        return pipeline.export(self._state, out_dir, self.float16, document, prefix, check_feed=self._check_feed,
+                               pack_4bit=pack_4bit)

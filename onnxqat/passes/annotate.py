@@ -8,8 +8,11 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
    whose data input and weight are quantized become int32 with the derived scale.
 3. Model inputs are quantized when ``model_input.is_input_quantized``.
 4. An op output inside a supergroup (e.g. Conv followed by Relu, the only consumer) is left float;
-   the supergroup's last output carries the quantizer.
-5. Outputs of data-movement ops (Reshape, Transpose, MaxPool, ...) reuse their input's quantizer.
+   the supergroup's last output carries the quantizer. AIMET's ``MatmulAdd`` graph pass, when the
+   config lists it, makes MatMul + Add of a constant bias one; with ``depthwise_supergroups`` false
+   no supergroup starts at a depthwise or 3-d convolution (aimet-onnx 2.42's rule).
+5. Outputs of data-movement ops (Reshape, Transpose, MaxPool, ...) and of the config's
+   ``tied_op_types`` reuse their input's quantizer.
 6. The output of a Mul/Div by a positive scalar constant whose input is quantized is *derived*:
    the input's integers read with the scale times the factor (the deployed graph drops the node).
 7. Other outputs are quantized when a consumer's op type has ``is_input_quantized`` and is a
@@ -53,6 +56,22 @@ def weight_input_index(node: ir.Node) -> int | None:
 def weight_channel_axis(node: ir.Node, index: int, rank: int) -> int | None:
     """Output-channel axis of a weight input, or None when per-channel does not apply."""
     return ops.channel_axis(node, index, rank)
+
+
+def _depthwise_or_3d(node: ir.Node) -> bool:
+    """A Conv/ConvTranspose with one input channel per group, or a 3-d one (5-d weight)."""
+    if node.op_type not in ("Conv", "ConvTranspose") or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    shape = node.inputs[1].shape
+    if shape is None:
+        return False
+    if len(shape) == 5:
+        return True
+    attr = node.attributes.get("group")
+    group = attr.as_int() if attr is not None else 1
+    if group == 1 or len(shape) < 2:
+        return False
+    return shape[1] == 1 if node.op_type == "Conv" else shape[0] == group
 
 
 class _UnionFind:
@@ -161,6 +180,7 @@ class _Annotator:
             strict_symmetric=symmetric and self.config.strict_symmetric,
             unsigned_symmetric=self.config.unsigned_symmetric,
             fixed_range=fixed,
+            symmetric_scale=self.config.symmetric_scale,
         )
 
     def new_group(self, tensor: str, spec: QuantSpec) -> None:
@@ -187,8 +207,10 @@ class _Annotator:
         for node in self.nodes:
             if self.excluded(node):
                 continue
-            for group in self.config.supergroups:
-                if node.op_type != group[0]:
+            if not self.config.depthwise_supergroups and _depthwise_or_3d(node):
+                continue
+            for group in self.supergroups():
+                if node.op_type != group[0] or not self.matmul_add(node, group):
                     continue
                 chain = [node]
                 for op_type in group[1:]:
@@ -209,6 +231,19 @@ class _Annotator:
                         self.chain_end[member.outputs[0].name] = chain[-1].outputs[0].name
                     self.chain_start[chain[-1].outputs[0].name] = chain[0]
         return interior
+
+    def supergroups(self) -> tuple[tuple[str, ...], ...]:
+        """The config's supergroups, and MatMul+Add when its ``MatmulAdd`` graph pass is listed."""
+        extra = (("MatMul", "Add"),) if "MatmulAdd" in self.config.graph_passes else ()
+        return self.config.supergroups + extra
+
+    def matmul_add(self, node: ir.Node, group: tuple[str, ...]) -> bool:
+        """A MatMul+Add group needs a constant weight and an Add of a constant (the bias)."""
+        if group != ("MatMul", "Add"):
+            return True
+        users = [u.node for u in node.outputs[0].uses()]
+        return (weight_input_index(node) is not None and len(users) == 1 and users[0].op_type == "Add"
+                and any(is_constant(v) for v in users[0].inputs))
 
     def kernel_problem(self, node: ir.Node) -> str | None:
         """Why the node cannot use its integer kernel in onnxruntime (not for HTP), or None."""
@@ -329,7 +364,7 @@ class _Annotator:
             elif self.derive(node, out, override is not None):
                 pass
             elif (
-                self.moves_data(node)
+                (self.moves_data(node) or node.op_type in self.config.tied_op_types)
                 and node.inputs
                 and node.inputs[0] is not None
                 and self.quantized(node.inputs[0].name)
@@ -344,7 +379,8 @@ class _Annotator:
                 pass
             elif name in demand or (
                 self.config.output_quantized_for(node.op_type)
-                and (not self.float_elementwise(node) or self.integer_with_constant(node))
+                and (not self.float_elementwise(node) or self.integer_with_constant(node)
+                     or self.chain_start.get(name, node).op_type == "MatMul")
                 and (self.pays_conversions(node) or self.inputs_quantized(node))
                 and not self.kernel_problem(node)
             ):
@@ -524,6 +560,7 @@ class _Annotator:
             axis=axis,
             pair_limit=pair_limit,
             pair_axis=pair_axis,
+            symmetric_scale=self.config.symmetric_scale,
         )
 
     def bias_problem(

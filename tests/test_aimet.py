@@ -1,0 +1,293 @@
+"""Exchange with aimet-onnx, checked against files aimet-onnx 2.42 itself made (tests/fixtures/aimet/,
+see its README): its shipped configs load, its encodings load into the ``aimet`` preset (names
+mapped through folded BatchNorms and value-preserving ops), onnxqat's calibration gives aimet's
+numbers, and the ``aimet-strict`` export names exactly the tensors aimet's own export names. One
+test runs aimet-onnx itself (its venv, ``ONNXQAT_AIMET_PYTHON``, default /work/peers/aimet) and
+skips where it is not installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from onnxqat import QuantizationSimModel
+from onnxqat.cli import main
+from onnxqat.config import load_config
+from onnxqat.errors import ConfigError, EncodingsError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "aimet")
+DEMO = os.path.join(ROOT, "models", "fmnist_dsconv.onnx")
+CALIB = os.path.join(ROOT, "models", "fmnist_calib.npz")
+OCR_CLS = os.path.join(os.environ.get("ONNXQAT_MODEL_CACHE", os.path.expanduser("~/.cache/onnxqat")),
+                       "rapidocr-1.4.4", "ch_ppocr_mobile_v2.0_cls_infer.onnx")
+AIMET_PYTHON = os.environ.get("ONNXQAT_AIMET_PYTHON", "/work/peers/aimet/bin/python")
+CONFIGS = sorted(p for p in glob.glob(os.path.join(FIXTURES, "configs", "*.json"))
+                 if not p.endswith("default_logging_config.json"))
+
+
+def _before_bn() -> dict[str, str]:
+    """BatchNormalization output -> its input (the Conv output) in the demo model."""
+    import onnx
+
+    graph = onnx.load(DEMO, load_external_data=False).graph
+    return {n.output[0]: n.input[0] for n in graph.node if n.op_type == "BatchNormalization"}
+
+
+BEFORE_BN = _before_bn()
+
+
+def encodings_file(name: str) -> str:
+    return os.path.join(FIXTURES, "encodings", f"{name}.encodings")
+
+
+def entries(path_or_doc, section: str = "activation_encodings") -> dict[str, dict]:
+    doc = path_or_doc if isinstance(path_or_doc, dict) else json.load(open(path_or_doc))
+    return {e["name"]: e for e in doc[section]}
+
+
+def calibration_batches() -> list[dict[str, np.ndarray]]:
+    images = np.load(CALIB)["image"]
+    return [{"image": images[i:i + 64]} for i in range(0, 512, 64)]  # as aimet was calibrated
+
+
+def demo_sim(param_bw: int = 8) -> QuantizationSimModel:
+    # target htp: no x86 saturating-lane limit on weight grids (aimet-onnx knows none)
+    return QuantizationSimModel(DEMO, param_bw=param_bw, per_channel=True, config="aimet", target="htp",
+                                quant_scheme="minmax")  # aimet-onnx's default, min_max
+
+
+def load_quietly(sim: QuantizationSimModel, source, **kw) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sim.load_encodings(source, **kw)
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+# -- configs ---------------------------------------------------------------------------------------
+def test_every_shipped_quantsim_config_is_a_fixture():
+    shipped = json.load(open(os.path.join(FIXTURES, "measured.json")))["shipped_json"]
+    assert len(CONFIGS) == 19 and len(shipped) == 20
+    assert {os.path.basename(p) for p in shipped} == {os.path.basename(p) for p in CONFIGS} | {
+        "default_logging_config.json"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_aimet_shipped_config_loads_with_unused_keys_in_one_warning(path):
+    data = json.load(open(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(path)
+    reports = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(reports) <= 1
+    defaults = data.get("defaults", {})
+    if "hw_version" in defaults:
+        assert reports and "defaults.hw_version" in reports[0] and defaults["hw_version"] in reports[0]
+    if set(data.get("supergroup_pass_list", [])) - {"MatmulAdd"}:
+        assert "supergroup_pass_list" in reports[0]
+    assert cfg.graph_passes == tuple(data.get("supergroup_pass_list", []))
+    groups = [tuple(g["op_list"]) for g in data.get("supergroups", [])]
+    assert list(cfg.supergroups) == groups
+    per_channel = str(defaults.get("per_channel_quantization", "False")) == "True"
+    assert cfg.per_channel_quantization is per_channel
+
+
+def test_the_logging_config_aimet_ships_beside_them_is_refused_by_name():
+    with pytest.raises(ConfigError, match="Python logging config"):
+        load_config(os.path.join(FIXTURES, "configs", "default_logging_config.json"))
+
+
+def test_a_key_neither_aimet_nor_onnxqat_uses_is_still_an_error(tmp_path):
+    data = json.load(open(os.path.join(FIXTURES, "configs", "default_config_per_channel.json")))
+    data["defaults"]["per_chanel_quantization"] = "True"
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="per_chanel_quantization"):
+        load_config(path)
+
+
+def test_aimet_default_config_places_as_the_aimet_preset():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = QuantizationSimModel(DEMO, config=os.path.join(FIXTURES, "configs", "default_config_per_channel.json"),
+                                      target="htp")
+    ours = demo_sim()
+    assert {p.name: p.spec.axis for p in theirs.plan.params} == {p.name: p.spec.axis for p in ours.plan.params}
+    # aimet's engine rules the preset adds (depthwise convs outside supergroups, Relu tied to its input) are
+    # no keys of aimet's file: the file alone places as onnxqat does
+    dw = "/blocks/blocks.0/dw/dw.1/BatchNormalization_output_0"
+    assert theirs.plan.activation_of(dw) is None
+    assert ours.plan.activation_of(dw).tensors == (dw, "/blocks/blocks.0/dw/dw.2/Relu_output_0")
+
+
+# -- aimet's encodings into onnxqat ------------------------------------------------------------------
+@pytest.mark.parametrize("name,bw", [("fmnist_dsconv_w8a8", 8), ("fmnist_dsconv_w8a8_0.6.1", 8),
+                                     ("fmnist_dsconv_w4a8", 4)])
+def test_aimet_encodings_load_into_the_aimet_preset_without_edits(name, bw):
+    sim = demo_sim(bw)
+    assert load_quietly(sim, encodings_file(name)) == []  # every entry applied, none missing
+    acts = entries(encodings_file(name if "0.6.1" not in name else "fmnist_dsconv_w8a8"))
+    for q in sim.plan.activations:
+        # the BN-folded Conv's output is named before the BatchNorm in aimet's file
+        names = [t for t in q.tensors if t in acts] or [BEFORE_BN[t] for t in q.tensors if t in BEFORE_BN]
+        e = acts[names[0]]
+        got = sim.encodings[q.name]
+        assert float(got.scale) == pytest.approx(e["scale"][0], rel=1e-7)  # float32 scales
+        assert int(got.aimet_offset) == e["offset"][0]
+    params = entries(encodings_file("fmnist_dsconv_w4a8" if bw == 4 else "fmnist_dsconv_w8a8"), "param_encodings")
+    for p in sim.plan.params:
+        assert np.allclose(sim.encodings[p.name].scale, params[p.name]["scale"], rtol=1e-7)
+
+
+@pytest.mark.skipif(not os.path.exists(OCR_CLS), reason="PaddleOCR classifier not in the model cache")
+def test_aimet_encodings_of_the_paddleocr_classifier_load():
+    sim = QuantizationSimModel(OCR_CLS, per_channel=True, config="aimet", target="htp")
+    reports = load_quietly(sim, encodings_file("ppocr_cls_w8a8"))
+    assert sim.calibrated
+    # aimet quantizes Constant-node operands (HardSwish's 0/3/6, SE biases) and divisions onnxqat
+    # derives from their input: reported in one warning, not applied
+    assert len(reports) == 1 and "not applied" in reports[0]
+    acts = entries(encodings_file("ppocr_cls_w8a8"))
+    head = sim.plan.activation_of("linear_1.tmp_1")  # MatMul+Add: one quantizer after the Add
+    assert head is not None and sim.plan.activation_of("linear_1.tmp_0") is None
+    assert float(sim.encodings[head.name].scale) == pytest.approx(acts["linear_1.tmp_1"]["scale"][0], rel=1e-7)
+    out = sim.plan.activation_of("save_infer_model/scale_0.tmp_1")  # after Identity: aimet's is before it
+    assert float(sim.encodings[out.name].scale) == pytest.approx(acts["softmax_0.tmp_0"]["scale"][0], rel=1e-7)
+
+
+def test_missing_entries_are_an_error_or_calibrated_by_flag():
+    doc = json.load(open(encodings_file("fmnist_dsconv_w8a8")))
+    dropped = doc["activation_encodings"].pop(1)["name"]
+    doc["param_encodings"].pop(0)
+    sim = demo_sim()
+    with pytest.raises(EncodingsError, match=r"no encoding for quantized tensor\(s\).*missing='calibrate'"):
+        sim.load_encodings(doc)
+    assert not sim.calibrated
+    with pytest.raises(EncodingsError, match="no encoding for quantized tensor"):
+        sim.load_encodings(doc, missing="calibrate")  # nothing to calibrate the activation on
+    batches = calibration_batches()
+    reports = load_quietly(sim, doc, missing="calibrate", batches=batches)
+    assert len(reports) == 1 and "2 quantizer(s) had no encoding in the file and were calibrated" in reports[0]
+    calibrated = demo_sim().compute_encodings(batches)
+    q = sim.plan.activation_of(dropped)
+    assert sim.encodings[q.name].equals(calibrated.encodings[q.name])
+
+
+def test_a_name_of_no_tensor_is_an_error():
+    doc = json.load(open(encodings_file("fmnist_dsconv_w8a8")))
+    doc["activation_encodings"].append({**doc["activation_encodings"][0], "name": "ghost"})
+    with pytest.raises(EncodingsError, match=r"not in the model: \['ghost'\]"):
+        demo_sim().load_encodings(doc)
+
+
+def test_same_values_must_carry_the_same_encoding():
+    doc = json.load(open(encodings_file("fmnist_dsconv_w8a8")))
+    acts = entries(doc)
+    # the depthwise Conv output and its Relu share one quantizer in aimet (tied) and in the preset
+    acts["/blocks/blocks.0/dw/dw.0/Conv_output_0"]["scale"] = [0.5]
+    with pytest.raises(EncodingsError, match="carry different encodings"):
+        demo_sim().load_encodings(doc)
+
+
+# -- numerics: onnxqat's aimet preset calibrates as aimet-onnx does ---------------------------------
+@pytest.mark.parametrize("name,bw", [("fmnist_dsconv_w8a8", 8), ("fmnist_dsconv_w4a8", 4)])
+def test_aimet_preset_calibration_matches_aimets_encodings(name, bw):
+    sim = demo_sim(bw).compute_encodings(calibration_batches())
+    ours = sim.encodings_document(encodings_format="aimet-strict")
+    theirs = json.load(open(encodings_file(name)))
+    for section in ("activation_encodings", "param_encodings"):
+        a, b = entries(ours, section), entries(theirs, section)
+        assert set(a) == set(b)
+        for n, e in b.items():
+            assert (a[n]["bw"], a[n]["is_sym"], a[n]["enc_type"], a[n]["dtype"]) == (e["bw"], e["is_sym"],
+                                                                                   e["enc_type"], e["dtype"])
+            assert a[n]["offset"] == e["offset"], n  # -2^(b-1) for symmetric weights, zero points
+            # scales: float32 sums of a BN fold computed twice (ours, aimet's) -> within 1e-6
+            np.testing.assert_allclose(a[n]["scale"], e["scale"], rtol=2e-6, err_msg=n)
+
+
+def test_onnxqat_grid_differs_where_the_negative_end_dominates():
+    """The default symmetric scale (max|w| / 127) is not aimet's: the preset's is (numbers above)."""
+    plain = QuantizationSimModel(DEMO, per_channel=True, target="htp", config="onnxruntime")
+    aimet = demo_sim()
+    params = entries(encodings_file("fmnist_dsconv_w8a8"), "param_encodings")
+    name = aimet.plan.params[0].name
+    ratio = np.asarray(plain.encodings[name].scale) / np.asarray(params[name]["scale"])
+    assert ratio.max() > 1.004 and np.allclose(aimet.encodings[name].scale, params[name]["scale"], rtol=2e-6)
+
+
+# -- onnxqat's encodings into aimet-onnx -------------------------------------------------------------
+def test_strict_export_names_what_aimets_graph_has(tmp_path):
+    sim = demo_sim()
+    load_quietly(sim, encodings_file("fmnist_dsconv_w8a8"))
+    doc = sim.encodings_document(encodings_format="aimet-strict")
+    theirs = json.load(open(encodings_file("fmnist_dsconv_w8a8")))
+    assert entries(doc).keys() == entries(theirs).keys()
+    assert entries(doc, "param_encodings").keys() == entries(theirs, "param_encodings").keys()
+    assert doc["version"] == "1.0.0"
+    plain = sim.encodings_document()  # onnxqat's own names: the prepared (BN-folded) model's
+    assert "/blocks/blocks.0/dw/dw.1/BatchNormalization_output_0" in entries(plain)
+    # and the strict file loads back into onnxqat with the same encodings
+    again = demo_sim()
+    assert load_quietly(again, doc) == []
+    assert all(again.encodings[k].equals(v) for k, v in sim.encodings.items())
+
+
+def test_cli_imports_aimet_encodings_and_exports_aimet_strict(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["quantize", DEMO, "--data", CALIB, "--output-dir", str(out), "--config", "aimet", "--per-channel",
+                 "--target", "htp", "--scheme", "minmax", "--encodings", encodings_file("fmnist_dsconv_w8a8"), "--encodings-format", "aimet-strict"])
+    assert code == 0, capsys.readouterr().err
+    written = json.load(open(out / "model.encodings"))
+    theirs = json.load(open(encodings_file("fmnist_dsconv_w8a8")))
+    assert entries(written).keys() == entries(theirs).keys()
+    for n, e in entries(theirs).items():
+        assert entries(written)[n]["offset"] == e["offset"]
+        assert entries(written)[n]["scale"][0] == pytest.approx(e["scale"][0], rel=1e-7)
+
+
+def test_cli_missing_encodings_is_one_error_line(tmp_path, capsys):
+    doc = json.load(open(encodings_file("fmnist_dsconv_w8a8")))
+    doc["activation_encodings"].pop(0)
+    partial = tmp_path / "partial.encodings"
+    partial.write_text(json.dumps(doc))
+    args = ["quantize", DEMO, "--data", CALIB, "--config", "aimet", "--per-channel", "--target", "htp",
+            "--scheme", "minmax", "--encodings", str(partial)]
+    code = main([*args, "--output-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no encoding for quantized tensor(s) ['image']" in err
+    assert not (tmp_path / "a").exists()
+    code = main([*args, "--output-dir", str(tmp_path / "b"), "--missing-encodings", "calibrate"])
+    assert code == 0 and (tmp_path / "b" / "model.encodings").exists()
+
+
+@pytest.mark.skipif(not os.path.exists(AIMET_PYTHON), reason=f"aimet-onnx venv not installed ({AIMET_PYTHON})")
+def test_aimet_onnx_loads_the_strict_export_with_strict_true(tmp_path):
+    sim = demo_sim().compute_encodings(calibration_batches())
+    paths = sim.export(tmp_path / "out", encodings_format="aimet-strict")
+    images = np.load(CALIB)["image"]
+    np.savez(tmp_path / "calib.npz", image=images[:64])
+    np.savez(tmp_path / "eval.npz", image=images[:32])
+    job = {"model": DEMO, "calib": str(tmp_path / "calib.npz"), "eval": str(tmp_path / "eval.npz"), "batch": 64,
+           "mode": "load", "out_dir": str(tmp_path), "encodings": paths["encodings"]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    script = os.path.join(ROOT, "bench", "bench_aimet_roundtrip.py")
+    done = subprocess.run([AIMET_PYTHON, script, "--aimet-side", str(tmp_path / "job.json")], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = np.load(tmp_path / "aimet_outputs.npz")["arr_0"]
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from bench_aimet_roundtrip import unfused
+
+    ours = unfused(sim, {"image": images[:32]})[0]
+    lsb = float(sim.encodings[sim.plan.activation_of(sim.output_names[0]).name].scale)
+    diff = np.abs(ours - theirs) / lsb
+    assert diff.max() <= 4 + 1e-6 and (diff > 1e-3).mean() < 0.05  # rounding ties (see BENCHMARKS.md)
