@@ -50,8 +50,9 @@ def _add_sim_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
     p.add_argument("--activation-bw", type=int, default=8, help="activation bitwidth, 4-16")
     p.add_argument("--per-channel", action="store_true", help="per-channel weight quantization")
     p.add_argument(
-        "--scheme", choices=["minmax", "percentile", "sqnr"], default="minmax",
-        help="activation calibration scheme",
+        "--scheme", choices=["auto", "minmax", "percentile", "sqnr"], default="auto",
+        help="activation calibration scheme; auto: whichever of the others brings the simulation closest "
+             "to the float model's outputs on the first calibration batches",
     )
     p.add_argument(
         "--config", default=None,
@@ -310,6 +311,8 @@ def _calibrated_sim(args: argparse.Namespace, checked: _Checked):  # type: ignor
                            batches=batches if args.missing_encodings == "calibrate" else None)
         return sim
     sim.compute_encodings(batches, weight_rounding=args.weight_rounding, bias_correction=args.bias_correction)
+    if sim.scheme_choice is not None:
+        print(f"calibration: {sim.scheme_choice.summary()}")
     return sim
 
 

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import os
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,7 @@ from onnxqat.passes.fold_batchnorm import FoldAffinePass, FoldBatchNormPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding, compute_encoding
-from onnxqat.runtime import release_if_mapped
+from onnxqat.runtime import Session, release_if_mapped
 from onnxqat.target import Target
 
 __all__ = [
@@ -213,11 +213,18 @@ class Calibration:
         plan: The plan the encodings are for (the state's, or one with Concat nodes untied).
         encodings: Encodings of every calibrated activation quantizer of ``plan``.
         untied: Concat node -> why its inputs got their own quantizers and it runs in float.
+        candidates: With the ``auto`` scheme, the encodings of each scheme it chooses among
+            (:data:`AUTO_CANDIDATES`, from the same statistics); :func:`choose_scheme` picks one.
     """
 
     plan: QuantPlan
     encodings: Mapping[str, Encoding]
     untied: Mapping[str, str]
+    candidates: Mapping[Scheme, Mapping[str, Encoding]] = dataclasses.field(default_factory=dict)
+
+
+# The schemes ``auto`` chooses among, by the model's output error on calibration data.
+AUTO_CANDIDATES = (Scheme.MINMAX, Scheme.PERCENTILE, Scheme.SQNR)
 
 
 def calibrate(
@@ -251,10 +258,12 @@ def calibrate(
     untie = _untie(state, observers) if replan is not None else {}
     plan = replan(untie) if untie and replan is not None else state.plan
     group_of = {t: q.name for q in observed.activations for t in q.tensors}
-    encodings = {}
+    schemes = AUTO_CANDIDATES if scheme is Scheme.AUTO else (scheme,)
+    found: dict[Scheme, dict[str, Encoding]] = {s: {} for s in schemes}
     for q in plan.calibrated_activations:
         if q.spec.fixed_range is not None:
-            encodings[q.name] = compute_encoding(*q.spec.fixed_range, q.spec)
+            for s in schemes:
+                found[s][q.name] = compute_encoding(*q.spec.fixed_range, q.spec)
             continue
         parts = {group_of[t] for t in q.tensors if t in group_of}
         obs = None
@@ -267,8 +276,56 @@ def calibrate(
             raise ModelError(
                 f"tensor '{q.name}' held no finite value on the calibration data; exclude its producer in the config"
             )
-        encodings[q.name] = activation_encoding(obs, q.spec, scheme, percentile)
-    return Calibration(plan, encodings, untie)
+        for s in schemes:
+            found[s][q.name] = activation_encoding(obs, q.spec, s, percentile)
+    if scheme is Scheme.AUTO:  # until choose_scheme() picks: percentile, the safest single guess
+        return Calibration(plan, found[Scheme.PERCENTILE], untie, found)
+    return Calibration(plan, found[scheme], untie)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemeChoice:
+    """What :func:`choose_scheme` measured: each candidate's output SQNR (dB, mean over the float
+    outputs, each capped at 100 dB) on the calibration samples, and the one chosen."""
+
+    chosen: Scheme
+    sqnr_db: Mapping[Scheme, float]
+
+    def summary(self) -> str:
+        scores = ", ".join(f"{s.value} {db:.1f} dB" for s, db in self.sqnr_db.items())
+        return f"auto chose {self.chosen.value} (output SQNR: {scores})"
+
+
+def output_sqnr_db(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
+    """Mean over float outputs of ``10 log10(sum f^2 / sum (f - q)^2)``, each capped at 100 dB."""
+    scores = []
+    for f, q in zip(reference, outputs):
+        f, q = np.asarray(f), np.asarray(q)
+        if f.dtype.kind != "f":
+            continue
+        signal = float(np.sum(f.astype(np.float64) ** 2))
+        noise = float(np.sum((f.astype(np.float64) - q.astype(np.float64)) ** 2))
+        scores.append(100.0 if noise <= signal * 1e-10 else 10.0 * np.log10(max(signal, 1e-30) / noise))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def choose_scheme(state: SimState, candidates: Mapping[Scheme, Mapping[str, Encoding]],
+                  feeds: Sequence[Mapping[str, np.ndarray]]) -> tuple[SimState, SchemeChoice]:
+    """The state with the candidate encodings whose simulation is closest to the float model on
+    ``feeds`` (output SQNR); ties keep the earlier candidate."""
+    float_session = Session(state.float_model)
+    reference = [float_session.run(feed) for feed in feeds]
+    scores: dict[Scheme, float] = {}
+    states: dict[Scheme, SimState] = {}
+    for scheme, encodings in candidates.items():
+        candidate = state.with_encodings(encodings)
+        session = Session(lower(candidate))
+        runs = [output_sqnr_db(ref, session.run(feed)) for ref, feed in zip(reference, feeds)]
+        scores[scheme] = float(np.mean(runs)) if runs else 0.0
+        states[scheme] = candidate
+        del session
+    best = max(scores, key=lambda s: (scores[s], -list(scores).index(s)))
+    return states[best], SchemeChoice(best, scores)
 
 
 # Histogram calibration fetches every observed tensor of a run; batches are split so those stay

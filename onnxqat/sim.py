@@ -26,6 +26,9 @@ from onnxqat.target import Target, resolve_target
 
 __all__ = ["QuantizationSimModel", "prepare_model"]
 
+_AUTO_BATCHES = 8  # calibration batches (at most) the auto scheme scores its candidates on ...
+_AUTO_SAMPLES = 256  # ... stopping once this many samples are kept
+
 
 def prepare_model(source: ModelSource, *, fold_batchnorm: bool = True) -> ir.Model:
     """Load (if a path) and canonicalise a model; fold BatchNorm unless told not to.
@@ -53,7 +56,10 @@ class QuantizationSimModel:
         model: Path to an ``.onnx`` file, an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
         param_bw: Bitwidth of weights (4 to 16).
         activation_bw: Bitwidth of activations (4 to 16).
-        quant_scheme: Activation calibration: ``minmax``, ``percentile`` or ``sqnr``.
+        quant_scheme: Activation calibration: ``auto`` (default: the one of ``minmax``,
+            ``percentile`` and ``sqnr`` whose simulation is closest to the float model's outputs
+            on the first calibration batches, all from one pass of statistics; see
+            ``scheme_choice`` after calibration), or one of those forced.
         per_channel: Per-channel weight quantization; None takes the config's setting.
         config: Preset name (``onnxruntime``, ``aimet``), JSON path, dict or QuantSimConfig;
             None takes the target's default preset.
@@ -75,7 +81,7 @@ class QuantizationSimModel:
         *,
         param_bw: int = 8,
         activation_bw: int = 8,
-        quant_scheme: str | Scheme = Scheme.MINMAX,
+        quant_scheme: str | Scheme = Scheme.AUTO,
         per_channel: bool | None = None,
         config: str | os.PathLike[str] | Mapping[str, Any] | QuantSimConfig | None = None,
         percentile: float = DEFAULT_PERCENTILE,
@@ -114,6 +120,7 @@ class QuantizationSimModel:
             warnings.warn(f"most of the compute stays float: {covered.summary()}{hint}", RuntimeWarning, stacklevel=2)
         self._session: tuple[SimState, Session] | None = None
         self._check_feed: dict[str, np.ndarray] | None = None
+        self.scheme_choice: pipeline.SchemeChoice | None = None  # what the auto scheme measured and chose
 
     # -- the state -----------------------------------------------------------------------------
     @property
@@ -153,12 +160,16 @@ class QuantizationSimModel:
         """
         signature = input_signature(self.float_model)
         kept: list[dict[str, np.ndarray]] = []
+        # the auto scheme scores its candidates on the first batches (up to _AUTO_SAMPLES samples)
+        keep = _AUTO_BATCHES if self.quant_scheme is Scheme.AUTO else 1
+        samples = [0]
 
         def keep_first(items: Iterable[Mapping[str, np.ndarray]]) -> Iterable[Mapping[str, np.ndarray]]:
-            for batch in items:
-                if not kept:
-                    feed = validate_feed(batch, signature, where="calibration data: batch 0")
+            for index, batch in enumerate(items):
+                if len(kept) < keep and (not kept or samples[0] < _AUTO_SAMPLES):
+                    feed = validate_feed(batch, signature, where=f"calibration data: batch {index}")
                     kept.append({k: np.array(v) for k, v in feed.items()})
+                    samples[0] += max((len(v) for v in feed.values() if np.ndim(v)), default=1)
                 yield batch
 
         model = self._state.float_model
@@ -185,6 +196,9 @@ class QuantizationSimModel:
         else:
             weights = pipeline.encode_weights(model, found.plan, self.param_scheme)
             self._state = SimState(model, found.plan, {**weights, **found.encodings})
+        self.scheme_choice = None
+        if found.candidates and kept:
+            self._state, self.scheme_choice = pipeline.choose_scheme(self._state, found.candidates, kept)
         self._check_feed = kept[0] if kept else None
         return self
 
@@ -307,7 +321,7 @@ class QuantizationSimModel:
             "dtype": "int",
             "is_symmetric": self.config.param_symmetric,
             "per_channel_quantization": self.config.per_channel_quantization,
-            "quant_scheme": self.quant_scheme.value,
+            "quant_scheme": (self.scheme_choice.chosen if self.scheme_choice else self.quant_scheme).value,
             "target": self.target.name,
         }
 

@@ -10,6 +10,8 @@ import onnx_ir as ir
 import pytest
 
 from conftest import random_batches, run_onnx, tiny_cnn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnxqat.calibrate.observers import HistogramObserver, MinMaxObserver
 from onnxqat.calibrate.runner import collect_statistics
 from onnxqat.calibrate.schemes import Scheme, activation_encoding, sqnr_range, weight_encoding
@@ -184,3 +186,58 @@ def test_histogram_calibration_splits_batches_to_its_memory_budget(monkeypatch):
         a, b = whole.encodings[q.name], split.encodings[q.name]
         span = float(a.max - a.min)
         assert abs(float(b.max - b.min) - span) <= 2 * span / 2048 + 1e-6, q.name
+
+
+def _sample(kind: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = 20_000
+    if kind == "relu":  # exact zeros: values on the grid
+        return np.maximum(rng.normal(size=n), 0.0).astype(np.float32)
+    if kind == "outliers":
+        return np.concatenate([rng.normal(size=n), rng.normal(size=5) * 60]).astype(np.float32)
+    if kind == "bimodal":
+        return np.concatenate([rng.normal(-3, 0.3, n // 2), rng.normal(5, 1.0, n // 2)]).astype(np.float32)
+    if kind == "heavy":
+        return rng.standard_t(2, size=n).astype(np.float32)
+    return rng.uniform(-1, 3, size=n).astype(np.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["relu", "outliers", "bimodal", "heavy", "uniform"]), seed=st.integers(0, 10_000),
+       bits=st.sampled_from([4, 6, 8]), symmetric=st.booleans())
+def test_sqnr_is_never_worse_than_minmax_or_percentile(kind, seed, bits, symmetric):
+    """On the same histogram, the sqnr range quantizes the data with no more squared error
+    than the min-max and percentile ranges (measured on the sample itself; 2% slack because the
+    search sees only the histogram's bins)."""
+    x = _sample(kind, seed)
+    spec = QuantSpec(bitwidth=bits, symmetric=symmetric)
+    h = HistogramObserver()
+    h.update(x)
+    errors = {scheme: _mse(x, activation_encoding(h, spec, scheme))
+              for scheme in (Scheme.MINMAX, Scheme.PERCENTILE, Scheme.SQNR)}
+    assert errors[Scheme.SQNR] <= 1.02 * min(errors[Scheme.MINMAX], errors[Scheme.PERCENTILE]) + 1e-12, errors
+
+
+def test_auto_scheme_picks_the_candidate_closest_to_the_float_outputs():
+    """auto's choice is the candidate whose simulation has the best output SQNR, measured here
+    independently by running each forced scheme's simulation against onnxruntime's float model."""
+    from conftest import random_batches, run_onnx, tiny_cnn
+
+    from onnxqat import QuantizationSimModel
+    from onnxqat.pipeline import AUTO_CANDIDATES, output_sqnr_db
+
+    model = tiny_cnn(seed=2)
+    calib = random_batches(4, 16, seed=3)
+    calib[1]["x"][0, 0, 0, 0] = 40.0  # an outlier: min-max and percentile ranges differ
+    auto = QuantizationSimModel(model).compute_encodings(calib, progress=False)
+    assert auto.scheme_choice is not None and auto.scheme_choice.chosen in AUTO_CANDIDATES
+    measured = {}
+    for scheme in AUTO_CANDIDATES:
+        forced = QuantizationSimModel(model, quant_scheme=scheme.value).compute_encodings(calib, progress=False)
+        assert forced.scheme_choice is None
+        measured[scheme] = np.mean([output_sqnr_db(run_onnx(model, f), forced.run(f)) for f in calib])
+        assert abs(measured[scheme] - auto.scheme_choice.sqnr_db[scheme]) < 1e-3  # dB; float kernels differ slightly
+        if scheme is auto.scheme_choice.chosen:
+            for f in calib:
+                np.testing.assert_array_equal(auto.run(f)[0], forced.run(f)[0])
+    assert measured[auto.scheme_choice.chosen] == max(measured.values())

