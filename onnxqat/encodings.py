@@ -1,4 +1,4 @@
-"""AIMET encodings files: write (1.0.0 or 0.6.1) and read back, with validation.
+"""AIMET encodings files: write (1.0.0 or 0.6.1) and read back (also aimet-onnx's 2.0.0), with validation.
 
 1.0.0 (default) lists ``{name, enc_type, dtype, bw, is_sym, scale, offset}`` entries; 0.6.1 maps
 each name to a list of ``{bitwidth, dtype, is_symmetric, min, max, scale, offset}`` (one per
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -126,6 +127,8 @@ def parse_aimet(data: Any, *, source: str = "encodings") -> ParsedEncodings:
     version = data.get("version", "0.6.1")
     if not isinstance(version, str):
         raise fail(f"version must be a string, got {version!r}")
+    if version.startswith("2."):
+        return _parse_2(data, version, fail)
     sections = {}
     for key in ("activation_encodings", "param_encodings"):
         section = data.get(key, [] if version.startswith("1.") else {})
@@ -148,6 +151,51 @@ def parse_aimet(data: Any, *, source: str = "encodings") -> ParsedEncodings:
             except EncodingsError as e:
                 raise fail(f"{where}: {e}") from None
     return ParsedEncodings(acts, params, biases, version)
+
+
+_DTYPE_BITS = re.compile(r"(u?)int(\d+)$")
+
+
+def _parse_2(data: Mapping[str, Any], version: str, fail: Any) -> ParsedEncodings:
+    """aimet-onnx's 2.0.0 layout: one ``encodings`` list of ``{name, output_dtype, y_scale[,
+    y_zero_point][, axis]}`` for activations and weights alike (``uintN``: asymmetric with that zero
+    point, 0 when absent; ``intN``: symmetric; ``int32``: a derived bias). Each entry is offered as
+    activation and as weight encoding; the plan's quantizer of that name takes it."""
+    section = data.get("encodings")
+    if not isinstance(section, list):
+        raise fail(f"encodings must be a list in version {version}")
+    encodings: dict[str, Encoding] = {}
+    biases: dict[str, np.ndarray] = {}
+    for i, entry in enumerate(section):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise fail(f"encodings[{i}]: expected an object with a tensor name")
+        name = entry["name"]
+        where = f"encodings '{name}'"
+        found = _DTYPE_BITS.match(str(entry.get("output_dtype", "")))
+        if found is None:
+            raise fail(f"{where}: output_dtype {entry.get('output_dtype')!r} is not supported (only integer types)")
+        unsigned, bw = found.group(1) == "u", int(found.group(2))
+        bw = _bitwidth(bw, where, fail)
+        raw = entry.get("y_scale")
+        scale = _scales(raw if isinstance(raw, list) else [raw], where, fail)
+        zp = entry.get("y_zero_point", 0)
+        zero = _numbers(zp if isinstance(zp, list) else [zp] * len(scale), where, "y_zero_point", fail)
+        if name in encodings or name in biases:
+            raise fail(f"{where}: listed twice")
+        if bw == 32:
+            biases[name] = scale
+            continue
+        per_channel = "axis" in entry or isinstance(raw, list)
+        offset = -zero if unsigned else np.full(scale.shape, -(1 << (bw - 1)), np.float64)
+        if not unsigned and np.any(zero != 0):
+            raise fail(f"{where}: a signed encoding with a zero point other than 0 is not supported")
+        try:
+            encodings[name] = Encoding.from_aimet(
+                bitwidth=bw, is_symmetric=not unsigned, scale=scale if per_channel else scale[0],
+                offset=offset if per_channel else offset[0], axis=0 if per_channel else None)
+        except EncodingsError as e:
+            raise fail(f"{where}: {e}") from None
+    return ParsedEncodings(encodings, dict(encodings), biases, version)
 
 
 def _entries(section: Any, version: str, key: str, fail: Any) -> dict[str, tuple[int, bool, np.ndarray, np.ndarray, bool]]:
@@ -374,8 +422,10 @@ def bind(parsed: ParsedEncodings, plan: QuantPlan, float_model: Any, source: Sou
     known.update(v.name for n in float_model.graph for v in n.outputs)
     if source is not None:
         known |= source.names
-    names = [*parsed.activations, *parsed.params, *parsed.biases]
-    unknown = [n for n in names if n not in known]
+    names = list(dict.fromkeys([*parsed.activations, *parsed.params, *parsed.biases]))  # 2.0.0: in both
+    # a 32-bit bias entry may name a bias aimet created when folding BatchNorm into a Conv without
+    # one; onnxqat derives biases anyway, so such an entry is only reported
+    unknown = [n for n in names if n not in known and n not in parsed.biases]
     if unknown:
         raise EncodingsError(f"{where}: tensor(s) not in the model: {unknown[:5]}"
                              f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}")

@@ -147,6 +147,17 @@ def test_aimet_encodings_load_into_the_aimet_preset_without_edits(name, bw):
         assert np.allclose(sim.encodings[p.name].scale, params[p.name]["scale"], rtol=1e-7)
 
 
+def test_aimets_2_0_0_layout_gives_the_same_encodings_as_its_1_0_0():
+    ref = demo_sim()
+    load_quietly(ref, encodings_file("fmnist_dsconv_w8a8"))
+    sim = demo_sim()
+    reports = load_quietly(sim, encodings_file("fmnist_dsconv_w8a8_2.0.0"))
+    assert sim.encodings.keys() == ref.encodings.keys()
+    assert all(sim.encodings[k].equals(v) for k, v in ref.encodings.items())
+    # its int32 biases include the ones it created folding BatchNorm into bias-free Convs: reported only
+    assert len(reports) == 1 and "16 entr(y/ies)" in reports[0] and "/stem/stem.0/Conv.bias" in reports[0]
+
+
 @pytest.mark.skipif(not os.path.exists(OCR_CLS), reason="PaddleOCR classifier not in the model cache")
 def test_aimet_encodings_of_the_paddleocr_classifier_load():
     sim = QuantizationSimModel(OCR_CLS, per_channel=True, config="aimet", target="htp")
