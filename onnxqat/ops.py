@@ -32,6 +32,7 @@ __all__ = [
     "IntegerFormRule",
     "OpKind",
     "OpRule",
+    "Reason",
     "WeightSlot",
     "channel_axis",
     "constant_operand",
@@ -43,6 +44,30 @@ __all__ = [
     "saturates_u8s8",
     "weight_index",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reason:
+    """Why a rule did not apply (a tensor left float, a BatchNorm not folded).
+
+    Attributes:
+        rule_id: Stable identifier of the rule (``"placement.excluded"``, ``"fold.training_mode"``):
+            what tests and tools match on; it does not change when the wording does.
+        detail: The readable sentence, with the node and tensor names; ``str(reason)``.
+
+    >>> str(Reason("fold.training_mode", "BatchNormalization 'bn' is in training mode"))
+    "BatchNormalization 'bn' is in training mode"
+    """
+
+    rule_id: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        if not self.rule_id or not self.detail:
+            raise ValueError("a Reason needs a rule id and a detail")
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class OpKind(enum.Enum):

@@ -40,6 +40,7 @@ from onnxqat.encodings import ENCODINGS_FORMATS, MISSING, Binding, ParsedEncodin
 from onnxqat.errors import ConfigError, EncodingsError, ModelError
 from onnxqat.graph import const_array
 from onnxqat.io import load_model, save_model
+from onnxqat.ops import Reason
 from onnxqat.outputs import transaction
 from onnxqat.passes.annotate import annotate
 from onnxqat.passes.canonicalize import canonical_passes
@@ -81,10 +82,12 @@ class Prepared:
     Attributes:
         model: Float32 model, opset >= 13, Constant nodes as initializers, BatchNorm folded.
         float16: The float16 interface of the original model (empty for float32 models).
+        unfolded_batchnorm: Each BatchNormalization left unfolded -> why (empty when folding is off).
     """
 
     model: ir.Model
     float16: Float16Record
+    unfolded_batchnorm: Mapping[str, Reason] = dataclasses.field(default_factory=dict)
 
 
 def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
@@ -110,13 +113,14 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
         FixInputsPass(fix_inputs)(model)
     model = canonical_passes()(model).model
     SubtractConstantAsAddPass()(model)
-    to_float32 = Float16ToFloat32Pass()
-    if to_float32(model).modified:
+    to_float32 = Float16ToFloat32Pass()(model)
+    if to_float32.modified:
         ShapeInferencePass(strict_mode=False)(model)
+    unfolded: Mapping[str, Reason] = {}
     if fold_batchnorm:
-        FoldBatchNormPass()(model)
+        unfolded = FoldBatchNormPass()(model).unfolded
         FoldAffinePass()(model)
-    return Prepared(model, to_float32.record)
+    return Prepared(model, to_float32.record, unfolded)
 
 
 def make_plan(model: ir.Model, config: QuantSimConfig, *, param_bw: int = 8, activation_bw: int = 8,

@@ -217,3 +217,127 @@ def test_batchnorm_written_as_mul_add_folds_into_the_conv():
     assert [v.name for n in ir_model.graph for v in n.outputs][0] == "y"  # the folded conv takes the chain's name
     got = run_onnx(ir.to_proto(ir_model), {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _bn_case(case):
+    """A model with one BatchNormalization 'bn' that must not fold, for each ``fold.*`` rule."""
+    rng = np.random.default_rng(5)
+    c = 2
+    params = {"g": np.full(c, 2, f32), "b": np.ones(c, f32), "m": np.full(c, 0.5, f32), "v": np.ones(c, f32)}
+    w = {"w": rng.normal(size=(c, c, 1, 1)).astype(f32)}
+    bn_in, outputs, attrs, opset = "h", ["y"], {}, 13
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv")]
+    if case == "fold.no_producer":
+        nodes, w, bn_in = [], {}, "x"
+    elif case == "fold.producer_op":
+        nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu")]
+    elif case == "fold.shared_input":
+        outputs = ["y", "h"]
+    elif case == "fold.weight_not_constant":
+        nodes = [helper.make_node("Conv", ["x", "x2"], ["h"], name="conv")]
+    elif case == "fold.grouped_conv_transpose":
+        w = {"w": rng.normal(size=(c, 1, 1, 1)).astype(f32)}
+        nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["h"], name="convt", group=2)]
+    elif case == "fold.training_mode":
+        attrs, opset = {"training_mode": 1}, 15
+        outputs = ["y", "rm", "rv"]
+    bn_outputs = ["y", "rm", "rv"] if case == "fold.training_mode" else ["y"]
+    nodes.append(helper.make_node("BatchNormalization", [bn_in, "g", "b", "m", "v"], bn_outputs, name="bn", **attrs))
+    inputs = [tensor("x", [1, c, 3, 3])] + ([tensor("x2", [c, c, 1, 1])] if case == "fold.weight_not_constant" else [])
+    shapes = {"y": [1, c, 3, 3], "h": [1, c, 3, 3], "rm": [c], "rv": [c]}
+    return make_model(nodes, inputs, [tensor(n, shapes[n]) for n in outputs], {**params, **w}, opset=opset)
+
+
+@pytest.mark.parametrize("rule_id", ["fold.no_producer", "fold.producer_op", "fold.shared_input",
+                                     "fold.weight_not_constant", "fold.grouped_conv_transpose",
+                                     "fold.training_mode"])
+def test_batchnorm_left_unfolded_says_which_rule(rule_id):
+    from onnxqat.passes.fold_batchnorm import FoldBatchNormPass
+    from onnxqat.pipeline import prepare
+
+    model = ir.from_proto(_bn_case(rule_id))
+    result = FoldBatchNormPass()(model)
+    assert not result.modified and result.folded == {}
+    assert list(result.unfolded) == ["bn"]
+    assert result.unfolded["bn"].rule_id == rule_id
+    assert "'bn'" in str(result.unfolded["bn"])  # readable, names the node
+    assert "BatchNormalization" in _ops(model)
+    assert prepare(_bn_case(rule_id)).unfolded_batchnorm["bn"].rule_id == rule_id
+
+
+def test_batchnorm_fold_result_names_what_it_folded():
+    from onnxqat.passes.fold_batchnorm import FoldBatchNormPass
+    from onnxqat.pipeline import prepare
+
+    proto = tiny_cnn()
+    result = FoldBatchNormPass()(ir.from_proto(proto))
+    assert result.modified and result.folded == {"bn1": "conv1"} and result.unfolded == {}
+    assert prepare(proto).unfolded_batchnorm == {}
+
+
+def test_float16_pass_returns_its_record_and_keeps_no_state():
+    from onnxqat.passes.float16 import Float16ToFloat32Pass
+
+    half = np.float16
+    nodes = [helper.make_node("Add", ["x", "c"], ["a"], name="add"),
+             helper.make_node("Cast", ["a"], ["y"], name="cast", to=onnx.TensorProto.FLOAT16)]
+    proto = make_model(nodes, [tensor("x", [2], onnx.TensorProto.FLOAT16)], [tensor("y", [2], onnx.TensorProto.FLOAT16)],
+                       {"c": np.ones(2, half)})
+    to_float32 = Float16ToFloat32Pass()
+    result = to_float32(ir.from_proto(proto))
+    assert result.modified
+    assert (result.record.inputs, result.record.outputs, result.record.initializers, result.record.casts) == (
+        {"x"}, {"y"}, {"c"}, {"cast"})
+    again = to_float32(result.model)  # already float32: nothing to record, nothing carried over
+    assert not again.modified and not again.record
+    assert not hasattr(to_float32, "record")
+
+
+def test_expose_values_pass_returns_intermediate_tensors():
+    from onnxqat.passes.expose import ExposeValuesPass
+
+    proto = tiny_cnn()
+    model = ir.from_proto(proto)
+    result = ExposeValuesPass(["a", "y", "nope", "r2", "a"])(model)
+    assert result.exposed == ("a", "r2") and result.missing == ("nope",)
+    assert [v.name for v in model.graph.outputs] == ["y", "a", "r2"]
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(f32)
+    y, a, r2 = run_onnx(ir.to_proto(model), {"x": x})
+    np.testing.assert_array_equal(y, run_onnx(proto, {"x": x})[0])
+    assert a.shape == (2, 4, 8, 8) and (a < 0).any()
+    np.testing.assert_array_equal(r2, np.maximum(a, 0))  # r2 = Relu(a)
+    assert not ExposeValuesPass(["y"])(model).modified  # already an output: nothing to do
+
+
+def test_expose_values_pass_gives_types():
+    from onnxqat.passes.expose import ExposeValuesPass
+
+    model = ir.from_proto(tiny_cnn())
+    copy = model.clone()
+    value = next(v for n in copy.graph for v in n.outputs if v.name == "flat")
+    value.type, value.shape = None, None
+    result = ExposeValuesPass(["flat"], {"flat": (ir.DataType.FLOAT, ir.Shape([]))})(copy)
+    assert result.modified and value.dtype == ir.DataType.FLOAT and value.shape == ir.Shape([])
+    original = next(v for n in model.graph for v in n.outputs if v.name == "flat")
+    assert original.shape != ir.Shape([])  # the clone's change did not reach the model it came from
+
+
+@pytest.mark.parametrize("scheme", ["minmax", "percentile"])
+def test_calibration_statistics_model_is_the_same_through_ir_and_protobuf(scheme):
+    from onnxqat.calibrate.observers import HistogramObserver, MinMaxObserver
+    from onnxqat.calibrate.runner import _statistics_model, _with_additions_ir, _with_additions_proto
+    from onnxqat.calibrate.schemes import Scheme
+
+    model = prepare_model(ir.from_proto(tiny_cnn()))
+    plan = annotate(model, load_config(None))
+    scheme = Scheme(scheme)
+    observers = {q.name: HistogramObserver() if scheme.needs_histogram else MinMaxObserver() for q in plan.activations}
+    stats = _statistics_model(model, plan, scheme, observers)
+    via_proto = _with_additions_proto(ir.to_proto(model), stats)
+    via_ir = ir.to_proto(_with_additions_ir(model.clone(), stats))
+    assert len(via_ir.graph.output) > 1
+    assert [(o.name, o.type.tensor_type.elem_type) for o in via_ir.graph.output] == [
+        (o.name, o.type.tensor_type.elem_type) for o in via_proto.graph.output]
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(f32)
+    for got, ref in zip(run_onnx(via_ir, {"x": x}), run_onnx(via_proto, {"x": x})):
+        np.testing.assert_array_equal(got, ref)

@@ -21,6 +21,7 @@ from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import DataError
 from onnxqat.graph import NameScope, const_array, is_constant, values_by_name
+from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.plan import QuantPlan
 from onnxqat.runtime import Session, fits_in_proto
 
@@ -277,14 +278,6 @@ def _with_additions_ir(model: ir.Model, stats: _StatisticsModel) -> ir.Model:
     for position, ops in stats.after.items():
         graph.insert_after(nodes[position], build(ops))
     graph.extend(build(stats.tail))
-    for output in stats.outputs:
-        if isinstance(output, ir.Value):
-            graph.outputs.append(values[output.name])  # type: ignore[index]
-        else:
-            name, dtype, scalar = output
-            value = values[name]
-            value.dtype = dtype
-            if scalar:
-                value.shape = ir.Shape([])
-            graph.outputs.append(value)
-    return model
+    names = [o.name if isinstance(o, ir.Value) else o[0] for o in stats.outputs]
+    types = {o[0]: (o[1], ir.Shape([]) if o[2] else None) for o in stats.outputs if not isinstance(o, ir.Value)}
+    return ExposeValuesPass(names, types)(model).model

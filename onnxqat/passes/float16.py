@@ -1,7 +1,7 @@
 """Float16 models: simulate in float32, export in the model's own dtypes.
 
 :class:`Float16ToFloat32Pass` turns float16 graph inputs, outputs, initializers and ``Cast`` targets
-into float32 and records what it changed (graph inputs remember their declared dtype in
+into float32 and returns what it changed in its result's ``record`` (graph inputs remember their declared dtype in
 ``value.meta["declared_dtype"]``, so callers keep feeding float16 arrays). The record drives the
 way back: :func:`restore_float16` gives the float export its float16 weights and interface again,
 and :func:`cast_interface` wraps a float32 model (the deployable QDQ model) in boundary Casts so it
@@ -17,7 +17,8 @@ import onnx_ir as ir
 
 from onnxqat.graph import NameScope, array_tensor
 
-__all__ = ["DECLARED_DTYPE", "Float16Record", "Float16ToFloat32Pass", "cast_interface", "restore_float16"]
+__all__ = ["DECLARED_DTYPE", "Float16Record", "Float16Result", "Float16ToFloat32Pass", "cast_interface",
+           "restore_float16"]
 
 DECLARED_DTYPE = "declared_dtype"
 
@@ -44,37 +45,44 @@ def _set_dtype(value: ir.Value, dtype: ir.DataType) -> None:
     value.type = ir.TensorType(dtype, denotation=old.denotation if isinstance(old, ir.TensorType) else None)
 
 
-class Float16ToFloat32Pass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.record = Float16Record()
+@dataclasses.dataclass
+class Float16Result(ir.passes.PassResult):
+    """Attributes: record: What the pass turned from float16 into float32 (empty: nothing)."""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    record: Float16Record = dataclasses.field(default_factory=Float16Record)
+
+
+class Float16ToFloat32Pass(ir.passes.InPlacePass):
+    """Float16 inputs, outputs, initializers and Cast targets to float32; the result's ``record``
+    says which (the pass keeps no state between calls)."""
+
+    def call(self, model: ir.Model) -> Float16Result:
+        record = Float16Record()
         graph = model.graph
         for value in graph.inputs:
             if _is_half(value):
                 value.meta[DECLARED_DTYPE] = ir.DataType.FLOAT16
                 _set_dtype(value, ir.DataType.FLOAT)
-                self.record.inputs.add(value.name)  # type: ignore[arg-type]
+                record.inputs.add(value.name)  # type: ignore[arg-type]
         for value in graph.outputs:
             if _is_half(value):
                 _set_dtype(value, ir.DataType.FLOAT)
-                self.record.outputs.add(value.name)  # type: ignore[arg-type]
+                record.outputs.add(value.name)  # type: ignore[arg-type]
         for name, value in graph.initializers.items():
             tensor = value.const_value
             if tensor is not None and tensor.dtype == ir.DataType.FLOAT16:
                 value.const_value = array_tensor(tensor.numpy().astype(np.float32), name=name)
                 _set_dtype(value, ir.DataType.FLOAT)
-                self.record.initializers.add(name)
+                record.initializers.add(name)
         for node in graph:
             to = node.attributes.get("to")
             if node.op_type == "Cast" and to is not None and to.as_int() == ir.DataType.FLOAT16:
                 node.attributes["to"] = ir.AttrInt64("to", int(ir.DataType.FLOAT))
-                self.record.casts.add(node.name)  # type: ignore[arg-type]
+                record.casts.add(node.name)  # type: ignore[arg-type]
             for out in node.outputs:
                 if _is_half(out):
                     _set_dtype(out, ir.DataType.FLOAT)
-        return ir.passes.PassResult(model, bool(self.record))
+        return Float16Result(model, bool(record), record)
 
 
 def restore_float16(model: ir.Model, record: Float16Record) -> ir.Model:

@@ -12,34 +12,53 @@ scaling by ``s`` is not what a deployed integer kernel computes.
 
 The folded op's output takes the BatchNormalization's output name, so graph outputs and
 downstream names are unchanged. A weight shared with other nodes is copied, never mutated.
+:class:`FoldBatchNormResult` names the folded nodes and gives every BatchNormalization left as it
+is a :class:`~onnxqat.ops.Reason` (rule ids ``fold.*``).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array, is_constant, make_initializer
+from onnxqat.ops import Reason
 
-__all__ = ["FoldAffinePass", "FoldBatchNormPass"]
+__all__ = ["FoldAffinePass", "FoldBatchNormPass", "FoldBatchNormResult"]
+
+
+@dataclasses.dataclass
+class FoldBatchNormResult(ir.passes.PassResult):
+    """Attributes:
+        folded: BatchNormalization node -> the node it was folded into.
+        unfolded: BatchNormalization node left in the graph -> why.
+    """
+
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    unfolded: dict[str, Reason] = dataclasses.field(default_factory=dict)
 
 
 class FoldBatchNormPass(ir.passes.InPlacePass):
-    """Fold every foldable BatchNormalization; others are left as they are."""
+    """Fold every foldable BatchNormalization; others are left as they are, each with its reason."""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> FoldBatchNormResult:
         names = NameScope(model)
         graph = model.graph
-        modified = False
+        result = FoldBatchNormResult(model, False)
         for bn in list(graph):
             if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
                 continue
             producer = _foldable_producer(bn)
-            if producer is None:
+            key = bn.name or bn.outputs[0].name or ""
+            if isinstance(producer, Reason):
+                result.unfolded[key] = producer
                 continue
+            result.folded[key] = producer.name or producer.op_type
             _fold(graph, names, producer, bn)
-            modified = True
-        return ir.passes.PassResult(model, modified)
+            result.modified = True
+        return result
 
 
 def _attr(node: ir.Node, name: str, default: float | int) -> float | int:
@@ -49,34 +68,39 @@ def _attr(node: ir.Node, name: str, default: float | int) -> float | int:
     return attr.as_float() if isinstance(default, float) else attr.as_int()
 
 
-def _foldable_producer(bn: ir.Node) -> ir.Node | None:
+def _foldable_producer(bn: ir.Node) -> ir.Node | Reason:
+    """The op ``bn`` folds into, or why it cannot be folded."""
+    where = f"BatchNormalization '{bn.name}'"
     if int(_attr(bn, "training_mode", 0)) != 0:
-        return None
+        return Reason("fold.training_mode", f"{where} is in training mode")
     if any(out.uses() or out.is_graph_output() for out in bn.outputs[1:]):
-        return None
+        return Reason("fold.statistics_used", f"{where}: its running mean or variance output is used")
     if not all(is_constant(v) for v in bn.inputs[1:5]):
-        return None
+        return Reason("fold.parameters_not_constant", f"{where}: scale, bias, mean or variance is not a constant")
     data = bn.inputs[0]
     producer = data.producer() if data is not None else None
-    if producer is None or producer.op_type not in ("Conv", "ConvTranspose", "Gemm"):
-        return None
+    if producer is None:
+        return Reason("fold.no_producer", f"{where}: its input is a graph input, not a node's output")
+    kind = f"{producer.op_type} '{producer.name}'"
+    if producer.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+        return Reason("fold.producer_op", f"{where}: its input comes from {kind}, not Conv, ConvTranspose or Gemm")
     if producer.domain not in ("", "ai.onnx"):
-        return None
+        return Reason("fold.producer_domain", f"{where}: {kind} is in domain '{producer.domain}'")
     assert data is not None
     if data.is_graph_output() or len(data.uses()) != 1:
-        return None
+        return Reason("fold.shared_input", f"{where}: the output of {kind} is used elsewhere too")
     if not is_constant(producer.inputs[1]):
-        return None
+        return Reason("fold.weight_not_constant", f"{where}: the weight of {kind} is not a constant")
     if len(producer.inputs) > 2 and producer.inputs[2] is not None and not is_constant(producer.inputs[2]):
-        return None
+        return Reason("fold.bias_not_constant", f"{where}: the bias of {kind} is not a constant")
     if producer.op_type == "ConvTranspose" and int(_attr(producer, "group", 1)) != 1:
-        return None
+        return Reason("fold.grouped_conv_transpose", f"{where}: {kind} is grouped")
     if producer.op_type == "Gemm":
         if producer.inputs[0] is None or is_constant(producer.inputs[0]):
-            return None
+            return Reason("fold.gemm_constant_input", f"{where}: input A of {kind} is missing or constant")
         shape = data.shape
         if shape is not None and len(shape) != 2:
-            return None
+            return Reason("fold.gemm_rank", f"{where}: the output of {kind} has rank {len(shape)}, not 2")
     return producer
 
 

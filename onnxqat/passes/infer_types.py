@@ -18,7 +18,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxqat.graph import call_with_light_proto, values_by_name
+from onnxqat.graph import call_with_light_proto
+from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.runtime import fits_in_proto
 
 __all__ = ["InferShapesPass", "InferTypesWithOnnxruntimePass"]
@@ -135,12 +136,7 @@ class InferTypesWithOnnxruntimePass(ir.passes.InPlacePass):
         missing = [v for node in model.graph for v in node.outputs if v.name and v.dtype is None]
         if not missing or not fits_in_proto(model):
             return ir.passes.PassResult(model, False)
-        probe = model.clone()
-        values = values_by_name(probe.graph)
-        outputs = {v.name for v in probe.graph.outputs}
-        for v in missing:
-            if v.name not in outputs:
-                probe.graph.outputs.append(values[v.name])  # type: ignore[index]
+        probe = ExposeValuesPass([v.name for v in missing if v.name])(model.clone()).model
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3

@@ -39,7 +39,7 @@ from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import ConfigError, DataError, ModelError, OutputError
 from onnxqat.evaluate import accuracy, agreement, check_labels
-from onnxqat.graph import values_by_name
+from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.passes.shapes import ConcreteShapesPass
 from onnxqat.pipeline import SimState
 from onnxqat.plan import QuantPlan
@@ -225,8 +225,7 @@ class QATTrainer:
             outputs = [v.name for v in model.graph.outputs]
             source = self.graph.teacher_source
             if source is not None and source not in outputs:
-                model = model.clone()
-                model.graph.outputs.append(values_by_name(model.graph)[source])
+                model = ExposeValuesPass([source])(model.clone()).model
             self._float = EvalSession(model, threads=self.options.threads, outputs=outputs)
         return self._float
 
