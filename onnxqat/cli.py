@@ -70,6 +70,8 @@ def _add_sim_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
                    help="deployment target whose integer arithmetic the model must be exact on "
                         "(default: detected from this machine)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="batch size for running the data")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="run calibration and training on onnxruntime's CPU or CUDA provider")
     _add_data_layout(p)
     p.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE",
                    help="specialise the model to a constant input (e.g. sr=16000): folds If nodes "
@@ -188,6 +190,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not MIN_BITWIDTH <= value <= MAX_BITWIDTH:
             raise ConfigError(f"{name} must be an integer from {MIN_BITWIDTH} to {MAX_BITWIDTH}, got {value}")
+    if getattr(args, "device", "cpu") != "cpu":
+        from onnxqat.backend import providers
+
+        providers(args.device)  # the installed runtime has that provider
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -301,6 +307,7 @@ def _calibrated_sim(args: argparse.Namespace, checked: _Checked):  # type: ignor
         config=args.config,
         target=args.target,
         fix_inputs=checked.fixed,
+        device=args.device,
     )
     how = "given" if args.target else "detected"
     print(f"target: {sim.target.name} ({how}; {sim.target.description})")
@@ -345,9 +352,11 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from onnxqat.backend import require_training
     from onnxqat.data import NpzBatches, output_classes
     from onnxqat.train.options import TrainOptions, default_epochs
 
+    require_training("onnxqat train")
     _check_numbers(args)
     options = {"loss": args.loss, "optimizer": args.optimizer, "lr": args.lr, "range_learning": args.range_learning,
                "output_index": args.output_index, "label_key": args.label_key, "target_key": args.target_key,
@@ -511,8 +520,10 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from onnxqat.backend import require_training
     from onnxqat.demo import run_demo
 
+    require_training("onnxqat demo (it fine-tunes the model)")
     _check_numbers(args)
     run_demo(args.output_dir, models=args.models, epochs=args.epochs)
 

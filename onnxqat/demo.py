@@ -1,9 +1,13 @@
 """The whole workflow on the shipped Fashion-MNIST model, as one command: ``onnxqat demo``.
 
 FP32 accuracy; PTQ at W8A8 and W4A8 (per-channel); QAT of the W4A8 simulation; export; then the
-exported QDQ model's accuracy and speed in plain onnxruntime (the deployment environment, when
-one is found: ``ONNXQAT_DEPLOY_PYTHON`` or ``.venv-deploy`` beside the repository), as a short
-table.
+exported QDQ model's accuracy and speed in plain onnxruntime, as a short table. The deployed model
+runs in a separate plain-onnxruntime environment when one is found (``ONNXQAT_DEPLOY_PYTHON``, or
+``.venv-deploy`` beside the repository), else in this environment's runtime (the row says which).
+
+The assets are the repository's ``models/`` in a checkout, else the copy shipped in the package
+(``onnxqat/demo_data``: the model and a class-balanced subsample of the data, made by
+``models/package_demo_data.py``).
 """
 
 from __future__ import annotations
@@ -23,15 +27,26 @@ from onnxqat.sim import QuantizationSimModel
 
 __all__ = ["find_deploy_python", "find_models", "run_demo"]
 
-_REPO = Path(__file__).resolve().parent.parent
-_PLAIN_ORT = Path(__file__).resolve().parent / "tools" / "plain_ort.py"
+_PACKAGE = Path(__file__).resolve().parent
+_REPO = _PACKAGE.parent
+_PLAIN_ORT = _PACKAGE / "tools" / "plain_ort.py"
+_ASSETS = ("fmnist_dsconv.onnx", "fmnist_calib.npz", "fmnist_train.npz", "fmnist_test.npz")
 
 
 def find_models(folder: str | None) -> Path:
-    path = Path(folder) if folder else _REPO / "models"
-    if not (path / "fmnist_dsconv.onnx").exists():
-        raise DataError(f"{path}: the shipped demo model is not here; pass --models with the repository's models/ folder")
-    return path
+    """The folder of the demo assets: ``folder``, else the checkout's ``models/``, else the
+    package's ``demo_data/``."""
+    if folder:
+        candidates = [Path(folder)]
+    else:  # a checkout: the package folder sits beside pyproject.toml and models/
+        checkout = _REPO / "models" if (_REPO / "pyproject.toml").is_file() else None
+        candidates = [p for p in (checkout, _PACKAGE / "demo_data") if p is not None]
+    for path in candidates:
+        missing = [name for name in _ASSETS if not (path / name).is_file()]
+        if not missing:
+            return path
+    raise DataError(f"{candidates[0]}: the demo assets are not here (missing {', '.join(missing)}); pass --models "
+                    "with a folder holding them (the repository's models/)")
 
 
 def find_deploy_python() -> str | None:
@@ -76,25 +91,24 @@ def run_demo(out_dir: str, *, models: str | None = None, epochs: int = 2, progre
     with sim.trainer(lr=3e-5) as trainer:
         trainer.fit(NpzBatches(train, 32, shuffle=True), epochs=epochs, progress=progress)
     qat, _ = accuracy(sim.run, test_batches, progress=progress, desc="QAT W4A8")
-    rows.append((f"QAT W4A8 per-channel ({epochs} epochs, 8000 images)", qat, ""))
+    rows.append((f"QAT W4A8 per-channel ({epochs} epochs, {len(train['label'])} images)", qat, ""))
     paths = sim.export(out_dir)
 
     python = find_deploy_python()
-    if python is not None:
-        deployed = _plain(python, "accuracy", paths["qdq"], str(folder / "fmnist_test.npz"))
-        timing = {}
-        for batch in (64, 1):
-            timing[batch] = _plain(python, "latency", str(model), paths["qdq"], "--data", str(folder / "fmnist_test.npz"),
-                                   "--batch-size", str(batch), "--runs", "50" if batch == 64 else "300")["median_ms"]
-        speed = ", ".join(f"batch {b}: {t[str(model)] / t[paths['qdq']]:.2f}x float speed "
-                          f"({t[paths['qdq']]:.2f} vs {t[str(model)]:.2f} ms)" for b, t in timing.items())
-        rows.append((f"deployed model_qdq.onnx, plain onnxruntime {deployed['onnxruntime']}", deployed["accuracy"], speed))
-    else:
-        from onnxqat.io import load_model
+    runtime = "plain onnxruntime {}"
+    if python is None:  # one environment: its own runtime runs the deployed file (plain_ort.py needs only it)
+        from onnxqat.backend import check_environment
 
-        acc, _ = accuracy(Session(load_model(paths["qdq"])).run, test_batches, progress=progress, desc="deployed")
-        rows.append(("deployed model_qdq.onnx (training build: no .venv-deploy found)", acc,
-                     "set ONNXQAT_DEPLOY_PYTHON or create .venv-deploy to time plain onnxruntime"))
+        python = sys.executable
+        runtime = f"{check_environment()[0]} {{}} (this environment; set ONNXQAT_DEPLOY_PYTHON for another)"
+    deployed = _plain(python, "accuracy", paths["qdq"], str(folder / "fmnist_test.npz"))
+    timing = {}
+    for batch in (64, 1):
+        timing[batch] = _plain(python, "latency", str(model), paths["qdq"], "--data", str(folder / "fmnist_test.npz"),
+                               "--batch-size", str(batch), "--runs", "50" if batch == 64 else "300")["median_ms"]
+    speed = ", ".join(f"batch {b}: {t[str(model)] / t[paths['qdq']]:.2f}x float speed "
+                      f"({t[paths['qdq']]:.2f} vs {t[str(model)]:.2f} ms)" for b, t in timing.items())
+    rows.append((f"deployed model_qdq.onnx, {runtime.format(deployed['onnxruntime'])}", deployed["accuracy"], speed))
 
     width = max(len(r[0]) for r in rows)
     print()

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
+from onnxqat.runtime import ort
 from onnxqat.errors import ModelError
 from onnxqat.graph import remove_dead_nodes
 from onnxqat.ops import OpKind, rule

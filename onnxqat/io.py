@@ -20,6 +20,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from onnxqat.backend import check_environment, model_limits
 from onnxqat.errors import ModelError, OnnxQatError
 from onnxqat.graph import array_tensor
 from onnxqat.outputs import transaction
@@ -28,8 +29,10 @@ from onnxqat.runtime import fits_in_proto, save_with_external_data
 __all__ = ["MAX_IR_VERSION", "MAX_OPSET", "NEWEST_IR_VERSION", "check_input_file", "external_data_files",
            "load_model", "save_model", "write_text_atomic"]
 
-MAX_OPSET = 21
-MAX_IR_VERSION = 10
+# The newest opset and IR version the installed runtime loads (onnxruntime-training 1.19: 21 and
+# 10; current plain releases: newer); models above them are converted down.
+MAX_OPSET, MAX_IR_VERSION = model_limits()
+_RUNTIME = "{} {}".format(*check_environment())
 # The newest IR version an ONNX release defines (onnx 1.18); newer ones are refused, not lowered.
 NEWEST_IR_VERSION = max(11, onnx.IR_VERSION)
 
@@ -196,14 +199,22 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     if opset > MAX_OPSET or proto.ir_version > MAX_IR_VERSION:
         return _convert_down(proto, path, opset)
     external = _has_external(proto)
+    # onnx 1.18+ refuses external data reached through a symlink, which is how onnxqat publishes
+    # output sets (onnxqat.outputs): read such a model from where its link points, when its data
+    # is there too (the checks above resolved every location inside the folder)
+    real = os.path.realpath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if external and not all(os.path.isfile(os.path.join(os.path.dirname(real), os.path.relpath(f, folder)))
+                            for f in external_data_files(path)):
+        real = path
     try:
-        onnx.checker.check_model(path if external else proto)
+        onnx.checker.check_model(real if external else proto)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{path}: fails the ONNX checker: {first}") from None
     if not external:
         return ir.from_proto(proto)  # what ir.load gives, without parsing the file again
-    model = ir.load(path)
+    model = ir.load(real)
     if fits_in_proto(model):
         _materialize(model)
     return model
@@ -221,10 +232,10 @@ def _materialize(model: ir.Model) -> None:
 
 
 def _convert_down(proto: onnx.ModelProto, path: str, opset: int) -> ir.Model:
-    """A model newer than onnxruntime-training 1.19 runs, converted down where onnx can."""
+    """A model newer than the installed runtime runs, converted down where onnx can."""
     if _has_external(proto):
         raise ModelError(
-            f"{path}: opset {opset} / IR {proto.ir_version} is newer than onnxruntime-training 1.19 runs "
+            f"{path}: opset {opset} / IR {proto.ir_version} is newer than {_RUNTIME} runs "
             f"(opset {MAX_OPSET}, IR {MAX_IR_VERSION}); convert it down before quantizing"
         )
     proto = onnx.load(path)
@@ -233,12 +244,12 @@ def _convert_down(proto: onnx.ModelProto, path: str, opset: int) -> ir.Model:
             proto = onnx.version_converter.convert_version(proto, MAX_OPSET)
         except Exception as e:  # the converter raises bare RuntimeErrors for unknown adapters
             raise ModelError(
-                f"{path}: opset {opset} is newer than {MAX_OPSET} (the newest onnxruntime-training 1.19 "
+                f"{path}: opset {opset} is newer than {MAX_OPSET} (the newest {_RUNTIME} "
                 f"runs) and onnx cannot convert it down: {str(e).strip().splitlines()[0]}"
             ) from None
     if proto.ir_version > MAX_IR_VERSION:
         warnings.warn(f"{path}: IR version {proto.ir_version} lowered to {MAX_IR_VERSION} (the newest "
-                      "onnxruntime-training 1.19 loads)", RuntimeWarning, stacklevel=3)
+                      f"{_RUNTIME} loads)", RuntimeWarning, stacklevel=3)
         proto.ir_version = MAX_IR_VERSION
     try:
         onnx.checker.check_model(proto)

@@ -239,8 +239,9 @@ def calibrate(
     percentile: float = DEFAULT_PERCENTILE,
     progress: bool | None = None,
     replan: Callable[[Mapping[str, str]], QuantPlan] | None = None,
+    device: str = "cpu",
 ) -> Calibration:
-    """Encodings of every activation quantizer from the batches (streamed, one pass).
+    """Encodings of every activation quantizer from the batches (streamed, one pass, on ``device``).
 
     The tensors a Concat ties are observed one by one; where its inputs' ranges differ by more
     than :data:`SHARED_RANGE_RATIO`, ``replan(untie)`` gives the plan without that tie (no
@@ -257,7 +258,7 @@ def calibrate(
     if scheme.needs_histogram:
         batches = _within_budget(state.float_model, observed, batches)
     observers = collect_statistics(state.float_model, observed, batches, scheme,
-                                   progress=progress if distributed.is_root() else False)
+                                   progress=progress if distributed.is_root() else False, device=device)
     observers = distributed.merge_observers(observers)
     untie = _untie(state, observers) if replan is not None else {}
     plan = replan(untie) if untie and replan is not None else state.plan

@@ -12,14 +12,18 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
+
+from onnxqat.backend import onnxruntime as _onnxruntime
+from onnxqat.backend import providers
 
 __all__ = ["PROTO_LIMIT", "Session", "fits_in_proto", "model_bytes_size", "release_if_mapped", "save_with_external_data"]
 
 # Serialize in memory below this size; above it, save with external data and load by path.
 PROTO_LIMIT = 1_800_000_000
 
-ort.set_default_logger_severity(3)
+# The one runtime of this environment (onnxqat.backend refuses none, or two); every module
+# of onnxqat takes its onnxruntime from here.
+ort = _onnxruntime()
 
 try:
     from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NotImplementedError_
@@ -80,6 +84,8 @@ class Session:
             initializers holding the same single value. It changes no value, and its time grows
             about quadratically with the graph (half the session build of a 30k-node chain);
             sessions run once, such as calibration's, can go without it.
+        device: "cpu", or "cuda" for onnxruntime's CUDA provider (an error when the installed
+            runtime has none; see :func:`onnxqat.backend.providers`).
     """
 
     def __init__(
@@ -90,7 +96,9 @@ class Session:
         threads: int | None = None,
         follow_node_order: bool = False,
         share_constants: bool = True,
+        device: str = "cpu",
     ) -> None:
+        execution = providers(device)
         options = ort.SessionOptions()
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -113,7 +121,7 @@ class Session:
         disabled = [] if share_constants else ["ConstantSharing"]
         try:
             try:
-                self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"],
+                self.session = ort.InferenceSession(payload, options, providers=execution,
                                                     disabled_optimizers=disabled)
             except NotImplementedError_ as e:
                 if not optimize:
@@ -127,7 +135,7 @@ class Session:
                     "from onnxruntime's integer kernels by a few quantization steps",
                     RuntimeWarning, stacklevel=2,
                 )
-                self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"],
+                self.session = ort.InferenceSession(payload, options, providers=execution,
                                                     disabled_optimizers=[*disabled, "QDQSelectorActionTransformer"])
         finally:
             self._cleanup()

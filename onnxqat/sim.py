@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxqat import pipeline
+from onnxqat.backend import providers, require_training
 from onnxqat.calibrate.schemes import DEFAULT_PERCENTILE, Scheme
 from onnxqat.config import QuantSimConfig, load_config
 from onnxqat.coverage import coverage
@@ -73,6 +74,8 @@ class QuantizationSimModel:
         fix_inputs: ``{input name: value}`` to specialise the model to (the inputs become
             constants; ``If`` nodes whose condition is then constant are folded, exposing the
             weights inside them).
+        device: Where calibration, ``run`` and (by default) training run: ``cpu``, or ``cuda``
+            for onnxruntime's CUDA provider (an error when the installed runtime has none).
     """
 
     def __init__(
@@ -89,7 +92,10 @@ class QuantizationSimModel:
         fold_batchnorm: bool = True,
         target: str | Target | None = None,
         fix_inputs: Mapping[str, Any] | None = None,
+        device: str = "cpu",
     ) -> None:
+        providers(device)  # refused before any work when the runtime lacks it
+        self.device = device
         self.param_bw = _check_bitwidth("param_bw", param_bw)
         self.activation_bw = _check_bitwidth("activation_bw", activation_bw)
         self.quant_scheme = Scheme.parse(quant_scheme)
@@ -188,7 +194,7 @@ class QuantizationSimModel:
                 p.name: fake_quantize(const_array(inits[p.name]), self._state.encodings[p.name])
                 for p in self._state.plan.params})
         found = pipeline.calibrate(observed, keep_first(batches), self.quant_scheme, percentile=self.percentile,
-                                   progress=progress, replan=replan)
+                                   progress=progress, replan=replan, device=self.device)
         for reason in found.untied.values():
             warnings.warn(reason, RuntimeWarning, stacklevel=2)
         if found.plan is self._state.plan:
@@ -200,14 +206,14 @@ class QuantizationSimModel:
         if found.candidates and kept:
             self._state, self.scheme_choice = pipeline.choose_scheme(self._state, found.candidates, kept)
         self._check_feed = kept[0] if kept else None
+        if Rounding.parse(weight_rounding) is not Rounding.NONE or bias_correction:
+            self.round_weights(batches, weight_rounding, bias_correction=bias_correction is not False, progress=progress)
         return self
 
     @property
     def calibrated(self) -> bool:
         return self._state.calibrated
 
-        if Rounding.parse(weight_rounding) is not Rounding.NONE or bias_correction:
-            self.round_weights(batches, weight_rounding, bias_correction=bias_correction is not False, progress=progress)
     def _require_calibrated(self) -> None:
         self._state.require_calibrated()
     def round_weights(self, batches: Iterable[Mapping[str, np.ndarray]], method: str = "seqmse", *,
@@ -254,7 +260,7 @@ class QuantizationSimModel:
     def session(self) -> Session:
         cached = self._session
         if cached is None or cached[0] is not self._state:
-            self._session = cached = (self._state, Session(self.sim_ir()))
+            self._session = cached = (self._state, Session(self.sim_ir(), device=self.device))
         return cached[1]
 
     @property
@@ -373,9 +379,12 @@ class QuantizationSimModel:
     # -- training ------------------------------------------------------------------------------
     def trainer(self, **options: Any) -> Any:
         """A :class:`~onnxqat.train.trainer.QATTrainer` on this sim's state; each trained epoch's
-        state becomes the sim's (options as :class:`~onnxqat.train.options.TrainOptions`)."""
+        state becomes the sim's (options as :class:`~onnxqat.train.options.TrainOptions`; ``device``
+        defaults to the sim's)."""
+        require_training("quantization-aware training")
         from onnxqat.train.trainer import QATTrainer
 
+        options.setdefault("device", self.device)
         return QATTrainer.from_options(self._state, param_scheme=self.param_scheme, on_state=self.adopt, **options)
 
     # -- export --------------------------------------------------------------------------------

@@ -85,23 +85,38 @@ def tiny_model_path(tmp_path):
     return path
 
 
-def _deploy_python() -> str | None:
-    candidates = [os.environ.get("ONNXQAT_DEPLOY_PYTHON"), str(ROOT / ".venv-deploy" / "bin" / "python")]
-    for c in candidates:
-        if c and Path(c).exists():
-            return c
-    return None
+_TRAINING_MISSING = "needs onnxruntime's training build"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In an environment with the plain runtime alone (``onnxqat[cpu]``), a test that reaches
+    training fails with the error naming the training extra: it is reported as skipped."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None and _TRAINING_MISSING in str(call.excinfo.value):
+        from onnxqat.backend import has_training
+
+        if not has_training():
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1] or 0,
+                               "Skipped: needs the training runtime (pip install 'onnxqat[train]')")
+
+
+def pytest_report_header(config):
+    from deployrt import deploy_interpreter
+
+    python, note = deploy_interpreter()
+    return [f"deployed models run in: {python}" + (f" ({note})" if note else "")]
 
 
 @pytest.fixture(scope="session")
 def deploy_python():
-    """Interpreter of the separate environment with the plain, current onnxruntime release."""
-    python = _deploy_python()
-    if python is None:
-        pytest.skip(
-            "no deploy environment: create .venv-deploy with the plain onnxruntime release "
-            "(see README) or set ONNXQAT_DEPLOY_PYTHON"
-        )
+    """Interpreter of the separate environment with the plain, current onnxruntime release, or of
+    this one when there is none (see ``deployrt.deploy_interpreter``; the report header says which)."""
+    from deployrt import deploy_interpreter
+
+    python, _ = deploy_interpreter()
     check = subprocess.run([python, "-c", "import onnxruntime, numpy"], capture_output=True, text=True)
     if check.returncode != 0:
         pytest.fail(f"deploy environment {python} cannot import onnxruntime: {check.stderr.strip()}")

@@ -1,7 +1,10 @@
 """Run models in the plain onnxruntime environment from the training environment.
 
 The training runtime (onnxruntime-training 1.19) and the plain current onnxruntime release cannot
-share one environment, but what users deploy must be checked with the latter. A
+share one environment, but what users deploy must be checked with the latter: a second
+environment with it (``ONNXQAT_DEPLOY_PYTHON``, or ``.venv-deploy`` beside the repository, which
+``.ci/run`` makes). Where there is none, :func:`deploy_interpreter` falls back to this
+interpreter, whose runtime is then the one deployed to (one environment). A
 :class:`DeployedSession` keeps an ``InferenceSession`` open in a child process of the deploy
 interpreter and exchanges arrays over pipes, so ``session.run`` plugs into anything that takes a
 ``run(feed) -> outputs`` callable (the zoo's ``predict``, ``evaluate.accuracy``)::
@@ -23,7 +26,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DeployedSession", "DeploymentError", "optimized_op_counts"]
+__all__ = ["DeployedSession", "DeploymentError", "deploy_interpreter", "optimized_op_counts"]
+
+
+def deploy_interpreter() -> tuple[str, str | None]:
+    """``(python, note)``: the interpreter that runs deployed models; ``note`` says when it is this
+    environment's (no separate plain-onnxruntime environment was found)."""
+    from onnxqat.backend import check_environment
+    from onnxqat.demo import find_deploy_python
+
+    python = find_deploy_python()
+    if python is not None:
+        return python, None
+    name, version = check_environment()
+    return sys.executable, (f"no plain-onnxruntime environment (ONNXQAT_DEPLOY_PYTHON or .venv-deploy): deployed "
+                            f"models are checked with this environment's {name} {version}")
 
 _CHILD = r"""
 import pickle, sys, time

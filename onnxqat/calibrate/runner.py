@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,14 +39,15 @@ def collect_statistics(
     *,
     progress: bool | None = None,
     source: str = "calibration data",
+    device: str = "cpu",
 ) -> dict[str, Observer]:
-    """Observers of every activation quantizer of ``plan``, fed with ``batches``."""
+    """Observers of every activation quantizer of ``plan``, fed with ``batches`` (run on ``device``)."""
     observers: dict[str, Observer] = {
         q.name: HistogramObserver() if scheme.needs_histogram else MinMaxObserver()
         for q in plan.activations
     }
     stats = _statistics_model(model, plan, scheme, observers)
-    session = _statistics_session(model, stats)
+    session = _statistics_session(model, stats, device)
     signature = input_signature(model)
     fetch_names = [name for name, _ in stats.fetches]
     seen = 0
@@ -216,13 +218,13 @@ def _statistics_model(
     return stats
 
 
-def _statistics_session(model: ir.Model, stats: _StatisticsModel) -> Session:
+def _statistics_session(model: ir.Model, stats: _StatisticsModel, device: str = "cpu") -> Session:
     """An onnxruntime session of ``model`` with the additions of ``stats``.
 
     The additions go into the model's protobuf (no copy of the IR graph); a model too big for
     one protobuf gets them on an IR clone instead, which the session saves with external data.
     """
-    options = {"follow_node_order": True, "share_constants": False}
+    options: dict[str, Any] = {"follow_node_order": True, "share_constants": False, "device": device}
     if fits_in_proto(model):
         return Session(_with_additions_proto(ir.to_proto(model), stats), **options)
     return Session(_with_additions_ir(model.clone(), stats), **options)

@@ -16,8 +16,8 @@ import logging
 
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
+from onnxqat.runtime import ort
 from onnxqat.graph import call_with_light_proto
 from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.runtime import fits_in_proto

@@ -22,9 +22,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 from onnx_ir.passes.common import ShapeInferencePass
 
+from onnxqat.runtime import ort
 from onnxqat.graph import NameScope
 
 __all__ = ["ConcreteShapesPass", "ConcreteShapesResult", "is_static"]

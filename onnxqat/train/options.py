@@ -70,6 +70,7 @@ class TrainOptions:
         train_last_n: Train only the parameters of the last N layers (nodes with weights).
         threads: onnxruntime intra-op threads (None: onnxruntime's choice).
         quantized: False trains the float model without any quantizer (a baseline for benchmarks).
+        device: ``cpu``, or ``cuda`` (onnxruntime-training's CUDA provider, in a GPU build).
     """
 
     loss: Loss = Loss.CROSS_ENTROPY
@@ -86,6 +87,7 @@ class TrainOptions:
     train_last_n: int | None = None
     threads: int | None = None
     quantized: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", Loss.parse(self.loss, "loss"))
@@ -103,6 +105,8 @@ class TrainOptions:
         for name, value, low in (("train_last_n", self.train_last_n, 1), ("threads", self.threads, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if isinstance(self.output_index, bool) or not isinstance(self.output_index, int):
             raise ConfigError(f"output_index must be an integer, got {self.output_index!r}")
 

@@ -25,9 +25,12 @@ _PACKAGE = "onnxruntime.training"
 def training_modules() -> tuple[Any, Any]:
     """``(onnxruntime.training.artifacts, onnxruntime.training.api)``, torch-free."""
     if _PACKAGE not in sys.modules:
-        import onnxruntime
+        from onnxqat.backend import require_training
+        from onnxqat.runtime import ort as onnxruntime
 
-        folder = os.path.join(os.path.dirname(onnxruntime.__file__), "training")
+        require_training()
+
+        folder = os.path.join(os.path.dirname(onnxruntime.__file__ or ""), "training")
         if not os.path.isdir(folder):
             raise ImportError(
                 "this onnxruntime has no training API: install onnxruntime-training-cpu==1.19.2 "

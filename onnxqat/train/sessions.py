@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
-from onnxqat.runtime import NotImplementedError_, fits_in_proto, save_with_external_data
+from onnxqat.backend import providers
+from onnxqat.runtime import NotImplementedError_, fits_in_proto, ort, save_with_external_data
 
 __all__ = ["EvalSession", "release_free_memory", "session_options"]
 
@@ -46,7 +46,7 @@ def _shared_arena() -> bool:
         return bool(_SHARED)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None) -> Any:
     """Options of every session of the trainer: the shared arena, no spinning, quiet."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -61,9 +61,11 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 class EvalSession:
     """An inference session over an ``ir.Model`` with :func:`session_options` (graph optimizations
     on, as :class:`onnxqat.runtime.Session`, including its fallback for fused kernels onnxruntime
-    1.19 lacks)."""
+    1.19 lacks), on ``device`` ("cpu" or "cuda")."""
 
-    def __init__(self, model: ir.Model, *, threads: int | None = None, outputs: Sequence[str] | None = None) -> None:
+    def __init__(self, model: ir.Model, *, threads: int | None = None, outputs: Sequence[str] | None = None,
+                 device: str = "cpu") -> None:
+        execution = providers(device)
         options = session_options(threads)
         tmpdir = None
         if fits_in_proto(model):
@@ -74,13 +76,13 @@ class EvalSession:
             save_with_external_data(model, payload, "model.onnx.data")
         try:
             try:
-                self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+                self.session = ort.InferenceSession(payload, options, providers=execution)
             except NotImplementedError_ as e:
                 warnings.warn(
                     f"onnxruntime {ort.__version__} cannot run this model's fused integer kernels "
                     f"({str(e).splitlines()[0][:200]}); running it with float semantics, which can differ "
                     "from onnxruntime's integer kernels by a few quantization steps", RuntimeWarning, stacklevel=2)
-                self.session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"],
+                self.session = ort.InferenceSession(payload, options, providers=execution,
                                                     disabled_optimizers=["QDQSelectorActionTransformer"])
         finally:
             if tmpdir is not None:

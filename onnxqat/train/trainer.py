@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat import distributed, pipeline
+from onnxqat.backend import providers, require_training
 from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import ConfigError, DataError, ModelError, OutputError
@@ -146,8 +147,10 @@ class QATTrainer:
         work_dir: str | os.PathLike[str] | None = None,
         on_state: Callable[[SimState], None] | None = None,
     ) -> None:
+        require_training("quantization-aware training")
         state.require_calibrated()
         self.options = options if options is not None else TrainOptions()
+        providers(self.options.device)  # a CUDA provider the runtime lacks is refused before any work
         self.param_scheme = param_scheme
         self.on_state = on_state
         self.initial = state
@@ -226,7 +229,7 @@ class QATTrainer:
             source = self.graph.teacher_source
             if source is not None and source not in outputs:
                 model = ExposeValuesPass([source])(model.clone()).model
-            self._float = EvalSession(model, threads=self.options.threads, outputs=outputs)
+            self._float = EvalSession(model, threads=self.options.threads, outputs=outputs, device=self.options.device)
         return self._float
 
     def _path(self, name: str) -> str:
@@ -273,7 +276,7 @@ class QATTrainer:
         except Exception as e:
             raise ConfigError(f"{checkpoint}: not a readable training checkpoint ({str(e).strip().splitlines()[-1][:200]})") from None
         self._module = api.Module(self._path("training_model.onnx"), self._state, self._path("eval_model.onnx"),
-                                  session_options=options)
+                                  device=self.options.device, session_options=options)
         self._optimizer = api.Optimizer(self._path("optimizer_model.onnx"), self._module)
         self._optimizer.set_learning_rate(self.options.lr)
         self._inputs = list(self._module.input_names())
@@ -405,7 +408,7 @@ class QATTrainer:
         """Metrics of the current state: accuracy where batches carry labels (cross-entropy), and
         agreement with the float model (top-1 agreement, output SQNR) always."""
         batches = list(batches)
-        run = EvalSession(pipeline.lower(self.state), threads=self.options.threads).run
+        run = EvalSession(pipeline.lower(self.state), threads=self.options.threads, device=self.options.device).run
         reference = self._float_session().run
         metrics: dict[str, float] = {}
         index = self.options.output_index
