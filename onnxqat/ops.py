@@ -113,7 +113,8 @@ class OpRule:
         no_gradient: The op's outputs carry no gradient at all (comparisons, arg-reductions,
             rounding): the training lowering does not look through it.
         kernel_check: For ops whose integer kernel exists only for some attributes: returns why
-            a node cannot use it (e.g. Resize in cubic mode), or None.
+            a node cannot use it (a :class:`Reason` with a ``kernel.*`` id, e.g. Resize in cubic
+            mode), or None.
         constant_kernel: A constant operand can be quantized so the node runs on the integer
             kernel (``Add(x, c)`` as QLinearAdd; ``Sub(x, c)`` is deployed as ``Add(x, -c)``).
     """
@@ -126,7 +127,7 @@ class OpRule:
     u8s8_gemm: bool = False
     stop_inputs: frozenset[int] = frozenset()
     no_gradient: bool = False
-    kernel_check: Callable[[ir.Node], str | None] | None = None
+    kernel_check: Callable[[ir.Node], Reason | None] | None = None
     constant_kernel: bool = False
 
 
@@ -163,11 +164,12 @@ def _elementwise(op_type: str, kernel: str | None = None, constant_kernel: bool 
                   integer_kernel=kernel, constant_kernel=constant_kernel)
 
 
-def _resize_check(node: ir.Node) -> str | None:
+def _resize_check(node: ir.Node) -> Reason | None:
     mode = node.attributes.get("mode")
     value = mode.as_string() if mode is not None else "nearest"
     if value not in ("nearest", "linear"):
-        return f"Resize in {value} mode has no integer kernel in onnxruntime (nearest and linear only)"
+        return Reason("kernel.resize_mode",
+                      f"Resize in {value} mode has no integer kernel in onnxruntime (nearest and linear only)")
     return None
 
 
@@ -306,7 +308,7 @@ def saturates_u8s8(node: ir.Node) -> bool:
     return r.u8s8_gemm and not is_depthwise(node)
 
 
-def kernel_problem(node: ir.Node) -> str | None:
+def kernel_problem(node: ir.Node) -> Reason | None:
     """Why this node cannot run on its op type's integer kernel (attribute conditions), or None."""
     check = rule(node.op_type, node.domain).kernel_check
     return check(node) if check is not None else None

@@ -408,8 +408,9 @@ def finalize(model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding]
         bias = const_array(initializers[b.name])
         assert bias is not None
         if not bias_fits(bias, scale):
-            overflow[b.name] = (f"bias of '{b.node}' overflows int32 with scale input x weight scale "
-                                f"(min {float(scale.min()):.3g}); kept float")
+            overflow[b.name] = Reason("finalize.bias_overflow",
+                                      f"bias of '{b.node}' overflows int32 with scale input x weight scale "
+                                      f"(min {float(scale.min()):.3g}); kept float")
     if not overflow:
         return plan
     return dataclasses.replace(

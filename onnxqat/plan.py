@@ -11,6 +11,7 @@ import dataclasses
 import types
 from collections.abc import Iterator, Mapping
 
+from onnxqat.ops import Reason
 from onnxqat.spec import QuantSpec
 
 __all__ = ["ActivationQuantizer", "BiasQuantizer", "IntegerForm", "ParamQuantizer", "QuantPlan"]
@@ -100,14 +101,16 @@ class QuantPlan:
         activations: Activation quantizers.
         params: Weight quantizers.
         biases: Derived int32 bias quantizers.
-        skipped: For every float tensor left unquantized, the rule that skipped it.
+        skipped: For every float tensor left unquantized, the rule that skipped it: a
+            :class:`~onnxqat.ops.Reason` (``rule_id`` from
+            :data:`onnxqat.passes.annotate.PLACEMENT_RULES`, ``str()`` the readable detail).
         integer_forms: Nodes deployed as integer forms.
     """
 
     activations: tuple[ActivationQuantizer, ...] = ()
     params: tuple[ParamQuantizer, ...] = ()
     biases: tuple[BiasQuantizer, ...] = ()
-    skipped: Mapping[str, str] = dataclasses.field(
+    skipped: Mapping[str, Reason] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({})
     )
     integer_forms: tuple[IntegerForm, ...] = ()
@@ -117,6 +120,9 @@ class QuantPlan:
         names += [q.name for q in self.biases]
         if len(names) != len(set(names)):
             raise ValueError("quantizer names must be unique")
+        loose = [t for t, r in self.skipped.items() if not isinstance(r, Reason)]
+        if loose:
+            raise ValueError(f"skipped tensors {sorted(loose)[:3]} need a Reason, not {type(self.skipped[loose[0]]).__name__}")
         seen: set[str] = set()
         for q in self.activations:
             if q.spec.axis is not None:

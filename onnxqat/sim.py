@@ -293,8 +293,10 @@ class QuantizationSimModel:
         return run
 
     def why_not_quantized(self) -> Mapping[str, str]:
-        """For every float tensor without a quantizer: the rule that left it float."""
-        return self.effective_plan.skipped if self.calibrated else self.plan.skipped
+        """For every float tensor without a quantizer: the rule that left it float, as text (the
+        plan's ``skipped`` keeps the :class:`~onnxqat.ops.Reason` with its rule id)."""
+        plan = self.effective_plan if self.calibrated else self.plan
+        return {tensor: str(reason) for tensor, reason in plan.skipped.items()}
 
     def report(self) -> dict[str, Any]:
         """Plain-data description of the plan: quantizers and why float tensors stay float."""
@@ -313,7 +315,7 @@ class QuantizationSimModel:
                 for p in plan.params
             ],
             "int32_biases": [{"tensor": b.name, "node": b.node} for b in plan.biases],
-            "not_quantized": dict(sorted(plan.skipped.items())),
+            "not_quantized": {tensor: str(reason) for tensor, reason in sorted(plan.skipped.items())},
         }
 
     # -- encodings -----------------------------------------------------------------------------

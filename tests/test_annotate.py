@@ -10,7 +10,8 @@ from onnx import helper
 from conftest import make_model, tensor, tiny_cnn
 from onnxqat.config import QuantSimConfig, load_config
 from onnxqat.graph import is_float
-from onnxqat.passes.annotate import annotate
+from onnxqat.ops import Reason
+from onnxqat.passes.annotate import PLACEMENT_RULES, annotate
 from onnxqat.sim import prepare_model
 
 f32 = np.float32
@@ -21,6 +22,10 @@ def plan_for(proto, config="onnxruntime", **kw):
     return model, annotate(model, load_config(config), **kw)
 
 
+def rule_ids(plan):
+    return {t: r.rule_id for t, r in plan.skipped.items()}
+
+
 def groups(plan):
     return {q.name: set(q.tensors) for q in plan.activations}
 
@@ -29,8 +34,7 @@ def test_tiny_cnn_placement():
     cfg = load_config("onnxruntime").with_overrides(per_channel_quantization=True)
     model, plan = plan_for(tiny_cnn(), cfg)
     assert groups(plan) == {"x": {"x"}, "r1": {"r1"}, "c2": {"c2"}, "r2": {"r2", "p", "flat"}, "y": {"y"}}
-    assert plan.skipped["bn1"] == "inside supergroup Conv+Relu"
-    assert plan.skipped["a"] == "inside supergroup Add+Relu"
+    assert rule_ids(plan)["bn1"] == rule_ids(plan)["a"] == "placement.supergroup_interior"
     axes = {p.name: p.spec.axis for p in plan.params}
     assert axes == {"w1": 0, "w2": 0, "wf": 0}
     assert all(p.spec.symmetric for p in plan.params)
@@ -47,7 +51,18 @@ def test_every_float_tensor_is_quantized_or_explained():
     assert floats == quantized | set(plan.skipped)
     assert not quantized & set(plan.skipped)
     # the aimet preset leaves biases float
-    assert plan.biases == () and "bf" in plan.skipped
+    assert plan.biases == () and plan.skipped["bf"].rule_id == "placement.bias_off"
+    assert set(rule_ids(plan).values()) <= set(PLACEMENT_RULES)
+
+
+def test_every_skip_reason_has_a_listed_rule_id_and_readable_detail():
+    for proto in (tiny_cnn(), _branches_concat(), _float_only_chain()):
+        for config in ("onnxruntime", "aimet"):
+            _, plan = plan_for(proto, config)
+            for tensor_name, reason in plan.skipped.items():
+                assert isinstance(reason, Reason), tensor_name
+                assert reason.rule_id in PLACEMENT_RULES or reason.rule_id.startswith("kernel."), reason
+                assert str(reason) == reason.detail and reason.detail
 
 
 def _branches_concat():
@@ -70,12 +85,12 @@ def test_concat_inputs_and_output_share_one_quantizer():
 def test_exclusion_by_name_and_type():
     cfg = QuantSimConfig.from_dict({**load_config("onnxruntime").to_dict(), "exclude": {"nodes": ["cb"], "op_types": []}})
     _, plan = plan_for(_branches_concat(), cfg)
-    assert plan.skipped["b"] == "node 'cb' excluded by config"
+    assert plan.skipped["b"].rule_id == "placement.excluded_node" and "'cb'" in str(plan.skipped["b"])
     assert plan.param("wb") is None and plan.param("wa") is not None
     assert not any("b" in q.tensors for q in plan.activations)
     cfg = QuantSimConfig.from_dict({**load_config("onnxruntime").to_dict(), "exclude": {"op_types": ["Concat"]}})
     _, plan = plan_for(_branches_concat(), cfg)
-    assert plan.skipped["cat"] == "op type Concat excluded by config"
+    assert plan.skipped["cat"].rule_id == "placement.excluded_op_type"
 
 
 def _float_only_chain():
@@ -93,7 +108,7 @@ def _float_only_chain():
 def test_onnxruntime_preset_quantizes_only_boundaries_of_float_ops():
     _, plan = plan_for(_float_only_chain())
     assert set(groups(plan)) == {"x", "m1", "t", "y"}
-    assert "no consumer needs a quantized input" in plan.skipped["e"]
+    assert plan.skipped["e"].rule_id == "placement.output_not_quantized"
     _, plan = plan_for(_float_only_chain(), "aimet")
     assert set(groups(plan)) == {"x", "m1", "e", "t", "y"}
 
@@ -142,7 +157,7 @@ def test_model_input_rule_and_node_overrides():
     assert plan.param("w1").spec.bitwidth == 4 and plan.param("w2").spec.bitwidth == 8
     cfg = cfg.with_overrides(op_types={})  # nothing demands x any more
     _, plan = plan_for(_float_only_chain(), cfg)
-    assert plan.skipped["x"].startswith("model input")
+    assert plan.skipped["x"].rule_id == "placement.model_input"
 
 
 def test_bitwidths_from_arguments():

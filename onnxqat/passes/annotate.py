@@ -29,7 +29,8 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
 9. All float inputs and the output of a Concat share one quantizer (a derived quantizer tied so
    becomes a calibrated one).
 
-Every float tensor left unquantized gets the reason in ``plan.skipped``.
+Every float tensor left unquantized gets its :class:`~onnxqat.ops.Reason` in ``plan.skipped``: a
+stable ``rule_id`` (:data:`PLACEMENT_RULES`) and the readable detail naming the node.
 """
 
 from __future__ import annotations
@@ -42,11 +43,37 @@ import onnx_ir as ir
 from onnxqat import ops
 from onnxqat.config import QuantSimConfig
 from onnxqat.graph import is_constant, is_float
+from onnxqat.ops import Reason
 from onnxqat.plan import ActivationQuantizer, BiasQuantizer, IntegerForm, ParamQuantizer, QuantPlan
 from onnxqat.spec import QuantSpec
 from onnxqat.target import Target, resolve_target
 
-__all__ = ["annotate", "weight_channel_axis", "weight_input_index"]
+__all__ = ["PLACEMENT_RULES", "annotate", "weight_channel_axis", "weight_input_index"]
+
+# Rule id -> what it means; every Reason in ``plan.skipped`` has one of these ids (or a ``kernel.*``
+# id of :mod:`onnxqat.ops`, or ``finalize.bias_overflow`` from :func:`onnxqat.pipeline.finalize`).
+PLACEMENT_RULES: Mapping[str, str] = types.MappingProxyType({
+    "placement.excluded_node": "the node is excluded by name in the config (rule 1)",
+    "placement.excluded_op_type": "the node's op type is excluded in the config (rule 1)",
+    "placement.params_off": "the config does not quantize this op type's weights (rule 2)",
+    "placement.bias_not_constant": "the bias is not a float constant (rule 2)",
+    "placement.bias_off": "params.bias.is_quantized is false in the config (rule 2)",
+    "placement.bias_shared": "the bias feeds several nodes (rule 2)",
+    "placement.bias_input_float": "the node's data input is not quantized (rule 2)",
+    "placement.bias_weight_shared": "the per-channel weight is shared by several nodes (rule 2)",
+    "placement.bias_not_1d": "the bias is not a 1-d tensor (rule 2)",
+    "placement.bias_channels": "the bias's channel count differs from the weight's (rule 2)",
+    "placement.model_input": "model_input.is_input_quantized is false (rule 3)",
+    "placement.supergroup_interior": "inside a supergroup: its last output carries the quantizer (rule 4)",
+    "placement.untied": "a Concat whose inputs calibration gave their own grids runs in float (rule 9)",
+    "placement.output_override_off": "is_output_quantized false for this node in the config (rule 7)",
+    "placement.movement_input_float": "a data-movement op whose input is float (rule 5)",
+    "placement.constant_operand_float": "an op with a constant operand between float ops (rule 7)",
+    "placement.cheap_kernel_float_inputs": "a cheap integer kernel whose inputs are float (rule 7)",
+    "placement.output_not_quantized": "the config does not quantize this op's output and no consumer needs it (rule 7)",
+    "placement.constant_input_float": "a constant of Add/Sub/Mul whose input or output is float (rule 7)",
+    "placement.constant_not_weight": "a constant input that is not a weight (rule 2)",
+})
 
 def weight_input_index(node: ir.Node) -> int | None:
     """Index of the constant weight input of a weighted op, or None (see :mod:`onnxqat.ops`)."""
@@ -148,7 +175,7 @@ class _Annotator:
         self.groups = _UnionFind()
         self.group_spec: dict[str, QuantSpec] = {}
         self.order: list[str] = []  # quantized tensors in creation order
-        self.skipped: dict[str, str] = {}
+        self.skipped: dict[str, Reason] = {}
         self.nodes = list(self.graph)
         self.derived: dict[str, tuple[str, float]] = {}  # tensor -> (input tensor, factor)
         self.constant_kernels: list[tuple[ir.Node, int]] = []
@@ -157,11 +184,11 @@ class _Annotator:
         self.chain_start: dict[str, ir.Node] = {}  # a supergroup's last output -> its first node
 
     # -- helpers -------------------------------------------------------------------------------
-    def excluded(self, node: ir.Node) -> str | None:
+    def excluded(self, node: ir.Node) -> Reason | None:
         if node.name in self.config.exclude_nodes:
-            return f"node '{node.name}' excluded by config"
+            return Reason("placement.excluded_node", f"node '{node.name}' excluded by config")
         if node.op_type in self.config.exclude_op_types:
-            return f"op type {node.op_type} excluded by config"
+            return Reason("placement.excluded_op_type", f"op type {node.op_type} excluded by config")
         return None
 
     def act_spec(self, node: ir.Node | None) -> QuantSpec:
@@ -196,14 +223,14 @@ class _Annotator:
     def quantized(self, tensor: str) -> bool:
         return tensor in self.groups
 
-    def skip(self, value: ir.Value, reason: str) -> None:
+    def skip(self, value: ir.Value, reason: Reason) -> None:
         if is_float(value) and value.name and not self.quantized(value.name):
             self.skipped.setdefault(value.name, reason)
 
     # -- rules ---------------------------------------------------------------------------------
-    def supergroup_interiors(self) -> dict[str, str]:
+    def supergroup_interiors(self) -> dict[str, Reason]:
         """Tensors strictly inside a supergroup chain -> reason."""
-        interior: dict[str, str] = {}
+        interior: dict[str, Reason] = {}
         for node in self.nodes:
             if self.excluded(node):
                 continue
@@ -227,7 +254,8 @@ class _Annotator:
                 else:
                     label = "+".join(group)
                     for member in chain[:-1]:
-                        interior[member.outputs[0].name] = f"inside supergroup {label}"
+                        interior[member.outputs[0].name] = Reason("placement.supergroup_interior",
+                                                                  f"inside supergroup {label}")
                         self.chain_end[member.outputs[0].name] = chain[-1].outputs[0].name
                     self.chain_start[chain[-1].outputs[0].name] = chain[0]
         return interior
@@ -245,7 +273,7 @@ class _Annotator:
         return (weight_input_index(node) is not None and len(users) == 1 and users[0].op_type == "Add"
                 and any(is_constant(v) for v in users[0].inputs))
 
-    def kernel_problem(self, node: ir.Node) -> str | None:
+    def kernel_problem(self, node: ir.Node) -> Reason | None:
         """Why the node cannot use its integer kernel in onnxruntime (not for HTP), or None."""
         return None if self.target.name == "htp" else ops.kernel_problem(node)
 
@@ -323,7 +351,7 @@ class _Annotator:
             if self.config.model_input_quantized or value.name in demand:
                 self.new_group(value.name, self.act_spec(None))
             else:
-                self.skip(value, "model input (model_input.is_input_quantized is false)")
+                self.skip(value, Reason("placement.model_input", "model input (model_input.is_input_quantized is false)"))
 
         for node in self.nodes:
             self.visit_outputs(node, interior, demand)
@@ -342,20 +370,21 @@ class _Annotator:
             integer_forms=tuple(f for f in self.forms if self.quantized(f.output) and self.quantized(f.input)),
         )
 
-    def visit_outputs(self, node: ir.Node, interior: dict[str, str], demand: dict[str, str]) -> None:
+    def visit_outputs(self, node: ir.Node, interior: dict[str, Reason], demand: dict[str, str]) -> None:
         excluded = self.excluded(node)
         override = self.config.nodes.get(node.name)
+        problem = self.kernel_problem(node)
         for out in node.outputs:
             if not is_float(out):
                 continue
             name = out.name
             if excluded:
                 self.skip(out, excluded)
-            elif self.kernel_problem(node):
+            elif problem:
                 # never Q right after it: onnxruntime would form the integer kernel that does not exist
-                self.skip(out, f"{self.kernel_problem(node)}; its output stays float")
+                self.skip(out, Reason(problem.rule_id, f"{problem.detail}; its output stays float"))
             elif node.name in self.untie and name not in demand:
-                self.skip(out, self.untie[node.name])
+                self.skip(out, Reason("placement.untied", self.untie[node.name]))
             elif name in interior:
                 self.skip(out, interior[name])
                 index = self.constant_kernel(node) if self.float_elementwise(node) else None
@@ -374,7 +403,8 @@ class _Annotator:
                 if override.is_output_quantized:
                     self.new_group(name, self.act_spec(node))
                 else:
-                    self.skip(out, f"node '{node.name}': is_output_quantized false in config")
+                    self.skip(out, Reason("placement.output_override_off",
+                                          f"node '{node.name}': is_output_quantized false in config"))
             elif self.integer_form(node, out, demand):
                 pass
             elif name in demand or (
@@ -389,19 +419,20 @@ class _Annotator:
                 if index is not None:
                     self.constant_kernels.append((node, index))
             elif self.moves_data(node):
-                self.skip(out, f"{node.op_type} reuses its input's encoding and its input is float")
+                self.skip(out, Reason("placement.movement_input_float",
+                                      f"{node.op_type} reuses its input's encoding and its input is float"))
             elif self.float_elementwise(node):
-                self.skip(out, f"{node.op_type} with a constant operand runs in float and no consumer "
-                               "needs a quantized input")
+                self.skip(out, Reason("placement.constant_operand_float",
+                                      f"{node.op_type} with a constant operand runs in float and no consumer "
+                                      "needs a quantized input"))
             elif self.config.output_quantized_for(node.op_type) and not self.inputs_quantized(node):
-                self.skip(out, f"{node.op_type} node '{node.name}': its inputs are float and no consumer needs "
-                               "a quantized input (a cheap integer kernel does not pay for conversions)")
+                self.skip(out, Reason("placement.cheap_kernel_float_inputs",
+                                      f"{node.op_type} node '{node.name}': its inputs are float and no consumer "
+                                      "needs a quantized input (a cheap integer kernel does not pay for conversions)"))
             else:
-                self.skip(
-                    out,
-                    f"op type {node.op_type}: output not quantized by config and no consumer "
-                    "needs a quantized input",
-                )
+                self.skip(out, Reason("placement.output_not_quantized",
+                                      f"op type {node.op_type}: output not quantized by config and no consumer "
+                                      "needs a quantized input"))
 
     def derive(self, node: ir.Node, out: ir.Value, overridden: bool) -> bool:
         """Rule 6: a Mul/Div by a positive scalar of a quantized tensor reads its integers."""
@@ -446,7 +477,8 @@ class _Annotator:
             if self.quantized(data.name) and self.quantized(out):
                 self.new_group(const.name, self.group_spec[self.groups.find(out)])
             else:
-                self.skip(const, f"constant of {node.op_type} node '{node.name}': its input or output is float")
+                self.skip(const, Reason("placement.constant_input_float",
+                                        f"constant of {node.op_type} node '{node.name}': its input or output is float"))
 
     def underive(self, tensor: str) -> None:
         root = self.groups.find(tensor)
@@ -514,7 +546,7 @@ class _Annotator:
                 continue
             quantize, symmetric = self.config.param_rule(node.op_type, "weight")
             if not quantize:
-                self.skip(weight, f"weights of {node.op_type}: params not quantized by config")
+                self.skip(weight, Reason("placement.params_off", f"weights of {node.op_type}: params not quantized by config"))
                 continue
             spec = self.param_spec(node, weight, index, symmetric)
             previous = weights.get(weight.name)
@@ -565,30 +597,32 @@ class _Annotator:
 
     def bias_problem(
         self, node: ir.Node, bias: ir.Value, weight_value: ir.Value, weight: ParamQuantizer
-    ) -> str | None:
+    ) -> Reason | None:
         if not is_float(bias) or not is_constant(bias):
-            return f"bias of {node.op_type} node '{node.name}' is not a float constant"
+            return Reason("placement.bias_not_constant", f"bias of {node.op_type} node '{node.name}' is not a float constant")
         quantize, _ = self.config.param_rule(node.op_type, "bias")
         if not quantize:
-            return "bias: params.bias.is_quantized is false in config"
+            return Reason("placement.bias_off", "bias: params.bias.is_quantized is false in config")
         if len(bias.uses()) != 1:
-            return "bias shared by several nodes"
+            return Reason("placement.bias_shared", "bias shared by several nodes")
         data = node.inputs[0]
         if data is None or not self.quantized(data.name):
-            return f"bias of '{node.name}': the node's input is not quantized"
+            return Reason("placement.bias_input_float", f"bias of '{node.name}': the node's input is not quantized")
         if len(weight.consumers) > 1 and weight.spec.axis is not None:
-            return f"bias of '{node.name}': weight shared by several nodes"
+            return Reason("placement.bias_weight_shared", f"bias of '{node.name}': weight shared by several nodes")
         shape = bias.shape
         if shape is None or len(shape) != 1:
-            return f"bias of '{node.name}' is not a 1-d tensor"
+            return Reason("placement.bias_not_1d", f"bias of '{node.name}' is not a 1-d tensor")
         if weight.spec.axis is not None:
             assert weight_value.shape is not None
             if weight_value.shape[weight.spec.axis] != shape[0]:
-                return f"bias of '{node.name}': channel count differs from the weight's (grouped op)"
+                return Reason("placement.bias_channels",
+                              f"bias of '{node.name}': channel count differs from the weight's (grouped op)")
         return None
 
     def explain_constants(self, quantized: set[str]) -> None:
         for node in self.nodes:
             for value in node.inputs:
                 if value is not None and is_constant(value) and value.name not in quantized:
-                    self.skip(value, f"constant input of {node.op_type} node '{node.name}' (not a weight)")
+                    self.skip(value, Reason("placement.constant_not_weight",
+                                            f"constant input of {node.op_type} node '{node.name}' (not a weight)"))
