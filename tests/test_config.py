@@ -79,3 +79,16 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(bad)
+
+
+def test_onnxqat_keys_for_aimet_placement_are_validated_and_round_trip():
+    cfg = QuantSimConfig.from_dict({"defaults": {"depthwise_supergroups": "False", "tied_op_types": ["Relu"],
+                                                 "calibrate_quantized_weights": True}})
+    assert not cfg.depthwise_supergroups and cfg.tied_op_types == {"Relu"} and cfg.calibrate_quantized_weights
+    assert QuantSimConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="defaults.tied_op_types: expected a list of op types"):
+        QuantSimConfig.from_dict({"defaults": {"tied_op_types": "Relu"}})
+    with pytest.raises(ConfigError, match="depthwise_supergroups"):
+        QuantSimConfig.from_dict({"defaults": {"depthwise_supergroups": "sometimes"}})
+    plain = load_config("onnxruntime")
+    assert plain.depthwise_supergroups and not plain.tied_op_types and not plain.calibrate_quantized_weights
