@@ -290,15 +290,23 @@ def calibrate(
 
 @dataclasses.dataclass(frozen=True)
 class SchemeChoice:
-    """What :func:`choose_scheme` measured: each candidate's output SQNR (dB, mean over the float
-    outputs, each capped at 100 dB) on the calibration samples, and the one chosen."""
+    """What :func:`choose_scheme` measured on the calibration samples for each candidate: the
+    top-1 agreement with the float model of every output a Softmax makes (the decision a
+    classifier or recognizer takes from it; None without such outputs), and the output SQNR (dB,
+    mean over the float outputs, each capped at 100 dB). The chosen candidate has the best
+    agreement, then the best SQNR."""
 
     chosen: Scheme
     sqnr_db: Mapping[Scheme, float]
+    agreement: Mapping[Scheme, float | None] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
-        scores = ", ".join(f"{s.value} {db:.1f} dB" for s, db in self.sqnr_db.items())
-        return f"auto chose {self.chosen.value} (output SQNR: {scores})"
+        def one(s: Scheme) -> str:
+            top1 = self.agreement.get(s)
+            return f"{s.value} {self.sqnr_db[s]:.1f} dB" + (f" / top-1 {top1:.3f}" if top1 is not None else "")
+
+        return f"auto chose {self.chosen.value} (output SQNR{' / agreement' if self.agreement else ''}: " \
+               f"{', '.join(one(s) for s in self.sqnr_db)})"
 
 
 def output_sqnr_db(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
@@ -314,23 +322,41 @@ def output_sqnr_db(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray
     return float(np.mean(scores)) if scores else 0.0
 
 
+def _softmax_axes(model: ir.Model) -> dict[int, int]:
+    """Output position -> the class axis, for the graph outputs a Softmax/LogSoftmax makes."""
+    axes = {}
+    for position, value in enumerate(model.graph.outputs):
+        node = value.producer()
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax") and node.domain in ("", "ai.onnx"):
+            attr = node.attributes.get("axis")
+            axes[position] = attr.as_int() if attr is not None else -1
+    return axes
+
+
 def choose_scheme(state: SimState, candidates: Mapping[Scheme, Mapping[str, Encoding]],
                   feeds: Sequence[Mapping[str, np.ndarray]]) -> tuple[SimState, SchemeChoice]:
     """The state with the candidate encodings whose simulation is closest to the float model on
-    ``feeds`` (output SQNR); ties keep the earlier candidate."""
+    ``feeds``: best top-1 agreement of the Softmax outputs, then best output SQNR; ties keep the
+    earlier candidate."""
     float_session = Session(state.float_model)
     reference = [float_session.run(feed) for feed in feeds]
+    axes = _softmax_axes(state.float_model)
     scores: dict[Scheme, float] = {}
+    agreement: dict[Scheme, float | None] = {}
     states: dict[Scheme, SimState] = {}
     for scheme, encodings in candidates.items():
         candidate = state.with_encodings(encodings)
         session = Session(lower(candidate))
-        runs = [output_sqnr_db(ref, session.run(feed)) for ref, feed in zip(reference, feeds)]
-        scores[scheme] = float(np.mean(runs)) if runs else 0.0
+        runs = [(ref, session.run(feed)) for ref, feed in zip(reference, feeds)]
+        scores[scheme] = float(np.mean([output_sqnr_db(ref, out) for ref, out in runs])) if runs else 0.0
+        matches = [np.argmax(ref[i], axis=axis) == np.argmax(out[i], axis=axis)
+                   for ref, out in runs for i, axis in axes.items() if np.ndim(ref[i])]
+        agreement[scheme] = float(np.mean(np.concatenate([m.reshape(-1) for m in matches]))) if matches else None
         states[scheme] = candidate
         del session
-    best = max(scores, key=lambda s: (scores[s], -list(scores).index(s)))
-    return states[best], SchemeChoice(best, scores)
+    order = list(scores)
+    best = max(order, key=lambda s: (agreement[s] or 0.0, scores[s], -order.index(s)))
+    return states[best], SchemeChoice(best, scores, agreement if axes else {})
 
 
 # Histogram calibration fetches every observed tensor of a run; batches are split so those stay

@@ -233,7 +233,8 @@ def test_auto_scheme_picks_the_candidate_closest_to_the_float_outputs():
     assert auto.scheme_choice is not None and auto.scheme_choice.chosen in AUTO_CANDIDATES
     measured = {}
     for scheme in AUTO_CANDIDATES:
-        forced = QuantizationSimModel(model, quant_scheme=scheme.value).compute_encodings(calib, progress=False)
+        forced = QuantizationSimModel(model, quant_scheme=scheme.value, param_scheme="minmax")
+        forced.compute_encodings(calib, progress=False)
         assert forced.scheme_choice is None
         measured[scheme] = np.mean([output_sqnr_db(run_onnx(model, f), forced.run(f)) for f in calib])
         assert abs(measured[scheme] - auto.scheme_choice.sqnr_db[scheme]) < 1e-3  # dB; float kernels differ slightly
@@ -241,3 +242,31 @@ def test_auto_scheme_picks_the_candidate_closest_to_the_float_outputs():
             for f in calib:
                 np.testing.assert_array_equal(auto.run(f)[0], forced.run(f)[0])
     assert measured[auto.scheme_choice.chosen] == max(measured.values())
+
+
+def test_auto_scheme_ranks_softmax_outputs_by_top1_agreement(demo_assets):
+    """With a Softmax output (the demo classifier), auto ranks candidates by their top-1
+    agreement with the float model on the samples it kept (the first 256), then by SQNR;
+    checked against each forced scheme's simulation run here."""
+    from conftest import run_onnx
+
+    from onnxqat import QuantizationSimModel
+    from onnxqat.data import NpzBatches, load_npz
+    from onnxqat.pipeline import AUTO_CANDIDATES
+
+    model, calib, _ = demo_assets
+    batches = NpzBatches(load_npz(calib, ["image"]), 64)
+    auto = QuantizationSimModel(model, param_bw=4, per_channel=True).compute_encodings(batches, progress=False)
+    choice = auto.scheme_choice
+    assert choice is not None and set(choice.agreement) == set(AUTO_CANDIDATES)
+    kept = [b for _, b in zip(range(4), batches)]  # 4 x 64 = the 256 samples auto scores on
+    measured = {}
+    for scheme in AUTO_CANDIDATES:
+        forced = QuantizationSimModel(model, param_bw=4, per_channel=True, quant_scheme=scheme.value,
+                                      param_scheme="minmax")  # auto's weights: min-max whatever it picks
+        forced.compute_encodings(batches, progress=False)
+        hits = [np.argmax(run_onnx(model, b)[0], -1) == np.argmax(forced.run(b)[0], -1) for b in kept]
+        measured[scheme] = float(np.mean(np.concatenate(hits)))
+        assert abs(measured[scheme] - choice.agreement[scheme]) <= 1 / 256
+    best = max(measured.values())
+    assert measured[choice.chosen] >= best - 1 / 256
