@@ -341,3 +341,30 @@ def test_calibration_statistics_model_is_the_same_through_ir_and_protobuf(scheme
     x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(f32)
     for got, ref in zip(run_onnx(via_ir, {"x": x}), run_onnx(via_proto, {"x": x})):
         np.testing.assert_array_equal(got, ref)
+
+
+def test_opset_upgrade_result_says_from_which_opset():
+    from onnxqat.passes.canonicalize import UpgradeOpsetPass
+
+    proto = tiny_cnn(opset=11)
+    result = UpgradeOpsetPass(13)(ir.from_proto(proto))
+    assert result.modified and (result.previous, result.opset) == (11, 13)
+    again = UpgradeOpsetPass(13)(result.model)
+    assert not again.modified and (again.previous, again.opset) == (13, 13)
+
+
+def test_onnxruntime_type_inference_result_lists_the_values_it_typed():
+    from onnxqat.passes.infer_types import InferTypesWithOnnxruntimePass
+
+    nodes = [helper.make_node("Gelu", ["x"], ["g"], name="gelu", domain="com.microsoft"),
+             helper.make_node("Relu", ["g"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [tensor("x", [2, 3])], [tensor("y", [2, 3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    model = ir.from_proto(proto)
+    g = next(v for n in model.graph for v in n.outputs if v.name == "g")
+    assert g.dtype is None  # onnx knows no schema for the contrib op
+    result = InferTypesWithOnnxruntimePass()(model)
+    assert result.modified and result.typed == {"g": ir.DataType.FLOAT} and g.dtype == ir.DataType.FLOAT
+    assert [v.name for v in model.graph.outputs] == ["y"]  # the probe's extra output stayed on the copy
+    assert InferTypesWithOnnxruntimePass()(model).typed == {}

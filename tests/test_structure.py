@@ -228,3 +228,16 @@ def test_private_writes_of_a_toy_package(toy):
         "toy/c.py:12: other._y",
         "toy/c.py:13: other._z",
     ]
+
+
+def test_readme_layout_names_every_module():
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## Layout\n"):]
+    section = section[: section.find("\n## ", 5) if "\n## " in section[5:] else len(section)]
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", section))
+    modules = {p.stem for p in PACKAGE.rglob("*.py") if p.stem != "__init__"}
+    packages = {p.parent.name for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+    missing = sorted((modules | packages) - words)
+    assert missing == [], f"README's Layout section does not mention {missing}"

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import (
@@ -24,9 +26,17 @@ from onnxqat.graph import call_with_light_proto, opset_version
 from onnxqat.passes.fold_constants import FoldWeightChainsPass
 from onnxqat.passes.infer_types import InferShapesPass, InferTypesWithOnnxruntimePass
 
-__all__ = ["MIN_OPSET", "UpgradeOpsetPass", "canonical_passes"]
+__all__ = ["MIN_OPSET", "UpgradeOpsetPass", "UpgradeOpsetResult", "canonical_passes"]
 
 MIN_OPSET = 13
+
+
+@dataclasses.dataclass
+class UpgradeOpsetResult(ir.passes.PassResult):
+    """Attributes: previous: the default-domain opset before the pass; opset: after it."""
+
+    previous: int = 0
+    opset: int = 0
 
 
 class UpgradeOpsetPass(ir.passes.InPlacePass):
@@ -40,10 +50,10 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
         super().__init__()
         self.target = target
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> UpgradeOpsetResult:
         current = opset_version(model)
         if current >= self.target:
-            return ir.passes.PassResult(model, modified=False)
+            return UpgradeOpsetResult(model, False, current, current)
         tensors = {name: v.const_value for name, v in model.graph.initializers.items()}
         try:
             converted = call_with_light_proto(
@@ -65,7 +75,7 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
             if name not in new.graph.initializers:
                 new.graph.register_initializer(value)
         _adopt(model, new)
-        return ir.passes.PassResult(model, modified=True)
+        return UpgradeOpsetResult(model, True, current, opset_version(model))
 
 
 def _adopt(model: ir.Model, new: ir.Model) -> None:

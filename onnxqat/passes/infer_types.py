@@ -12,6 +12,7 @@ is read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import onnx
@@ -22,7 +23,7 @@ from onnxqat.graph import call_with_light_proto
 from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.runtime import fits_in_proto
 
-__all__ = ["InferShapesPass", "InferTypesWithOnnxruntimePass"]
+__all__ = ["InferShapesPass", "InferTypesResult", "InferTypesWithOnnxruntimePass"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +132,20 @@ def _merge_inferred(model: ir.Model, inferred: ir.Model) -> bool:
     return modified
 
 
+@dataclasses.dataclass
+class InferTypesResult(ir.passes.PassResult):
+    """Attributes: typed: each value whose dtype onnxruntime supplied -> that dtype."""
+
+    typed: dict[str, ir.DataType] = dataclasses.field(default_factory=dict)
+
+
 class InferTypesWithOnnxruntimePass(ir.passes.InPlacePass):
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    """Dtypes onnx's inference left unknown, read from an onnxruntime session's output metadata."""
+
+    def call(self, model: ir.Model) -> InferTypesResult:
         missing = [v for node in model.graph for v in node.outputs if v.name and v.dtype is None]
         if not missing or not fits_in_proto(model):
-            return ir.passes.PassResult(model, False)
+            return InferTypesResult(model, False)
         probe = ExposeValuesPass([v.name for v in missing if v.name])(model.clone()).model
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -144,12 +154,12 @@ class InferTypesWithOnnxruntimePass(ir.passes.InPlacePass):
             session = ort.InferenceSession(ir.to_proto(probe).SerializeToString(), options,
                                            providers=["CPUExecutionProvider"])
         except Exception:  # onnxruntime cannot load it either: leave the types unknown
-            return ir.passes.PassResult(model, False)
+            return InferTypesResult(model, False)
         found = {o.name: _ORT_TYPES.get(o.type) for o in session.get_outputs()}
-        modified = False
+        typed: dict[str, ir.DataType] = {}
         for v in missing:
             dtype = found.get(v.name)  # type: ignore[arg-type]
-            if dtype is not None:
+            if dtype is not None and v.name:
                 v.dtype = dtype
-                modified = True
-        return ir.passes.PassResult(model, modified)
+                typed[v.name] = dtype
+        return InferTypesResult(model, bool(typed), typed)
