@@ -3,50 +3,79 @@
 * Per-quantizer SQNR at every quantized tensor: *local* (the quantizer alone applied to the float
   model's tensor: how well its encoding fits the data) and *cumulative* (the simulation's tensor
   against the float model's: the error that has built up by that point).
-* Per-layer sensitivity: the metric (accuracy on labelled data, or output SQNR against the float
-  model) with only that layer's quantizers enabled, and with all quantizers but that layer's. A
-  layer is a node with its weight, int32 bias and output quantizers.
+* Per-layer sensitivity in one onnxruntime session (:class:`Switchable`: every quantizer is
+  switched per run by a selector input, no session per layer): the metric with only that layer
+  quantized, for every layer, once; layers are visited worst local SQNR first, and with ``top_k``
+  the scan stops once ``patience`` layers in a row do not enter the top ``k``. The top ``k`` are
+  also scored with every quantizer but theirs (the gain if left float).
+* The metric: accuracy on labelled data, a task score from a user hook, or, without either, the
+  output SQNR against the float model averaged over output channels (axis 1), so an output
+  that concatenates large box coordinates and small class scores cannot hide a wrecked score
+  channel. Every score also carries per-output numbers: SQNR and top-1 agreement with float.
 * Activation histograms with the chosen encoding ranges.
-* A mixed-precision config that keeps the most sensitive layers at 16 bits.
+* Suggestions with their measured cost (:func:`suggestions`): each variant is built, calibrated
+  and evaluated with its own simulation, and optionally timed in plain onnxruntime.
 
-Everything here is plain data (dicts and lists); :mod:`onnxqat.report` renders it.
+Layers are named by tensor (their output quantizer's tensor, else their weight), as in the SQNR
+tables; the node is given beside it. Everything here is plain data (dicts and lists);
+:mod:`onnxqat.report` renders it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from onnxqat import distributed
 from onnxqat.calibrate.observers import HistogramObserver
 from onnxqat.calibrate.runner import collect_statistics
 from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import input_signature, validate_feed
-from onnxqat.evaluate import accuracy
-from onnxqat.graph import values_by_name
-from onnxqat.passes.insert_qdq import InsertQDQPass
+from onnxqat.evaluate import check_labels, sqnr_db
+from onnxqat.errors import ConfigError, DataError, ModelError
+from onnxqat.graph import NameScope, const_array, make_initializer, values_by_name
+from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits, qdq_domain, quantize_bias
 from onnxqat.plan import QuantPlan
-from onnxqat.qparams import fake_quantize
+from onnxqat.progress import Progress
+from onnxqat.qparams import Encoding, fake_quantize
 from onnxqat.runtime import Session
 from onnxqat.sim import QuantizationSimModel
 
-__all__ = ["Layer", "analyze", "histograms", "layers", "mixed_precision_config", "quantizer_sqnr", "sensitivity"]
+__all__ = ["Evaluator", "Layer", "Score", "Switchable", "analyze", "histograms", "layers", "mixed_precision_config",
+           "quantizer_sqnr", "score_units", "sensitivity", "suggestions", "variant_of"]
 
 Batches = Iterable[Mapping[str, np.ndarray]]
+Outputs = Sequence[np.ndarray]
+TaskMetric = Callable[[Outputs, Outputs], float]
+"""A user's task score: ``task(outputs, float_outputs) -> float`` (higher is better), each a list of
+the model's outputs concatenated over the evaluation batches."""
+
+_CHANNEL_DB_FLOOR = -10.0
 
 
-def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB (capped at 120 for exact matches)."""
-    signal = float(np.mean(np.square(reference, dtype=np.float64)))
-    noise = float(np.mean(np.square(reference.astype(np.float64) - test.astype(np.float64))))
-    if noise <= signal * 1e-12:
-        return 120.0
-    return 10.0 * np.log10(max(signal, 1e-30) / noise)
+def channel_sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Mean over axis-1 channels of each channel's SQNR (dB, floored at -10): every channel
+    counts alike, however small its values."""
+    if reference.ndim < 2 or reference.shape[1] < 2:
+        return sqnr_db(reference, test)
+    ref = np.moveaxis(reference.astype(np.float64), 1, 0).reshape(reference.shape[1], -1)
+    got = np.moveaxis(test.astype(np.float64), 1, 0).reshape(reference.shape[1], -1)
+    signal = np.mean(ref * ref, axis=1)
+    noise = np.mean((ref - got) ** 2, axis=1)
+    db = np.where(noise <= signal * 1e-12, 120.0, 10.0 * np.log10(np.maximum(signal, 1e-30) / np.maximum(noise, 1e-300)))
+    return float(np.mean(np.clip(db, _CHANNEL_DB_FLOOR, 120.0)))
+
+
+def top1_agreement(reference: np.ndarray, test: np.ndarray) -> float | None:
+    """Share of positions whose argmax over the last axis agrees (None: fewer than 2 entries there)."""
+    if reference.ndim < 1 or reference.shape[-1] < 2:
+        return None
+    return float(np.mean(reference.argmax(-1) == test.argmax(-1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +91,11 @@ class Layer:
     @property
     def quantizers(self) -> tuple[str, ...]:
         return self.params + self.biases + self.activations
+
+    @property
+    def name(self) -> str:
+        """The layer's tensor: its output quantizer's tensor, else its weight (as in the tables)."""
+        return (self.activations or self.params or self.biases or (self.node,))[0]
 
 
 def layers(sim: QuantizationSimModel) -> list[Layer]:
@@ -94,13 +128,228 @@ def layers(sim: QuantizationSimModel) -> list[Layer]:
                   tuple(groups[n]["activations"])) for n in ordered]
 
 
-def _subset_plan(plan: QuantPlan, enabled: set[str]) -> QuantPlan:
-    activations = tuple(q for q in plan.activations if q.name in enabled)
-    params = tuple(p for p in plan.params if p.name in enabled)
-    active = {q.name for q in activations} | {p.name for p in params}
-    biases = tuple(b for b in plan.biases if b.name in enabled
-                   and b.input_quantizer in active and b.weight_quantizer in active)
-    return dataclasses.replace(plan, activations=activations, params=params, biases=biases)
+# -- one session, every quantizer switchable ----------------------------------------------------
+
+
+class Switchable:
+    """One onnxruntime session of the float model in which every quantizer is set per run.
+
+    Each quantizer gets one Q/DQ branch per bitwidth in ``choices`` (weights: the fake-quantized
+    weight as a constant) and a selector: a ``Where`` chain on one int64 graph input holding, per
+    quantizer, the bitwidth to apply (0: float). Tied tensors share their quantizer's selector;
+    a derived quantizer (``x * k``) is applied to the Mul's float output with its own (derived)
+    encoding, which gives the integers the deployed graph reads; an int32 bias is applied when
+    its input and weight quantizers are on (float otherwise). Integer forms
+    (HardSigmoid/HardSwish) run as the float op followed by their output quantizer. The session runs the Q/DQ nodes op by op (float semantics),
+    not onnxruntime's fused integer kernels.
+
+    Args:
+        model: The float model.
+        plan: The quantizers.
+        choices: ``{quantizer: {bitwidth: encoding}}``; a quantizer without entries stays float.
+    """
+
+    def __init__(self, model: ir.Model, plan: QuantPlan, choices: Mapping[str, Mapping[int, Encoding]]) -> None:
+        self.plan = plan
+        self.choices = {q: dict(c) for q, c in choices.items() if c}
+        self.names = [q.name for q in plan.activations if q.name in self.choices]
+        self.names += [p.name for p in plan.params if p.name in self.choices]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.derived = {q.name: q.derived_from[0] for q in plan.activations if q.derived_from is not None}
+        self._model = _switchable_model(model, plan, self.choices, self.index)
+        self.session = Session(self._model)
+        self.output_names = [v.name for v in model.graph.outputs]  # type: ignore[misc]
+
+    def vector(self, bits: Mapping[str, int]) -> np.ndarray:
+        """The selector input for ``{quantizer: bitwidth}`` (missing quantizers: float).
+
+        A derived quantizer that is on takes its source's bitwidth when the source is on."""
+        vec = np.zeros(len(self.names), np.int64)
+        for name, i in self.index.items():
+            b = int(bits.get(name, 0))
+            source = self.derived.get(name)
+            if b and source is not None and bits.get(source, 0) in self.choices[name]:
+                b = int(bits[source])
+            if b and b not in self.choices[name]:
+                raise ConfigError(f"quantizer {name}: no {b}-bit encoding among {sorted(self.choices[name])}")
+            vec[i] = b
+        return vec
+
+    def run(self, feed: Mapping[str, np.ndarray], bits: Mapping[str, int] | np.ndarray) -> list[np.ndarray]:
+        vec = bits if isinstance(bits, np.ndarray) else self.vector(bits)
+        return self.session.session.run(self.output_names, {**{k: feed[k] for k in self.session.input_names
+                                                                 if k != _SELECT}, _SELECT: vec})
+
+
+_SELECT = "onnxqat_quantizer_bits"
+
+
+def _switchable_model(model: ir.Model, plan: QuantPlan, choices: Mapping[str, Mapping[int, Encoding]],
+                      index: Mapping[str, int]) -> ir.Model:
+    """The float model with an ``If`` per quantizer choice: only the chosen branch runs.
+
+    Activations: ``If(bits == b) {Q/DQ at b} else {... else Identity}``. Weighted nodes are
+    wrapped whole, one copy per (weight bits, input bits) with constant fake-quantized weight and
+    bias inside the branch, so onnxruntime still prepacks constant weights."""
+    model = model.clone()
+    graph = model.graph
+    names = NameScope(model)
+    values = values_by_name(graph)
+    if _SELECT in values:
+        raise ModelError(f"the model already has a value named '{_SELECT}'")
+    names.reserve([_SELECT])
+    select = ir.Value(name=_SELECT, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(index)]))
+    graph.inputs.append(select)
+
+    def make(op_type: str, inputs: list[ir.Value | None], base: str, domain: str = "",
+             attributes: Sequence[Any] = (), outputs: int = 1) -> ir.Node:
+        n = ir.Node(domain, op_type, inputs, attributes=list(attributes), name=names.fresh(f"{base}_{op_type}"),
+                    num_outputs=outputs)
+        for out in n.outputs:
+            out.name = names.fresh(f"{base}_{op_type.lower()}")
+        return n
+
+    def main(op_type: str, inputs: list[ir.Value | None], base: str) -> ir.Value:
+        n = make(op_type, inputs, base)
+        graph.append(n)
+        return n.outputs[0]
+
+    def const(base: str, array: np.ndarray) -> ir.Value:
+        return make_initializer(graph, names.fresh(base), array)
+
+    def local(base: str, array: np.ndarray) -> ir.Value:
+        name = names.fresh(base)
+        return ir.Value(name=name, const_value=ir.Tensor(array, name=name), shape=ir.Shape(array.shape),
+                        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+
+    conds: dict[str, dict[int, ir.Value]] = {}
+
+    def conditions(name: str) -> dict[int, ir.Value]:
+        if name not in conds:
+            bits = main("Gather", [select, const(f"{name}_switch_index", np.array(index[name], np.int64))], name)
+            conds[name] = {b: main("Equal", [bits, const(f"{name}_switch_{b}", np.array(b, np.int64))], name)
+                           for b in sorted(choices[name])}
+        return conds[name]
+
+    def branch(nodes: list[ir.Node], initializers: Sequence[ir.Value] = (), base: str = "branch") -> ir.Graph:
+        return ir.Graph([], [nodes[-1].outputs[0]], nodes=nodes, initializers=list(initializers),
+                        name=names.fresh(base))
+
+    def select_chain(options: list[tuple[ir.Value, ir.Graph]], otherwise: ir.Graph, base: str, like: ir.Value) -> ir.Value:
+        """``If(c1) {g1} else If(c2) {g2} ... else {otherwise}`` in the main graph."""
+        tail = otherwise
+        for cond, then in reversed(options[1:]):
+            n = make("If", [cond], base, attributes=[ir.AttrGraph("then_branch", then), ir.AttrGraph("else_branch", tail)])
+            n.outputs[0].type, n.outputs[0].shape = like.type, like.shape
+            tail = branch([n], base=f"{base}_else")
+        cond, then = options[0]
+        n = make("If", [cond], base, attributes=[ir.AttrGraph("then_branch", then), ir.AttrGraph("else_branch", tail)])
+        n.outputs[0].type, n.outputs[0].shape = like.type, like.shape
+        graph.append(n)
+        return n.outputs[0]
+
+    def rewire(value: ir.Value, out: ir.Value, users: list[Any]) -> None:
+        for use in users:
+            use.node.replace_input_with(use.idx, out)
+        if value.is_graph_output():
+            name = value.name
+            value.name = names.fresh(f"{name}_float")
+            for i, v in enumerate(graph.outputs):
+                if v is value:
+                    graph.outputs[i] = out
+            out.name = name
+
+    for q in plan.activations:
+        if q.name not in index:
+            continue
+        cond = conditions(q.name)
+        params = {b: (const(f"{q.name}_{b}b_scale", e.scale.astype(np.float32)),
+                      const(f"{q.name}_{b}b_zero_point", e.zero_point.astype(e.container_dtype)))
+                  for b, e in choices[q.name].items()}
+        for tensor in q.tensors:
+            value = values[tensor]
+            users = list(value.uses())
+            options = []
+            for b, enc in sorted(choices[q.name].items(), reverse=True):
+                nodes: list[ir.Node] = []
+                x = value
+                if enc.narrow:
+                    nodes.append(make("Clip", [x, const(f"{tensor}_{b}b_min", enc.min.astype(np.float32)),
+                                               const(f"{tensor}_{b}b_max", enc.max.astype(np.float32))], tensor))
+                    x = nodes[-1].outputs[0]
+                domain = qdq_domain(model, enc)
+                nodes.append(make("QuantizeLinear", [x, *params[b]], tensor, domain))
+                nodes.append(make("DequantizeLinear", [nodes[-1].outputs[0], *params[b]], tensor, domain))
+                options.append((cond[b], branch(nodes, base=f"{tensor}_{b}b")))
+            otherwise = branch([make("Identity", [value], tensor)], base=f"{tensor}_float")
+            rewire(value, select_chain(options, otherwise, tensor, value), users)
+    biases = {b.node: b for b in plan.biases}
+    nodes_by_name = {n.name: n for n in graph}
+    for p in plan.params:
+        if p.name not in index:
+            continue
+        value = values[p.name]
+        weight = const_array(value)
+        assert weight is not None
+        for consumer in p.consumers:
+            if nodes_by_name[consumer].graph is None:  # already replaced for another weight of it
+                continue
+            _switch_weighted(nodes_by_name[consumer], p.name, value, weight, choices, biases.get(consumer), values,
+                             conditions, make, local, branch, select_chain, main, index)
+    graph.sort()
+    return model
+
+
+def _switch_weighted(node: ir.Node, param: str, value: ir.Value, weight: np.ndarray,
+                     choices: Mapping[str, Mapping[int, Encoding]], bq: Any, values: Mapping[str, ir.Value],
+                     conditions: Callable[[str], dict[int, ir.Value]], make: Callable[..., ir.Node],
+                     local: Callable[[str, np.ndarray], ir.Value], branch: Callable[..., ir.Graph],
+                     select_chain: Callable[..., ir.Value], main: Callable[..., ir.Value],
+                     index: Mapping[str, int]) -> None:
+    """Replace ``node`` by a chain of ``If`` over copies of it: one per weight bitwidth (and, when
+    its bias is int32, per bitwidth of its input quantizer), the float node last."""
+    slot = next(i for i, v in enumerate(node.inputs) if v is value)
+    bias = const_array(values[bq.name]) if bq is not None else None
+    inputs_bits = (sorted(choices[bq.input_quantizer], reverse=True)
+                   if bq is not None and bq.input_quantizer in index else [])
+    options = []
+
+    def copy(replace: Mapping[int, ir.Value]) -> ir.Graph:
+        inputs = [replace.get(i, v) for i, v in enumerate(node.inputs)]
+        twin = make(node.op_type, inputs, node.name or "node", node.domain,
+                    attributes=[a for a in node.attributes.values()], outputs=1)
+        twin.outputs[0].type, twin.outputs[0].shape = node.outputs[0].type, node.outputs[0].shape
+        return branch([twin], [replace[i] for i in replace], base=f"{node.name}_variant")
+
+    for bw, ew in sorted(choices[param].items(), reverse=True):
+        wq = fake_quantize(weight, ew)
+        w_cond = conditions(param)[bw]
+        if bias is not None:
+            for bi in inputs_bits:
+                scale, _ = bias_encoding(choices[bq.input_quantizer][bi], ew)
+                if not bias_fits(bias, scale):
+                    continue
+                both = main("And", [conditions(bq.input_quantizer)[bi], w_cond], bq.name)
+                fixed = (quantize_bias(bias, scale).astype(np.float32) * scale).astype(np.float32)
+                options.append((both, copy({slot: local(f"{param}_{bw}b", wq), 2: local(f"{bq.name}_{bi}x{bw}b", fixed)})))
+        options.append((w_cond, copy({slot: local(f"{param}_{bw}b", wq)})))
+    out = node.outputs[0]
+    users = list(out.uses())
+    otherwise = copy({})
+    result = select_chain(options, otherwise, node.name or "node", out)
+    for use in users:
+        use.node.replace_input_with(use.idx, result)
+    if out.is_graph_output():
+        graph = node.graph
+        assert graph is not None
+        name = out.name
+        out.name = f"{name}_unswitched"
+        for i, v in enumerate(graph.outputs):
+            if v is out:
+                graph.outputs[i] = result
+        result.name = name
+    assert node.graph is not None
+    node.graph.remove(node, safe=True)
 
 
 def _tensors(model: ir.Model, names: Sequence[str], batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -141,7 +390,8 @@ def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -
                 "quantizer": q.name,
                 "bitwidth": enc.bitwidth,
                 "local_sqnr_db": sqnr_db(ref, fake_quantize(ref, enc)),
-                "cumulative_sqnr_db": sqnr_db(ref, quantized[sites[t]]),
+                # None where the tensor's own DequantizeLinear is gone (every consumer reads a derived scale)
+                "cumulative_sqnr_db": sqnr_db(ref, quantized[sites[t]]) if sites[t] in quantized else None,
                 "range": [float(ref.min()), float(ref.max())],
                 "encoding": [float(enc.min), float(enc.max)],
             })
@@ -149,61 +399,202 @@ def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -
     return rows
 
 
-Metric = Callable[[Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]], float]
+# -- scoring ---------------------------------------------------------------------------------------
 
 
-def output_sqnr_metric(sim: QuantizationSimModel, batches: Sequence[Mapping[str, np.ndarray]]) -> Metric:
-    """Metric without labels: SQNR of the first output against the float model (dB)."""
-    signature = input_signature(sim.float_model)
-    feeds = [validate_feed(b, signature, where="analysis data") for b in batches]
-    reference = Session(sim.float_model, optimize=False)
-    expected = [reference.run(f)[0] for f in feeds]
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """One configuration's numbers: ``value`` (the metric, higher is better) and, per output,
+    ``sqnr_db``, ``channel_sqnr_db`` and ``top1_agreement`` against the float model."""
 
-    def metric(run: Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]) -> float:
-        got = np.concatenate([np.asarray(run(f)[0]).ravel() for f in feeds])
-        return sqnr_db(np.concatenate([e.ravel() for e in expected]), got)
+    value: float
+    outputs: Mapping[str, Mapping[str, float | None]]
 
-    return metric
+    def as_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "outputs": {k: dict(v) for k, v in self.outputs.items()}}
 
 
-def accuracy_metric(sim: QuantizationSimModel, batches: Sequence[Mapping[str, np.ndarray]],
-                    label_key: str = "label", output_index: int = 0) -> Metric:
-    """Metric with labels: top-1 accuracy."""
-    signature = input_signature(sim.float_model)
+class Evaluator:
+    """Scores runs of one model on fixed batches against the float model's outputs.
 
-    def metric(run: Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]) -> float:
-        def checked(batch: Mapping[str, np.ndarray]) -> Sequence[np.ndarray]:
-            return run(validate_feed(batch, signature, where="evaluation data"))
+    The metric (``kind``): ``accuracy`` (top-1 of output ``output_index`` against
+    ``batches[label_key]``) when labels are given, ``task`` when a :data:`TaskMetric` hook is,
+    else ``sqnr`` (:func:`channel_sqnr_db` averaged over the float outputs).
+    """
 
-        return accuracy(checked, batches, label_key=label_key, output_index=output_index, progress=False)[0]
+    def __init__(self, float_model: ir.Model, batches: Sequence[Mapping[str, Any]], *, labels: bool = False,
+                 label_key: str = "label", output_index: int = 0, task: TaskMetric | None = None,
+                 task_name: str = "task") -> None:
+        if not batches:
+            raise DataError("analysis data: no batches")
+        signature = input_signature(float_model)
+        self.feeds = [validate_feed(b, signature, where=f"analysis data: batch {i}") for i, b in enumerate(batches)]
+        self.output_names = [v.name or "" for v in float_model.graph.outputs]
+        if not -len(self.output_names) <= output_index < len(self.output_names):
+            raise DataError(f"output index {output_index} is out of range: the model has "
+                            f"{len(self.output_names)} output(s)")
+        self.output_index = output_index
+        self.task = task
+        reference = Session(float_model)
+        per_batch = [reference.run(f) for f in self.feeds]
+        self.reference = self._concat(per_batch)
+        self.labels: np.ndarray | None = None
+        if labels:
+            rows = []
+            for i, (batch, outs) in enumerate(zip(batches, per_batch)):
+                scores = np.asarray(outs[output_index])
+                if scores.ndim < 1 or scores.shape[-1] < 2 or scores.dtype.kind != "f":
+                    raise DataError(f"output {output_index} has shape {list(scores.shape)}: not a tensor of class scores")
+                rows.append(check_labels(batch, label_key, scores.shape[0] if scores.ndim > 1 else 1,
+                                         f"evaluation data: batch {i}"))
+            self.labels = np.concatenate(rows)
+        self.kind = "accuracy" if labels else ("task" if task is not None else "sqnr")
+        self.name = {"accuracy": "accuracy", "task": task_name,
+                     "sqnr": "output SQNR (dB, mean over channels) vs float"}[self.kind]
+        self.runs = 0
 
-    return metric
+    @staticmethod
+    def _concat(per_batch: list[list[np.ndarray]]) -> list[np.ndarray]:
+        outs = []
+        for k in range(len(per_batch[0])):
+            parts = [np.asarray(b[k]) for b in per_batch]
+            outs.append(np.concatenate(parts) if parts[0].ndim >= 1 and len(parts) > 1 else parts[0])
+        return outs
+
+    def outputs(self, run: Callable[[Mapping[str, np.ndarray]], Outputs]) -> list[np.ndarray]:
+        self.runs += 1
+        return self._concat([list(run(f)) for f in self.feeds])
+
+    def score(self, run: Callable[[Mapping[str, np.ndarray]], Outputs]) -> Score:
+        """Run every batch through ``run`` and score the outputs."""
+        return self.score_outputs(self.outputs(run))
+
+    def score_outputs(self, got: Sequence[np.ndarray]) -> Score:
+        per: dict[str, dict[str, float | None]] = {}
+        channel = []
+        for name, ref, out in zip(self.output_names, self.reference, got):
+            if ref.dtype.kind != "f":
+                continue
+            row = {"sqnr_db": sqnr_db(ref, out), "channel_sqnr_db": channel_sqnr_db(ref, out),
+                   "top1_agreement": top1_agreement(ref, out)}
+            per[name] = row
+            channel.append(row["channel_sqnr_db"])
+        if self.kind == "accuracy":
+            scores = np.asarray(got[self.output_index])
+            n = len(self.labels)  # type: ignore[arg-type]
+            value = float(np.mean(scores.reshape(n, -1).argmax(-1) == self.labels))
+        elif self.kind == "task":
+            value = float(self.task(list(got), self.reference))  # type: ignore[misc]
+        else:
+            value = float(np.mean(channel)) if channel else 120.0
+        return Score(value, per)
+
+    def main_sqnr(self, score: Score) -> float:
+        """SQNR of output ``output_index`` (what ``target_sqnr`` bounds)."""
+        row = score.outputs.get(self.output_names[self.output_index])
+        return float(row["sqnr_db"]) if row is not None and row["sqnr_db"] is not None else 120.0
 
 
-def sensitivity(sim: QuantizationSimModel, metric: Metric, *, progress: bool | None = None) -> dict[str, Any]:
-    """The metric for float, fully quantized, and each layer alone / each layer left float."""
+# -- sensitivity -----------------------------------------------------------------------------------
+
+
+def bit_choices(sim: QuantizationSimModel) -> dict[str, dict[int, Encoding]]:
+    """``{quantizer: {its bitwidth: its encoding}}`` of a calibrated sim (as simulated)."""
     plan = sim.effective_plan
-    every = set(plan.quantizer_names())
+    names = [q.name for q in plan.activations] + [p.name for p in plan.params]
+    return {n: {sim.encodings[n].bitwidth: sim.encodings[n]} for n in names if n in sim.encodings}
 
-    def score(enabled: set[str]) -> float:
-        model = InsertQDQPass(_subset_plan(plan, enabled), sim.encodings, fold_weights=False)(sim.float_model).model
-        return metric(Session(model).run)
 
-    def layer_row(layer: Layer) -> dict[str, Any]:
-        mine = set(layer.quantizers)
-        return {"node": layer.node, "op_type": layer.op_type, "quantizers": list(layer.quantizers),
-                "only_this_quantized": score(mine), "all_but_this_quantized": score(every - mine)}
+def local_sqnr(sim: QuantizationSimModel, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Local SQNR per quantizer: activations from :func:`quantizer_sqnr` rows (worst tensor),
+    weights from their own encoding on the float weight."""
+    out: dict[str, float] = {}
+    for r in rows:
+        out[r["quantizer"]] = min(out.get(r["quantizer"], 120.0), r["local_sqnr_db"])
+    for name, value in sim.float_model.graph.initializers.items():
+        if name in sim.encodings and sim.plan.param(name) is not None:
+            w = const_array(value)
+            if w is not None:
+                out[name] = sqnr_db(w, fake_quantize(w, sim.encodings[name]))
+    return out
 
-    def bar(units: Iterable[Layer]) -> Iterable[Layer]:
-        shown = progress if distributed.is_root() else False
-        return tqdm(units, desc="sensitivity", unit="layer", disable=None if shown is None else not shown)
 
-    result: dict[str, Any] = {"float": metric(Session(sim.float_model).run), "quantized": score(every)}
-    result["layers"] = distributed.map_split(layer_row, layers(sim), bar)  # under MPI: layers split across ranks
-    for row in result["layers"]:
-        row["gain_if_float"] = row["all_but_this_quantized"] - result["quantized"]
-    result["ranking"] = [r["node"] for r in sorted(result["layers"], key=lambda r: -r["gain_if_float"])]
-    return result
+def score_units(evaluator: Evaluator, switch: Switchable, units: Sequence[Sequence[str]],
+                bits: Mapping[str, int], *, alone: bool = True) -> list[Score]:
+    """The score of each unit (a list of quantizer names): ``alone`` - only its quantizers at
+    ``bits``, the rest float; else every quantizer at ``bits`` but the unit's (float).
+
+    A plain function over a list, so the units can be split between processes."""
+    scores = []
+    for unit in units:
+        mine = set(unit)
+        setting = {q: b for q, b in bits.items() if (q in mine) == alone}
+        vec = switch.vector(setting)
+        scores.append(evaluator.score(lambda feed, vec=vec: switch.run(feed, vec)))
+    return scores
+
+
+def sensitivity(sim: QuantizationSimModel, evaluator: Evaluator, *, top_k: int | None = None,
+                patience: int | None = None, proxies: Mapping[str, float] | None = None,
+                progress: bool | None = None, switch: Switchable | None = None) -> dict[str, Any]:
+    """Float, fully quantized, and every layer quantized alone (each scored once), in one session.
+
+    Layers are scored worst ``proxies`` (local SQNR) first. With ``top_k``, scoring stops once
+    ``patience`` (default ``2 * top_k``, at least 8) layers in a row do not enter the worst
+    ``top_k``; the worst ``top_k`` are also scored with every quantizer but theirs.
+    """
+    start = time.perf_counter()
+    switch = switch or Switchable(sim.float_model, sim.effective_plan, bit_choices(sim))
+    bits = {n: next(iter(c)) for n, c in switch.choices.items()}
+    float_score = evaluator.score(lambda feed: switch.run(feed, {}))
+    quantized = evaluator.score(lambda feed: switch.run(feed, bits))
+    deployed = evaluator.score(sim.runner())
+    units = [u for u in layers(sim) if any(q in switch.index for q in u.quantizers)]
+    proxies = proxies or {}
+    units.sort(key=lambda u: min((proxies.get(q, 120.0) for q in u.quantizers), default=120.0))
+    if top_k is not None and patience is None:
+        patience = max(8, 2 * top_k)
+    rows: list[dict[str, Any]] = []
+    calm = 0
+    chunk = max(1, distributed.world().size)
+    shown = progress if distributed.is_root() else False
+    pieces = [units[i:i + chunk] for i in range(0, len(units), chunk)]
+    bar = Progress(pieces, total=len(pieces), desc="sensitivity", unit="layer" if chunk == 1 else "step",
+                   enabled=shown, postfix=lambda: f"worst {rows and min(r['only_this_quantized'] for r in rows):.4g}")
+    stopped = False
+    for piece in bar:
+        scores = distributed.map_split(lambda u: score_units(evaluator, switch, [u.quantizers], bits)[0], piece)
+        for unit, score in zip(piece, scores):
+            kth = sorted(r["only_this_quantized"] for r in rows)[top_k - 1] if top_k and len(rows) >= top_k else None
+            rows.append({**_layer_fields(unit), "only_this_quantized": score.value, "only_this": score.as_dict(),
+                         "drop_if_quantized_alone": float_score.value - score.value,
+                         "local_sqnr_db": min((proxies.get(q, 120.0) for q in unit.quantizers), default=None)})
+            calm = calm + 1 if kth is not None and score.value >= kth else 0
+        if top_k is not None and patience is not None and calm >= patience and len(rows) < len(units):
+            stopped = True
+            break
+    ranked = sorted(rows, key=lambda r: r["only_this_quantized"])
+    worst = ranked[:top_k] if top_k is not None else ranked[:10]
+    named = {r["name"]: r for r in worst}
+    loo = distributed.map_split(
+        lambda r: score_units(evaluator, switch, [r["quantizers"]], bits, alone=False)[0], worst)
+    for r, score in zip(worst, loo):
+        named[r["name"]]["all_but_this_quantized"] = score.value
+        named[r["name"]]["gain_if_float"] = score.value - quantized.value
+    for r in rows:
+        r.setdefault("all_but_this_quantized", None)
+        r.setdefault("gain_if_float", None)
+    return {
+        "metric": evaluator.name, "float": float_score.value, "quantized": quantized.value,
+        "quantized_fused_kernels": deployed.value,
+        "float_outputs": float_score.as_dict()["outputs"], "quantized_outputs": quantized.as_dict()["outputs"],
+        "layers": rows, "ranking": [r["name"] for r in ranked], "scored": len(rows), "total_layers": len(units),
+        "early_stopped": stopped, "runs": evaluator.runs, "seconds": time.perf_counter() - start,
+    }
+
+
+def _layer_fields(unit: Layer) -> dict[str, Any]:
+    return {"name": unit.name, "node": unit.node, "op_type": unit.op_type, "quantizers": list(unit.quantizers)}
 
 
 def histograms(sim: QuantizationSimModel, batches: Batches, bins: int = 128) -> list[dict[str, Any]]:
@@ -224,36 +615,142 @@ def histograms(sim: QuantizationSimModel, batches: Batches, bins: int = 128) -> 
     return rows
 
 
-def mixed_precision_config(sim: QuantizationSimModel, ranking: Sequence[str], keep: int,
+def mixed_precision_config(sim: QuantizationSimModel, ranked: Sequence[Mapping[str, Any]], keep: int,
                            bits: int = 16) -> dict[str, Any]:
-    """The sim's config with the ``keep`` most sensitive layers at ``bits`` (JSON-ready)."""
+    """The sim's config with the ``keep`` worst layers of ``ranked`` (sensitivity rows, worst
+    first) at ``bits`` (JSON-ready)."""
     doc = sim.config.to_dict()
     nodes = dict(doc.get("nodes", {}))
-    for node in [n for n in ranking if not n.startswith("input:")][:keep]:
-        nodes[node] = {**nodes.get(node, {}), "activation_bw": bits, "param_bw": bits}
+    for row in [r for r in ranked if not r["node"].startswith("input:")][:keep]:
+        nodes[row["node"]] = {**nodes.get(row["node"], {}), "activation_bw": bits, "param_bw": bits}
     doc["nodes"] = nodes
     return doc
 
 
+# -- suggestions, each measured --------------------------------------------------------------------
+
+
+def variant_of(sim: QuantizationSimModel, **changes: Any) -> QuantizationSimModel:
+    """A new simulation of the sim's float model with ``changes`` to its settings."""
+    kw: dict[str, Any] = {"param_bw": sim.param_bw, "activation_bw": sim.activation_bw, "quant_scheme": sim.quant_scheme,
+                          "config": sim.config, "percentile": sim.percentile, "param_scheme": sim.param_scheme,
+                          "target": sim.target}
+    if "quant_scheme" in changes:
+        kw["param_scheme"] = None
+    kw.update(changes)
+    return QuantizationSimModel(sim.float_model, **kw)
+
+
+def _candidates(sim: QuantizationSimModel, ranked: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    worst = [r["node"] for r in ranked if not r["node"].startswith("input:")]
+    out: list[tuple[str, dict[str, Any]]] = []
+    if not sim.config.per_channel_quantization:
+        out.append(("per-channel weights", {"config": sim.config.with_overrides(per_channel_quantization=True)}))
+    for scheme in ("minmax", "percentile", "sqnr"):
+        if scheme != sim.quant_scheme.value:
+            out.append((f"--scheme {scheme}", {"quant_scheme": scheme}))
+    if sim.param_bw == 8:
+        out.append(("7-bit weights", {"param_bw": 7}))
+    for k in (1, 3):
+        if len(worst) >= k:
+            doc = sim.config.to_dict()
+            doc["exclude"] = {**doc.get("exclude", {}), "nodes": sorted({*doc.get("exclude", {}).get("nodes", []),
+                                                                          *worst[:k]})}
+            out.append((f"exclude the worst {k} layer(s) (float): {', '.join(worst[:k])}", {"config": doc}))
+    if len(worst) >= 1:
+        out.append((f"16-bit worst 3 layers: {', '.join(worst[:3])}",
+                    {"config": mixed_precision_config(sim, [r for r in ranked if r["node"] in worst[:3]], 3)}))
+    return out
+
+
+def suggestions(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]], evaluator: Evaluator,
+                ranked: Sequence[Mapping[str, Any]], *, deploy_python: str | None = None,
+                progress: bool | None = None) -> dict[str, Any]:
+    """Measure each suggestion: per-channel weights, the other schemes, 7-bit weights,
+    excluding the worst layers, the worst layers at 16 bits. Each variant is built, calibrated on
+    ``calib`` and scored with its own simulation (fused kernels); with ``deploy_python`` (a plain
+    onnxruntime interpreter) every exported QDQ model and the float model are timed, interleaved."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from onnxqat.io import save_model
+
+    base = evaluator.score(sim.runner())
+    rows: list[dict[str, Any]] = [{"suggestion": "as configured", "metric": base.value, "change": 0.0}]
+    sims = [sim]
+    for label, changes in Progress(_candidates(sim, ranked), total=None, desc="suggestions", unit="variant",
+                                   enabled=progress):
+        started = time.perf_counter()
+        try:
+            config = changes.pop("config", None)
+            variant = variant_of(sim, **changes, **({"config": config} if config is not None else {}))
+            variant.compute_encodings(calib, progress=False)
+        except (ConfigError, DataError, ModelError) as e:
+            rows.append({"suggestion": label, "error": str(e)})
+            continue
+        score = evaluator.score(variant.runner())
+        rows.append({"suggestion": label, "metric": score.value, "change": score.value - base.value,
+                     "seconds": time.perf_counter() - started})
+        sims.append(variant)
+    result: dict[str, Any] = {"metric": evaluator.name, "rows": rows}
+    if deploy_python is None:
+        return result
+    plain = os.path.join(os.path.dirname(__file__), "tools", "plain_ort.py")
+    with tempfile.TemporaryDirectory(prefix="onnxqat-suggest-") as tmp:
+        paths = [os.path.join(tmp, "float.onnx")]
+        save_model(sim.float_model, paths[0])
+        measured = [r for r in rows if "metric" in r]
+        for i, variant in enumerate(sims):
+            paths.append(variant.export(os.path.join(tmp, f"v{i}"))["qdq"])
+        data = os.path.join(tmp, "data.npz")
+        np.savez(data, **evaluator.feeds[0])
+        batch = len(next(iter(evaluator.feeds[0].values())))
+        proc = subprocess.run([deploy_python, plain, "latency", *paths, "--data", data, "--batch-size", str(batch),
+                               "--runs", "20"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            result["timing_error"] = (proc.stderr.strip().splitlines() or ["plain onnxruntime failed"])[-1]
+            return result
+        timing = json.loads(proc.stdout.strip().splitlines()[-1])
+        ms = [timing["median_ms"][p] for p in paths]
+        result.update({"float_ms": ms[0], "onnxruntime": timing["onnxruntime"], "batch_size": batch})
+        for row, t in zip(measured, ms[1:]):
+            row["deployed_ms"] = t
+            row["speedup_vs_float"] = ms[0] / t if t > 0 else None
+    return result
+
+
+# -- everything ------------------------------------------------------------------------------------
+
+
 def analyze(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]],
             evaluation: Sequence[Mapping[str, Any]] | None = None, *, label_key: str = "label",
-            output_index: int = 0, keep: int = 3, progress: bool | None = None) -> dict[str, Any]:
-    """Everything above for a calibrated sim; ``evaluation`` (with labels) switches the
-    sensitivity metric from output SQNR to accuracy."""
-    if evaluation is not None:
-        metric = accuracy_metric(sim, evaluation, label_key, output_index)
-        metric_name = "accuracy"
-    else:
-        metric = output_sqnr_metric(sim, calib)
-        metric_name = "output SQNR (dB) vs float"
-    sens = sensitivity(sim, metric, progress=progress)
-    return {
+            output_index: int = 0, keep: int = 3, task: TaskMetric | None = None, task_name: str = "task",
+            top_k: int | None = None, patience: int | None = None, suggest: bool = False,
+            deploy_python: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Everything above for a calibrated sim. The metric is accuracy when ``evaluation`` (with
+    labels) is given, ``task`` when given (a :data:`TaskMetric`, on ``evaluation`` or ``calib``),
+    else the channel-averaged output SQNR on ``calib``."""
+    data = evaluation if evaluation is not None else calib
+    evaluator = Evaluator(sim.float_model, data, labels=evaluation is not None and task is None, label_key=label_key,
+                          output_index=output_index, task=task, task_name=task_name)
+    rows = quantizer_sqnr(sim, calib[0])
+    sens = sensitivity(sim, evaluator, top_k=top_k, patience=patience, proxies=local_sqnr(sim, rows),
+                       progress=progress)
+    ranked = sorted(sens["layers"], key=lambda r: r["only_this_quantized"])
+    result = {
         "settings": {"param_bw": sim.param_bw, "activation_bw": sim.activation_bw,
                      "scheme": sim.quant_scheme.value, "per_channel": sim.config.per_channel_quantization,
-                     "metric": metric_name},
+                     "metric": evaluator.name, "samples": len(evaluator.labels) if evaluator.labels is not None
+                     else sum(len(next(iter(f.values()))) for f in evaluator.feeds)},
         "plan": sim.report(),
-        "quantizer_sqnr": quantizer_sqnr(sim, calib[0]),
+        "quantizer_sqnr": rows,
         "sensitivity": sens,
         "histograms": histograms(sim, calib),
-        "mixed_precision": mixed_precision_config(sim, sens["ranking"], keep),
+        "mixed_precision": mixed_precision_config(sim, ranked, keep),
     }
+    if suggest:
+        result["suggestions"] = suggestions(sim, calib, evaluator, ranked, deploy_python=deploy_python,
+                                            progress=progress)
+    return result

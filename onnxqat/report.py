@@ -50,7 +50,8 @@ def _sqnr_plot(rows: list[dict[str, Any]]) -> str:
     fig, ax = plt.subplots(figsize=(11, 3.6))
     x = range(len(rows))
     ax.plot(x, [r["local_sqnr_db"] for r in rows], "o-", ms=3, label="local (this quantizer alone)")
-    ax.plot(x, [r["cumulative_sqnr_db"] for r in rows], "s-", ms=3, label="cumulative (sim vs float)")
+    ax.plot(x, [float("nan") if r["cumulative_sqnr_db"] is None else r["cumulative_sqnr_db"] for r in rows], "s-", ms=3,
+            label="cumulative (sim vs float)")
     ax.set_xlabel("quantized tensor (graph order)")
     ax.set_ylabel("SQNR (dB)")
     ax.grid(alpha=0.3)
@@ -58,22 +59,30 @@ def _sqnr_plot(rows: list[dict[str, Any]]) -> str:
     return _png(fig)
 
 
-def _sensitivity_plot(sens: Mapping[str, Any], metric: str) -> str:
-    rows = sens["layers"]
-    fig, ax = plt.subplots(figsize=(11, 3.8))
-    x = list(range(len(rows)))
-    ax.bar([i - 0.2 for i in x], [r["only_this_quantized"] for r in rows], width=0.4, label="only this layer quantized")
-    ax.bar([i + 0.2 for i in x], [r["all_but_this_quantized"] for r in rows], width=0.4, label="all but this layer")
-    ax.axhline(sens["float"], color="g", ls="--", lw=1, label="float")
-    ax.axhline(sens["quantized"], color="r", ls="--", lw=1, label="all quantized")
-    values = [v for r in rows for v in (r["only_this_quantized"], r["all_but_this_quantized"])]
-    values += [sens["float"], sens["quantized"]]
-    lo, hi = min(values), max(values)
-    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
-    ax.set_xticks(x)
-    ax.set_xticklabels([r["node"][-28:] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
+def _sensitivity_plot(sens: Mapping[str, Any], metric: str, top: int = 30) -> str:
+    """Horizontal bars, worst first: the ``top`` worst layers by name, then one bar for the rest
+    (its worst value), so the chart stays readable for any number of layers."""
+    ranked = sorted(sens["layers"], key=lambda r: r["only_this_quantized"])
+    shown, rest = ranked[:top], ranked[top:]
+    labels = [f"{r['name'][-48:]} ({r['op_type']})" for r in shown]
+    values = [r["only_this_quantized"] for r in shown]
+    if rest:
+        labels.append(f"the other {len(rest)} layers (best of them shown)")
+        values.append(max(r["only_this_quantized"] for r in rest))
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(labels) + 1.4))
+    y = list(range(len(labels)))
+    colors = ["#c0504d"] * len(shown) + (["#999999"] if rest else [])
+    ax.barh(y, values, color=colors)
+    ax.axvline(sens["float"], color="g", ls="--", lw=1, label="float")
+    ax.axvline(sens["quantized"], color="r", ls="--", lw=1, label="all quantized")
+    lo = min([*values, sens["quantized"]])
+    hi = max([*values, sens["float"]])
+    ax.set_xlim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} with only this layer quantized")
+    ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
 
@@ -108,31 +117,74 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _outputs_table(sens: Mapping[str, Any]) -> str:
+    rows = []
+    for name, q in sens["quantized_outputs"].items():
+        rows.append([name, q["sqnr_db"], q["channel_sqnr_db"], "n/a" if q["top1_agreement"] is None else q["top1_agreement"]])
+    return _table(["output", "SQNR dB (all quantized)", "mean channel SQNR dB", "top-1 agreement with float"], rows)
+
+
+def _suggestions_table(sugg: Mapping[str, Any]) -> str:
+    rows = []
+    for r in sugg["rows"]:
+        if "error" in r:
+            rows.append([r["suggestion"], "not possible: " + r["error"], "", "", ""])
+            continue
+        rows.append([r["suggestion"], r["metric"], r["change"], r.get("deployed_ms", "not timed"),
+                     r.get("speedup_vs_float", "")])
+    note = ""
+    if "float_ms" in sugg:
+        note = (f"<p class='note'>Deployed speed: plain onnxruntime {html.escape(str(sugg['onnxruntime']))}, batch "
+                f"{sugg['batch_size']}, median of 20 runs interleaved; float model {sugg['float_ms']:.2f} ms.</p>")
+    elif "timing_error" in sugg:
+        note = f"<p class='note'>Not timed: {html.escape(sugg['timing_error'])}</p>"
+    return _table(["suggestion", sugg["metric"], "change", "deployed ms/batch", "speed-up vs float"], rows) + note
+
+
 def render_html(analysis: Mapping[str, Any], *, model_name: str, max_histograms: int = 24) -> str:
     settings = analysis["settings"]
     sens = analysis["sensitivity"]
     metric = settings["metric"]
     sqnr = analysis["quantizer_sqnr"]
     worst = sorted(analysis["histograms"], key=lambda h: _local_sqnr(sqnr, h["quantizer"]))[:max_histograms]
-    ranked = sorted(sens["layers"], key=lambda r: -r["gain_if_float"])
+    ranked = sorted(sens["layers"], key=lambda r: r["only_this_quantized"])
+    scanned = (f"{sens['scored']} of {sens['total_layers']} layers scored"
+               + (" (stopped early: the rest did not enter the worst ones)" if sens["early_stopped"] else "")
+               + f", {sens['runs']} runs of one switchable session, {sens['seconds']:.1f} s.")
     parts = [
         f"<h1>Quantization analysis: {html.escape(model_name)}</h1>",
         f"<p>W{settings['param_bw']}A{settings['activation_bw']}, {'per-channel' if settings['per_channel'] else 'per-tensor'} "
-        f"weights, {html.escape(settings['scheme'])} calibration. {html.escape(analysis['plan']['summary'])}.</p>",
-        _table(["", metric], [["float model", sens["float"]], ["all quantizers enabled", sens["quantized"]]]),
+        f"weights, {html.escape(settings['scheme'])} calibration, {settings['samples']} samples. "
+        f"{html.escape(analysis['plan']['summary'])}.</p>",
+        _table(["", metric], [["float model", sens["float"]], ["all quantizers enabled", sens["quantized"]],
+                              ["all quantizers, onnxruntime's fused kernels", sens["quantized_fused_kernels"]]]),
+        "<h2>Outputs</h2>",
+        _outputs_table(sens),
         "<h2>Layers that hurt most</h2>",
-        "<p class='note'>Ranked by how much the metric recovers when only that layer stays float.</p>",
-        _table(["rank", "node", "op", f"{metric}: only this quantized", f"{metric}: all but this", "gain if float"],
-               [[i + 1, r["node"], r["op_type"], r["only_this_quantized"], r["all_but_this_quantized"], r["gain_if_float"]]
+        f"<p class='note'>Ranked by the metric with only that layer quantized (lower is worse); named by tensor, "
+        f"as in the SQNR table. The worst are also scored with every quantizer but theirs. {html.escape(scanned)}</p>",
+        _table(["rank", "tensor", "node", "op", f"{metric}: only this quantized", "drop vs float",
+                f"{metric}: all but this", "gain if float", "local SQNR dB"],
+               [[i + 1, r["name"], r["node"], r["op_type"], r["only_this_quantized"], r["drop_if_quantized_alone"],
+                 "" if r["all_but_this_quantized"] is None else r["all_but_this_quantized"],
+                 "" if r["gain_if_float"] is None else r["gain_if_float"],
+                 "" if r["local_sqnr_db"] is None else r["local_sqnr_db"]]
                 for i, r in enumerate(ranked[:15])]),
         "<h2>Per-layer sensitivity</h2>",
         f'<img alt="per-layer sensitivity" src="{_sensitivity_plot(sens, metric)}">',
+    ]
+    if "suggestions" in analysis:
+        parts += ["<h2>Suggestions, measured</h2>",
+                  "<p class='note'>Each variant built, calibrated on the same data and scored with its own "
+                  "simulation (fused kernels).</p>", _suggestions_table(analysis["suggestions"])]
+    parts += [
         "<h2>SQNR at every quantizer</h2>",
         "<p class='note'>Local: the encoding applied to the float model's tensor. Cumulative: the simulation "
         "against the float model at that tensor.</p>",
         f'<img alt="SQNR per quantizer" src="{_sqnr_plot(sqnr)}">',
         _table(["tensor", "bits", "local SQNR dB", "cumulative SQNR dB", "data min", "data max", "enc min", "enc max"],
-               [[r["tensor"], r["bitwidth"], r["local_sqnr_db"], r["cumulative_sqnr_db"], *r["range"], *r["encoding"]]
+               [[r["tensor"], r["bitwidth"], r["local_sqnr_db"],
+                 "" if r["cumulative_sqnr_db"] is None else r["cumulative_sqnr_db"], *r["range"], *r["encoding"]]
                 for r in sqnr]),
         f"<h2>Activation ranges ({len(worst)} lowest local SQNR)</h2>",
         "<p class='note'>Log-scale histograms of calibration data; red lines: the encoding range.</p>",
@@ -140,7 +192,8 @@ def render_html(analysis: Mapping[str, Any], *, model_name: str, max_histograms:
         "<h2>Mixed precision</h2>",
         "<p>The config written beside this report (<code>mixed_precision.json</code>) keeps the most sensitive "
         "layers at 16 bits: " + ", ".join(f"<code>{html.escape(n)}</code>" for n in analysis["mixed_precision"]["nodes"])
-        + ". Apply it with <code>--config</code>.</p>",
+        + ". Apply it with <code>--config</code>; for the cheapest assignment that meets a target, run "
+          "<code>onnxqat quantize ... --target-accuracy-drop X --eval EVAL.npz</code> or <code>--target-sqnr DB</code>.</p>",
     ]
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"

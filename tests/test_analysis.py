@@ -11,7 +11,7 @@ import pytest
 
 from conftest import random_batches, run_onnx, tiny_cnn, visible
 from onnxqat import QuantizationSimModel, load_config
-from onnxqat.analysis import analyze, layers, sqnr_db
+from onnxqat.analysis import Evaluator, Switchable, analyze, bit_choices, layers, local_sqnr, sensitivity, sqnr_db
 from onnxqat.qparams import fake_quantize
 from onnxqat.report import render_html
 
@@ -42,20 +42,81 @@ def test_local_sqnr_is_the_encoding_alone_on_float_data(analysed):
     assert rows["y"]["cumulative_sqnr_db"] < rows["x"]["cumulative_sqnr_db"]
 
 
-def test_sensitivity_brackets_the_fully_quantized_metric(analysed):
-    _, _, result = analysed
+def test_sensitivity_ranks_every_layer_by_tensor_name(analysed):
+    sim, _, result = analysed
     sens = result["sensitivity"]
     assert sens["float"] == 120.0  # output SQNR of the float model against itself
     for row in sens["layers"]:
         assert row["only_this_quantized"] >= sens["quantized"] - 1e-6
-        assert row["all_but_this_quantized"] >= sens["quantized"] - 0.5
-    assert sorted(sens["ranking"]) == sorted(r["node"] for r in sens["layers"])
+        if row["all_but_this_quantized"] is not None:
+            assert row["all_but_this_quantized"] >= sens["quantized"] - 0.5
+    assert sorted(sens["ranking"]) == sorted(r["name"] for r in sens["layers"])
+    assert {r["name"] for r in sens["layers"]} == {layer.name for layer in layers(sim)}
+    assert set(sens["ranking"]) <= {r["tensor"] for r in result["quantizer_sqnr"]} | set(sim.weights())
+    scores = [next(r for r in sens["layers"] if r["name"] == n)["only_this_quantized"] for n in sens["ranking"]]
+    assert scores == sorted(scores)
+    # float, all quantized, each layer once, the worst 10 again with all but them; the sim's own run
+    assert sens["runs"] == 3 + len(sens["layers"]) + min(10, len(sens["layers"]))
+
+
+def test_switchable_session_is_the_sim_or_the_float_model(analysed):
+    """All quantizers on: the unfused simulation, to the last bit; all off: the float model."""
+    sim, calib, _ = analysed
+    switch = Switchable(sim.float_model, sim.effective_plan, bit_choices(sim))
+    every = {n: next(iter(c)) for n, c in switch.choices.items()}
+    lsb = float(sim.encodings["y"].scale)
+    for batch in calib:
+        (reference,) = run_onnx(sim.model, batch)
+        (got,) = switch.run(batch, every)
+        assert abs(got - reference).max() <= 0.5 * lsb
+        (floating,) = run_onnx(tiny_cnn(), batch)
+        assert abs(switch.run(batch, {})[0] - floating).max() <= 1e-5 * abs(floating).max()
+
+
+def test_one_layer_alone_matches_a_model_with_only_its_quantizers(analysed):
+    """Independent reference: the layer's quantizers inserted on their own into the float model."""
+    import dataclasses
+
+    import numpy as np
+    import onnx_ir as ir
+
+    from onnxqat.analysis import channel_sqnr_db
+    from onnxqat.passes.insert_qdq import InsertQDQPass
+
+    sim, calib, result = analysed
+    row = next(r for r in result["sensitivity"]["layers"] if r["op_type"] == "Conv")
+    mine = set(row["quantizers"])
+    plan = sim.effective_plan
+    subset = dataclasses.replace(plan, activations=tuple(q for q in plan.activations if q.name in mine),
+                                 params=tuple(p for p in plan.params if p.name in mine), biases=())
+    model = ir.to_proto(InsertQDQPass(subset, sim.encodings, fold_weights=False)(sim.float_model).model)
+    got = np.concatenate([run_onnx(model, b)[0] for b in calib])
+    ref = np.concatenate([run_onnx(tiny_cnn(), b)[0] for b in calib])
+    assert row["only_this_quantized"] == pytest.approx(channel_sqnr_db(ref, got), abs=0.05)
+
+
+def test_top_k_stops_early_and_keeps_the_worst_layer(analysed):
+    sim, calib, result = analysed
+    full = result["sensitivity"]
+    evaluator = Evaluator(sim.float_model, calib)
+    quick = sensitivity(sim, evaluator, top_k=1, patience=2, proxies=local_sqnr(sim, result["quantizer_sqnr"]),
+                        progress=False)
+    assert quick["early_stopped"] and quick["scored"] < full["scored"]
+    assert quick["ranking"][0] == full["ranking"][0]
+
+
+def test_progress_is_plain_lines_off_a_terminal(analysed, capsys):
+    sim, calib, _ = analysed
+    sensitivity(sim, Evaluator(sim.float_model, calib), progress=True)
+    err = capsys.readouterr().err
+    assert "sensitivity: " in err and "\r" not in err
 
 
 def test_mixed_precision_config_keeps_the_top_layers_at_16_bits(analysed):
     sim, calib, result = analysed
     doc = result["mixed_precision"]
-    top = [n for n in result["sensitivity"]["ranking"] if not n.startswith("input:")][:3]
+    rows = {r["name"]: r for r in result["sensitivity"]["layers"]}
+    top = [rows[n]["node"] for n in result["sensitivity"]["ranking"] if not rows[n]["node"].startswith("input:")][:3]
     assert {n: (v["activation_bw"], v["param_bw"]) for n, v in doc["nodes"].items()} == {n: (16, 16) for n in top}
     mixed = QuantizationSimModel(tiny_cnn(), per_channel=True, param_bw=4, config=load_config(doc))
     mixed.compute_encodings(calib, progress=False)
@@ -95,7 +156,7 @@ def test_report_opens_in_headless_chromium(analysed, tmp_path):
 def test_cli_analyze(cli, demo_assets, tmp_path):
     model, calib, test = demo_assets
     out = tmp_path / "analysis"
-    proc = cli("analyze", model, "--data", calib, "--eval", test, "--eval-samples", "500", "--output-dir", out,
+    proc = cli("analyze", model, "--data", calib, "--eval", test, "--eval-samples", "200", "--output-dir", out,
                "--per-channel", "--param-bw", "4", check=True)
     assert "accuracy: float" in proc.stdout
     assert visible(out) == ["mixed_precision.json", "report.html", "report.json"]
@@ -106,3 +167,49 @@ def test_cli_analyze(cli, demo_assets, tmp_path):
     assert "plan:" in quantize.stdout
     doc = json.loads((tmp_path / "mixed" / "model.encodings").read_text())
     assert 16 in {e["bw"] for e in doc["param_encodings"]} and 4 in {e["bw"] for e in doc["param_encodings"]}
+
+
+def test_forced_concat_encoding_of_a_detector_ranks_at_the_top(monkeypatch):
+    """nudenet's YOLOv8n ends with Concat(boxes in pixels, class Sigmoid in [0, 1]) -> output0.
+    With that Concat's shared encoding forced (calibration would untie it), the class scores
+    fall on a grid of ~1.25: the detector is wrecked. The plain SQNR of output0 hardly notices
+    (the boxes dominate it, which is how it ranked 141st of 181 before); the channel-averaged
+    SQNR must put that layer near the top, and so must the task hook."""
+    import zoo
+
+    from onnxqat import pipeline
+
+    try:
+        path = zoo.fetch("nudenet")
+        data = zoo.make_data("nudenet", n=4, split="calib")
+    except zoo.ZooUnavailable as e:
+        pytest.skip(f"nudenet: {e}")
+    monkeypatch.setattr(pipeline, "SHARED_RANGE_RATIO", float("inf"))
+    sim = QuantizationSimModel(str(path), per_channel=True, config="aimet")  # every op output quantized
+    calib = [{"images": data["images"]}]
+    sim.compute_encodings(calib, progress=False)
+    tied = sim.plan.activation_of("/model.22/Sigmoid_output_0")
+    assert tied is not None and "output0" in tied.tensors  # the shared encoding is in force
+
+    def holds_the_concat(row):
+        return "output0" in [t for q in row["quantizers"] if (a := sim.plan.activation_of(q)) for t in a.tensors]
+
+    evaluator = Evaluator(sim.float_model, calib)
+    from onnxqat.analysis import quantizer_sqnr
+
+    proxies = local_sqnr(sim, quantizer_sqnr(sim, calib[0]))
+    sens = sensitivity(sim, evaluator, top_k=5, proxies=proxies, progress=False)
+    rows = {r["name"]: r for r in sens["layers"]}
+    top = [rows[n] for n in sens["ranking"][:3]]
+    assert any(holds_the_concat(r) for r in top), [r["name"] for r in top]
+    concat = next(r for r in top if holds_the_concat(r))
+    assert concat["only_this"]["outputs"]["output0"]["sqnr_db"] > 25.0  # what the old metric saw
+    assert concat["only_this_quantized"] < sens["float"] - 40.0  # the score channels are gone
+
+    def kept(outputs, reference):  # the zoo's detection agreement with the float model
+        return zoo.agreement("nudenet", reference, outputs)["kept"]
+
+    task = Evaluator(sim.float_model, calib, task=kept, task_name="detections kept")
+    hooked = sensitivity(sim, task, top_k=3, proxies=proxies, progress=False)
+    hooked_rows = {r["name"]: r for r in hooked["layers"]}
+    assert any(holds_the_concat(hooked_rows[n]) for n in hooked["ranking"][:3])
