@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--encodings-format", choices=["onnxqat", "aimet-strict"], default="onnxqat",
                    help="aimet-strict: name tensors as aimet-onnx's graph of MODEL does, for its "
                         "load_encodings(strict=True)")
+    q.add_argument("--target-accuracy-drop", type=float, default=None, metavar="X",
+                   help="mixed precision: the cheapest 4/8/16-bit assignment per node whose top-1 on --eval "
+                        "stays within X of the float model's; writes OUT/mixed_precision.json (a --config)")
+    q.add_argument("--target-sqnr", type=float, default=None, metavar="DB",
+                   help="mixed precision: the same, keeping output --output-index at DB dB SQNR against float")
+    q.add_argument("--eval", default=None, help="labelled npz for --target-accuracy-drop")
+    q.add_argument("--label-key", default="label")
+    q.add_argument("--output-index", type=int, default=0)
+    q.add_argument("--eval-samples", type=int, default=1000, help="evaluation samples the search uses")
 
     t = sub.add_parser("train", help="simulate + calibrate + quantization-aware training + export")
     t.add_argument("model", help="float ONNX model")
@@ -146,7 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--eval", default=None, help="labelled npz: sensitivity by accuracy (else by output SQNR)")
     a.add_argument("--label-key", default="label")
     a.add_argument("--output-index", type=int, default=0)
-    a.add_argument("--eval-samples", type=int, default=2000, help="evaluation samples used per configuration")
+    a.add_argument("--eval-samples", type=int, default=500, help="evaluation samples used per configuration")
+    a.add_argument("--top-k", type=int, default=None,
+                   help="rank the worst K layers: stop scoring once --patience layers in a row do not enter them")
+    a.add_argument("--patience", type=int, default=None, help="with --top-k (default: max(8, 2K))")
+    a.add_argument("--suggest", action="store_true",
+                   help="measure suggestions (per-channel, schemes, 7-bit weights, exclusions, 16-bit layers): "
+                        "each built, calibrated and scored, and timed in plain onnxruntime when .venv-deploy exists")
     a.add_argument("--keep-16bit", type=int, default=3, help="layers kept at 16 bits in mixed_precision.json")
     a.add_argument("--output-dir", required=True)
     _add_sim_options(a)
@@ -182,7 +197,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     from onnxqat.spec import MAX_BITWIDTH, MIN_BITWIDTH
 
     for name, low in (("batch_size", 1), ("epochs", 1), ("max_samples", 1), ("eval_samples", 1),
-                      ("train_last_n", 1), ("keep_16bit", 0), ("seed", 0)):
+                      ("train_last_n", 1), ("keep_16bit", 0), ("seed", 0), ("top_k", 1), ("patience", 1)):
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
@@ -344,11 +359,59 @@ def _export(sim, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-d
 
 
 def _quantize(args: argparse.Namespace) -> None:
+    from onnxqat.errors import ConfigError
+
     _check_numbers(args)
-    inputs = _inputs(args, "model", "data", "encodings")
-    _check_outputs(args, inputs, _export_names(args.prefix))
+    mixed = args.target_accuracy_drop is not None or args.target_sqnr is not None
+    if args.target_accuracy_drop is not None and args.target_sqnr is not None:
+        raise ConfigError("give --target-accuracy-drop or --target-sqnr, not both")
+    if args.target_accuracy_drop is not None and args.eval is None:
+        raise ConfigError("--target-accuracy-drop needs --eval (labelled data)")
+    inputs = _inputs(args, "model", "data", "encodings", "eval")
+    _check_outputs(args, inputs, _export_names(args.prefix) + (["mixed_precision.json"] if mixed else []))
     checked = _Checked(args, args.data)
-    _export(_calibrated_sim(args, checked), args)
+    evaluation = None
+    if mixed and args.eval is not None:
+        from onnxqat.data import NpzBatches
+
+        labels = [args.label_key] if args.target_accuracy_drop is not None else []
+        arrays = checked.load(args.eval, labels)
+        if labels:
+            checked.check_labels(arrays, args.eval, args.label_key, args.output_index)
+        evaluation = list(NpzBatches(arrays, 250, limit=args.eval_samples, batch_axes=checked.axes))
+    sim = _calibrated_sim(args, checked)
+    if not mixed:
+        _export(sim, args)
+        return
+    _mixed_export(sim, args, checked, evaluation)
+
+
+def _mixed_export(sim, args: argparse.Namespace, checked: _Checked, evaluation: list | None) -> None:  # type: ignore[no-untyped-def]
+    """Mixed precision to the target, then the export and the chosen config in one transaction."""
+    from onnxqat.data import NpzBatches
+    from onnxqat.outputs import transaction
+
+    calib = list(NpzBatches(checked.calib, args.batch_size, batch_axes=checked.axes))
+    found = sim.mixed_precision(calib, evaluation, target_accuracy_drop=args.target_accuracy_drop,
+                                target_sqnr=args.target_sqnr, label_key=args.label_key,
+                                output_index=args.output_index)
+    counts = ", ".join(f"{n} at {b} bits" for b, n in sorted(_bit_counts(found.bits).items()))
+    print(f"mixed precision: {found.metric_name} {found.metric:.4f} (float {found.float_metric:.4f}, target "
+          f">= {found.target:.4f}); cost {found.relative_cost:.3f} x W8A8 bit operations; {counts}; "
+          f"{found.evaluations} evaluations, {found.seconds:.1f} s")
+    with transaction() as tx:
+        stage = tx.folder(args.output_dir, "mixed-precision")
+        with open(stage.path("mixed_precision.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(found.config, indent=2) + "\n")
+        _export(sim, args)
+    print(f"wrote config: {os.path.join(args.output_dir, 'mixed_precision.json')}")
+
+
+def _bit_counts(bits: dict[str, int]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for b in bits.values():
+        counts[b] = counts.get(b, 0) + 1
+    return counts
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -497,8 +560,11 @@ def _analyze(args: argparse.Namespace) -> None:
         evaluation = list(NpzBatches(arrays, 500, limit=args.eval_samples, batch_axes=checked.axes))
     sim = _calibrated_sim(args, checked)
     calib = list(NpzBatches(checked.calib, args.batch_size, limit=4 * args.batch_size, batch_axes=checked.axes))
+    from onnxqat.demo import find_deploy_python
+
     result = analyze(sim, calib, evaluation, label_key=args.label_key, output_index=args.output_index,
-                     keep=args.keep_16bit)
+                     keep=args.keep_16bit, top_k=args.top_k, patience=args.patience, suggest=args.suggest,
+                     deploy_python=find_deploy_python() if args.suggest else None)
     name = os.path.basename(args.model)
     texts = (render_html(result, model_name=name), json.dumps(result, indent=1) + "\n",
              json.dumps(result["mixed_precision"], indent=2) + "\n")
@@ -512,10 +578,18 @@ def _analyze(args: argparse.Namespace) -> None:
             with open(stage.path(file), "w", encoding="utf-8") as f:
                 f.write(text)
     sens = result["sensitivity"]
-    print(f"{result['settings']['metric']}: float {sens['float']:.4f}, quantized {sens['quantized']:.4f}")
-    for rank, node in enumerate(sens["ranking"][:5], 1):
-        row = next(r for r in sens["layers"] if r["node"] == node)
-        print(f"{rank}. {node} ({row['op_type']}): {row['gain_if_float']:+.4f} if left float")
+    print(f"{result['settings']['metric']}: float {sens['float']:.4f}, quantized {sens['quantized']:.4f} "
+          f"({sens['scored']}/{sens['total_layers']} layers scored, {sens['runs']} runs, {sens['seconds']:.1f} s)")
+    rows = {r["name"]: r for r in sens["layers"]}
+    for rank, name in enumerate(sens["ranking"][:5], 1):
+        row = rows[name]
+        gain = "" if row["gain_if_float"] is None else f", {row['gain_if_float']:+.4f} if left float"
+        print(f"{rank}. {name} (node {row['node']}, {row['op_type']}): {row['only_this_quantized']:.4f} "
+              f"quantized alone{gain}")
+    for r in result.get("suggestions", {}).get("rows", []):
+        speed = f", {r['speedup_vs_float']:.2f}x float speed" if r.get("speedup_vs_float") else ""
+        what = f"{r['metric']:.4f} ({r['change']:+.4f})" if "metric" in r else f"not possible: {r['error']}"
+        print(f"suggestion: {r['suggestion']}: {what}{speed}")
     print(f"wrote {os.path.join(args.output_dir, 'report.html')}, report.json, mixed_precision.json")
 
 

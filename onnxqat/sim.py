@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -209,6 +209,24 @@ class QuantizationSimModel:
         if Rounding.parse(weight_rounding) is not Rounding.NONE or bias_correction:
             self.round_weights(batches, weight_rounding, bias_correction=bias_correction is not False, progress=progress)
         return self
+
+    def mixed_precision(self, batches: Sequence[Mapping[str, np.ndarray]],
+                        eval_batches: Sequence[Mapping[str, Any]] | None = None, *,
+                        target_accuracy_drop: float | None = None, target_sqnr: float | None = None,
+                        label_key: str = "label", output_index: int = 0, progress: bool | None = None) -> Any:
+        """Search the cheapest 4/8/16-bit assignment per node that meets the target and adopt it
+        (:func:`onnxqat.mixed.search`): ``target_accuracy_drop`` (top-1 on ``eval_batches``,
+        labelled) or ``target_sqnr`` (dB, output ``output_index`` against float). Call after
+        calibration; ``batches`` calibrates the other bitwidths. Returns the
+        :class:`~onnxqat.mixed.MixedPrecision` (its ``config`` reloads to the same quantizers)."""
+        from onnxqat.mixed import search
+
+        found = search(self, list(batches), None if eval_batches is None else list(eval_batches),
+                       target_accuracy_drop=target_accuracy_drop, target_sqnr=target_sqnr, label_key=label_key,
+                       output_index=output_index, progress=progress)
+        assert found.sim is not None
+        self.config, self._state, self._check_feed = found.sim.config, found.sim.state, found.sim._check_feed
+        return found
 
     @property
     def calibrated(self) -> bool:
