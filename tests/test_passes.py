@@ -211,7 +211,8 @@ def test_batchnorm_written_as_mul_add_folds_into_the_conv():
     x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
     ref = run_onnx(model, {"x": x})[0]
     ir_model = ir.from_proto(model)
-    assert FoldAffinePass()(ir_model).modified
+    result = FoldAffinePass()(ir_model)
+    assert result.modified and result.folded == {"conv": ("bn_mul", "bn_add")}
     ops = [n.op_type for n in ir_model.graph]
     assert ops == ["Conv", "Conv", "Mul"]  # the per-channel Mul/Add folded, the spatial Mul kept
     assert [v.name for n in ir_model.graph for v in n.outputs][0] == "y"  # the folded conv takes the chain's name

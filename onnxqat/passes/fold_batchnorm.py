@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxqat.graph import NameScope, const_array, is_constant, make_initializer
 from onnxqat.ops import Reason
 
-__all__ = ["FoldAffinePass", "FoldBatchNormPass", "FoldBatchNormResult"]
+__all__ = ["FoldAffinePass", "FoldAffineResult", "FoldBatchNormPass", "FoldBatchNormResult"]
 
 
 @dataclasses.dataclass
@@ -162,6 +162,13 @@ def _fold_affine(graph: ir.Graph, names: NameScope, op: ir.Node, scale: np.ndarr
     out.name = name
 
 
+@dataclasses.dataclass
+class FoldAffineResult(ir.passes.PassResult):
+    """Attributes: folded: each Conv/ConvTranspose/Gemm that absorbed a chain -> the Mul/Add nodes removed."""
+
+    folded: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+
 class FoldAffinePass(ir.passes.InPlacePass):
     """Fold ``Mul(c)`` and/or ``Add(d)`` per output channel after Conv/ConvTranspose/Gemm.
 
@@ -170,10 +177,10 @@ class FoldAffinePass(ir.passes.InPlacePass):
     the only user of its input. ``Sub(x, d)`` is already ``Add(x, -d)`` here (preparation).
     """
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> FoldAffineResult:
         names = NameScope(model)
         graph = model.graph
-        modified = False
+        result = FoldAffineResult(model, False)
         for op in list(graph):
             if op.op_type not in ("Conv", "ConvTranspose", "Gemm") or op.domain not in ("", "ai.onnx"):
                 continue
@@ -202,9 +209,10 @@ class FoldAffinePass(ir.passes.InPlacePass):
                 chain.append(user)
                 value = user.outputs[0]
             if chain:
+                result.folded[op.name or op.op_type] = tuple(node.name or node.op_type for node in chain)
                 _fold_affine(graph, names, op, scale, shift, chain)
-                modified = True
-        return ir.passes.PassResult(model, modified)
+                result.modified = True
+        return result
 
 
 def _foldable_op(op: ir.Node) -> bool:
