@@ -342,6 +342,17 @@ class SourceGraph:
                        tuple(v.name or "" for v in n.outputs)) for n in g)
         return cls(nodes, tuple(v.name or "" for v in g.inputs))
 
+    @classmethod
+    def of_file_if_readable(cls, model: Any) -> SourceGraph | None:
+        """:meth:`of`, or None when the model's file is gone or no longer an ONNX model (the
+        prepared model's names are then all there is)."""
+        from google.protobuf.message import Error as ProtobufError
+
+        try:
+            return cls.of(model)
+        except (OSError, ProtobufError):
+            return None
+
     @property
     def names(self) -> set[str]:
         out = set(self.inputs)

@@ -546,7 +546,8 @@ def encodings_document(state: SimState, quantizer_args: Mapping[str, Any], exclu
     names = None
     if encodings_format == "aimet-strict":
         if source is None:
-            raise ConfigError("encodings_format='aimet-strict' needs the source model's tensor names")
+            raise ConfigError("encodings_format='aimet-strict' needs the tensor names of the model the sim was "
+                              "built from, and its file is gone or no longer an ONNX model")
         names = aimet_names(state.effective_plan, state.float_model, source)
     return to_aimet(state.effective_plan, state.encodings, state.bias_scales(), version=version,
                     quantizer_args=dict(quantizer_args), excluded_layers=sorted(excluded), names=names)

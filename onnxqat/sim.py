@@ -358,8 +358,8 @@ class QuantizationSimModel:
         return pipeline.encodings_document(self._state, self.quantizer_args(), self.config.exclude_nodes, version,
                                            encodings_format=encodings_format, source=source)
 
-    def _source_graph(self) -> SourceGraph:
-        return SourceGraph.of(self._source)
+    def _source_graph(self) -> SourceGraph | None:
+        return SourceGraph.of_file_if_readable(self._source)
 
     def load_encodings(self, source: str | os.PathLike[str] | Mapping[str, Any], *, missing: str = "error",
                        batches: Iterable[Mapping[str, np.ndarray]] | None = None) -> QuantizationSimModel:

@@ -302,3 +302,18 @@ def test_aimet_onnx_loads_the_strict_export_with_strict_true(tmp_path):
     lsb = float(sim.encodings[sim.plan.activation_of(sim.output_names[0]).name].scale)
     diff = np.abs(ours - theirs) / lsb
     assert diff.max() <= 4 + 1e-6 and (diff > 1e-3).mean() < 0.05  # rounding ties (see BENCHMARKS.md)
+
+
+def test_a_source_file_gone_since_is_a_clear_error_not_a_crash(tmp_path):
+    import shutil
+
+    path = tmp_path / "model.onnx"
+    shutil.copyfile(DEMO, path)
+    sim = QuantizationSimModel(path, per_channel=True, config="aimet", target="htp", quant_scheme="minmax")
+    os.remove(path)
+    # without the source's names a Conv output before its folded BatchNorm is no tensor of the model
+    with pytest.raises(EncodingsError, match=r"tensor\(s\) not in the model: \['/blocks/blocks.0/dw/dw.0/Conv_output_0'"):
+        sim.load_encodings(encodings_file("fmnist_dsconv_w8a8"))
+    sim.compute_encodings(calibration_batches())
+    with pytest.raises(ConfigError, match="aimet-strict.*file is gone"):
+        sim.encodings_document(encodings_format="aimet-strict")
