@@ -299,8 +299,12 @@ class SchemeChoice:
     chosen: Scheme
     sqnr_db: Mapping[Scheme, float]
     agreement: Mapping[Scheme, float | None] = dataclasses.field(default_factory=dict)
+    unscored: str | None = None  # why nothing could be scored (the fallback, percentile, is kept)
 
     def summary(self) -> str:
+        if self.unscored:
+            return f"auto kept {self.chosen.value}: {self.unscored}"
+
         def one(s: Scheme) -> str:
             top1 = self.agreement.get(s)
             return f"{s.value} {self.sqnr_db[s]:.1f} dB" + (f" / top-1 {top1:.3f}" if top1 is not None else "")
@@ -346,8 +350,14 @@ def choose_scheme(state: SimState, candidates: Mapping[Scheme, Mapping[str, Enco
     states: dict[Scheme, SimState] = {}
     for scheme, encodings in candidates.items():
         candidate = state.with_encodings(encodings)
-        session = Session(lower(candidate))
-        runs = [(ref, session.run(feed)) for ref, feed in zip(reference, feeds)]
+        try:
+            session = Session(lower(candidate))
+            runs = [(ref, session.run(feed)) for ref, feed in zip(reference, feeds)]
+        except Exception as e:  # noqa: BLE001 - onnxruntime cannot run this QDQ model: nothing to score
+            # the state keeps the fallback; the export's check run reports the failure naming the node
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            return state, SchemeChoice(Scheme.PERCENTILE, {}, unscored=f"the {scheme.value} simulation "
+                                       f"does not run in onnxruntime ({reason})")
         scores[scheme] = float(np.mean([output_sqnr_db(ref, out) for ref, out in runs])) if runs else 0.0
         matches = [np.argmax(ref[i], axis=axis) == np.argmax(out[i], axis=axis)
                    for ref, out in runs for i, axis in axes.items() if np.ndim(ref[i])]
