@@ -52,6 +52,28 @@ def _before():
     return module
 
 
+def _mixed(drop: float) -> None:
+    from onnxqat import QuantizationSimModel
+    from onnxqat.data import NpzBatches, load_npz
+    from onnxqat.mixed import search
+
+    calib = list(NpzBatches(load_npz(str(ROOT / "models" / "fmnist_calib.npz"), ["image"]), 64, limit=256))
+    test = load_npz(str(ROOT / "models" / "fmnist_test.npz"), ["image", "label"])
+    evaluation = [{k: v[:300] for k, v in test.items()}]
+    load0 = os.getloadavg()
+    start = time.perf_counter()
+    sim = QuantizationSimModel(str(ROOT / "models" / "fmnist_dsconv.onnx"), per_channel=True)
+    sim.compute_encodings(calib, progress=False)
+    found = search(sim, calib, evaluation, target_accuracy_drop=drop, progress=False)
+    counts: dict[int, int] = {}
+    for b in found.bits.values():
+        counts[b] = counts.get(b, 0) + 1
+    print(json.dumps({"tool": "onnxqat mixed.search", "seconds": round(time.perf_counter() - start, 1),
+                      "accuracy": found.metric, "float": found.float_metric, "relative_cost": found.relative_cost,
+                      "evaluations": found.evaluations, "bits": counts, "load_before": [round(x, 2) for x in load0],
+                      "load_after": [round(x, 2) for x in os.getloadavg()]}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model", help="demo or a tests/zoo.py key")
@@ -59,7 +81,12 @@ def main() -> None:
     p.add_argument("--before", action="store_true", help="time the per-layer-session implementation instead")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--timeout", type=float, default=None, help="--before: stop after this many seconds")
+    p.add_argument("--mixed", type=float, default=None, metavar="DROP",
+                   help="demo: time mixed.search to this accuracy drop instead (the data of bench/bench_amp.py)")
     args = p.parse_args()
+    if args.mixed is not None:
+        _mixed(args.mixed)
+        return
     from onnxqat import QuantizationSimModel
 
     model, calib = _data(args.model, args.samples)
