@@ -221,3 +221,25 @@ def test_training_graph_is_a_valid_onnx_model():
     proto = ir.to_proto(trainer.graph.model)
     onnx.checker.check_model(proto)
     assert [o.name for o in proto.graph.output][0].startswith("loss")
+
+
+@pytest.mark.parametrize("config", ["onnxruntime", "aimet"])
+def test_training_weight_grids_follow_the_presets_scale_convention(config):
+    """The training graph re-derives weight scales every step with the preset's convention (the
+    aimet preset's max(-min/128, max/127)), so its forward equals the simulation's at the start."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(3, 2, 3, 3)).astype(f32)
+    w[:, 0, 0, 0] = -2.0 * np.abs(w).reshape(3, -1).max(axis=1)  # the negative end dominates each channel
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                       [tensor("x", ["N", 2, 5, 5])], [tensor("y", ["N", 3, 5, 5])], {"w": w})
+    x = rng.normal(size=(4, 2, 5, 5)).astype(f32)
+    sim = QuantizationSimModel(model, per_channel=True, config=config, target="htp", quant_scheme="minmax")
+    sim.compute_encodings([{"x": x}], progress=False)
+    steps = np.asarray(sim.encodings["w"].scale) * (128 if config == "aimet" else 127)
+    np.testing.assert_allclose(steps, -w[:, 0, 0, 0], rtol=1e-6)  # the grid's end is the dominant negative value
+    trainer = sim.trainer(loss="mse", target_key="t")
+    prediction = trainer.predict({"x": x, "t": np.zeros((4, 3, 5, 5), f32)})
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    (plain,) = ort.InferenceSession(sim.model.SerializeToString(), so).run(None, {"x": x})
+    np.testing.assert_allclose(prediction, plain, atol=1e-5)

@@ -345,6 +345,19 @@ class _Lowering:
             s = self.b.const(enc.scale.astype(np.float32).reshape(shape), name="fixed_scale")
             if not enc.symmetric:
                 zp = self.b.const(enc.zero_point.astype(np.float32).reshape(shape), name="fixed_zp")
+        elif enc.symmetric and p.spec.symmetric_scale == "aimet" and not p.spec.strict_symmetric:
+            # aimet's grid (qparams.compute_encoding): max(-min / 2^(b-1), max / (2^(b-1) - 1))
+            half = float(1 << (enc.bitwidth - 1))
+            zero = self.b.const(0.0, name="zero")
+            neg_lo = self.b.op("Neg", [self.b.op("Min", [self.b.reduce("ReduceMin", value, axes, base), zero], base)],
+                               base)
+            hi = self.b.op("Max", [self.b.reduce("ReduceMax", value, axes, base), zero], base)
+            wide = self.b.op("Max", [self.b.op("Div", [neg_lo, self.b.const(half, name="half")], base),
+                                     self.b.op("Div", [hi, self.b.const(half - 1, name="steps")], base)], base)
+            wide = self.b.stop_gradient(self.b.op("Max", [wide, tiny], base), base)
+            s = self.b.op("Max", [wide, min_scale], base)
+            if p.spec.pair_limit is not None and enc.signed:
+                s = self.b.op("Max", [s, self.pair_scale(value, p, rank, s.shape, base)], base)
         elif enc.symmetric:
             absmax = self.b.reduce("ReduceMax", self.b.op("Abs", [value], base), axes, base)
             absmax = self.b.stop_gradient(self.b.op("Max", [absmax, tiny], base), base)
