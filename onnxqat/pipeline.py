@@ -338,11 +338,11 @@ def _softmax_axes(model: ir.Model) -> dict[int, int]:
 
 
 def choose_scheme(state: SimState, candidates: Mapping[Scheme, Mapping[str, Encoding]],
-                  feeds: Sequence[Mapping[str, np.ndarray]]) -> tuple[SimState, SchemeChoice]:
+                  feeds: Sequence[Mapping[str, np.ndarray]], device: str = "cpu") -> tuple[SimState, SchemeChoice]:
     """The state with the candidate encodings whose simulation is closest to the float model on
     ``feeds``: best top-1 agreement of the Softmax outputs, then best output SQNR; ties keep the
     earlier candidate."""
-    float_session = Session(state.float_model)
+    float_session = Session(state.float_model, device=device)
     reference = [float_session.run(feed) for feed in feeds]
     axes = _softmax_axes(state.float_model)
     scores: dict[Scheme, float] = {}
@@ -351,7 +351,7 @@ def choose_scheme(state: SimState, candidates: Mapping[Scheme, Mapping[str, Enco
     for scheme, encodings in candidates.items():
         candidate = state.with_encodings(encodings)
         try:
-            session = Session(lower(candidate))
+            session = Session(lower(candidate), device=device)
             runs = [(ref, session.run(feed)) for ref, feed in zip(reference, feeds)]
         except Exception as e:  # noqa: BLE001 - onnxruntime cannot run this QDQ model: nothing to score
             # the state keeps the fallback; the export's check run reports the failure naming the node

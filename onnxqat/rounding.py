@@ -23,7 +23,6 @@ exactly the chosen integers; QAT afterwards trains weights on that grid.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -32,13 +31,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat import ops
-from onnxqat.errors import ConfigError
 from onnxqat.graph import const_array
 from onnxqat.passes.insert_qdq import InsertQDQPass
 from onnxqat.plan import ParamQuantizer
 from onnxqat.progress import Progress
 from onnxqat.qparams import Encoding, pair_safe_scale
 from onnxqat.runtime import Session
+from onnxqat.spec import Choice
 
 __all__ = ["LayerStats", "Rounding", "WeightRoundingReport", "collect_layer_stats", "round_weights"]
 
@@ -46,7 +45,7 @@ _POSITIONS_PER_BATCH = 2048  # patches sampled per batch and layer (convolutions
 _SEQMSE_FACTORS = np.linspace(1.0, 0.2, 41)
 
 
-class Rounding(str, enum.Enum):
+class Rounding(Choice):
     """How weights are rounded after calibration."""
 
     NONE = "none"
@@ -54,11 +53,8 @@ class Rounding(str, enum.Enum):
     ADAROUND = "adaround"
 
     @classmethod
-    def parse(cls, value: str | Rounding) -> Rounding:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"unknown weight rounding {value!r}; choose one of {', '.join(m.value for m in cls)}") from None
+    def describe(cls) -> str:
+        return "weight rounding"
 
 
 @dataclasses.dataclass

@@ -204,11 +204,24 @@ class QuantizationSimModel:
             self._state = SimState(model, found.plan, {**weights, **found.encodings})
         self.scheme_choice = None
         if found.candidates and kept:
-            self._state, self.scheme_choice = pipeline.choose_scheme(self._state, found.candidates, kept)
+            self._state, self.scheme_choice = pipeline.choose_scheme(self._state, found.candidates, kept,
+                                                                     device=self.device)
         self._check_feed = kept[0] if kept else None
         if Rounding.parse(weight_rounding) is not Rounding.NONE or bias_correction:
             self.round_weights(batches, weight_rounding, bias_correction=bias_correction is not False, progress=progress)
         return self
+
+    def round_weights(self, batches: Iterable[Mapping[str, np.ndarray]], method: str = "seqmse", *,
+                      bias_correction: bool = True, iterations: int = 500,
+                      progress: bool | None = None) -> WeightRoundingReport:
+        """Optimise weight grids on calibration data (:mod:`onnxqat.rounding`): ``seqmse``
+        (per-channel scales), ``adaround`` (SeqMSE scales, then rounding), ``none`` (bias
+        correction only). Call after calibration; returns each layer's output MSE before/after."""
+        self._require_calibrated()
+        stats = collect_layer_stats(self._state, batches, progress=progress)
+        self._state, report = round_weights(self._state, stats, method, bias_correction=bias_correction,
+                                            iterations=iterations, progress=progress)
+        return report
 
     def mixed_precision(self, batches: Sequence[Mapping[str, np.ndarray]],
                         eval_batches: Sequence[Mapping[str, Any]] | None = None, *,
@@ -234,18 +247,6 @@ class QuantizationSimModel:
 
     def _require_calibrated(self) -> None:
         self._state.require_calibrated()
-    def round_weights(self, batches: Iterable[Mapping[str, np.ndarray]], method: str = "seqmse", *,
-                      bias_correction: bool = True, iterations: int = 500,
-                      progress: bool | None = None) -> WeightRoundingReport:
-        """Optimise weight grids on calibration data (:mod:`onnxqat.rounding`): ``seqmse``
-        (per-channel scales), ``adaround`` (SeqMSE scales, then rounding), ``none`` (bias
-        correction only). Call after calibration; returns each layer's output MSE before/after."""
-        self._require_calibrated()
-        stats = collect_layer_stats(self._state, batches, progress=progress)
-        self._state, report = round_weights(self._state, stats, method, bias_correction=bias_correction,
-                                            iterations=iterations, progress=progress)
-        return report
-
 
     # -- weights -------------------------------------------------------------------------------
     def weights(self) -> dict[str, np.ndarray]:

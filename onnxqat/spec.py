@@ -22,15 +22,40 @@ The scale of a symmetric signed grid follows one of two conventions (``symmetric
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+from typing import TypeVar
 
 from onnxqat.errors import ConfigError
 
-__all__ = ["MAX_BITWIDTH", "MIN_BITWIDTH", "SYMMETRIC_SCALES", "QuantSpec"]
+__all__ = ["MAX_BITWIDTH", "MIN_BITWIDTH", "SYMMETRIC_SCALES", "Choice", "QuantSpec"]
 
 MIN_BITWIDTH = 4
 MAX_BITWIDTH = 16
 SYMMETRIC_SCALES = ("onnxqat", "aimet")
+
+
+_C = TypeVar("_C", bound="Choice")
+
+
+class Choice(str, enum.Enum):
+    """A string option with a fixed set of values (calibration schemes, weight rounding, losses).
+
+    ``parse`` accepts a member or its value and refuses anything else with a ConfigError naming
+    the choices; ``what`` (or the subclass's :meth:`describe`) names the option in that message.
+    """
+
+    @classmethod
+    def describe(cls) -> str:
+        return cls.__name__.lower()
+
+    @classmethod
+    def parse(cls: type[_C], value: object, what: str | None = None) -> _C:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise ConfigError(f"unknown {what or cls.describe()} {value!r}; choose one of {choices}") from None
 
 
 @dataclasses.dataclass(frozen=True)

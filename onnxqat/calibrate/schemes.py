@@ -19,15 +19,13 @@ Weights are calibrated on their exact values (per channel when the spec says so)
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 
 import numpy as np
 
 from onnxqat.calibrate.observers import HistogramObserver, MinMaxObserver
-from onnxqat.errors import ConfigError
 from onnxqat.qparams import Encoding, compute_encoding, fake_quantize, pair_safe_scale
-from onnxqat.spec import QuantSpec
+from onnxqat.spec import Choice, QuantSpec
 
 __all__ = ["DEFAULT_PERCENTILE", "Scheme", "activation_encoding", "histogram_error", "sqnr_range", "weight_encoding"]
 
@@ -37,19 +35,15 @@ _MAX_SUBBINS = 16  # points per histogram bin in histogram_error
 _ASYM_CANDIDATES = 40
 
 
-class Scheme(str, enum.Enum):
+class Scheme(Choice):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     SQNR = "sqnr"
     AUTO = "auto"
 
     @classmethod
-    def parse(cls, value: str | Scheme) -> Scheme:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(s.value for s in cls)
-            raise ConfigError(f"unknown calibration scheme {value!r}; choose one of {choices}") from None
+    def describe(cls) -> str:
+        return "calibration scheme"
 
     @property
     def needs_histogram(self) -> bool:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 
 from onnxqat.errors import ConfigError
+from onnxqat.spec import Choice
 
 __all__ = ["Loss", "Optimizer", "TrainOptions", "default_epochs", "MIN_STEPS"]
 
@@ -18,16 +18,7 @@ TARGET_STEPS = 300
 MAX_DEFAULT_EPOCHS = 20
 
 
-class _Choice(str, enum.Enum):
-    @classmethod
-    def parse(cls, value: str | _Choice, what: str) -> _Choice:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(m.value for m in cls)}") from None
-
-
-class Loss(_Choice):
+class Loss(Choice):
     """What the training minimises."""
 
     CROSS_ENTROPY = "cross_entropy"  # integer labels
@@ -35,7 +26,7 @@ class Loss(_Choice):
     DISTILL = "distill"              # match the float model; no labels needed
 
 
-class Optimizer(_Choice):
+class Optimizer(Choice):
     ADAMW = "adamw"
     SGD = "sgd"
 
