@@ -292,3 +292,13 @@ def absolute_paths(args: argparse.Namespace) -> None:
     for attr in [*(name.replace("-", "_") for name in DATA_FILES), "work_dir", "results"]:
         if hasattr(args, attr):
             setattr(args, attr, os.path.abspath(getattr(args, attr)))
+
+
+def emit_row(row: dict, json_path: str | None) -> None:
+    """Print one result row as a JSON line (with the load average) and append it to ``json_path``."""
+    row = {**row, "load": os.getloadavg()[0]}
+    line = json.dumps(row, default=float)
+    print(line, flush=True)
+    if json_path:
+        with open(json_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,7 +17,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import _common as common  # noqa: E402
 import zoo  # noqa: E402
 
 from onnxqat import QuantizationSimModel  # noqa: E402
@@ -75,11 +76,7 @@ def main() -> int:
     for key in args.keys:
         rows = demo_rows(args) if key == "demo" else zoo_rows(key, args)
         for row in rows:
-            row["load"] = os.getloadavg()[0]
-            print(json.dumps(row, default=float), flush=True)
-            if args.json:
-                with open(args.json, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row, default=float) + "\n")
+            common.emit_row(row, args.json)
     return 0
 
 

@@ -10,7 +10,6 @@ its agreement with the float model (the task's own measure), and the scheme's ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,7 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import _common as common  # noqa: E402
 import zoo  # noqa: E402
 
 from onnxqat import QuantizationSimModel  # noqa: E402
@@ -62,12 +63,8 @@ def main() -> int:
                 row = {"key": key, "w": bw, "scheme": scheme, "float": base,
                        "metric": zoo.task_metric(key, out, test)[zm.metric],
                        "agreement": zoo.agreement(key, float_out, out, test), "calib_s": seconds,
-                       "chosen": sim.scheme_choice.summary() if sim.scheme_choice else None,
-                       "load": os.getloadavg()[0]}
-                print(json.dumps(row, default=float), flush=True)
-                if args.json:
-                    with open(args.json, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row, default=float) + "\n")
+                       "chosen": sim.scheme_choice.summary() if sim.scheme_choice else None}
+                common.emit_row(row, args.json)
     return 0
 
 
