@@ -169,6 +169,7 @@ def test_cli_analyze(cli, demo_assets, tmp_path):
     assert 16 in {e["bw"] for e in doc["param_encodings"]} and 4 in {e["bw"] for e in doc["param_encodings"]}
 
 
+@pytest.mark.long
 def test_forced_concat_encoding_of_a_detector_ranks_at_the_top(monkeypatch):
     """nudenet's YOLOv8n ends with Concat(boxes in pixels, class Sigmoid in [0, 1]) -> output0.
     With that Concat's shared encoding forced (calibration would untie it), the class scores

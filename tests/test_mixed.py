@@ -81,6 +81,7 @@ def test_accuracy_target_holds_on_held_out_data(demo):
     assert n == 2000 and acc >= float_acc - 0.02 - 0.01  # 0.01: sampling error of 300 vs 2000 images
 
 
+@pytest.mark.long
 def test_cli_quantize_to_a_target_writes_a_config_that_reloads(cli, demo_assets, tmp_path):
     model, calib, test = demo_assets
     out = tmp_path / "mixed"

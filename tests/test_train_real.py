@@ -15,7 +15,7 @@ import zoo
 
 from onnxqat.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def _fetch(key):
