@@ -517,12 +517,12 @@ def _reported(config: QuantSimConfig, source: str) -> QuantSimConfig:
 
 
 def check_names(config: QuantSimConfig, node_names: Iterable[str], op_types: Iterable[str], *,
-                source: str = "config") -> None:
+                source: str = "config", warn: bool = True) -> None:
     """Refuse ``exclude``/``nodes`` entries that match nothing in the model (a typo would
     otherwise silently do nothing), naming the closest real name.
 
-    An excluded op type that is a known ONNX operator the model lacks only warns: shared configs
-    list op types for many models.
+    An excluded op type that is a known ONNX operator the model lacks only warns (``warn``):
+    shared configs list op types for many models.
     """
     import difflib
     import warnings
@@ -542,8 +542,9 @@ def check_names(config: QuantSimConfig, node_names: Iterable[str], op_types: Ite
                 raise ConfigError(f"{source}: {path}: no node named '{name}' in the model{closest(name, nodes)}")
     for op_type in sorted(config.exclude_op_types - present):
         if any(onnx.defs.has(op_type, domain) for domain in ("", "com.microsoft")):
-            warnings.warn(f"{source}: exclude.op_types: the model has no {op_type} node; the rule does nothing",
-                          RuntimeWarning, stacklevel=2)
+            if warn:
+                warnings.warn(f"{source}: exclude.op_types: the model has no {op_type} node; the rule does nothing",
+                              RuntimeWarning, stacklevel=2)
         else:
             known = present | {s.name for s in onnx.defs.get_all_schemas() if s.domain == ""}
             raise ConfigError(f"{source}: exclude.op_types: '{op_type}' is no op type of the model or of "

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from onnxqat import pipeline
 from onnxqat.backend import providers, require_training
 from onnxqat.calibrate.schemes import DEFAULT_PERCENTILE, Scheme
-from onnxqat.config import QuantSimConfig, load_config
+from onnxqat.config import QuantSimConfig, check_names, load_config
 from onnxqat.coverage import coverage
 from onnxqat.data import input_signature, validate_feed
 from onnxqat.encodings import SourceGraph, parse_aimet, read_document
@@ -115,6 +115,10 @@ class QuantizationSimModel:
         self._source = model  # its tensor names: encodings made for it (AIMET's) name them
         prepared = pipeline.prepare(model, fold_batchnorm=fold_batchnorm, fix_inputs=fix_inputs)
         self.float16 = prepared.float16
+        # config names that match nothing are errors here too, not only in the CLI (which checks
+        # them before loading); against the simulated graph, whose nodes the rules apply to
+        check_names(cfg, (n.name for n in prepared.model.graph if n.name), (n.op_type for n in prepared.model.graph),
+                    source=str(config) if isinstance(config, (str, os.PathLike)) else "config", warn=False)
         plan = pipeline.make_plan(prepared.model, cfg, param_bw=self.param_bw, activation_bw=self.activation_bw,
                                   target=self.target)
         self._state = SimState(prepared.model, plan, pipeline.encode_weights(prepared.model, plan, self.param_scheme))

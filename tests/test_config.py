@@ -92,3 +92,19 @@ def test_onnxqat_keys_for_aimet_placement_are_validated_and_round_trip():
         QuantSimConfig.from_dict({"defaults": {"depthwise_supergroups": "sometimes"}})
     plain = load_config("onnxruntime")
     assert plain.depthwise_supergroups and not plain.tied_op_types and not plain.calibrate_quantized_weights
+
+
+def test_api_config_names_that_match_nothing_are_errors_with_the_closest_name():
+    """The Python API refuses what the CLI refuses: a typo in exclude.nodes or nodes would
+    otherwise silently do nothing."""
+    from conftest import tiny_cnn
+
+    from onnxqat import QuantizationSimModel
+    from onnxqat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"exclude.nodes: no node named 'conv_1' in the model \(closest: 'conv1'\)"):
+        QuantizationSimModel(tiny_cnn(), config={"exclude": {"nodes": ["conv_1"]}})
+    with pytest.raises(ConfigError, match=r"nodes: no node named 'fcc'.*closest: 'fc'"):
+        QuantizationSimModel(tiny_cnn(), config={"nodes": {"fcc": {"param_bw": 4}}})
+    sim = QuantizationSimModel(tiny_cnn(), config={"exclude": {"nodes": ["dwconv"]}})  # a real name works
+    assert "w2" not in {p.name for p in sim.plan.params}  # dwconv's weight stays float
