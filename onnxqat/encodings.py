@@ -438,8 +438,12 @@ def bind(parsed: ParsedEncodings, plan: QuantPlan, float_model: Any, source: Sou
     # one; onnxqat derives biases anyway, so such an entry is only reported
     unknown = [n for n in names if n not in known and n not in parsed.biases]
     if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.6)
+        hint = f" (closest to '{unknown[0]}': '{close[0]}')" if close else ""
         raise EncodingsError(f"{where}: tensor(s) not in the model: {unknown[:5]}"
-                             f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}")
+                             f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}{hint}")
     encodings: dict[str, Encoding] = {}
     missing: list[str] = []
     used: set[str] = set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import os
 import subprocess
 import sys
@@ -317,3 +318,11 @@ def test_a_source_file_gone_since_is_a_clear_error_not_a_crash(tmp_path):
     sim.compute_encodings(calibration_batches())
     with pytest.raises(ConfigError, match="aimet-strict.*file is gone"):
         sim.encodings_document(encodings_format="aimet-strict")
+
+
+def test_a_misspelt_tensor_name_is_an_error_naming_the_closest_tensor():
+    doc = json.load(open(encodings_file("fmnist_dsconv_w8a8")))
+    real = doc["activation_encodings"][0]["name"]
+    doc["activation_encodings"][0] = {**doc["activation_encodings"][0], "name": real + "x"}
+    with pytest.raises(EncodingsError, match=rf"not in the model: \['{re.escape(real)}x'\] \(closest to '{re.escape(real)}x': '{re.escape(real)}'\)"):
+        demo_sim().load_encodings(doc)
