@@ -229,6 +229,10 @@ class Calibration:
 
 # The schemes ``auto`` chooses among, by the model's output error on calibration data.
 AUTO_CANDIDATES = (Scheme.MINMAX, Scheme.PERCENTILE, Scheme.SQNR)
+# Above this many observed tensors auto calibrates with min-max: histogram calibration fetches
+# every tensor as a graph output, whose cost grows faster than the graph (a 20k-node chain did not
+# calibrate in 15 minutes; min-max's in-graph reductions stay linear, see tests/test_scaling.py).
+AUTO_MAX_TENSORS = 5000
 
 
 def calibrate(
@@ -254,6 +258,13 @@ def calibrate(
         else:
             split.append(q)
     observed = dataclasses.replace(state.plan, activations=tuple(split), biases=(), integer_forms=())
+    if scheme is Scheme.AUTO and len(observed.activations) > AUTO_MAX_TENSORS:
+        import warnings
+
+        warnings.warn(f"calibration: {len(observed.activations)} tensors to observe; above {AUTO_MAX_TENSORS} the "
+                      "histograms the auto scheme needs cost more than the graph grows, so min-max is used "
+                      "(--scheme percentile or sqnr forces histograms)", RuntimeWarning, stacklevel=3)
+        scheme = Scheme.MINMAX
     batches = distributed.own_batches(batches)  # under MPI: every N-th batch, observers merged below
     if scheme.needs_histogram:
         batches = _within_budget(state.float_model, observed, batches)

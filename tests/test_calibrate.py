@@ -270,3 +270,20 @@ def test_auto_scheme_ranks_softmax_outputs_by_top1_agreement(demo_assets):
         assert abs(measured[scheme] - choice.agreement[scheme]) <= 1 / 256
     best = max(measured.values())
     assert measured[choice.chosen] >= best - 1 / 256
+
+
+def test_auto_on_a_graph_with_very_many_tensors_calibrates_with_minmax(monkeypatch):
+    """Past AUTO_MAX_TENSORS observed tensors auto says so and uses min-max (linear in the graph),
+    giving the encodings a forced minmax calibration gives."""
+    import onnxqat.pipeline as pipeline_module
+    from conftest import random_batches, tiny_cnn
+
+    from onnxqat import QuantizationSimModel
+
+    monkeypatch.setattr(pipeline_module, "AUTO_MAX_TENSORS", 2)
+    calib = random_batches(2, 8, seed=5)
+    with pytest.warns(RuntimeWarning, match="above 2 the histograms the auto scheme needs"):
+        auto = QuantizationSimModel(tiny_cnn()).compute_encodings(calib, progress=False)
+    assert auto.scheme_choice is None
+    forced = QuantizationSimModel(tiny_cnn(), quant_scheme="minmax").compute_encodings(calib, progress=False)
+    assert all(auto.encodings[n].equals(forced.encodings[n]) for n in forced.encodings)
