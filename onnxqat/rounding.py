@@ -25,14 +25,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxqat import ops
 from onnxqat.graph import const_array
-from onnxqat.passes.insert_qdq import InsertQDQPass
+from onnxqat.passes.expose import ExposeValuesPass
+from onnxqat.passes.insert_qdq import InsertQDQPass, InsertQDQResult
 from onnxqat.plan import ParamQuantizer
 from onnxqat.progress import Progress
 from onnxqat.qparams import Encoding, pair_safe_scale
@@ -193,15 +194,9 @@ def collect_layer_stats(state: Any, batches: Iterable[Mapping[str, np.ndarray]],
             if node.op_type == "Conv" and (node.inputs[1].shape is None or len(node.inputs[1].shape) not in (3, 4)):
                 continue
             targets.setdefault(p.name, (node, index, data.name))  # a shared weight: its first consumer
-    inserter = InsertQDQPass(plan, state.encodings, fold_weights=False)
-    sim = inserter(model).model
-    values = {v.name: v for v in sim.graph.inputs}
-    values.update({v.name: v for n in sim.graph for v in n.outputs})
-    wanted = sorted({inserter.sites.get(t, t) for _, _, t in targets.values()})
-    existing = {v.name for v in sim.graph.outputs}
-    for name in wanted:
-        if name not in existing and name in values:
-            sim.graph.outputs.append(values[name])
+    inserted = cast(InsertQDQResult, InsertQDQPass(plan, state.encodings, fold_weights=False)(model))
+    sites = inserted.sites
+    sim = ExposeValuesPass(sorted({sites.get(t, t) for _, _, t in targets.values()}))(inserted.model).model
     session = Session(sim)
     rng = np.random.default_rng(seed)
     stats: dict[str, LayerStats] = {}
@@ -209,7 +204,7 @@ def collect_layer_stats(state: Any, batches: Iterable[Mapping[str, np.ndarray]],
         outs = dict(zip(session.output_names, session.run(batch)))
         fed = {**{k: np.asarray(v) for k, v in batch.items()}, **outs}
         for weight, (node, index, tensor) in targets.items():
-            x = fed.get(inserter.sites.get(tensor, tensor))
+            x = fed.get(sites.get(tensor, tensor))
             if x is None:
                 continue
             x = np.asarray(x, dtype=np.float32)
