@@ -402,6 +402,11 @@ def _within_budget(model: ir.Model, plan: QuantPlan, batches: Iterable[Mapping[s
     for batch in batches:
         feed = validate_feed(batch, signature, where="calibration data")
         n = next((len(v) for v in feed.values() if np.ndim(v)), 1)
+        if any(np.ndim(v) and len(v) != n for v in feed.values()):
+            # an input whose samples are not on axis 0 (a recurrent state [layers, B, H]): a split
+            # along axis 0 would pair the wrong rows, so the batch is fetched whole
+            yield batch
+            continue
         if per_sample is None:
             one = {k: (v[:1] if np.ndim(v) and len(v) == n else v) for k, v in feed.items()}
             probe = model.clone()
