@@ -50,7 +50,7 @@ OCR = {  # key: (file, input shape, metric)
 }
 ZOO_METRIC = {"top1": "top1", "cosine": "cosine", "mask_iou": "mask", "string": "timestep"}
 SETTINGS = {"w8a8": 8, "w4a8": 4}
-TOOLS = ("onnxqat", "aimet", "aimet-seqmse", "aimet-adaround", "nncf", "quark")
+TOOLS = ("onnxqat", "onnxqat-seqmse", "onnxqat-adaround", "aimet", "aimet-seqmse", "aimet-adaround", "nncf", "quark")
 
 
 def prepare(key: str, work: str, n_calib: int, n_test: int) -> dict:
@@ -197,10 +197,13 @@ def quantize(tool: str, spec: dict, wbits: int, out: str, args: argparse.Namespa
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log")
-    if tool == "onnxqat":
+    if tool.startswith("onnxqat"):
         cmd = [ONNXQAT, "quantize", spec["model"], "--data", spec["calib"], "--output-dir", out, "--per-channel"]
         if wbits != 8:
             cmd += ["--param-bw", str(wbits)]
+        rounding = tool.partition("-")[2]
+        if rounding:
+            cmd += ["--weight-rounding", rounding]
     else:
         peer, _, method = tool.partition("-")
         cmd = [PEER_PY[peer], os.path.join(PEERS, f"run_{peer}.py"), "--model", spec["model"], "--calib", spec["calib"],
@@ -211,15 +214,16 @@ def quantize(tool: str, spec: dict, wbits: int, out: str, args: argparse.Namespa
             cmd += ["--adaround-iters", str(args.adaround_iters)]
     common.progress("peers", f"{tool}: {shlex.join(cmd)}")
     env = None
-    if tool == "onnxqat" and args.onnxqat_src:
+    ours = tool.startswith("onnxqat")
+    if ours and args.onnxqat_src:
         env = dict(os.environ, PYTHONPATH=args.onnxqat_src)
     # peers run in OUT: Quark writes quantized_info.csv into its working directory
-    run = run_child(cmd, log, args.timeout, cwd=REPO if tool == "onnxqat" else out, env=env)
+    run = run_child(cmd, log, args.timeout, cwd=REPO if ours else out, env=env)
     rj = os.path.join(out, "result.json")
-    if tool == "onnxqat":
-        result = {"tool": "onnxqat", "version": args.onnxqat_version, "status": "ok" if run["returncode"] == 0 else "failed",
-                  "settings": {"cli": "onnxqat quantize --per-channel" + (f" --param-bw {wbits}" if wbits != 8 else ""),
-                               "scheme": "minmax (default)", "config": "onnxruntime (default)"},
+    if ours:
+        result = {"tool": tool, "version": args.onnxqat_version, "status": "ok" if run["returncode"] == 0 else "failed",
+                  "settings": {"cli": shlex.join(["onnxqat", "quantize", *cmd[7:]]),
+                               "scheme": "auto (default)", "config": "onnxruntime (default)"},
                   "files": {f: os.path.getsize(os.path.join(out, f)) for f in sorted(os.listdir(out))
                             if os.path.isfile(os.path.join(out, f)) and not f.startswith("log")}}
         if run["returncode"] != 0:
