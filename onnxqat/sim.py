@@ -223,6 +223,9 @@ class QuantizationSimModel:
         correction only). Call after calibration; returns each layer's output MSE before/after."""
         self._require_calibrated()
         stats = collect_layer_stats(self._state, batches, progress=progress)
+        if not stats and self._state.plan.params:
+            raise ConfigError("weight rounding saw no calibration batch: pass batches that can be iterated again "
+                              "(a list or NpzBatches, not a generator already used by calibration)")
         self._state, report = round_weights(self._state, stats, method, bias_correction=bias_correction,
                                             iterations=iterations, progress=progress)
         return report

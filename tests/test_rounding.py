@@ -243,3 +243,9 @@ def test_packed_four_bit_weights_halve_the_file_and_keep_every_value(tmp_path, d
 
     with DeployedSession(deploy_python, packed) as s4, DeployedSession(deploy_python, plain) as s8:
         np.testing.assert_array_equal(s4.run(feed)[0], s8.run(feed)[0])
+
+
+def test_weight_rounding_on_a_used_up_generator_is_an_error_not_a_silent_no_op():
+    sim = QuantizationSimModel(tiny_cnn(), param_bw=4, per_channel=True)
+    with pytest.raises(ConfigError, match="weight rounding saw no calibration batch"):
+        sim.compute_encodings((b for b in random_batches()), progress=False, weight_rounding="seqmse")
