@@ -65,5 +65,8 @@ class Progress:
                 of = f"/{self.total}" if self.total else ""
                 extra = self.postfix()
                 plural = self.unit + ("es" if self.unit.endswith(("ch", "s")) else "s")
-                print(f"{self.desc}: {done}{of} {plural}, {now - start:.1f} s" + (f", {extra}" if extra else ""),
-                      file=self.stream, flush=True)
+                line = f"{self.desc}: {done}{of} {plural}, {now - start:.1f} s" + (f", {extra}" if extra else "")
+                # one write with its newline: print() writes the end separately, and a signal handler
+                # raising in between (SIGTERM) left the next error glued to this line
+                self.stream.write(line + "\n")
+                self.stream.flush()
