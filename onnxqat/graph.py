@@ -19,6 +19,7 @@ __all__ = [
     "is_constant",
     "is_float",
     "make_initializer",
+    "name_of",
     "opset_version",
     "remove_dead_nodes",
     "values_by_name",
@@ -32,6 +33,17 @@ _LIGHT_PROTO_TENSOR_BYTES = 1000
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )
+
+
+def name_of(item: ir.Value | ir.Node | None) -> str:
+    """The name of a value or node, which must exist and be named (those in a graph are: onnx-ir
+    names them when they are added). A missing value or name here is a bug, not a user error."""
+    if item is None:
+        raise RuntimeError("internal error: expected a value, got a missing (None) input")
+    name = item.name
+    if name is None:
+        raise RuntimeError(f"internal error: {item!r} has no name")
+    return name
 
 
 def is_float(value: ir.Value | None) -> bool:
@@ -177,14 +189,15 @@ def call_with_light_proto(func: Callable[[onnx.ModelProto], _R], model: ir.Model
     for value, tensor in zip(initializers, tensors):
         if tensor is not None:
             if value.shape is None:
-                value.shape = tensor.shape  # type: ignore[assignment]
+                shape = tensor.shape  # a tensor's shape is static: an ir.Shape, or ints
+                value.shape = shape if isinstance(shape, ir.Shape) else ir.Shape(shape.numpy())
             if value.dtype is None:
                 value.dtype = tensor.dtype
         if id(value) not in listed:
             graph.inputs.append(value)
         if tensor is None or tensor.nbytes > _LIGHT_PROTO_TENSOR_BYTES:
             value.const_value = None
-            graph.initializers.pop(value.name)  # type: ignore[arg-type]
+            graph.initializers.pop(name_of(value))
     try:
         return func(ir.serde.serialize_model(model))
     finally:
