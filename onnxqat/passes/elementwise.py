@@ -7,6 +7,7 @@ import dataclasses
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array, is_constant, make_initializer
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["SubtractConstantAsAddPass", "SubtractConstantResult"]
 
@@ -18,7 +19,7 @@ class SubtractConstantResult(ir.passes.PassResult):
     rewritten: tuple[str, ...] = ()
 
 
-class SubtractConstantAsAddPass(ir.passes.InPlacePass):
+class SubtractConstantAsAddPass(TypedInPlacePass[SubtractConstantResult]):
     """``Sub(x, c)`` with a float constant ``c`` becomes ``Add(x, -c)``.
 
     onnxruntime has an integer kernel for Add (QLinearAdd) and none for Sub; negating a float

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 import onnx_ir as ir
 
 from onnxqat.graph import values_by_name
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["ExposeValuesPass", "ExposeValuesResult"]
 
@@ -28,7 +29,7 @@ class ExposeValuesResult(ir.passes.PassResult):
     missing: tuple[str, ...] = ()
 
 
-class ExposeValuesPass(ir.passes.InPlacePass):
+class ExposeValuesPass(TypedInPlacePass[ExposeValuesResult]):
     """Append the values named ``names`` to the graph outputs, in order, each once.
 
     A name that is already a graph output is left where it is; a name the graph does not have is

@@ -19,6 +19,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferenc
 
 from onnxqat.errors import ConfigError
 from onnxqat.graph import NameScope, is_constant
+from onnxqat.passes import TypedInPlacePass
 from onnxqat.passes.fold_constants import _evaluate, _pure
 
 __all__ = ["FixInputsPass", "FixInputsResult", "parse_fixed_inputs"]
@@ -48,7 +49,7 @@ def parse_fixed_inputs(items: list[str] | tuple[str, ...]) -> dict[str, list[flo
     return out
 
 
-class FixInputsPass(ir.passes.InPlacePass):
+class FixInputsPass(TypedInPlacePass[FixInputsResult]):
     """Make the named graph inputs constants (values cast to the input's dtype and shape), then
     inline every ``If`` whose condition is constant, repeatedly (nested control flow)."""
 

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, array_tensor
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["DECLARED_DTYPE", "Float16Record", "Float16Result", "Float16ToFloat32Pass", "cast_interface",
            "restore_float16"]
@@ -52,7 +53,7 @@ class Float16Result(ir.passes.PassResult):
     record: Float16Record = dataclasses.field(default_factory=Float16Record)
 
 
-class Float16ToFloat32Pass(ir.passes.InPlacePass):
+class Float16ToFloat32Pass(TypedInPlacePass[Float16Result]):
     """Float16 inputs, outputs, initializers and Cast targets to float32; the result's ``record``
     says which (the pass keeps no state between calls)."""
 

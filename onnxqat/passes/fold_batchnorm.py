@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array, is_constant, make_initializer
 from onnxqat.ops import Reason
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["FoldAffinePass", "FoldAffineResult", "FoldBatchNormPass", "FoldBatchNormResult"]
 
@@ -40,7 +41,7 @@ class FoldBatchNormResult(ir.passes.PassResult):
     unfolded: dict[str, Reason] = dataclasses.field(default_factory=dict)
 
 
-class FoldBatchNormPass(ir.passes.InPlacePass):
+class FoldBatchNormPass(TypedInPlacePass[FoldBatchNormResult]):
     """Fold every foldable BatchNormalization; others are left as they are, each with its reason."""
 
     def call(self, model: ir.Model) -> FoldBatchNormResult:
@@ -169,7 +170,7 @@ class FoldAffineResult(ir.passes.PassResult):
     folded: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
-class FoldAffinePass(ir.passes.InPlacePass):
+class FoldAffinePass(TypedInPlacePass[FoldAffineResult]):
     """Fold ``Mul(c)`` and/or ``Add(d)`` per output channel after Conv/ConvTranspose/Gemm.
 
     ``c`` and ``d`` must be float constants that broadcast along the output-channel axis only

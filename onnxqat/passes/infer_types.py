@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from onnxqat.runtime import ort
 from onnxqat.graph import call_with_light_proto
+from onnxqat.passes import TypedInPlacePass
 from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.runtime import fits_in_proto
 
@@ -139,7 +140,7 @@ class InferTypesResult(ir.passes.PassResult):
     typed: dict[str, ir.DataType] = dataclasses.field(default_factory=dict)
 
 
-class InferTypesWithOnnxruntimePass(ir.passes.InPlacePass):
+class InferTypesWithOnnxruntimePass(TypedInPlacePass[InferTypesResult]):
     """Dtypes onnx's inference left unknown, read from an onnxruntime session's output metadata."""
 
     def call(self, model: ir.Model) -> InferTypesResult:

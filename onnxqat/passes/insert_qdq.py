@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array, make_initializer, opset_version, values_by_name
+from onnxqat.passes import TypedFunctionalPass
 from onnxqat.plan import ActivationQuantizer, IntegerForm, QuantPlan
 from onnxqat.qparams import Encoding, integer_form_constants, quantize
 from onnxqat.runtime import release_if_mapped
@@ -81,7 +82,7 @@ class InsertQDQResult(ir.passes.PassResult):
     folded_weights: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-class InsertQDQPass(ir.passes.FunctionalPass):
+class InsertQDQPass(TypedFunctionalPass[InsertQDQResult]):
     """Return a copy of the model with Q/DQ pairs for every quantizer of ``plan``.
 
     The result (:class:`InsertQDQResult`) tells where each quantizer went; after a call, the

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["PackInt4Pass", "PackInt4Result"]
 
@@ -37,7 +38,7 @@ class PackInt4Result(ir.passes.PassResult):
     packed: tuple[str, ...] = ()
 
 
-class PackInt4Pass(ir.passes.InPlacePass):
+class PackInt4Pass(TypedInPlacePass[PackInt4Result]):
     """Pack the constant int8/uint8 inputs of ``DequantizeLinear`` listed in ``weights`` whose
     values (and zero points) fit 4 bits.
 

@@ -26,6 +26,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxqat.runtime import ort
 from onnxqat.graph import NameScope
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["ConcreteShapesPass", "ConcreteShapesResult", "is_static"]
 
@@ -50,7 +51,7 @@ class ConcreteShapesResult(ir.passes.PassResult):
     unresolved: tuple[str, ...] = ()
 
 
-class ConcreteShapesPass(ir.passes.InPlacePass):
+class ConcreteShapesPass(TypedInPlacePass[ConcreteShapesResult]):
     """Fix the graph inputs to ``feed``'s shapes and give every node output a static shape.
 
     Args:

@@ -60,6 +60,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, is_float, opset_version
+from onnxqat.passes import TypedInPlacePass
 from onnxqat.train.builder import Builder
 from onnxqat.train.probe import GradientRow, load_gradient_table, node_facts, row_for
 
@@ -1760,7 +1761,7 @@ class DecomposeResult(ir.passes.PassResult):
     values: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
 
 
-class DecomposeForTrainingPass(ir.passes.InPlacePass):
+class DecomposeForTrainingPass(TypedInPlacePass[DecomposeResult]):
     """Rewrite the nodes on a gradient path that onnxruntime-training 1.19 cannot differentiate.
 
     A node is on a gradient path when a float value derived from a trainable initializer reaches
