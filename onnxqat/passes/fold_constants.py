@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
-from onnxqat.graph import const_array, is_constant, make_initializer
+from onnxqat.graph import const_array, is_constant, make_initializer, name_of
 
 __all__ = ["FoldWeightChainsPass"]
 
@@ -43,7 +43,7 @@ class FoldWeightChainsPass(ir.passes.InPlacePass):
             if values is None:
                 continue
             for out, array in zip(node.outputs, values):
-                name = out.name
+                name = name_of(out)
                 graph_output = out.is_graph_output()
                 if graph_output:
                     continue
@@ -55,7 +55,7 @@ class FoldWeightChainsPass(ir.passes.InPlacePass):
                 graph.remove(node, safe=True)
                 for v in inputs:
                     if not v.uses() and not v.is_graph_input() and v.name in graph.initializers:
-                        graph.initializers.pop(v.name)
+                        graph.initializers.pop(name_of(v))
             modified = True
         return ir.passes.PassResult(model, modified)
 
@@ -72,7 +72,7 @@ def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray] | None:
     proto = onnx.helper.make_node(node.op_type, inputs, outputs, domain=node.domain)
     for attr in node.attributes.values():
         proto.attribute.append(ir.serde.serialize_attribute(attr))
-    feeds = {name: const_array(v) for name, v in zip(inputs, node.inputs) if v is not None}
+    feeds = {name: a for name, v in zip(inputs, node.inputs) if v is not None and (a := const_array(v)) is not None}
     try:
         model = onnx.helper.make_model(
             onnx.helper.make_graph([proto], "fold", [], [onnx.helper.make_empty_tensor_value_info(o) for o in outputs]),
