@@ -6,7 +6,7 @@ import dataclasses
 
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, const_array, is_constant, make_initializer
+from onnxqat.graph import NameScope, const_array, is_constant, make_initializer, name_of
 from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["SubtractConstantAsAddPass", "SubtractConstantResult"]
@@ -51,5 +51,5 @@ class SubtractConstantAsAddPass(TypedInPlacePass[SubtractConstantResult]):
             new.name = out.name
             rewritten.append(add.name or "")
             if not c.uses() and not c.is_graph_output() and c.name in graph.initializers:
-                graph.initializers.pop(c.name)
+                graph.initializers.pop(name_of(c))
         return SubtractConstantResult(model, modified=bool(rewritten), rewritten=tuple(rewritten))

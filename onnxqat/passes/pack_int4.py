@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, const_array
+from onnxqat.graph import NameScope, const_array, name_of
 from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["PackInt4Pass", "PackInt4Result"]
@@ -85,7 +85,7 @@ class PackInt4Pass(TypedInPlacePass[PackInt4Result]):
             new.outputs[0].name = out.name
             for old in (x, zero_point):
                 if not old.uses() and not old.is_graph_output() and old.name in graph.initializers:
-                    graph.initializers.pop(old.name)
+                    graph.initializers.pop(name_of(old))
             packed.append(x.name or "")
         if packed:
             if domain and domain not in model.opset_imports:
