@@ -11,6 +11,8 @@ Graph outputs keep their names. Works on any QDQ model, not only on onnxqat's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_ir as ir
 
@@ -54,7 +56,7 @@ def _quantized_source(dq: ir.Node) -> ir.Value | None:
     """The float tensor a Q->DQ pair quantizes (past its grid clamp), or None."""
     q_out = dq.inputs[0]
     q = q_out.producer() if q_out is not None else None
-    if q is None or q.op_type != "QuantizeLinear" or q.domain not in _QDQ_DOMAINS or not _single_use(q_out, dq):
+    if q is None or q_out is None or q.op_type != "QuantizeLinear" or q.domain not in _QDQ_DOMAINS or not _single_use(q_out, dq):
         return None
     if not _same_params(q, dq):
         return None
@@ -88,7 +90,7 @@ def _axis(node: ir.Node) -> int:
     return 1 if attr is None else attr.as_int()
 
 
-def _on_grid(bounds: list[ir.Value | None], q: ir.Node) -> bool:
+def _on_grid(bounds: Sequence[ir.Value | None], q: ir.Node) -> bool:
     """Clamp bounds that are points of q's grid (what a narrow-grid clamp has)."""
     scale = const_array(q.inputs[1])
     zp = const_array(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else np.zeros(1)
