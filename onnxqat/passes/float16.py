@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, array_tensor
+from onnxqat.graph import NameScope, array_tensor, name_of
 from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["DECLARED_DTYPE", "Float16Record", "Float16Result", "Float16ToFloat32Pass", "cast_interface",
@@ -64,11 +64,11 @@ class Float16ToFloat32Pass(TypedInPlacePass[Float16Result]):
             if _is_half(value):
                 value.meta[DECLARED_DTYPE] = ir.DataType.FLOAT16
                 _set_dtype(value, ir.DataType.FLOAT)
-                record.inputs.add(value.name)  # type: ignore[arg-type]
+                record.inputs.add(name_of(value))
         for value in graph.outputs:
             if _is_half(value):
                 _set_dtype(value, ir.DataType.FLOAT)
-                record.outputs.add(value.name)  # type: ignore[arg-type]
+                record.outputs.add(name_of(value))
         for name, value in graph.initializers.items():
             tensor = value.const_value
             if tensor is not None and tensor.dtype == ir.DataType.FLOAT16:
@@ -79,7 +79,7 @@ class Float16ToFloat32Pass(TypedInPlacePass[Float16Result]):
             to = node.attributes.get("to")
             if node.op_type == "Cast" and to is not None and to.as_int() == ir.DataType.FLOAT16:
                 node.attributes["to"] = ir.AttrInt64("to", int(ir.DataType.FLOAT))
-                record.casts.add(node.name)  # type: ignore[arg-type]
+                record.casts.add(name_of(node))
             for out in node.outputs:
                 if _is_half(out):
                     _set_dtype(out, ir.DataType.FLOAT)

@@ -159,7 +159,7 @@ class InferTypesWithOnnxruntimePass(TypedInPlacePass[InferTypesResult]):
         found = {o.name: _ORT_TYPES.get(o.type) for o in session.get_outputs()}
         typed: dict[str, ir.DataType] = {}
         for v in missing:
-            dtype = found.get(v.name)  # type: ignore[arg-type]
+            dtype = found.get(v.name)
             if dtype is not None and v.name:
                 v.dtype = dtype
                 typed[v.name] = dtype

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxqat.runtime import ort
-from onnxqat.graph import NameScope
+from onnxqat.graph import NameScope, name_of
 from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["ConcreteShapesPass", "ConcreteShapesResult", "is_static"]
@@ -78,7 +78,7 @@ class ConcreteShapesPass(TypedInPlacePass[ConcreteShapesResult]):
         if open_values:
             shapes = _profiled_shapes(model, self.feed)
             for out in open_values:
-                shape = shapes.get(out.name)  # type: ignore[arg-type]
+                shape = shapes.get(name_of(out))
                 if shape is not None:
                     out.shape = ir.Shape(shape)
                     from_run += 1
