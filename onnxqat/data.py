@@ -346,7 +346,7 @@ class NpzBatches:
         if len(sizes) != 1:
             raise DataError(f"arrays have different sample counts: {counts or 'no batched array'}")
         self.arrays = dict(arrays)
-        self.n = min(sizes.pop(), limit) if limit is not None else sizes.pop()
+        self.n: int = min(sizes.pop(), limit) if limit is not None else sizes.pop()
         if self.n == 0:
             raise DataError("the dataset is empty")
         self.batch_size = batch_size
