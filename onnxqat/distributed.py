@@ -277,7 +277,7 @@ def merge_observers(observers: dict[str, Any]) -> dict[str, Any]:
     if w.size == 1:
         return observers
     every = w.comm.allgather(observers)
-    merged = every[0]
+    merged: dict[str, Any] = every[0]
     for other in every[1:]:
         for name, obs in other.items():
             merged[name].merge(obs)
