@@ -16,6 +16,7 @@ __all__ = [
     "array_tensor",
     "call_with_light_proto",
     "const_array",
+    "require_const",
     "is_constant",
     "is_float",
     "make_initializer",
@@ -61,6 +62,14 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
         return None
     assert value is not None and value.const_value is not None
     return value.const_value.numpy()
+
+
+def require_const(value: ir.Value | None) -> np.ndarray:
+    """:func:`const_array` of a value that must be a constant (a weight); anything else is a bug."""
+    array = const_array(value)
+    if array is None:
+        raise RuntimeError(f"internal error: {value!r} is not a constant")
+    return array
 
 
 def all_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
