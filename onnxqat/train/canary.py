@@ -32,7 +32,7 @@ _RESULT = "canary-result.json"
 _FORWARD = "forward.onnx"
 
 
-class CanaryResult(dict):  # type: ignore[type-arg]
+class CanaryResult(dict[str, Any]):
     """``{"ok": bool, "loss": float | None, "error": str | None, "signal": str | None}``."""
 
 
