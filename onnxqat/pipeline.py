@@ -287,7 +287,7 @@ def calibrate(
             if obs is None:
                 obs = copy.deepcopy(observers[part])
             else:
-                obs.merge(observers[part])  # type: ignore[arg-type]
+                obs.merge(observers[part])  # type: ignore[arg-type]  # one scheme per run: all observers are of one class
         if obs is None or obs.empty:
             raise ModelError(
                 f"tensor '{q.name}' held no finite value on the calibration data; exclude its producer in the config"
