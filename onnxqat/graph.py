@@ -16,6 +16,7 @@ __all__ = [
     "array_tensor",
     "call_with_light_proto",
     "const_array",
+    "first_unsorted",
     "require_const",
     "is_constant",
     "is_float",
@@ -81,6 +82,17 @@ def all_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
                 yield attr.as_graph()
             elif attr.type == ir.AttributeType.GRAPHS:
                 yield from attr.as_graphs()
+
+
+def first_unsorted(graph: ir.Graph) -> ir.Node | None:
+    """The first node of ``graph`` that reads a value produced by a later node, or None when the
+    graph is topologically sorted (values from outside the graph, as in subgraphs, count as given)."""
+    later = {id(v) for node in graph for v in node.outputs}
+    for node in graph:
+        if any(v is not None and id(v) in later for v in node.inputs):
+            return node
+        later.difference_update(id(v) for v in node.outputs)
+    return None
 
 
 def opset_version(model: ir.Model, domain: str = "") -> int:

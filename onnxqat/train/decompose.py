@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, is_float, opset_version
+from onnxqat.graph import NameScope, first_unsorted, is_float, opset_version
 from onnxqat.passes import TypedInPlacePass
 from onnxqat.train.builder import Builder
 from onnxqat.train.probe import GradientRow, load_gradient_table, node_facts, row_for
@@ -1838,6 +1838,15 @@ class DecomposeForTrainingPass(TypedInPlacePass[DecomposeResult]):
                     reason=f"{_NO_BUILDER}; native forward with an identity (straight-through) gradient")
         self.bit_exact = bit_exact
 
+    def requires(self, model: ir.Model) -> None:
+        """The graph is topologically sorted: which nodes are on a gradient path is found in one
+        walk in graph order."""
+        _require_sorted(model.graph, ir.passes.PreconditionError, "sort it first (graph.sort())")
+
+    def ensures(self, model: ir.Model) -> None:
+        """Still sorted: rewrites append nodes, and the pass sorts the graph after them."""
+        _require_sorted(model.graph, ir.passes.PostconditionError, "after the rewrites")
+
     def call(self, model: ir.Model) -> DecomposeResult:
         graph = model.graph
         opset = opset_version(model)
@@ -1889,6 +1898,13 @@ class DecomposeForTrainingPass(TypedInPlacePass[DecomposeResult]):
             return set(self.trainable)
         return {name for name, v in graph.initializers.items()
                 if is_float(v) and v.const_value is not None and v.const_value.size > 1}
+
+
+def _require_sorted(graph: ir.Graph, error: type[ir.passes.InvariantError], hint: str) -> None:
+    node = first_unsorted(graph)
+    if node is not None:
+        raise error(f"the graph is not topologically sorted: node '{node.name}' ({node.op_type}) reads a value "
+                    f"produced after it; {hint}")
 
 
 def _unique(label: str, *taken: Mapping[str, str]) -> str:
