@@ -51,6 +51,12 @@ class UpgradeOpsetPass(TypedInPlacePass[UpgradeOpsetResult]):
         super().__init__()
         self.target = target
 
+    def ensures(self, model: ir.Model) -> None:
+        """The default-domain opset is at least ``target``."""
+        if opset_version(model) < self.target:
+            raise ir.passes.PostconditionError(
+                f"the default-domain opset is {opset_version(model)} after upgrading to {self.target}")
+
     def call(self, model: ir.Model) -> UpgradeOpsetResult:
         current = opset_version(model)
         if current >= self.target:

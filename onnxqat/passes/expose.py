@@ -45,6 +45,15 @@ class ExposeValuesPass(TypedInPlacePass[ExposeValuesResult]):
         self.names = tuple(dict.fromkeys(names))
         self.types = dict(types or {})
 
+    def ensures(self, model: ir.Model) -> None:
+        """Every asked-for name the graph has is a graph output."""
+        graph = model.graph
+        values = values_by_name(graph)
+        outputs = {v.name for v in graph.outputs}
+        absent = [name for name in self.names if name in values and name not in outputs]
+        if absent:
+            raise ir.passes.PostconditionError(f"not graph outputs after exposing them: {absent[:5]}")
+
     def call(self, model: ir.Model) -> ExposeValuesResult:
         graph = model.graph
         values = values_by_name(graph)

@@ -57,6 +57,18 @@ class Float16ToFloat32Pass(TypedInPlacePass[Float16Result]):
     """Float16 inputs, outputs, initializers and Cast targets to float32; the result's ``record``
     says which (the pass keeps no state between calls)."""
 
+    def ensures(self, model: ir.Model) -> None:
+        """No float16 graph input, output, initializer, node output or Cast target is left."""
+        graph = model.graph
+        values = [*graph.inputs, *graph.outputs, *graph.initializers.values(), *(v for n in graph for v in n.outputs)]
+        half = next((v for v in values if _is_half(v)), None)
+        if half is not None:
+            raise ir.passes.PostconditionError(f"value '{half.name}' is still float16")
+        cast = next((n for n in graph if n.op_type == "Cast" and (to := n.attributes.get("to")) is not None
+                     and to.as_int() == ir.DataType.FLOAT16), None)
+        if cast is not None:
+            raise ir.passes.PostconditionError(f"Cast node '{cast.name}' still casts to float16")
+
     def call(self, model: ir.Model) -> Float16Result:
         record = Float16Record()
         graph = model.graph
