@@ -57,6 +57,12 @@ class FixInputsPass(TypedInPlacePass[FixInputsResult]):
         super().__init__()
         self.values = dict(values)
 
+    def ensures(self, model: ir.Model) -> None:
+        """No fixed input is a graph input any more (each is an initializer)."""
+        left = [v.name for v in model.graph.inputs if v.name in self.values]
+        if left:
+            raise ir.passes.PostconditionError(f"still graph inputs after fixing them: {left}")
+
     def call(self, model: ir.Model) -> FixInputsResult:
         graph = model.graph
         inputs = {v.name: v for v in graph.inputs}

@@ -51,6 +51,15 @@ class PackInt4Pass(TypedInPlacePass[PackInt4Result]):
         super().__init__()
         self.weights = weights
 
+    def ensures(self, model: ir.Model) -> None:
+        """A model holding 4-bit initializers declares an IR version that has 4-bit types."""
+        four = next((n for n, v in model.graph.initializers.items() if v.const_value is not None
+                     and v.const_value.dtype in (ir.DataType.INT4, ir.DataType.UINT4)), None)
+        if four is not None and (model.ir_version or 0) < _MIN_IR_VERSION:
+            raise ir.passes.PostconditionError(
+                f"4-bit initializer '{four}' in a model of IR version {model.ir_version} (4-bit types need "
+                f"{_MIN_IR_VERSION})")
+
     def call(self, model: ir.Model) -> PackInt4Result:
         graph = model.graph
         names = NameScope(model)

@@ -63,6 +63,13 @@ class ConcreteShapesPass(TypedInPlacePass[ConcreteShapesResult]):
         super().__init__()
         self.feed = dict(feed)
 
+    def ensures(self, model: ir.Model) -> None:
+        """The graph inputs in ``feed`` have its shapes."""
+        for value in model.graph.inputs:
+            if value.name in self.feed and value.shape != ir.Shape(np.shape(self.feed[value.name])):
+                raise ir.passes.PostconditionError(f"input '{value.name}' has shape {value.shape}, the feed "
+                                                   f"{list(np.shape(self.feed[value.name]))}")
+
     def call(self, model: ir.Model) -> ConcreteShapesResult:
         graph = model.graph
         for value in graph.inputs:
