@@ -8,7 +8,7 @@ on a batch already converted to the framework's input form; data loading is not 
 Six variants, two long-lived worker processes:
 
 * ``ort float``, ``ort qat-fixed``, ``ort qat-rl``: onnxqat's trainer in the onnxqat venv
-  (bench/_qat_speed_ort.py): float training of the same folded graph (``sim.plan = QuantPlan()``),
+  (bench/_qat_speed_ort.py): float training of the same folded graph (``quantized=False``),
   QAT with fixed activation encodings, QAT with range learning;
 * ``torch float``, ``torch qat-fixed``, ``torch qat-rl``: the same network written in PyTorch eager
   in the torch venv (bench/_qat_speed_torch.py, see its docstring): ``FashionDSNet`` with the

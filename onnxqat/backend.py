@@ -78,7 +78,8 @@ def onnxruntime() -> ModuleType:
     except ImportError as e:
         raise RuntimeSetupError(f"{name} {version} is installed but does not import ({e}); reinstall it") from None
     ort.set_default_logger_severity(3)
-    return ort
+    module: ModuleType = ort
+    return module
 
 
 def has_training() -> bool:

@@ -17,10 +17,16 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from onnxqat.errors import OnnxQatError, Terminated
 from onnxqat.train.options import TrainOptions
+
+if TYPE_CHECKING:  # the CLI imports numpy and the sim only when a command needs them
+    import numpy as np
+
+    from onnxqat.sim import QuantizationSimModel
 
 TRAIN_DEFAULTS = TrainOptions()
 
@@ -41,8 +47,16 @@ class _Help(argparse.HelpFormatter):
 class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error contract: one line on stderr, exit status 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _SubParser(_Parser):
+    """A subcommand's parser: its help shows each option's default (:class:`_Help`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
 
 def _add_sim_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
@@ -88,13 +102,7 @@ def _add_data_layout(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxqat", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add = sub.add_parser
-
-    def add_parser(name: str, **kw: object) -> argparse.ArgumentParser:
-        return _add(name, formatter_class=_Help, **kw)  # type: ignore[arg-type]
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubParser)
 
     q = sub.add_parser("quantize", help="simulate + calibrate + export (PTQ)")
     q.add_argument("model", help="float ONNX model")
@@ -295,12 +303,12 @@ class _Checked:
         self.calib = load_model_inputs(calib, self.signature, batch_axes=self.axes)
         warn_range_outliers(self.calib, self.signature, where=calib, batch_axes=self.axes)
 
-    def load(self, path: str, extra: Sequence[str] = (), optional: Sequence[str] = ()) -> dict:
+    def load(self, path: str, extra: Sequence[str] = (), optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
         from onnxqat.data import load_model_inputs
 
         return load_model_inputs(path, self.signature, extra, optional_keys=optional, batch_axes=self.axes)
 
-    def check_labels(self, arrays: dict, where: str, key: str, output_index: int) -> None:
+    def check_labels(self, arrays: Mapping[str, np.ndarray], where: str, key: str, output_index: int) -> None:
         from onnxqat.data import check_label_range, output_classes
 
         classes = output_classes(self.model, output_index)
@@ -309,7 +317,7 @@ class _Checked:
             check_label_range(labels, classes, where=where, key=key)
 
 
-def _calibrated_sim(args: argparse.Namespace, checked: _Checked):  # type: ignore[no-untyped-def]
+def _calibrated_sim(args: argparse.Namespace, checked: _Checked) -> QuantizationSimModel:
     from onnxqat.data import NpzBatches
     from onnxqat.sim import QuantizationSimModel
 
@@ -338,7 +346,7 @@ def _calibrated_sim(args: argparse.Namespace, checked: _Checked):  # type: ignor
     return sim
 
 
-def _export(sim, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+def _export(sim: QuantizationSimModel, args: argparse.Namespace) -> None:
     """The export set and the report as one output transaction: both are published, or neither."""
     from onnxqat import distributed
     from onnxqat.outputs import transaction
@@ -386,7 +394,8 @@ def _quantize(args: argparse.Namespace) -> None:
     _mixed_export(sim, args, checked, evaluation)
 
 
-def _mixed_export(sim, args: argparse.Namespace, checked: _Checked, evaluation: list | None) -> None:  # type: ignore[no-untyped-def]
+def _mixed_export(sim: QuantizationSimModel, args: argparse.Namespace, checked: _Checked,
+                  evaluation: list[dict[str, np.ndarray]] | None) -> None:
     """Mixed precision to the target, then the export and the chosen config in one transaction."""
     from onnxqat.data import NpzBatches
     from onnxqat.outputs import transaction
@@ -443,7 +452,7 @@ def _train(args: argparse.Namespace) -> None:
     from onnxqat.distributed import RankRows, world
 
     ranks = world().size  # under MPI --batch-size is per rank: a global batch of ranks x batch size, split
-    batches = NpzBatches(train, args.batch_size * ranks, shuffle=True, seed=args.seed, limit=args.max_samples,
+    batches: NpzBatches | RankRows = NpzBatches(train, args.batch_size * ranks, shuffle=True, seed=args.seed, limit=args.max_samples,
                          batch_axes=checked.axes)
     batches = RankRows(batches) if ranks > 1 else batches
     if args.epochs is None:
@@ -497,7 +506,7 @@ def _eval(args: argparse.Namespace) -> None:
     session = Session(model)
     checked = classes is not None or labels.ndim != 1
 
-    def run(batch):  # type: ignore[no-untyped-def]
+    def run(batch: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         nonlocal checked
         outputs = session.run(batch)
         if not checked:  # a symbolic class dimension: checked on the first batch's scores

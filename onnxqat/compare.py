@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat.errors import DataError, ModelError
+from onnxqat.graph import name_of
 from onnxqat.runtime import Session
 
 __all__ = ["OutputComparison", "compare_models"]
@@ -83,8 +84,8 @@ def _db(signal: float, noise: float) -> float:
 
 def compare_models(float_model: ir.Model, quantized: ir.Model, batches: Iterable[Mapping[str, np.ndarray]]) -> list[OutputComparison]:
     """Compare ``quantized`` with ``float_model`` on ``batches`` (dicts of input arrays)."""
-    float_outputs = [v.name for v in float_model.graph.outputs]
-    q_outputs = [v.name for v in quantized.graph.outputs]
+    float_outputs = [name_of(v) for v in float_model.graph.outputs]
+    q_outputs = [name_of(v) for v in quantized.graph.outputs]
     common = [n for n in float_outputs if n in q_outputs]
     if not common:
         raise ModelError(f"the models share no output name (float: {float_outputs}, quantized: {q_outputs})")

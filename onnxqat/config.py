@@ -264,7 +264,8 @@ class _Parser:
     def bitwidth(self, value: Any, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 4 <= value <= 16:
             raise self.fail(path, f"expected a bitwidth from 4 to 16, got {value!r}")
-        return value
+        bitwidth: int = value
+        return bitwidth
 
     def range(self, value: Any, path: str) -> tuple[float, float] | None:
         if value is None:

@@ -13,7 +13,7 @@ import os
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -346,7 +346,7 @@ class NpzBatches:
         if len(sizes) != 1:
             raise DataError(f"arrays have different sample counts: {counts or 'no batched array'}")
         self.arrays = dict(arrays)
-        self.n = min(sizes.pop(), limit) if limit is not None else sizes.pop()
+        self.n: int = min(sizes.pop(), limit) if limit is not None else sizes.pop()
         if self.n == 0:
             raise DataError("the dataset is empty")
         self.batch_size = batch_size
@@ -409,7 +409,9 @@ def parse_batch_axes(items: Sequence[str]) -> dict[str, int | None]:
 
 
 def count_batches(batches: Iterable[Any]) -> int | None:
+    if not isinstance(batches, Sized):
+        return None
     try:
-        return len(batches)  # type: ignore[arg-type]
+        return len(batches)
     except TypeError:
         return None

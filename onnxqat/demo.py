@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 from onnxqat.data import NpzBatches, input_signature, load_model_inputs
@@ -56,14 +57,15 @@ def find_deploy_python() -> str | None:
     return None
 
 
-def _plain(python: str, *args: str) -> dict:
+def _plain(python: str, *args: str) -> dict[str, Any]:
     proc = subprocess.run([python, str(_PLAIN_ORT), *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise DataError(f"plain onnxruntime run failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
-def run_demo(out_dir: str, *, models: str | None = None, epochs: int = 2, progress: bool | None = None) -> list[tuple]:
+def run_demo(out_dir: str, *, models: str | None = None, epochs: int = 2, progress: bool | None = None) -> list[tuple[str, float, str]]:
     """Run the demo; returns the table rows ``(what, accuracy, note)`` and prints the table."""
     from onnxqat.outputs import check_output_dir
 
@@ -79,7 +81,7 @@ def run_demo(out_dir: str, *, models: str | None = None, epochs: int = 2, progre
     train = load_model_inputs(folder / "fmnist_train.npz", signature, ["label"])
     test = load_model_inputs(folder / "fmnist_test.npz", signature, ["label"])
     test_batches = NpzBatches(test, 500)
-    rows: list[tuple] = []
+    rows: list[tuple[str, float, str]] = []
 
     fp32, _ = accuracy(Session(probe.float_model).run, test_batches, progress=progress, desc="FP32")
     rows.append(("FP32 (float model)", fp32, ""))

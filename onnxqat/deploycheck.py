@@ -102,7 +102,7 @@ def _failing_node(model: ir.Model, feed: Mapping[str, np.ndarray], message: str 
     found = nodes[hi]
     named = {n.op_type for n in model.graph if re.search(rf"\b{re.escape(n.op_type)}\b", message)}
     named -= {"QuantizeLinear", "DequantizeLinear"}
-    queue, seen = [found], set()
+    queue, seen = [found], set[int]()
     while queue:  # breadth-first upstream
         node = queue.pop(0)
         if id(node) in seen or len(seen) > 64:
@@ -110,7 +110,7 @@ def _failing_node(model: ir.Model, feed: Mapping[str, np.ndarray], message: str 
         seen.add(id(node))
         if node.op_type in named:
             return node
-        queue.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)  # type: ignore[misc]
+        queue.extend(p for v in node.inputs if v is not None and (p := v.producer()) is not None)
     while found.op_type in ("QuantizeLinear", "DequantizeLinear") and found.inputs[0] is not None:
         producer = found.inputs[0].producer()
         if producer is None:

@@ -32,7 +32,7 @@ import functools
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any, TypeVar
 
 import numpy as np
@@ -95,7 +95,7 @@ def is_root() -> bool:
 
 def _collective(error: OnnxQatError) -> OnnxQatError:
     """Mark an error raised identically on every rank: rank 0 alone reports it."""
-    error.collective = True  # type: ignore[attr-defined]
+    error.collective = True
     return error
 
 
@@ -139,6 +139,13 @@ def own_batches(batches: Iterable[T]) -> Iterable[T]:
     return _EveryNth(batches, w.rank, w.size)
 
 
+def _length(batches: Iterable[Any]) -> int:
+    """``len(batches)``: a TypeError, as len() gives, when they have none."""
+    if not isinstance(batches, Sized):
+        raise TypeError(f"object of type '{type(batches).__name__}' has no len()")
+    return len(batches)
+
+
 class _EveryNth:
     def __init__(self, batches: Iterable[Any], start: int, step: int) -> None:
         self.batches, self.start, self.step = batches, start, step
@@ -149,7 +156,7 @@ class _EveryNth:
                 yield batch
 
     def __len__(self) -> int:
-        return max(0, (len(self.batches) - self.start + self.step - 1) // self.step)  # type: ignore[arg-type]
+        return max(0, (_length(self.batches) - self.start + self.step - 1) // self.step)
 
 
 class RankRows:
@@ -174,7 +181,7 @@ class RankRows:
         self.axes = dict(axes if axes is not None else getattr(batches, "axes", {}))
 
     def __len__(self) -> int:
-        return len(self.batches)  # type: ignore[arg-type]
+        return _length(self.batches)
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.batches, "set_epoch"):
@@ -277,7 +284,7 @@ def merge_observers(observers: dict[str, Any]) -> dict[str, Any]:
     if w.size == 1:
         return observers
     every = w.comm.allgather(observers)
-    merged = every[0]
+    merged: dict[str, Any] = every[0]
     for other in every[1:]:
         for name, obs in other.items():
             merged[name].merge(obs)

@@ -133,8 +133,8 @@ def parse_aimet(data: Any, *, source: str = "encodings") -> ParsedEncodings:
     for key in ("activation_encodings", "param_encodings"):
         section = data.get(key, [] if version.startswith("1.") else {})
         sections[key] = _entries(section, version, key, fail)
-    acts = {}
-    params = {}
+    acts: dict[str, Encoding] = {}
+    params: dict[str, Encoding] = {}
     biases = {}
     for key, target in (("activation_encodings", acts), ("param_encodings", params)):
         for name, fields in sections[key].items():
@@ -252,7 +252,8 @@ def _entries(section: Any, version: str, key: str, fail: Any) -> dict[str, tuple
 def _bitwidth(value: Any, where: str, fail: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not (4 <= value <= 16 or value == 32):
         raise fail(f"{where}: bitwidth must be 4 to 16 (or 32 for biases), got {value!r}")
-    return value
+    bitwidth: int = value
+    return bitwidth
 
 
 def _numbers(value: Any, where: str, field: str, fail: Any) -> np.ndarray:

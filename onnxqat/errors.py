@@ -21,6 +21,9 @@ __all__ = [
 class OnnxQatError(Exception):
     """Base class of all user-facing errors."""
 
+    #: raised identically on every MPI rank, so rank 0 alone reports it (:mod:`onnxqat.distributed`)
+    collective: bool = False
+
 
 class ModelError(OnnxQatError):
     """The ONNX model cannot be loaded, is invalid, or uses something unsupported."""

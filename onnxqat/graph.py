@@ -16,9 +16,12 @@ __all__ = [
     "array_tensor",
     "call_with_light_proto",
     "const_array",
+    "first_unsorted",
+    "require_const",
     "is_constant",
     "is_float",
     "make_initializer",
+    "name_of",
     "opset_version",
     "remove_dead_nodes",
     "values_by_name",
@@ -32,6 +35,17 @@ _LIGHT_PROTO_TENSOR_BYTES = 1000
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )
+
+
+def name_of(item: ir.Value | ir.Node | None) -> str:
+    """The name of a value or node, which must exist and be named (those in a graph are: onnx-ir
+    names them when they are added). A missing value or name here is a bug, not a user error."""
+    if item is None:
+        raise RuntimeError("internal error: expected a value, got a missing (None) input")
+    name = item.name
+    if name is None:
+        raise RuntimeError(f"internal error: {item!r} has no name")
+    return name
 
 
 def is_float(value: ir.Value | None) -> bool:
@@ -51,6 +65,14 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def require_const(value: ir.Value | None) -> np.ndarray:
+    """:func:`const_array` of a value that must be a constant (a weight); anything else is a bug."""
+    array = const_array(value)
+    if array is None:
+        raise RuntimeError(f"internal error: {value!r} is not a constant")
+    return array
+
+
 def all_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
     """``graph`` and every subgraph nested in its nodes' attributes."""
     yield graph
@@ -60,6 +82,17 @@ def all_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
                 yield attr.as_graph()
             elif attr.type == ir.AttributeType.GRAPHS:
                 yield from attr.as_graphs()
+
+
+def first_unsorted(graph: ir.Graph) -> ir.Node | None:
+    """The first node of ``graph`` that reads a value produced by a later node, or None when the
+    graph is topologically sorted (values from outside the graph, as in subgraphs, count as given)."""
+    later = {id(v) for node in graph for v in node.outputs}
+    for node in graph:
+        if any(v is not None and id(v) in later for v in node.inputs):
+            return node
+        later.difference_update(id(v) for v in node.outputs)
+    return None
 
 
 def opset_version(model: ir.Model, domain: str = "") -> int:
@@ -177,14 +210,15 @@ def call_with_light_proto(func: Callable[[onnx.ModelProto], _R], model: ir.Model
     for value, tensor in zip(initializers, tensors):
         if tensor is not None:
             if value.shape is None:
-                value.shape = tensor.shape  # type: ignore[assignment]
+                shape = tensor.shape  # a tensor's shape is static: an ir.Shape, or ints
+                value.shape = shape if isinstance(shape, ir.Shape) else ir.Shape(shape.numpy())
             if value.dtype is None:
                 value.dtype = tensor.dtype
         if id(value) not in listed:
             graph.inputs.append(value)
         if tensor is None or tensor.nbytes > _LIGHT_PROTO_TENSOR_BYTES:
             value.const_value = None
-            graph.initializers.pop(value.name)  # type: ignore[arg-type]
+            graph.initializers.pop(name_of(value))
     try:
         return func(ir.serde.serialize_model(model))
     finally:

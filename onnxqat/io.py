@@ -89,7 +89,7 @@ def _check_external_paths(proto: onnx.ModelProto, path: str) -> None:
 
 def _data_bytes(tensor: onnx.TensorProto) -> int | None:
     """Bytes the tensor's shape needs, or None for types without a fixed size (strings)."""
-    n = math.prod(tensor.dims)
+    n: int = math.prod(tensor.dims)
     if tensor.data_type in _FOUR_BIT:
         return (n + 1) // 2
     if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):

@@ -170,6 +170,8 @@ def _link_or_copy(src: str, dst: str) -> None:
 class _Member:
     mode = "replace"
 
+    def prepare(self) -> None: ...
+
     def commit(self) -> None: ...
 
     def rollback(self) -> None: ...
@@ -504,7 +506,7 @@ class Transaction:
             return
         try:
             for m in self._members:
-                m.prepare()  # type: ignore[attr-defined]
+                m.prepare()
         except BaseException:
             self.abort()
             raise

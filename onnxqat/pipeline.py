@@ -38,7 +38,7 @@ from onnxqat.calibrate.schemes import DEFAULT_PERCENTILE, Scheme, activation_enc
 from onnxqat.config import QuantSimConfig
 from onnxqat.encodings import ENCODINGS_FORMATS, MISSING, Binding, ParsedEncodings, SourceGraph, aimet_names, bind, dumps, to_aimet
 from onnxqat.errors import ConfigError, EncodingsError, ModelError
-from onnxqat.graph import const_array
+from onnxqat.graph import const_array, name_of
 from onnxqat.io import load_model, save_model
 from onnxqat.ops import Reason
 from onnxqat.outputs import transaction
@@ -49,7 +49,7 @@ from onnxqat.passes.fix_inputs import FixInputsPass
 from onnxqat.passes.float16 import Float16Record, Float16ToFloat32Pass, cast_interface, restore_float16
 from onnxqat.passes.fold_batchnorm import FoldAffinePass, FoldBatchNormPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
-from onnxqat.plan import QuantPlan
+from onnxqat.plan import ActivationQuantizer, QuantPlan
 from onnxqat.qparams import Encoding, compute_encoding
 from onnxqat.runtime import Session, release_if_mapped
 from onnxqat.target import Target
@@ -251,7 +251,7 @@ def calibrate(
     than :data:`SHARED_RANGE_RATIO`, ``replan(untie)`` gives the plan without that tie (no
     ``replan``: the tie is kept).
     """
-    split = []
+    split: list[ActivationQuantizer] = []
     for q in state.plan.calibrated_activations:
         if q.shared_by and len(q.tensors) > 1:
             split.extend(dataclasses.replace(q, name=t, tensors=(t,), shared_by=()) for t in q.tensors)
@@ -287,7 +287,7 @@ def calibrate(
             if obs is None:
                 obs = copy.deepcopy(observers[part])
             else:
-                obs.merge(observers[part])  # type: ignore[arg-type]
+                obs.merge(observers[part])  # type: ignore[arg-type]  # one scheme per run: all observers are of one class
         if obs is None or obs.empty:
             raise ModelError(
                 f"tensor '{q.name}' held no finite value on the calibration data; exclude its producer in the config"
@@ -412,7 +412,7 @@ def _within_budget(model: ir.Model, plan: QuantPlan, batches: Iterable[Mapping[s
             probe = model.clone()
             ConcreteShapesPass(one)(probe)
             per_sample = float(sum(
-                4 * int(np.prod(v.shape)) for node in probe.graph for v in node.outputs
+                4 * int(np.prod(v.shape.numpy())) for node in probe.graph for v in node.outputs
                 if v.name in observed and v.shape is not None and all(isinstance(d, int) for d in v.shape)
             )) or 1.0
         step = max(1, int(budget // per_sample))
@@ -433,9 +433,9 @@ def _untie(state: SimState, observers: Mapping[str, Any]) -> dict[str, str]:
                 continue
             spans = {}
             for value in node.inputs:
-                obs = observers.get(value.name) if value is not None else None
+                obs = observers.get(name_of(value)) if value is not None else None
                 if obs is not None and not obs.empty:
-                    spans[value.name] = max(obs.max, 0.0) - min(obs.min, 0.0)
+                    spans[name_of(value)] = max(obs.max, 0.0) - min(obs.min, 0.0)
             positive = [v for v in spans.values() if v > 0]
             if len(positive) < 2 or max(positive) <= SHARED_RANGE_RATIO * min(positive):
                 continue

@@ -273,7 +273,8 @@ def pair_safe_scale(rows: np.ndarray, limit: int) -> np.ndarray:
 
 
 def _floor_scale(scale: np.ndarray) -> np.ndarray:
-    return np.maximum(scale, MIN_SCALE).astype(np.float32)
+    floored: np.ndarray = np.maximum(scale, MIN_SCALE).astype(np.float32)
+    return floored
 
 
 def broadcast_shape(enc: Encoding, ndim: int) -> tuple[int, ...]:
@@ -291,7 +292,8 @@ def quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:
     scale = enc.scale.reshape(shape)
     zp = enc.zero_point.reshape(shape)
     q = np.rint(x / scale).astype(np.float64) + zp
-    return np.clip(q, enc.qmin, enc.qmax).astype(enc.container_dtype)
+    out: np.ndarray = np.clip(q, enc.qmin, enc.qmax).astype(enc.container_dtype)
+    return out
 
 
 def dequantize(q: np.ndarray, enc: Encoding) -> np.ndarray:
@@ -299,7 +301,8 @@ def dequantize(q: np.ndarray, enc: Encoding) -> np.ndarray:
     q = np.asarray(q)
     shape = broadcast_shape(enc, q.ndim)
     diff = (q.astype(np.int64) - enc.zero_point.reshape(shape)).astype(np.float32)
-    return diff * enc.scale.reshape(shape)
+    out: np.ndarray = diff * enc.scale.reshape(shape)
+    return out
 
 
 def fake_quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -33,7 +33,7 @@ import onnx_ir as ir
 from onnxqat import ops
 from onnxqat.graph import const_array
 from onnxqat.passes.expose import ExposeValuesPass
-from onnxqat.passes.insert_qdq import InsertQDQPass, InsertQDQResult
+from onnxqat.passes.insert_qdq import InsertQDQPass
 from onnxqat.plan import ParamQuantizer
 from onnxqat.progress import Progress
 from onnxqat.qparams import Encoding, pair_safe_scale
@@ -137,7 +137,8 @@ def _conv_patches(node: ir.Node, x: np.ndarray, kernel: tuple[int, ...], rng: np
         taps.append(xp[(idx[0][:, None], channels) + coords])  # [take, C]
     patches = np.stack(taps, axis=-1)  # [take, C, taps]
     cg = c // group
-    return patches.reshape(take, group, cg * len(taps)).transpose(1, 0, 2)
+    rows: np.ndarray = patches.reshape(take, group, cg * len(taps)).transpose(1, 0, 2)
+    return rows
 
 
 def _rows(node: ir.Node, index: int, x: np.ndarray) -> np.ndarray:
@@ -166,7 +167,7 @@ def _weight_rows(node: ir.Node, index: int, w: np.ndarray) -> np.ndarray:
 def _unrows(node: ir.Node, index: int, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if node.op_type == "Conv":
         return rows.reshape(shape)
-    r = rows[0]
+    r: np.ndarray = rows[0]
     if node.op_type == "Gemm":
         if index == 1:
             return r if _int_attr(node, "transB", 0) else r.T
@@ -194,7 +195,7 @@ def collect_layer_stats(state: Any, batches: Iterable[Mapping[str, np.ndarray]],
             if node.op_type == "Conv" and (node.inputs[1].shape is None or len(node.inputs[1].shape) not in (3, 4)):
                 continue
             targets.setdefault(p.name, (node, index, data.name))  # a shared weight: its first consumer
-    inserted = cast(InsertQDQResult, InsertQDQPass(plan, state.encodings, fold_weights=False)(model))
+    inserted = InsertQDQPass(plan, state.encodings, fold_weights=False)(model)
     sites = inserted.sites
     sim = ExposeValuesPass(sorted({sites.get(t, t) for _, _, t in targets.values()}))(inserted.model).model
     session = Session(sim)
@@ -225,18 +226,20 @@ def collect_layer_stats(state: Any, batches: Iterable[Mapping[str, np.ndarray]],
 
 
 def _quantize_rows(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    return np.clip(np.rint(rows / scale[..., None]), qmin, qmax)
+    q: np.ndarray = np.clip(np.rint(rows / scale[..., None]), qmin, qmax)
+    return q
 
 
 def _row_error(delta: np.ndarray, hessian: np.ndarray) -> np.ndarray:
     """``d^T H d`` for every row: delta [g, m, K], hessian [g, K, K] -> [g, m]."""
-    return ((delta @ hessian) * delta).sum(axis=-1)  # batched BLAS: einsum's three-operand loop is ~100x slower
+    err: np.ndarray = ((delta @ hessian) * delta).sum(axis=-1)  # batched BLAS: einsum's three-operand loop is ~100x slower
+    return err
 
 
 def _seqmse_scale(rows: np.ndarray, base: np.ndarray, floor: np.ndarray, hessian: np.ndarray,
                   qmin: int, qmax: int) -> np.ndarray:
     best = np.full(base.shape, np.inf)
-    chosen = base.copy()
+    chosen: np.ndarray = base.copy()
     for factor in _SEQMSE_FACTORS:
         scale = np.maximum(base * factor, floor)
         delta = _quantize_rows(rows, scale, qmin, qmax) * scale[..., None] - rows

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnxqat.backend import onnxruntime as _onnxruntime
 from onnxqat.backend import providers
 
-__all__ = ["PROTO_LIMIT", "Session", "fits_in_proto", "model_bytes_size", "release_if_mapped", "save_with_external_data"]
+__all__ = ["PROTO_LIMIT", "NotImplementedError_", "Session", "fits_in_proto", "model_bytes_size", "release_if_mapped", "save_with_external_data"]
 
 # Serialize in memory below this size; above it, save with external data and load by path.
 PROTO_LIMIT = 1_800_000_000
@@ -28,7 +28,7 @@ ort = _onnxruntime()
 try:
     from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NotImplementedError_
 except ImportError:  # pragma: no cover - the class is part of every onnxruntime build
-    NotImplementedError_ = RuntimeError  # type: ignore[misc,assignment]
+    NotImplementedError_ = RuntimeError
 
 
 def release_if_mapped(tensor: object) -> None:
@@ -149,4 +149,5 @@ class Session:
 
     def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
         names = list(outputs) if outputs is not None else self.output_names
-        return self.session.run(names, {k: feed[k] for k in self.input_names})
+        results: list[np.ndarray] = self.session.run(names, {k: feed[k] for k in self.input_names})
+        return results

@@ -17,6 +17,7 @@ from onnxqat.coverage import coverage
 from onnxqat.data import input_signature, validate_feed
 from onnxqat.encodings import SourceGraph, parse_aimet, read_document
 from onnxqat.errors import ConfigError
+from onnxqat.graph import name_of
 from onnxqat.pipeline import ModelSource, SimState
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding
@@ -190,12 +191,12 @@ class QuantizationSimModel:
 
         observed = self._state
         if self.config.calibrate_quantized_weights:  # aimet-onnx observes activations so
-            from onnxqat.graph import const_array
+            from onnxqat.graph import require_const
             from onnxqat.qparams import fake_quantize
 
             inits = model.graph.initializers
             observed = pipeline.apply_weights(observed, {
-                p.name: fake_quantize(const_array(inits[p.name]), self._state.encodings[p.name])
+                p.name: fake_quantize(require_const(inits[p.name]), self._state.encodings[p.name])
                 for p in self._state.plan.params})
         found = pipeline.calibrate(observed, keep_first(batches), self.quant_scheme, percentile=self.percentile,
                                    progress=progress, replan=replan, device=self.device)
@@ -295,7 +296,7 @@ class QuantizationSimModel:
 
     @property
     def output_names(self) -> list[str]:
-        return [v.name for v in self.float_model.graph.outputs]  # type: ignore[misc]
+        return [name_of(v) for v in self.float_model.graph.outputs]
 
     def run(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run the simulation on one batch; returns the model outputs in order (in the model's

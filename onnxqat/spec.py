@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from onnxqat.errors import ConfigError
 
@@ -125,5 +125,5 @@ class QuantSpec:
     def with_axis(self, axis: int | None) -> QuantSpec:
         return dataclasses.replace(self, axis=axis)
 
-    def replace(self, **changes: object) -> QuantSpec:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+    def replace(self, **changes: Any) -> QuantSpec:
+        return dataclasses.replace(self, **changes)

@@ -68,10 +68,10 @@ def test_hard_activations_are_integer_forms_within_one_lsb_of_the_float_op(op, a
     if op == "HardSigmoid":
         assert float(sim.encodings["h"].scale) == np.float32(1 / 255)  # the gate grid read as [0, 1]
     # the sim's activation 'h' against the float op applied to the sim's own (quantized) input
-    inserter = InsertQDQPass(sim.effective_plan, sim.encodings, fold_weights=False)
-    sim_model = inserter(sim.float_model).model
+    inserted = InsertQDQPass(sim.effective_plan, sim.encodings, fold_weights=False)(sim.float_model)
+    sim_model = inserted.model
     values = {v.name: v for n in sim_model.graph for v in n.outputs}
-    sim_model.graph.outputs.extend([values[inserter.sites["c1"]], values[inserter.sites["h"]]])
+    sim_model.graph.outputs.extend([values[inserted.sites["c1"]], values[inserted.sites["h"]]])
     session = Session(sim_model)
     c1, h = session.run({"x": x})[1:]
     alpha, beta = (1 / 6, 0.5) if op == "HardSwish" else (attrs.get("alpha", 0.2), attrs.get("beta", 0.5))

@@ -64,7 +64,7 @@ class HistogramObserver:
 
     def __init__(self, bins: int = 2048) -> None:
         self.bins = bins
-        self.counts = np.zeros(bins, dtype=np.float64)
+        self.counts: np.ndarray = np.zeros(bins, dtype=np.float64)
         self.lo = 0.0
         self.width = 0.0
         self.minmax = MinMaxObserver()
@@ -157,4 +157,5 @@ def _finite(x: np.ndarray, observer: MinMaxObserver) -> np.ndarray:
     if mask.all():
         return x
     observer.nonfinite += int(x.size - mask.sum())
-    return x[mask]
+    finite: np.ndarray = x[mask]
+    return finite

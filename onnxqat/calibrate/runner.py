@@ -21,7 +21,7 @@ from onnxqat.calibrate.observers import HistogramObserver, MinMaxObserver
 from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import DataError
-from onnxqat.graph import NameScope, const_array, is_constant, values_by_name
+from onnxqat.graph import NameScope, const_array, name_of, values_by_name
 from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.plan import QuantPlan
 from onnxqat.runtime import Session, fits_in_proto
@@ -173,8 +173,9 @@ def _statistics_model(
     for q in plan.activations:
         for tensor in q.tensors:
             value = values[tensor]
-            if is_constant(value):
-                observers[q.name].update(const_array(value))  # type: ignore[arg-type]
+            constant = const_array(value)  # None unless is_constant(value)
+            if constant is not None:
+                observers[q.name].update(constant)
             elif value.is_graph_input():
                 stats.from_inputs.append((tensor, q.name))
             elif scheme.needs_histogram:
@@ -200,7 +201,7 @@ def _statistics_model(
             for op, upper in (("ReduceMin", False), ("ReduceMax", True)):
                 kind = "max" if upper else "min"
                 reduced_out = names.fresh(f"{value.name}_{kind}")
-                emitted.append(_Op(op, (value.name,), reduced_out,  # type: ignore[arg-type]
+                emitted.append(_Op(op, (name_of(value),), reduced_out,
                                    names.fresh(f"{value.name}_{op}"), ("keepdims", 1)))
                 # Flatten(axis=0) makes every bound [1, 1] whatever the tensor's actual rank
                 # (a recorded shape can be stale), so one Concat per dtype gathers them all.
@@ -213,8 +214,9 @@ def _statistics_model(
         stats.after[position] = emitted
     for dtype, gatherer in gatherers.items():
         out = gatherer.finish(stats.tail)
-        stats.outputs.append((out, dtype, False))  # type: ignore[arg-type]
-        stats.fetches.append((out, gatherer.targets))  # type: ignore[arg-type]
+        assert dtype is not None  # quantized activations are float tensors
+        stats.outputs.append((out, dtype, False))
+        stats.fetches.append((out, gatherer.targets))
     return stats
 
 
@@ -280,6 +282,6 @@ def _with_additions_ir(model: ir.Model, stats: _StatisticsModel) -> ir.Model:
     for position, ops in stats.after.items():
         graph.insert_after(nodes[position], build(ops))
     graph.extend(build(stats.tail))
-    names = [o.name if isinstance(o, ir.Value) else o[0] for o in stats.outputs]
+    names = [name_of(o) if isinstance(o, ir.Value) else o[0] for o in stats.outputs]
     types = {o[0]: (o[1], ir.Shape([]) if o[2] else None) for o in stats.outputs if not isinstance(o, ir.Value)}
     return ExposeValuesPass(names, types)(model).model

@@ -198,4 +198,5 @@ def _noise(values: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarra
     clip_lo = s2_lo - 2 * lo * s1_lo + lo * lo * n_lo
     clip_hi = s2_hi - 2 * hi * s1_hi + hi * hi * n_hi
     inside = c[-1] - n_lo - n_hi
-    return clip_lo + clip_hi + inside * scale * scale / 12.0
+    error: np.ndarray = clip_lo + clip_hi + inside * scale * scale / 12.0
+    return error

@@ -42,7 +42,7 @@ import onnx_ir as ir
 
 from onnxqat import ops
 from onnxqat.config import QuantSimConfig
-from onnxqat.graph import is_constant, is_float
+from onnxqat.graph import is_constant, is_float, name_of
 from onnxqat.ops import Reason
 from onnxqat.plan import ActivationQuantizer, BiasQuantizer, IntegerForm, ParamQuantizer, QuantPlan
 from onnxqat.spec import QuantSpec
@@ -196,7 +196,7 @@ class _Annotator:
         symmetric = self.config.activation_symmetric
         fixed = None
         if node is not None:
-            override = self.config.nodes.get(node.name)
+            override = self.config.nodes.get(name_of(node))
             if override is not None and override.activation_bw is not None:
                 bw = override.activation_bw
             symmetric = self.config.activation_symmetric_for(node.op_type)
@@ -254,10 +254,10 @@ class _Annotator:
                 else:
                     label = "+".join(group)
                     for member in chain[:-1]:
-                        interior[member.outputs[0].name] = Reason("placement.supergroup_interior",
+                        interior[name_of(member.outputs[0])] = Reason("placement.supergroup_interior",
                                                                   f"inside supergroup {label}")
-                        self.chain_end[member.outputs[0].name] = chain[-1].outputs[0].name
-                    self.chain_start[chain[-1].outputs[0].name] = chain[0]
+                        self.chain_end[name_of(member.outputs[0])] = name_of(chain[-1].outputs[0])
+                    self.chain_start[name_of(chain[-1].outputs[0])] = chain[0]
         return interior
 
     def supergroups(self) -> tuple[tuple[str, ...], ...]:
@@ -296,22 +296,22 @@ class _Annotator:
         """
         if self.config.output_quantized:
             return True
-        start = self.chain_start.get(node.outputs[0].name if node.outputs else "", node)
+        start = self.chain_start.get(name_of(node.outputs[0]) if node.outputs else "", node)
         return ops.rule(start.op_type, start.domain).kind is ops.OpKind.WEIGHTED
 
     def inputs_quantized(self, node: ir.Node) -> bool:
         """Every float, non-constant data input of ``node`` (of its supergroup's first node, for
         the group's last op) is quantized."""
-        node = self.chain_start.get(node.outputs[0].name if node.outputs else "", node)
+        node = self.chain_start.get(name_of(node.outputs[0]) if node.outputs else "", node)
         data = [v for v in node.inputs if is_float(v) and not is_constant(v)]
-        return all(v is not None and self.quantized(v.name) for v in data)
+        return all(v is not None and self.quantized(name_of(v)) for v in data)
 
     def integer_with_constant(self, node: ir.Node) -> bool:
         """An Add/Sub/Mul with a constant whose data input is quantized: it runs on the integer
         kernel with the constant quantized (rule 7); it never makes its input quantized."""
         index = self.constant_kernel(node)
         data = node.inputs[1 - index] if index is not None else None
-        return data is not None and self.quantized(data.name)
+        return data is not None and self.quantized(name_of(data))
 
     @staticmethod
     def moves_data(node: ir.Node) -> bool:
@@ -335,10 +335,10 @@ class _Annotator:
             for value in node.inputs:
                 if is_float(value) and not is_constant(value):
                     assert value is not None
-                    demand.setdefault(value.name, f"input of {node.op_type} node '{node.name}'")
+                    demand.setdefault(name_of(value), f"input of {node.op_type} node '{node.name}'")
         if self.config.model_output_quantized:
             for value in self.graph.outputs:
-                demand.setdefault(value.name, "model output")
+                demand.setdefault(name_of(value), "model output")
         return demand
 
     def run(self) -> QuantPlan:
@@ -349,7 +349,7 @@ class _Annotator:
             if not is_float(value) or is_constant(value):
                 continue
             if self.config.model_input_quantized or value.name in demand:
-                self.new_group(value.name, self.act_spec(None))
+                self.new_group(name_of(value), self.act_spec(None))
             else:
                 self.skip(value, Reason("placement.model_input", "model input (model_input.is_input_quantized is false)"))
 
@@ -372,19 +372,19 @@ class _Annotator:
 
     def visit_outputs(self, node: ir.Node, interior: dict[str, Reason], demand: dict[str, str]) -> None:
         excluded = self.excluded(node)
-        override = self.config.nodes.get(node.name)
+        override = self.config.nodes.get(name_of(node))
         problem = self.kernel_problem(node)
         for out in node.outputs:
             if not is_float(out):
                 continue
-            name = out.name
+            name = name_of(out)
             if excluded:
                 self.skip(out, excluded)
             elif problem:
                 # never Q right after it: onnxruntime would form the integer kernel that does not exist
                 self.skip(out, Reason(problem.rule_id, f"{problem.detail}; its output stays float"))
             elif node.name in self.untie and name not in demand:
-                self.skip(out, Reason("placement.untied", self.untie[node.name]))
+                self.skip(out, Reason("placement.untied", self.untie[name_of(node)]))
             elif name in interior:
                 self.skip(out, interior[name])
                 index = self.constant_kernel(node) if self.float_elementwise(node) else None
@@ -396,9 +396,9 @@ class _Annotator:
                 (self.moves_data(node) or node.op_type in self.config.tied_op_types)
                 and node.inputs
                 and node.inputs[0] is not None
-                and self.quantized(node.inputs[0].name)
+                and self.quantized(name_of(node.inputs[0]))
             ):
-                self.tie(name, node.inputs[0].name)
+                self.tie(name, name_of(node.inputs[0]))
             elif override is not None and override.is_output_quantized is not None:
                 if override.is_output_quantized:
                     self.new_group(name, self.act_spec(node))
@@ -440,29 +440,29 @@ class _Annotator:
         if factor is None or overridden or out is not node.outputs[0]:
             return False
         data = next(v for v in node.inputs if v is not None and not is_constant(v))
-        if not self.quantized(data.name):
+        if not self.quantized(name_of(data)):
             return False
-        self.new_group(out.name, self.group_spec[self.groups.find(data.name)])
-        self.derived[out.name] = (data.name, factor)
+        self.new_group(name_of(out), self.group_spec[self.groups.find(name_of(data))])
+        self.derived[name_of(out)] = (name_of(data), factor)
         return True
 
     def integer_form(self, node: ir.Node, out: ir.Value, demand: dict[str, str]) -> bool:
         """Rule 8: HardSigmoid/HardSwish of a quantized uint8 tensor as integer kernels."""
         found = ops.integer_form(node)
         data = node.inputs[0] if node.inputs else None
-        if found is None or data is None or out is not node.outputs[0] or not self.quantized(data.name):
+        if found is None or data is None or out is not node.outputs[0] or not self.quantized(name_of(data)):
             return False
         if not self.config.input_quantized_for(node.op_type) and out.name not in demand:
             return False
         spec = self.act_spec(node)
-        source = self.group_spec[self.groups.find(data.name)]
+        source = self.group_spec[self.groups.find(name_of(data))]
         if spec.bitwidth != 8 or source.bitwidth != 8 or source.symmetric or spec.symmetric:
             return False
         form, alpha, beta = found
         if not form.multiplies_input:
             spec = spec.replace(fixed_range=(0.0, 1.0))
-        self.new_group(out.name, spec)
-        self.forms.append(IntegerForm(node.name, node.op_type, alpha, beta, data.name, out.name))
+        self.new_group(name_of(out), spec)
+        self.forms.append(IntegerForm(name_of(node), node.op_type, alpha, beta, name_of(data), name_of(out)))
         return True
 
     def quantize_constants(self) -> None:
@@ -471,11 +471,11 @@ class _Annotator:
             const = node.inputs[index]
             data = node.inputs[1 - index]
             assert const is not None and data is not None
-            if self.quantized(const.name):
+            if self.quantized(name_of(const)):
                 continue
-            out = self.chain_end.get(node.outputs[0].name, node.outputs[0].name)
-            if self.quantized(data.name) and self.quantized(out):
-                self.new_group(const.name, self.group_spec[self.groups.find(out)])
+            out = self.chain_end.get(name_of(node.outputs[0]), name_of(node.outputs[0]))
+            if self.quantized(name_of(data)) and self.quantized(out):
+                self.new_group(name_of(const), self.group_spec[self.groups.find(out)])
             else:
                 self.skip(const, Reason("placement.constant_input_float",
                                         f"constant of {node.op_type} node '{node.name}': its input or output is float"))
@@ -492,21 +492,21 @@ class _Annotator:
             if node.name in self.untie:
                 continue
             out = node.outputs[0]
-            if not self.quantized(out.name):
+            if not self.quantized(name_of(out)):
                 continue
             for value in node.inputs:
                 if not is_float(value):
                     continue
                 assert value is not None
-                if not self.quantized(value.name):
+                if not self.quantized(name_of(value)):
                     if is_constant(value):
-                        self.new_group(value.name, self.group_spec[self.groups.find(out.name)])
+                        self.new_group(name_of(value), self.group_spec[self.groups.find(name_of(out))])
                     else:
                         continue
-                self.underive(out.name)
-                self.underive(value.name)
-                self.groups.union(out.name, value.name)
-            self.shared_by.setdefault(out.name, []).append(node.name)
+                self.underive(name_of(out))
+                self.underive(name_of(value))
+                self.groups.union(name_of(out), name_of(value))
+            self.shared_by.setdefault(name_of(out), []).append(name_of(node))
 
     def activation_quantizers(self) -> tuple[ActivationQuantizer, ...]:
         members: dict[str, list[str]] = {}
@@ -549,30 +549,31 @@ class _Annotator:
                 self.skip(weight, Reason("placement.params_off", f"weights of {node.op_type}: params not quantized by config"))
                 continue
             spec = self.param_spec(node, weight, index, symmetric)
-            previous = weights.get(weight.name)
+            previous = weights.get(name_of(weight))
             if previous is not None:
                 if previous.spec != spec:
                     spec = previous.spec.with_axis(None) if previous.spec.axis != spec.axis else previous.spec
-                weights[weight.name] = ParamQuantizer(weight.name, spec, previous.consumers + (node.name,))
+                weights[name_of(weight)] = ParamQuantizer(name_of(weight), spec, previous.consumers + (name_of(node),))
             else:
-                weights[weight.name] = ParamQuantizer(weight.name, spec, (node.name,))
-            if slot.bias is not None and len(node.inputs) > slot.bias and node.inputs[slot.bias] is not None:
-                bias_candidates.append((node, node.inputs[slot.bias], weight))
+                weights[name_of(weight)] = ParamQuantizer(name_of(weight), spec, (name_of(node),))
+            candidate = node.inputs[slot.bias] if slot.bias is not None and len(node.inputs) > slot.bias else None
+            if candidate is not None:
+                bias_candidates.append((node, candidate, weight))
 
         biases = []
         for node, bias, weight in bias_candidates:
-            reason = self.bias_problem(node, bias, weight, weights[weight.name])
+            reason = self.bias_problem(node, bias, weight, weights[name_of(weight)])
             if reason:
                 self.skip(bias, reason)
                 continue
             data = node.inputs[0]
             assert data is not None
-            biases.append(BiasQuantizer(bias.name, node.name, by_tensor[data.name], weight.name))
+            biases.append(BiasQuantizer(name_of(bias), name_of(node), by_tensor[name_of(data)], name_of(weight)))
         return list(weights.values()), biases
 
     def param_spec(self, node: ir.Node, weight: ir.Value, index: int, symmetric: bool) -> QuantSpec:
         bw = self.param_bw
-        override = self.config.nodes.get(node.name)
+        override = self.config.nodes.get(name_of(node))
         if override is not None and override.param_bw is not None:
             bw = override.param_bw
         axis = None
@@ -606,7 +607,7 @@ class _Annotator:
         if len(bias.uses()) != 1:
             return Reason("placement.bias_shared", "bias shared by several nodes")
         data = node.inputs[0]
-        if data is None or not self.quantized(data.name):
+        if data is None or not self.quantized(name_of(data)):
             return Reason("placement.bias_input_float", f"bias of '{node.name}': the node's input is not quantized")
         if len(weight.consumers) > 1 and weight.spec.axis is not None:
             return Reason("placement.bias_weight_shared", f"bias of '{node.name}': weight shared by several nodes")

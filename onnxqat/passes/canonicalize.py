@@ -23,6 +23,7 @@ from onnx_ir.passes.common import (
 
 from onnxqat.errors import ModelError
 from onnxqat.graph import call_with_light_proto, opset_version
+from onnxqat.passes import TypedInPlacePass
 from onnxqat.passes.fold_constants import FoldWeightChainsPass
 from onnxqat.passes.infer_types import InferShapesPass, InferTypesWithOnnxruntimePass
 
@@ -39,7 +40,7 @@ class UpgradeOpsetResult(ir.passes.PassResult):
     opset: int = 0
 
 
-class UpgradeOpsetPass(ir.passes.InPlacePass):
+class UpgradeOpsetPass(TypedInPlacePass[UpgradeOpsetResult]):
     """Convert the default-domain opset up to ``target`` with onnx's version converter.
 
     In place: a model already at ``target`` or above is left as it is (no copy of the graph);
@@ -49,6 +50,12 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
     def __init__(self, target: int = MIN_OPSET) -> None:
         super().__init__()
         self.target = target
+
+    def ensures(self, model: ir.Model) -> None:
+        """The default-domain opset is at least ``target``."""
+        if opset_version(model) < self.target:
+            raise ir.passes.PostconditionError(
+                f"the default-domain opset is {opset_version(model)} after upgrading to {self.target}")
 
     def call(self, model: ir.Model) -> UpgradeOpsetResult:
         current = opset_version(model)

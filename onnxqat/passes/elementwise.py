@@ -6,7 +6,8 @@ import dataclasses
 
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, const_array, is_constant, make_initializer
+from onnxqat.graph import NameScope, const_array, is_constant, make_initializer, name_of
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["SubtractConstantAsAddPass", "SubtractConstantResult"]
 
@@ -18,7 +19,7 @@ class SubtractConstantResult(ir.passes.PassResult):
     rewritten: tuple[str, ...] = ()
 
 
-class SubtractConstantAsAddPass(ir.passes.InPlacePass):
+class SubtractConstantAsAddPass(TypedInPlacePass[SubtractConstantResult]):
     """``Sub(x, c)`` with a float constant ``c`` becomes ``Add(x, -c)``.
 
     onnxruntime has an integer kernel for Add (QLinearAdd) and none for Sub; negating a float
@@ -50,5 +51,5 @@ class SubtractConstantAsAddPass(ir.passes.InPlacePass):
             new.name = out.name
             rewritten.append(add.name or "")
             if not c.uses() and not c.is_graph_output() and c.name in graph.initializers:
-                graph.initializers.pop(c.name)
+                graph.initializers.pop(name_of(c))
         return SubtractConstantResult(model, modified=bool(rewritten), rewritten=tuple(rewritten))

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 import onnx_ir as ir
 
 from onnxqat.graph import values_by_name
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["ExposeValuesPass", "ExposeValuesResult"]
 
@@ -28,7 +29,7 @@ class ExposeValuesResult(ir.passes.PassResult):
     missing: tuple[str, ...] = ()
 
 
-class ExposeValuesPass(ir.passes.InPlacePass):
+class ExposeValuesPass(TypedInPlacePass[ExposeValuesResult]):
     """Append the values named ``names`` to the graph outputs, in order, each once.
 
     A name that is already a graph output is left where it is; a name the graph does not have is
@@ -43,6 +44,15 @@ class ExposeValuesPass(ir.passes.InPlacePass):
         super().__init__()
         self.names = tuple(dict.fromkeys(names))
         self.types = dict(types or {})
+
+    def ensures(self, model: ir.Model) -> None:
+        """Every asked-for name the graph has is a graph output."""
+        graph = model.graph
+        values = values_by_name(graph)
+        outputs = {v.name for v in graph.outputs}
+        absent = [name for name in self.names if name in values and name not in outputs]
+        if absent:
+            raise ir.passes.PostconditionError(f"not graph outputs after exposing them: {absent[:5]}")
 
     def call(self, model: ir.Model) -> ExposeValuesResult:
         graph = model.graph

@@ -19,6 +19,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferenc
 
 from onnxqat.errors import ConfigError
 from onnxqat.graph import NameScope, is_constant
+from onnxqat.passes import TypedInPlacePass
 from onnxqat.passes.fold_constants import _evaluate, _pure
 
 __all__ = ["FixInputsPass", "FixInputsResult", "parse_fixed_inputs"]
@@ -48,13 +49,19 @@ def parse_fixed_inputs(items: list[str] | tuple[str, ...]) -> dict[str, list[flo
     return out
 
 
-class FixInputsPass(ir.passes.InPlacePass):
+class FixInputsPass(TypedInPlacePass[FixInputsResult]):
     """Make the named graph inputs constants (values cast to the input's dtype and shape), then
     inline every ``If`` whose condition is constant, repeatedly (nested control flow)."""
 
     def __init__(self, values: Mapping[str, np.ndarray | list[float] | float]) -> None:
         super().__init__()
         self.values = dict(values)
+
+    def ensures(self, model: ir.Model) -> None:
+        """No fixed input is a graph input any more (each is an initializer)."""
+        left = [v.name for v in model.graph.inputs if v.name in self.values]
+        if left:
+            raise ir.passes.PostconditionError(f"still graph inputs after fixing them: {left}")
 
     def call(self, model: ir.Model) -> FixInputsResult:
         graph = model.graph
@@ -68,9 +75,9 @@ class FixInputsPass(ir.passes.InPlacePass):
             array = np.asarray(raw, dtype=np.float64)
             shape = value.shape
             if shape is not None and all(isinstance(d, int) for d in shape):
-                if array.size != int(np.prod(shape)):
+                if array.size != int(np.prod(shape.numpy())):
                     raise ConfigError(f"--fix-input {name}: {array.size} value(s) for an input of shape {list(shape)}")
-                array = array.reshape(tuple(int(d) for d in shape))
+                array = array.reshape(shape.numpy())
             elif array.size == 1:
                 array = array.reshape(())
             array = array.astype(dtype)
@@ -122,7 +129,7 @@ def _constant(value: ir.Value | None, model: ir.Model) -> np.ndarray | None:
         if static is not None:
             cache[id(v)] = static
             return static
-        args = []
+        args: list[np.ndarray | None] = []
         for inp in node.inputs:
             if inp is None:
                 args.append(None)
@@ -149,7 +156,7 @@ def _static_shape(node: ir.Node) -> np.ndarray | None:
     if node.op_type == "Shape" and node.inputs[0] is not None:
         shape = node.inputs[0].shape
         if shape is not None and all(isinstance(d, int) for d in shape) and not node.attributes:
-            return np.asarray([int(d) for d in shape], np.int64)
+            return np.asarray(shape.numpy(), np.int64)
     if node.op_type == "Gather" and len(node.inputs) == 2 and node.inputs[0] is not None:
         shape_node = node.inputs[0].producer()
         index = node.inputs[1]
@@ -159,8 +166,9 @@ def _static_shape(node: ir.Node) -> np.ndarray | None:
             assert index is not None and index.const_value is not None
             i = index.const_value.numpy()
             picked = [dims[int(k)] for k in np.asarray(i).reshape(-1)]
-            if all(isinstance(d, int) for d in picked):
-                return np.asarray([int(d) for d in picked], np.int64).reshape(np.shape(i))
+            known = [d for d in picked if isinstance(d, int)]
+            if len(known) == len(picked):
+                return np.asarray(known, np.int64).reshape(np.shape(i))
     return None
 
 
@@ -184,10 +192,10 @@ def _inline(graph: ir.Graph, node: ir.Node, branch: ir.Graph, names: NameScope) 
         graph.insert_before(node, inner)
     inner_values = {id(v) for n in moved for v in n.outputs}
     for old, new in zip(node.outputs, list(branch.outputs)):
-        name = old.name
+        out_name = old.name
         old.replace_all_uses_with(new, replace_graph_outputs=True)
-        if name and id(new) in inner_values:
+        if out_name and id(new) in inner_values:
             old.name = None
-            new.name = name
+            new.name = out_name
     branch.outputs.clear()
     graph.remove(node, safe=True)

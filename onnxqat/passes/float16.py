@@ -15,7 +15,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, array_tensor
+from onnxqat.graph import NameScope, array_tensor, name_of
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["DECLARED_DTYPE", "Float16Record", "Float16Result", "Float16ToFloat32Pass", "cast_interface",
            "restore_float16"]
@@ -52,9 +53,21 @@ class Float16Result(ir.passes.PassResult):
     record: Float16Record = dataclasses.field(default_factory=Float16Record)
 
 
-class Float16ToFloat32Pass(ir.passes.InPlacePass):
+class Float16ToFloat32Pass(TypedInPlacePass[Float16Result]):
     """Float16 inputs, outputs, initializers and Cast targets to float32; the result's ``record``
     says which (the pass keeps no state between calls)."""
+
+    def ensures(self, model: ir.Model) -> None:
+        """No float16 graph input, output, initializer, node output or Cast target is left."""
+        graph = model.graph
+        values = [*graph.inputs, *graph.outputs, *graph.initializers.values(), *(v for n in graph for v in n.outputs)]
+        half = next((v for v in values if _is_half(v)), None)
+        if half is not None:
+            raise ir.passes.PostconditionError(f"value '{half.name}' is still float16")
+        cast = next((n for n in graph if n.op_type == "Cast" and (to := n.attributes.get("to")) is not None
+                     and to.as_int() == ir.DataType.FLOAT16), None)
+        if cast is not None:
+            raise ir.passes.PostconditionError(f"Cast node '{cast.name}' still casts to float16")
 
     def call(self, model: ir.Model) -> Float16Result:
         record = Float16Record()
@@ -63,11 +76,11 @@ class Float16ToFloat32Pass(ir.passes.InPlacePass):
             if _is_half(value):
                 value.meta[DECLARED_DTYPE] = ir.DataType.FLOAT16
                 _set_dtype(value, ir.DataType.FLOAT)
-                record.inputs.add(value.name)  # type: ignore[arg-type]
+                record.inputs.add(name_of(value))
         for value in graph.outputs:
             if _is_half(value):
                 _set_dtype(value, ir.DataType.FLOAT)
-                record.outputs.add(value.name)  # type: ignore[arg-type]
+                record.outputs.add(name_of(value))
         for name, value in graph.initializers.items():
             tensor = value.const_value
             if tensor is not None and tensor.dtype == ir.DataType.FLOAT16:
@@ -78,7 +91,7 @@ class Float16ToFloat32Pass(ir.passes.InPlacePass):
             to = node.attributes.get("to")
             if node.op_type == "Cast" and to is not None and to.as_int() == ir.DataType.FLOAT16:
                 node.attributes["to"] = ir.AttrInt64("to", int(ir.DataType.FLOAT))
-                record.casts.add(node.name)  # type: ignore[arg-type]
+                record.casts.add(name_of(node))
             for out in node.outputs:
                 if _is_half(out):
                     _set_dtype(out, ir.DataType.FLOAT)

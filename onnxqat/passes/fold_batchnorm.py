@@ -23,8 +23,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, const_array, is_constant, make_initializer
+from onnxqat.graph import NameScope, const_array, is_constant, make_initializer, name_of
 from onnxqat.ops import Reason
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["FoldAffinePass", "FoldAffineResult", "FoldBatchNormPass", "FoldBatchNormResult"]
 
@@ -40,7 +41,7 @@ class FoldBatchNormResult(ir.passes.PassResult):
     unfolded: dict[str, Reason] = dataclasses.field(default_factory=dict)
 
 
-class FoldBatchNormPass(ir.passes.InPlacePass):
+class FoldBatchNormPass(TypedInPlacePass[FoldBatchNormResult]):
     """Fold every foldable BatchNormalization; others are left as they are, each with its reason."""
 
     def call(self, model: ir.Model) -> FoldBatchNormResult:
@@ -104,8 +105,14 @@ def _foldable_producer(bn: ir.Node) -> ir.Node | Reason:
     return producer
 
 
+def _float64(value: ir.Value | None) -> np.ndarray:
+    array = const_array(value)
+    assert array is not None  # BatchNorm's parameters were checked constant
+    return array.astype(np.float64)
+
+
 def _fold(graph: ir.Graph, names: NameScope, op: ir.Node, bn: ir.Node) -> None:
-    gamma, beta, mean, var = (const_array(v).astype(np.float64) for v in bn.inputs[1:5])  # type: ignore[union-attr]
+    gamma, beta, mean, var = (_float64(v) for v in bn.inputs[1:5])
     eps = float(_attr(bn, "epsilon", 1e-5))
     scale = gamma / np.sqrt(var + eps)
     _fold_affine(graph, names, op, scale, beta - scale * mean, [bn])
@@ -158,7 +165,7 @@ def _fold_affine(graph: ir.Graph, names: NameScope, op: ir.Node, scale: np.ndarr
         graph.remove(node, safe=True)
     for value in params:
         if not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
-            graph.initializers.pop(value.name)
+            graph.initializers.pop(name_of(value))
     out.name = name
 
 
@@ -169,7 +176,7 @@ class FoldAffineResult(ir.passes.PassResult):
     folded: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
-class FoldAffinePass(ir.passes.InPlacePass):
+class FoldAffinePass(TypedInPlacePass[FoldAffineResult]):
     """Fold ``Mul(c)`` and/or ``Add(d)`` per output channel after Conv/ConvTranspose/Gemm.
 
     ``c`` and ``d`` must be float constants that broadcast along the output-channel axis only
@@ -231,7 +238,7 @@ def _only_user(value: ir.Value) -> ir.Node | None:
     uses = value.uses()
     if value.is_graph_output() or len(uses) != 1:
         return None
-    return uses[0].node
+    return next(iter(uses)).node
 
 
 def _channel_vector(value: ir.Value | None, channels: int, rank: int) -> np.ndarray | None:

@@ -9,20 +9,32 @@ subgraphs are left as the exporter wrote them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
-from onnxqat.graph import const_array, is_constant, make_initializer
+from onnxqat.graph import const_array, is_constant, make_initializer, name_of
+from onnxqat.passes import TypedInPlacePass
 
-__all__ = ["FoldWeightChainsPass"]
+__all__ = ["FoldWeightChainsPass", "FoldWeightChainsResult"]
 
 _WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
 
 
-class FoldWeightChainsPass(ir.passes.InPlacePass):
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+@dataclasses.dataclass
+class FoldWeightChainsResult(ir.passes.PassResult):
+    """Attributes: folded: The initializers that now hold a folded chain's value (named like the chain's output)."""
+
+    folded: tuple[str, ...] = ()
+
+
+class FoldWeightChainsPass(TypedInPlacePass[FoldWeightChainsResult]):
+    """Evaluate every constant-only chain that ends in a weight or bias input (see the module)."""
+
+    def call(self, model: ir.Model) -> FoldWeightChainsResult:
         graph = model.graph
         wanted: set[int] = set()
         for node in graph:
@@ -35,6 +47,7 @@ class FoldWeightChainsPass(ir.passes.InPlacePass):
                 chain.append(node)
                 wanted.update(id(v) for v in node.inputs if v is not None)
         modified = False
+        folded: list[str] = []
         opset = model.opset_imports.get("", 13)
         for node in reversed(chain):
             if not all(v is None or is_constant(v) for v in node.inputs):
@@ -43,21 +56,22 @@ class FoldWeightChainsPass(ir.passes.InPlacePass):
             if values is None:
                 continue
             for out, array in zip(node.outputs, values):
-                name = out.name
+                name = name_of(out)
                 graph_output = out.is_graph_output()
                 if graph_output:
                     continue
                 out.name = None
                 const = make_initializer(graph, name, np.asarray(array))
+                folded.append(name)
                 out.replace_all_uses_with(const)
             if all(not o.uses() and not o.is_graph_output() for o in node.outputs):
                 inputs = [v for v in node.inputs if v is not None]
                 graph.remove(node, safe=True)
                 for v in inputs:
                     if not v.uses() and not v.is_graph_input() and v.name in graph.initializers:
-                        graph.initializers.pop(v.name)
+                        graph.initializers.pop(name_of(v))
             modified = True
-        return ir.passes.PassResult(model, modified)
+        return FoldWeightChainsResult(model, modified, tuple(folded))
 
 
 def _pure(node: ir.Node) -> bool:
@@ -72,7 +86,7 @@ def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray] | None:
     proto = onnx.helper.make_node(node.op_type, inputs, outputs, domain=node.domain)
     for attr in node.attributes.values():
         proto.attribute.append(ir.serde.serialize_attribute(attr))
-    feeds = {name: const_array(v) for name, v in zip(inputs, node.inputs) if v is not None}
+    feeds = {name: a for name, v in zip(inputs, node.inputs) if v is not None and (a := const_array(v)) is not None}
     try:
         model = onnx.helper.make_model(
             onnx.helper.make_graph([proto], "fold", [], [onnx.helper.make_empty_tensor_value_info(o) for o in outputs]),

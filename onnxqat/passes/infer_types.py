@@ -20,10 +20,11 @@ import onnx_ir as ir
 
 from onnxqat.runtime import ort
 from onnxqat.graph import call_with_light_proto
+from onnxqat.passes import TypedInPlacePass
 from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.runtime import fits_in_proto
 
-__all__ = ["InferShapesPass", "InferTypesResult", "InferTypesWithOnnxruntimePass"]
+__all__ = ["InferShapesPass", "InferShapesResult", "InferTypesResult", "InferTypesWithOnnxruntimePass"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,14 @@ _ORT_TYPES = {
 }
 
 
-class InferShapesPass(ir.passes.InPlacePass):
+@dataclasses.dataclass
+class InferShapesResult(ir.passes.PassResult):
+    """Attributes: error: Why onnx's shape inference failed (the model is then unchanged), or None."""
+
+    error: str | None = None
+
+
+class InferShapesPass(TypedInPlacePass[InferShapesResult]):
     """Set the shapes and dtypes onnx's shape inference finds (leaves the model as it is if
     inference fails).
 
@@ -51,7 +59,7 @@ class InferShapesPass(ir.passes.InPlacePass):
         self.strict_mode = strict_mode
         self.data_prop = data_prop
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> InferShapesResult:
         def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
             return onnx.shape_inference.infer_shapes(
                 proto, check_type=self.check_type, strict_mode=self.strict_mode, data_prop=self.data_prop
@@ -61,10 +69,10 @@ class InferShapesPass(ir.passes.InPlacePass):
             inferred = call_with_light_proto(infer, model)
         except Exception as e:  # onnx raises several error types; the model stays as it is
             logger.warning("Shape inference failed: %s. Model is left unchanged", e)
-            return ir.passes.PassResult(model, False)
+            return InferShapesResult(model, False, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         if _has_subgraphs(inferred.graph):
-            return ir.passes.PassResult(model, _merge_inferred(model, ir.serde.deserialize_model(inferred)))
-        return ir.passes.PassResult(model, _merge_inferred_flat(model.graph, inferred.graph))
+            return InferShapesResult(model, _merge_inferred(model, ir.serde.deserialize_model(inferred)))
+        return InferShapesResult(model, _merge_inferred_flat(model.graph, inferred.graph))
 
 
 def _has_subgraphs(graph: onnx.GraphProto) -> bool:
@@ -139,7 +147,7 @@ class InferTypesResult(ir.passes.PassResult):
     typed: dict[str, ir.DataType] = dataclasses.field(default_factory=dict)
 
 
-class InferTypesWithOnnxruntimePass(ir.passes.InPlacePass):
+class InferTypesWithOnnxruntimePass(TypedInPlacePass[InferTypesResult]):
     """Dtypes onnx's inference left unknown, read from an onnxruntime session's output metadata."""
 
     def call(self, model: ir.Model) -> InferTypesResult:
@@ -158,7 +166,7 @@ class InferTypesWithOnnxruntimePass(ir.passes.InPlacePass):
         found = {o.name: _ORT_TYPES.get(o.type) for o in session.get_outputs()}
         typed: dict[str, ir.DataType] = {}
         for v in missing:
-            dtype = found.get(v.name)  # type: ignore[arg-type]
+            dtype = found.get(v.name)
             if dtype is not None and v.name:
                 v.dtype = dtype
                 typed[v.name] = dtype

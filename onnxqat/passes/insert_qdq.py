@@ -32,7 +32,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, const_array, make_initializer, opset_version, values_by_name
+from onnxqat.graph import NameScope, const_array, make_initializer, name_of, opset_version, values_by_name
+from onnxqat.passes import TypedFunctionalPass
 from onnxqat.plan import ActivationQuantizer, IntegerForm, QuantPlan
 from onnxqat.qparams import Encoding, integer_form_constants, quantize
 from onnxqat.runtime import release_if_mapped
@@ -81,7 +82,7 @@ class InsertQDQResult(ir.passes.PassResult):
     folded_weights: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-class InsertQDQPass(ir.passes.FunctionalPass):
+class InsertQDQPass(TypedFunctionalPass[InsertQDQResult]):
     """Return a copy of the model with Q/DQ pairs for every quantizer of ``plan``.
 
     The result (:class:`InsertQDQResult`) tells where each quantizer went; after a call, the
@@ -220,8 +221,8 @@ class _Inserter:
                 if out is value:
                     self.graph.outputs[i] = dq
             dq.name = name
-        self.sites[name] = dq.name  # type: ignore[assignment]
-        self.tensor_of[dq.name] = name  # type: ignore[index]
+        self.sites[name] = name_of(dq)
+        self.tensor_of[name_of(dq)] = name
 
     def read_derived(self, q: ActivationQuantizer, enc: Encoding, params: tuple[ir.Value, ir.Value]) -> None:
         """``y = x * k``: the consumers of ``y`` read ``x``'s integers with ``y``'s scale; the
@@ -292,7 +293,7 @@ class _Inserter:
             weight = const_array(value)
             assert weight is not None
             q_value = make_initializer(self.graph, self.names.fresh(f"{base}_quantized"), quantize(weight, enc))
-            self.folded[name] = q_value.name  # type: ignore[assignment]
+            self.folded[name] = name_of(q_value)
             del weight
             release_if_mapped(value.const_value)
             dq = self.node("DequantizeLinear", [q_value, scale, zp], base, domain, **axis)
@@ -319,7 +320,7 @@ class _Inserter:
         q_value = make_initializer(self.graph, self.names.fresh(f"{base}_quantized"), quantize_bias(bias, scale))
         scale_value = make_initializer(self.graph, self.names.fresh(f"{base}_scale"), scale)
         attrs = {} if axis is None else {"axis": axis}
-        dq = self.node("DequantizeLinear", [q_value, scale_value], base, **attrs)
+        dq = self.node("DequantizeLinear", [q_value, scale_value], base, "", **attrs)
         node = self.nodes[node_name]
         node.replace_input_with(2, dq)
         if not value.uses():

@@ -21,7 +21,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, const_array
+from onnxqat.graph import NameScope, const_array, name_of
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["PackInt4Pass", "PackInt4Result"]
 
@@ -37,7 +38,7 @@ class PackInt4Result(ir.passes.PassResult):
     packed: tuple[str, ...] = ()
 
 
-class PackInt4Pass(ir.passes.InPlacePass):
+class PackInt4Pass(TypedInPlacePass[PackInt4Result]):
     """Pack the constant int8/uint8 inputs of ``DequantizeLinear`` listed in ``weights`` whose
     values (and zero points) fit 4 bits.
 
@@ -49,6 +50,15 @@ class PackInt4Pass(ir.passes.InPlacePass):
     def __init__(self, weights: frozenset[str]) -> None:
         super().__init__()
         self.weights = weights
+
+    def ensures(self, model: ir.Model) -> None:
+        """A model holding 4-bit initializers declares an IR version that has 4-bit types."""
+        four = next((n for n, v in model.graph.initializers.items() if v.const_value is not None
+                     and v.const_value.dtype in (ir.DataType.INT4, ir.DataType.UINT4)), None)
+        if four is not None and (model.ir_version or 0) < _MIN_IR_VERSION:
+            raise ir.passes.PostconditionError(
+                f"4-bit initializer '{four}' in a model of IR version {model.ir_version} (4-bit types need "
+                f"{_MIN_IR_VERSION})")
 
     def call(self, model: ir.Model) -> PackInt4Result:
         graph = model.graph
@@ -84,7 +94,7 @@ class PackInt4Pass(ir.passes.InPlacePass):
             new.outputs[0].name = out.name
             for old in (x, zero_point):
                 if not old.uses() and not old.is_graph_output() and old.name in graph.initializers:
-                    graph.initializers.pop(old.name)
+                    graph.initializers.pop(name_of(old))
             packed.append(x.name or "")
         if packed:
             if domain and domain not in model.opset_imports:

@@ -25,7 +25,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxqat.runtime import ort
-from onnxqat.graph import NameScope
+from onnxqat.graph import NameScope, name_of
+from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["ConcreteShapesPass", "ConcreteShapesResult", "is_static"]
 
@@ -50,7 +51,7 @@ class ConcreteShapesResult(ir.passes.PassResult):
     unresolved: tuple[str, ...] = ()
 
 
-class ConcreteShapesPass(ir.passes.InPlacePass):
+class ConcreteShapesPass(TypedInPlacePass[ConcreteShapesResult]):
     """Fix the graph inputs to ``feed``'s shapes and give every node output a static shape.
 
     Args:
@@ -61,6 +62,13 @@ class ConcreteShapesPass(ir.passes.InPlacePass):
     def __init__(self, feed: Mapping[str, np.ndarray]) -> None:
         super().__init__()
         self.feed = dict(feed)
+
+    def ensures(self, model: ir.Model) -> None:
+        """The graph inputs in ``feed`` have its shapes."""
+        for value in model.graph.inputs:
+            if value.name in self.feed and value.shape != ir.Shape(np.shape(self.feed[value.name])):
+                raise ir.passes.PostconditionError(f"input '{value.name}' has shape {value.shape}, the feed "
+                                                   f"{list(np.shape(self.feed[value.name]))}")
 
     def call(self, model: ir.Model) -> ConcreteShapesResult:
         graph = model.graph
@@ -77,7 +85,7 @@ class ConcreteShapesPass(ir.passes.InPlacePass):
         if open_values:
             shapes = _profiled_shapes(model, self.feed)
             for out in open_values:
-                shape = shapes.get(out.name)  # type: ignore[arg-type]
+                shape = shapes.get(name_of(out))
                 if shape is not None:
                     out.shape = ir.Shape(shape)
                     from_run += 1

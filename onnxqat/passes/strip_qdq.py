@@ -11,28 +11,49 @@ Graph outputs keep their names. Works on any QDQ model, not only on onnxqat's.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array, make_initializer, remove_dead_nodes
+from onnxqat.passes import TypedFunctionalPass
 
-__all__ = ["StripQDQPass"]
+__all__ = ["StripQDQPass", "StripQDQResult"]
 
 _QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
-class StripQDQPass(ir.passes.FunctionalPass):
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+@dataclasses.dataclass
+class StripQDQResult(ir.passes.PassResult):
+    """Attributes:
+        stripped: The DequantizeLinear nodes replaced by the float tensor (or constant) they give.
+        kept: DequantizeLinear nodes left as they are: neither after a matching QuantizeLinear
+            nor of a constant.
+    """
+
+    stripped: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+
+
+class StripQDQPass(TypedFunctionalPass[StripQDQResult]):
+    """The float model of a QDQ model, as a new model (see the module)."""
+
+    def call(self, model: ir.Model) -> StripQDQResult:
         model = model.clone()
         graph = model.graph
         names = NameScope(model)
         modified = False
+        stripped: list[str] = []
+        kept: list[str] = []
         for dq in [n for n in graph if n.op_type == "DequantizeLinear" and n.domain in _QDQ_DOMAINS]:
             out = dq.outputs[0]
             source = _quantized_source(dq)
             if source is None:
                 values = _dequantize_constant(dq)
                 if values is None:
+                    kept.append(dq.name or "")
                     continue
                 source = make_initializer(graph, names.fresh(f"{out.name}_value"), values)
             name = out.name
@@ -42,8 +63,9 @@ class StripQDQPass(ir.passes.FunctionalPass):
                 out.name = None
                 source.name = name
             modified = True
+            stripped.append(dq.name or "")
         remove_dead_nodes(graph)
-        return ir.passes.PassResult(model, modified)
+        return StripQDQResult(model, modified, tuple(stripped), tuple(kept))
 
 
 def _single_use(value: ir.Value, node: ir.Node) -> bool:
@@ -54,7 +76,7 @@ def _quantized_source(dq: ir.Node) -> ir.Value | None:
     """The float tensor a Q->DQ pair quantizes (past its grid clamp), or None."""
     q_out = dq.inputs[0]
     q = q_out.producer() if q_out is not None else None
-    if q is None or q.op_type != "QuantizeLinear" or q.domain not in _QDQ_DOMAINS or not _single_use(q_out, dq):
+    if q is None or q_out is None or q.op_type != "QuantizeLinear" or q.domain not in _QDQ_DOMAINS or not _single_use(q_out, dq):
         return None
     if not _same_params(q, dq):
         return None
@@ -88,7 +110,7 @@ def _axis(node: ir.Node) -> int:
     return 1 if attr is None else attr.as_int()
 
 
-def _on_grid(bounds: list[ir.Value | None], q: ir.Node) -> bool:
+def _on_grid(bounds: Sequence[ir.Value | None], q: ir.Node) -> bool:
     """Clamp bounds that are points of q's grid (what a narrow-grid clamp has)."""
     scale = const_array(q.inputs[1])
     zp = const_array(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else np.zeros(1)

@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -44,7 +45,7 @@ def _inputs(session: ort.InferenceSession, data: np.lib.npyio.NpzFile) -> dict[s
     return {i.name: data[i.name] for i in session.get_inputs()}
 
 
-def outputs(args: argparse.Namespace) -> dict:
+def outputs(args: argparse.Namespace) -> dict[str, Any]:
     session = _session(args.model, args.threads)
     with np.load(args.inputs) as data:
         feed = _inputs(session, data)
@@ -54,7 +55,7 @@ def outputs(args: argparse.Namespace) -> dict:
     return {"outputs": names, "onnxruntime": ort.__version__}
 
 
-def accuracy(args: argparse.Namespace) -> dict:
+def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     session = _session(args.model, args.threads)
     with np.load(args.data) as data:
         feed = _inputs(session, data)
@@ -68,7 +69,7 @@ def accuracy(args: argparse.Namespace) -> dict:
     return {"accuracy": correct / n, "n": n, "onnxruntime": ort.__version__}
 
 
-def latency(args: argparse.Namespace) -> dict:
+def latency(args: argparse.Namespace) -> dict[str, Any]:
     sessions = [_session(m, args.threads) for m in args.models]
     with np.load(args.data) as data:
         feeds = [{k: v[: args.batch_size] for k, v in _inputs(s, data).items()} for s in sessions]

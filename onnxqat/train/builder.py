@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, make_initializer, opset_version
@@ -40,7 +41,7 @@ class Builder:
         model.opset_imports.setdefault(CONTRIB, 1)
         self._consts: dict[tuple[str, bytes, tuple[int, ...]], ir.Value] = {}
 
-    def const(self, value: float | np.ndarray, dtype: type = np.float32, name: str = "c") -> ir.Value:
+    def const(self, value: float | np.ndarray, dtype: npt.DTypeLike = np.float32, name: str = "c") -> ir.Value:
         """A (deduplicated) constant initializer."""
         array = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.tobytes(), array.shape)

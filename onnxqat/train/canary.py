@@ -32,7 +32,7 @@ _RESULT = "canary-result.json"
 _FORWARD = "forward.onnx"
 
 
-class CanaryResult(dict):  # type: ignore[type-arg]
+class CanaryResult(dict[str, Any]):
     """``{"ok": bool, "loss": float | None, "error": str | None, "signal": str | None}``."""
 
 
@@ -51,7 +51,7 @@ def run_canary(
     with open(os.path.join(work_dir, _SPEC), "w", encoding="utf-8") as f:
         json.dump({"requires_grad": list(requires_grad), "optimizer": optimizer, "weight_decay": weight_decay,
                    "threads": threads}, f)
-    np.savez(os.path.join(work_dir, _BATCH), **{k: np.asarray(v) for k, v in batch.items()})
+    np.savez(os.path.join(work_dir, _BATCH), **{k: np.asarray(v) for k, v in batch.items()})  # type: ignore[arg-type]  # numpy's stub: **arrays might fill allow_pickle
     proc = _child("run", work_dir)
     result = _read_result(work_dir)
     if proc.returncode < 0:

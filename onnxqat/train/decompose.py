@@ -59,7 +59,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, is_float, opset_version
+from onnxqat.graph import NameScope, first_unsorted, is_float, opset_version
+from onnxqat.passes import TypedInPlacePass
 from onnxqat.train.builder import Builder
 from onnxqat.train.probe import GradientRow, load_gradient_table, node_facts, row_for
 
@@ -202,7 +203,7 @@ class RewriteContext:
         dtype = like.dtype.numpy() if like is not None and like.dtype is not None else np.float32
         return self.b.const(value, dtype)
 
-    def ints(self, values: Sequence[int] | int) -> ir.Value:
+    def ints(self, values: Sequence[int] | int | np.ndarray) -> ir.Value:
         return self.b.const(np.asarray(values, dtype=np.int64), np.int64, "ints")
 
     def stop(self, x: ir.Value) -> ir.Value:
@@ -214,14 +215,16 @@ class RewriteContext:
     def dim(self, x: ir.Value, axis: int) -> ir.Value:
         """``x.shape[axis]`` as a 1-D int64 tensor of length 1 (a constant when static)."""
         dims = self.static_dims(x)
-        if dims is not None and dims[axis] is not None:
-            return self.ints([dims[axis]])
+        known = dims[axis] if dims is not None else None
+        if known is not None:
+            return self.ints([known])
         return self.op("Gather", [self.op("Shape", [x]), self.ints([axis])], axis=0)
 
     def shape_vector(self, parts: Sequence[ir.Value | int]) -> ir.Value:
         """A 1-D int64 shape from ints and 1-D int64 tensors (a constant when all are ints)."""
-        if all(isinstance(p, int) for p in parts):
-            return self.ints([int(p) for p in parts])  # type: ignore[arg-type]
+        ints = [p for p in parts if isinstance(p, int)]
+        if len(ints) == len(parts):
+            return self.ints(ints)
         pieces = [self.ints([p]) if isinstance(p, int) else p for p in parts]
         return self.op("Concat", pieces, axis=0)
 
@@ -304,7 +307,9 @@ def _hard_sigmoid(ctx: RewriteContext, x: ir.Value, alpha: float, beta: float) -
 
 
 def _rw_hard_sigmoid(ctx: RewriteContext) -> list[ir.Value | None]:
-    return [_hard_sigmoid(ctx, ctx.input(0), float(ctx.attr("alpha", 0.2)), float(ctx.attr("beta", 0.5)))]  # type: ignore[arg-type]
+    x = ctx.input(0)
+    assert x is not None
+    return [_hard_sigmoid(ctx, x, float(ctx.attr("alpha", 0.2)), float(ctx.attr("beta", 0.5)))]
 
 
 def _rw_hard_swish(ctx: RewriteContext) -> list[ir.Value | None]:
@@ -377,7 +382,9 @@ def _softplus(ctx: RewriteContext, x: ir.Value) -> ir.Value:
 
 
 def _rw_softplus(ctx: RewriteContext) -> list[ir.Value | None]:
-    return [_softplus(ctx, ctx.input(0))]  # type: ignore[arg-type]
+    x = ctx.input(0)
+    assert x is not None
+    return [_softplus(ctx, x)]
 
 
 def _rw_softsign(ctx: RewriteContext) -> list[ir.Value | None]:
@@ -411,8 +418,8 @@ def _rw_clip(ctx: RewriteContext) -> list[ir.Value | None]:
     x = ctx.input(0)
     assert x is not None
     if ctx.opset < 11:  # Clip-6: bounds are attributes
-        lo: ir.Value | None = ctx.const(float(ctx.attr("min", -_FLT_MAX)))
-        hi: ir.Value | None = ctx.const(float(ctx.attr("max", _FLT_MAX)))
+        lo = ctx.const(float(ctx.attr("min", -_FLT_MAX)))
+        hi = ctx.const(float(ctx.attr("max", _FLT_MAX)))
     else:  # an absent bound is the float range, as onnxruntime has it (it clamps infinities)
         lo = ctx.input(1) or ctx.const(-_FLT_MAX)
         hi = ctx.input(2) or ctx.const(_FLT_MAX)
@@ -516,7 +523,7 @@ def _finish_reduce(ctx: RewriteContext, y_keep: ir.Value, axes: list[int] | None
     if int(ctx.attr("keepdims", 1)):
         return y_keep
     if axes is None:
-        return ctx.op("Reshape", [y_keep, ctx.ints(np.zeros(0, np.int64))])  # type: ignore[arg-type]
+        return ctx.op("Reshape", [y_keep, ctx.ints(np.zeros(0, np.int64))])
     return ctx.squeeze(y_keep, axes)
 
 
@@ -580,7 +587,7 @@ def _rw_keepdims_then_reshape(ctx: RewriteContext) -> list[ir.Value | None]:
     x = ctx.input(0)
     assert x is not None
     kept = ctx.emit(ctx.node.op_type, [x], [ir.AttrInt64("keepdims", 1)])[0]
-    return [ctx.op("Reshape", [kept, ctx.ints(np.zeros(0, np.int64))])]  # type: ignore[arg-type]
+    return [ctx.op("Reshape", [kept, ctx.ints(np.zeros(0, np.int64))])]
 
 
 # -- normalization ------------------------------------------------------------------------------
@@ -760,8 +767,9 @@ def _check_rank4(ctx: RewriteContext) -> str | None:
 def _iota(ctx: RewriteContext, x: ir.Value, axis: int, dtype: ir.DataType = ir.DataType.INT64) -> ir.Value:
     """``0, 1, ..., x.shape[axis] - 1`` (1-D): a constant for a static dim, else ``Range``."""
     dims = ctx.static_dims(x)
-    if dims is not None and dims[axis] is not None:
-        return ctx.b.const(np.arange(dims[axis], dtype=dtype.numpy()), dtype.numpy(), "iota")
+    known = dims[axis] if dims is not None else None
+    if known is not None:
+        return ctx.b.const(np.arange(known, dtype=dtype.numpy()), dtype.numpy(), "iota")
     n = ctx.op("Squeeze", [ctx.dim(x, axis)]) if ctx.opset >= 13 else ctx.op("Squeeze", [ctx.dim(x, axis)], axes=[0])
     if dtype == ir.DataType.INT64:
         return ctx.op("Range", [ctx.b.const(0, np.int64, "zero_i"), n, ctx.b.const(1, np.int64, "one_i")])
@@ -822,9 +830,17 @@ def _rw_slice(ctx: RewriteContext) -> list[ir.Value | None]:
     assert rank is not None
     starts, ends = ctx.input(1), ctx.input(2)
     assert starts is not None and ends is not None
-    known = ctx.const_input(1)
-    count = int(known.size) if known is not None else int(starts.shape[0])  # type: ignore[index]
-    axes = [int(a) for a in ctx.const_input(3).reshape(-1)] if ctx.input(3) is not None else list(range(count))  # type: ignore[union-attr]
+    given = ctx.const_input(3)  # _check_slice: constant when present
+    if given is not None:
+        axes = [int(a) for a in given.reshape(-1)]
+    else:  # _check_slice: then the starts are constant or of static length
+        known = ctx.const_input(1)
+        if known is not None:
+            count = int(known.size)
+        else:
+            assert starts.shape is not None
+            count = starts.shape.numpy()[0]
+        axes = list(range(count))
     steps = ctx.const_input(4)
     y = x
     for k, axis in enumerate(axes):
@@ -879,7 +895,9 @@ def _rw_cumsum(ctx: RewriteContext) -> list[ir.Value | None]:
     assert x is not None
     rank = ctx.rank(x)
     assert rank is not None
-    axis = int(ctx.const_input(1).reshape(-1)[0]) % rank  # type: ignore[union-attr]
+    axis_value = ctx.const_input(1)
+    assert axis_value is not None  # _check_cumsum: a constant axis
+    axis = int(axis_value.reshape(-1)[0]) % rank
     i = _iota(ctx, x, axis)
     rows, cols = ctx.unsqueeze(i, [1]), ctx.unsqueeze(i, [0])
     exclusive, reverse = int(ctx.attr("exclusive", 0)), int(ctx.attr("reverse", 0))
@@ -925,12 +943,19 @@ def _same_pads(ctx: RewriteContext, kernel: Sequence[int]) -> list[int]:
     return begins + ends
 
 
+def _known(dims: Sequence[int | None]) -> list[int] | None:
+    """``dims`` when every one is known, else None."""
+    known = [d for d in dims if d is not None]
+    return known if len(known) == len(dims) else None
+
+
 def _kernel(ctx: RewriteContext) -> list[int] | None:
     if "kernel_shape" in ctx.node.attributes:
         return [int(k) for k in ctx.attr("kernel_shape")]
     w = ctx.static_dims(ctx.input(1))
-    if ctx.node.op_type in ("Conv", "ConvTranspose") and w is not None and all(d is not None for d in w[2:]):
-        return [int(d) for d in w[2:]]  # type: ignore[arg-type]
+    kernel = _known(w[2:]) if w is not None else None
+    if ctx.node.op_type in ("Conv", "ConvTranspose") and kernel is not None:
+        return kernel
     return None
 
 
@@ -989,7 +1014,10 @@ def _pool_sizes(ctx: RewriteContext, x: ir.Value, geometry: tuple[list[int], ...
     """
     kernel, strides, dilations, begins, ends = geometry
     ceil_mode = int(ctx.attr("ceil_mode", 0)) == 1
-    i64 = lambda v: ctx.b.const(np.asarray([v], np.int64), np.int64, "i")  # noqa: E731
+
+    def i64(v: int) -> ir.Value:
+        return ctx.b.const(np.asarray([v], np.int64), np.int64, "i")
+
     sizes = []
     for i in range(len(kernel)):
         n = ctx.dim(x, 2 + i)
@@ -1018,7 +1046,10 @@ def _windows(ctx: RewriteContext, x: ir.Value, pad_value: float, geometry: tuple
     kernel, strides, dilations, begins, ends = geometry
     k = len(kernel)
     ceil_mode = int(ctx.attr("ceil_mode", 0)) == 1
-    i64 = lambda v: ctx.b.const(np.asarray([v], np.int64), np.int64, "i")  # noqa: E731
+
+    def i64(v: int) -> ir.Value:
+        return ctx.b.const(np.asarray([v], np.int64), np.int64, "i")
+
     shift: list[ir.Value | None] = [None] * k
     if _same_at_run_time(ctx):
         upper = ctx.attr("auto_pad") == "SAME_UPPER"
@@ -1173,9 +1204,10 @@ def _rw_conv_transpose(ctx: RewriteContext) -> list[ir.Value | None]:
     """
     x, w, bias = ctx.input(0), ctx.input(1), ctx.input(2)
     assert x is not None and w is not None
-    wdims = ctx.static_dims(w)
+    dims = ctx.static_dims(w)
+    wdims = _known(dims) if dims is not None else None
     assert wdims is not None
-    c_in, c_out_g, kernel = int(wdims[0]), int(wdims[1]), [int(k) for k in wdims[2:]]  # type: ignore[arg-type]
+    c_in, c_out_g, kernel = wdims[0], wdims[1], wdims[2:]
     k = len(kernel)
     group = int(ctx.attr("group", 1))
     strides = [int(s) for s in ctx.attr("strides", [1] * k)]
@@ -1341,7 +1373,7 @@ def _rw_einsum(ctx: RewriteContext) -> list[ir.Value | None]:
     parts: list[ir.Value | int] = [0] * len(batch)
     parts += [ctx.dim(a, len(batch) + i) for i in range(len(left))]
     parts += [ctx.dim(b, len(batch) + len(summed) + i) for i in range(len(right))]
-    shaped = ctx.op("Reshape", [product, ctx.shape_vector(parts) if parts else ctx.ints(np.zeros(0, np.int64))])  # type: ignore[arg-type]
+    shaped = ctx.op("Reshape", [product, ctx.shape_vector(parts) if parts else ctx.ints(np.zeros(0, np.int64))])
     return [permute(shaped, batch + left + right, out)]
 
 
@@ -1365,9 +1397,10 @@ def _prod_or(ctx: RewriteContext, value: ir.Value, start: int, count: int) -> in
     dims = ctx.static_dims(value)
     if count == 0:
         return 1
-    if dims is None or any(d is None for d in dims[start:start + count]):
+    known = _known(dims[start:start + count]) if dims is not None else None
+    if known is None:
         return -1
-    return int(np.prod(dims[start:start + count]))  # type: ignore[arg-type]
+    return int(np.prod(known))
 
 
 # -- Resize / Upsample ---------------------------------------------------------------------------
@@ -1539,8 +1572,9 @@ def _rw_resize(ctx: RewriteContext) -> list[ir.Value | None]:
         layout[axis], layout[basis] = n, n
         dims = ctx.static_dims(x)
         assert dims is not None
-        if dims[axis] is not None:
-            identity = ctx.b.const(np.eye(dims[axis], dtype=np.float32), np.float32, "eye")
+        static = dims[axis]
+        if static is not None:
+            identity = ctx.b.const(np.eye(static, dtype=np.float32), np.float32, "eye")
         else:
             identity = ctx.op("EyeLike", [ctx.op("Expand", [ctx.const(0.0), ctx.shape_vector([n, n])])])
         eye = ctx.op("Reshape", [identity, ctx.shape_vector(layout)])
@@ -1760,7 +1794,7 @@ class DecomposeResult(ir.passes.PassResult):
     values: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
 
 
-class DecomposeForTrainingPass(ir.passes.InPlacePass):
+class DecomposeForTrainingPass(TypedInPlacePass[DecomposeResult]):
     """Rewrite the nodes on a gradient path that onnxruntime-training 1.19 cannot differentiate.
 
     A node is on a gradient path when a float value derived from a trainable initializer reaches
@@ -1803,6 +1837,15 @@ class DecomposeForTrainingPass(ir.passes.InPlacePass):
                     self.rules[op], rewrite=_rw_straight_through, exact=True,
                     reason=f"{_NO_BUILDER}; native forward with an identity (straight-through) gradient")
         self.bit_exact = bit_exact
+
+    def requires(self, model: ir.Model) -> None:
+        """The graph is topologically sorted: which nodes are on a gradient path is found in one
+        walk in graph order."""
+        _require_sorted(model.graph, ir.passes.PreconditionError, "sort it first (graph.sort())")
+
+    def ensures(self, model: ir.Model) -> None:
+        """Still sorted: rewrites append nodes, and the pass sorts the graph after them."""
+        _require_sorted(model.graph, ir.passes.PostconditionError, "after the rewrites")
 
     def call(self, model: ir.Model) -> DecomposeResult:
         graph = model.graph
@@ -1855,6 +1898,13 @@ class DecomposeForTrainingPass(ir.passes.InPlacePass):
             return set(self.trainable)
         return {name for name, v in graph.initializers.items()
                 if is_float(v) and v.const_value is not None and v.const_value.size > 1}
+
+
+def _require_sorted(graph: ir.Graph, error: type[ir.passes.InvariantError], hint: str) -> None:
+    node = first_unsorted(graph)
+    if node is not None:
+        raise error(f"the graph is not topologically sorted: node '{node.name}' ({node.op_type}) reads a value "
+                    f"produced after it; {hint}")
 
 
 def _unique(label: str, *taken: Mapping[str, str]) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat.errors import ConfigError, ModelError
-from onnxqat.graph import NameScope, const_array, is_float, remove_dead_nodes, values_by_name
+from onnxqat.graph import NameScope, const_array, is_float, name_of, remove_dead_nodes, values_by_name
 from onnxqat import ops
 from onnxqat.plan import ActivationQuantizer, ParamQuantizer, QuantPlan
 from onnxqat.qparams import MIN_SCALE, Encoding, integer_form_constants
@@ -186,7 +186,7 @@ class _Lowering:
         inputs = [v for v in producer.inputs if is_float(v)]
         if kind is ops.OpKind.DATA_MOVEMENT:
             inputs = inputs[:1]
-        return bool(inputs) and all(v is not None and self.plan.activation_of(v.name) is q for v in inputs)
+        return bool(inputs) and all(v is not None and self.plan.activation_of(name_of(v)) is q for v in inputs)
 
     def implied_clamp(self, tensor: str, enc: Encoding) -> ir.Value | None:
         """Input of a Relu/Clip whose effect the quantizer's own clamp already has, else None.
@@ -206,8 +206,9 @@ class _Lowering:
             bounds = [producer.inputs[i] if len(producer.inputs) > i else None for i in (1, 2)]
             if any(b is not None and const_array(b) is None for b in bounds):
                 return None
-            lo = float(const_array(bounds[0])) if bounds[0] is not None else -np.inf
-            hi = float(const_array(bounds[1])) if bounds[1] is not None else np.inf
+            lo_bound, hi_bound = (const_array(b) for b in bounds)  # None exactly where a bound is absent
+            lo = float(lo_bound) if lo_bound is not None else -np.inf
+            hi = float(hi_bound) if hi_bound is not None else np.inf
             if lo <= lo_grid and hi_grid <= hi:
                 return producer.inputs[0]
         return None
@@ -238,17 +239,17 @@ class _Lowering:
                                                     self.b.const(float(enc.scale), name="s0")], q.name),
                                   self.b.const(MIN_SCALE, name="min_scale")], q.name)
             zp_value = self.b.const(float(enc.zero_point), name="zero_point")
-            zp_name = None
+            zp_name: str | None = None
             zp_gain = gain * (enc.qmax - enc.qmin) / 2
             if not any(sources.values()) and not enc.symmetric:
                 v = self.b.param(f"{q.name}.zero_point_offset", np.array(0.0))
-                zp_name = v.name
+                zp_name = name_of(v)
                 zp = self.b.op("Add", [self.b.op("Mul", [v, self.b.const(zp_gain, name="zp_gain")], q.name),
                                        self.b.const(float(enc.zero_point), name="zp0")], q.name)
                 zp_value = self.b.op("Clip", [self.b.ste_round(zp, q.name, bounded=True), self.b.const(float(enc.qmin), name="qmin"),
                                               self.b.const(float(enc.qmax), name="qmax")], q.name)
             self.range_params.append(RangeParams(
-                q.name, u.name, zp_name, float(enc.scale), int(enc.zero_point), gain, zp_gain,  # type: ignore[arg-type]
+                q.name, name_of(u), zp_name, float(enc.scale), int(enc.zero_point), gain, zp_gain,
             ))
             self.act_scale[q.name] = s
             learned = {q.name}
@@ -263,11 +264,11 @@ class _Lowering:
                 continue
             value = self.values[tensor]
             users = list(value.uses())
-            source = sources[tensor] or value
+            data = sources[tensor] or value
             if q.name in learned:
-                out = self.learned_fake_quant(source, s, zp_value, zp_name is not None, enc, tensor)
+                out = self.learned_fake_quant(data, s, zp_value, zp_name is not None, enc, tensor)
             else:
-                out = self.b.op("FakeQuant", [source, s, zp_value], tensor, domain=CONTRIB, outputs=2,
+                out = self.b.op("FakeQuant", [data, s, zp_value], tensor, domain=CONTRIB, outputs=2,
                                 quant_min=enc.qmin, quant_max=enc.qmax)
             out.type, out.shape = value.type, value.shape
             for use in users:
@@ -404,7 +405,7 @@ class _Lowering:
         rows = b.op("Reshape", [rows, b.const(np.array([0, -1]), np.int64, "rows_shape")], base)
         zero = b.const(0.0, name="zero")
         assert value.shape is not None
-        row_length = int(np.prod([d for i, d in enumerate(value.shape) if i != axis]))
+        row_length = int(np.prod([d for i, d in enumerate(value.shape.numpy()) if i != axis]))
         sums = []
         for signed in (rows, b.op("Neg", [rows], base)):
             mag = b.op("Max", [signed, zero], base)
@@ -432,7 +433,7 @@ class _Lowering:
             x = node.inputs[0]
             assert x is not None
             c = integer_form_constants(form.alpha, form.beta)
-            gate_grid = Encoding(np.float32(c.grid_scale), np.int64(0), 8, False, False)
+            gate_grid = Encoding(np.asarray(c.grid_scale, np.float32), np.asarray(0, np.int64), 8, False, False)
             base = form.node
             t = self.b.op("Add", [x, self.b.const(float(c.offset), name="form_offset")], base)
             u = self.b.op("Div", [t, self.b.const(float(c.grid_scale), name="form_grid")], base)
@@ -473,7 +474,7 @@ class _Lowering:
             out = node.outputs[0]
             y.type, y.shape = out.type, out.shape
             out.replace_all_uses_with(y, replace_graph_outputs=True)
-            self.stats.update(v.name for v in (mean, var) if v is not None)
+            self.stats.update(name_of(v) for v in (mean, var) if v is not None)
 
     # -- loss ------------------------------------------------------------------------------------
     def loss_graph(self) -> tuple[ir.Value, ir.Value, dict[str, str], str | None]:
@@ -485,12 +486,12 @@ class _Lowering:
         rank = source.rank
         if self.loss.kind == "cross_entropy":
             labels = self.new_input(self.loss.label_key, ir.DataType.INT64, ir.Shape([f"d{i}" for i in range(rank - 1)]))
-            feeds[labels.name] = self.loss.label_key  # type: ignore[index]
+            feeds[name_of(labels)] = self.loss.label_key
             scores = _move_axis_to_1(b, logits, source.class_axis, rank, "loss")
             loss = b.op("SoftmaxCrossEntropyLoss", [scores, labels], "loss", outputs=2, reduction="mean")
         elif self.loss.kind == "mse":
             target = self.new_input(self.loss.target_key, logits.dtype, logits.shape)
-            feeds[target.name] = self.loss.target_key  # type: ignore[index]
+            feeds[name_of(target)] = self.loss.target_key
             diff = b.op("Sub", [logits, target], "loss")
             loss = b.op("ReduceMean", [b.op("Mul", [diff, diff], "loss")], "loss", keepdims=0)
         else:
@@ -546,6 +547,7 @@ class _Lowering:
         reached: set[str] = set()
         stack = [loss]
         seen: set[int] = set()
+        value: ir.Value | None
         while stack:
             value = stack.pop()
             node = value.producer()
@@ -595,7 +597,7 @@ class _Lowering:
         self.model.graph.sort()
         for value in self.model.graph.inputs:
             if value.name not in feeds and value.name != teacher:
-                feeds[value.name] = value.name  # type: ignore[index]
+                feeds[name_of(value)] = name_of(value)
         trainable = self.trainable(loss)
         if not trainable:
             raise ConfigError("no trainable parameter reaches the loss (all frozen?)")
@@ -605,7 +607,7 @@ class _Lowering:
             feeds=feeds,
             teacher_input=teacher,
             teacher_source=self.source.tensor if teacher else None,
-            prediction=prediction.name,  # type: ignore[arg-type]
+            prediction=name_of(prediction),
             range_params=tuple(self.range_params),
             class_axis=self.source.class_axis,
             decomposed=self.decomposed,
@@ -650,7 +652,8 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
     if not -len(outputs) <= index < len(outputs):
         raise ConfigError(f"output index {index} is out of range: the model has {len(outputs)} output(s)")
     output = outputs[index]
-    value, softmax, axis = output, False, -1
+    value: ir.Value | None = output
+    softmax, axis = False, -1
     producer = output.producer()
     if producer is not None and producer.op_type in ("Softmax", "LogSoftmax") and loss.kind != "mse":
         value, softmax = producer.inputs[0], True
@@ -667,4 +670,4 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
             f"output '{output.name}' has rank {rank}: cross-entropy needs [batch, classes, ...] logits"
         )
     class_axis = (axis % rank) if softmax else (1 if rank >= 2 else 0)
-    return LossSource(value.name, rank, class_axis, softmax)  # type: ignore[arg-type]
+    return LossSource(name_of(value), rank, class_axis, softmax)

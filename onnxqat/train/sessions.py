@@ -92,7 +92,8 @@ class EvalSession:
 
     def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
         names = list(outputs) if outputs is not None else self.output_names
-        return self.session.run(names, {k: feed[k] for k in self.input_names})
+        results: list[np.ndarray] = self.session.run(names, {k: feed[k] for k in self.input_names})
+        return results
 
 
 def release_free_memory() -> None:

@@ -40,6 +40,7 @@ from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import ConfigError, DataError, ModelError, OutputError
 from onnxqat.evaluate import accuracy, agreement, check_labels
+from onnxqat.graph import name_of
 from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.passes.shapes import ConcreteShapesPass
 from onnxqat.pipeline import SimState
@@ -117,7 +118,7 @@ def apply_trained(
     for rp in range_params:
         enc = state.encodings[rp.quantizer]
         scale = rp.scale(float(trained[rp.scale_param])) if rp.scale_param in trained else enc.scale
-        zero_point = enc.zero_point
+        zero_point: np.ndarray | int = enc.zero_point
         if rp.zero_point_param is not None and rp.zero_point_param in trained:
             zero_point = rp.zero_point(float(trained[rp.zero_point_param]), enc.qmin, enc.qmax)
         updates[rp.quantizer] = dataclasses.replace(
@@ -209,7 +210,7 @@ class QATTrainer:
             if name in graph.initializers:
                 frozen.add(name)
             elif name in nodes:
-                frozen.update(v.name for v in nodes[name].inputs if v is not None and v.name in graph.initializers)
+                frozen.update(name_of(v) for v in nodes[name].inputs if v is not None and v.name in graph.initializers)
             else:
                 raise ConfigError(f"freeze: no initializer or node named '{name}'")
         n_last = self.options.train_last_n
@@ -225,7 +226,7 @@ class QATTrainer:
         is an extra output) and evaluation (the model outputs), built at first use."""
         if self._float is None:
             model = self.initial.float_model
-            outputs = [v.name for v in model.graph.outputs]
+            outputs = [name_of(v) for v in model.graph.outputs]
             source = self.graph.teacher_source
             if source is not None and source not in outputs:
                 model = ExposeValuesPass([source])(model.clone()).model
