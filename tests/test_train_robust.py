@@ -103,6 +103,8 @@ def test_ops_without_gradients_are_decomposed_and_train():
     sim.compute_encodings([{"x": x}], progress=False)
     trainer = sim.trainer(loss="mse", target_key="t", lr=1e-3)
     assert set(trainer.graph.decomposed.values()) == {"HardSwish", "PRelu", "HardSigmoid"}
+    # the model output's HardSigmoid was rewritten: the prediction is named by the graph output
+    assert trainer.graph.prediction == trainer.graph.model.graph.outputs[1].name is not None
     target = {"x": x, "t": np.zeros((8, 4, 6, 6), f32)}
     first = trainer.step(target).loss
     for _ in range(20):

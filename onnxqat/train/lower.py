@@ -607,7 +607,7 @@ class _Lowering:
             feeds=feeds,
             teacher_input=teacher,
             teacher_source=self.source.tensor if teacher else None,
-            prediction=name_of(prediction),
+            prediction=name_of(self.model.graph.outputs[1]),  # a decomposed output node leaves `prediction` unnamed
             range_params=tuple(self.range_params),
             class_axis=self.source.class_axis,
             decomposed=self.decomposed,
