@@ -13,7 +13,12 @@ matrix per layer (per group for grouped convolutions), whatever the data size.
   of re-running the layer per candidate).
 * ``adaround``: on the chosen grid, each weight rounds up or down as a relaxed variable optimised
   against ``d^T H d`` with AdaRound's annealed regulariser (Nagel et al. 2020), by Adam in numpy.
-* bias correction: ``b -= d . mu`` per channel, so the layer's mean output is unbiased.
+* bias correction: ``b -= d . mu`` per channel, so the layer's mean output is unbiased. Where a
+  layer's bias is corrected, the two methods minimise the error's variance
+  ``d^T (H - mu mu^T) d`` instead (the mean part is removed by the correction anyway).
+* target: by default the layer is matched to the float weights on the same simulated input;
+  with ``target="float"`` (and the float model's inputs ``f`` in the statistics) to the float
+  model's ``w . f``, which also absorbs the input's error.
 
 Results are weight encodings that no longer follow the weights (``SimState.fixed``) and, for
 AdaRound, weights moved onto their rounded grid values (``s * q``), so that quantizing them gives
