@@ -65,6 +65,37 @@ def demo_rows(args):
                "method_s": seconds}
 
 
+def _variants(key: str, path, calib: list, args, predict):
+    """Calibrate once, collect the layer statistics once per target, then apply each method to a
+    copy of the calibrated state: method time = statistics pass + rounding (as the CLI does)."""
+    from onnxqat.rounding import collect_layer_stats, round_weights
+
+    sim = QuantizationSimModel(path, per_channel=True, param_bw=args.param_bw)
+    sim.compute_encodings(calib, progress=False)
+    base = sim.state
+    stats: dict[bool, tuple] = {}
+    for method in args.methods:
+        name, _, suffix = method.partition("-")
+        name, *flags = name.split("+")
+        seconds = 0.0
+        if name != "none":
+            use_float = "f" in flags
+            if use_float not in stats:
+                start = time.perf_counter()
+                stats[use_float] = (collect_layer_stats(base, calib, progress=False, float_inputs=use_float),
+                                    time.perf_counter() - start)
+            layer_stats, seconds = stats[use_float]
+            start = time.perf_counter()
+            sim._state, _ = round_weights(base, layer_stats, "none" if name == "bias" else name,
+                                          bias_correction=suffix != "nobias", iterations=args.iterations,
+                                          target="float" if use_float else "quantized", centered="nc" not in flags,
+                                          progress=False)
+            seconds += time.perf_counter() - start
+        else:
+            sim._state = base
+        yield method, predict(sim), seconds
+
+
 def textlike_rows(key, args):
     from test_real_models import text_like
 
@@ -74,13 +105,8 @@ def textlike_rows(key, args):
     name = zm.inputs[0].name
     calib = [{name: text_like(16, shape, seed=s)} for s in range(max(args.calib // 16, 1))]
     test = {name: text_like(args.n_test, shape, seed=1000)}
-    float_run = zoo.ort_runner(path)
-    float_out = zoo.predict(key, float_run, test)[0]
-    for method in args.methods:
-        sim = QuantizationSimModel(path, per_channel=True, param_bw=args.param_bw)
-        sim.compute_encodings(calib, progress=False)
-        seconds = apply_method(sim, calib, method, args.iterations)
-        out = zoo.predict(key, sim.run, test)[0]
+    float_out = zoo.predict(key, zoo.ort_runner(path), test)[0]
+    for method, out, seconds in _variants(key, path, calib, args, lambda sim: zoo.predict(key, sim.run, test)[0]):
         yield {"key": f"textlike:{key}", "w": args.param_bw, "method": method, "n": args.n_test,
                "agreement": float((out.argmax(-1) == float_out.argmax(-1)).mean()),
                "sqnr_db": sqnr_db(float_out, out), "method_s": seconds}
@@ -95,11 +121,7 @@ def zoo_rows(key, args):
     feeds = list(zoo.feeds(key, calib, batch_size=zm.batch or 8, run=float_run))
     float_out = zoo.predict(key, float_run, test)
     main = zoo._MAIN_OUTPUT.get(key, 0)
-    for method in args.methods:
-        sim = QuantizationSimModel(path, per_channel=True, param_bw=args.param_bw)
-        sim.compute_encodings(feeds, progress=False)
-        seconds = apply_method(sim, feeds, method, args.iterations)
-        out = zoo.predict(key, sim.run, test)
+    for method, out, seconds in _variants(key, path, feeds, args, lambda sim: zoo.predict(key, sim.run, test)):
         yield {"key": key, "w": args.param_bw, "method": method, "n": args.n_test,
                "float": zoo.task_metric(key, float_out, test)[zm.metric],
                "metric": zoo.task_metric(key, out, test)[zm.metric], "agreement": zoo.agreement(key, float_out, out, test),
