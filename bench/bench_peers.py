@@ -38,7 +38,9 @@ import _common as common  # noqa: E402
 
 REPO = common.REPO_DIR
 PEERS = os.path.join(HERE, "peers")
-ONNXQAT = os.path.join(REPO, ".venv", "bin", "onnxqat")
+# a git worktree may have no .venv of its own: ONNXQAT_BIN names the CLI (with --onnxqat-src, the
+# code it imports is the snapshot's whatever install the script belongs to)
+ONNXQAT = os.environ.get("ONNXQAT_BIN", os.path.join(REPO, ".venv", "bin", "onnxqat"))
 DEPLOY_PY = os.path.join(REPO, ".venv-deploy", "bin", "python")
 PEER_PY = {"aimet": "/work/peers/aimet/bin/python", "nncf": "/work/peers/nncf/bin/python",
            "quark": "/work/peers/quark/bin/python"}

@@ -217,18 +217,22 @@ class QuantizationSimModel:
         return self
 
     def round_weights(self, batches: Iterable[Mapping[str, np.ndarray]], method: str = "seqmse", *,
-                      bias_correction: bool = True, iterations: int = 500,
-                      progress: bool | None = None) -> WeightRoundingReport:
+                      bias_correction: bool = True, iterations: int = 500, target: str = "quantized",
+                      centered: bool = True, progress: bool | None = None) -> WeightRoundingReport:
         """Optimise weight grids on calibration data (:mod:`onnxqat.rounding`): ``seqmse``
         (per-channel scales), ``adaround`` (SeqMSE scales, then rounding), ``none`` (bias
-        correction only). Call after calibration; returns each layer's output MSE before/after."""
+        correction only). ``target``: match each layer to the float model's layer output
+        (``"float"``) or to the float weights on the simulated input (``"quantized"``); see
+        :func:`onnxqat.rounding.round_weights`. Call after calibration; returns each layer's
+        output error before/after."""
         self._require_calibrated()
-        stats = collect_layer_stats(self._state, batches, progress=progress)
+        stats = collect_layer_stats(self._state, batches, progress=progress, float_inputs=target == "float")
         if not stats and self._state.plan.params:
             raise ConfigError("weight rounding saw no calibration batch: pass batches that can be iterated again "
                               "(a list or NpzBatches, not a generator already used by calibration)")
         self._state, report = round_weights(self._state, stats, method, bias_correction=bias_correction,
-                                            iterations=iterations, progress=progress)
+                                            iterations=iterations, target=target, centered=centered,
+                                            progress=progress)
         return report
 
     def mixed_precision(self, batches: Sequence[Mapping[str, np.ndarray]],

@@ -79,19 +79,33 @@ def test_layer_quadratic_equals_the_output_error_onnxruntime_measures(kind):
     data = random_batches(3, 4, shape)
     sim.compute_encodings(data, progress=False)
     stats = collect_layer_stats(sim.state, data, progress=False)
-    _, report = round_weights(sim.state, stats, "none", bias_correction=False, progress=False)
+    _, report = round_weights(sim.state, stats, "none", bias_correction=False, target="quantized", progress=False)
     quadratic, _ = report.layers[name]
+    _, report = round_weights(sim.state, stats, "none", bias_correction=False, target="float", progress=False)
+    against_float, _ = report.layers[name]
 
     quantized = _with_weight(model, name, _quantized_weight(sim, name))
-    errors = []
-    for feed in map(lambda f: _as_the_layer_sees_it(sim, f), data):
-        (ref,) = run_onnx(model, feed)
-        (got,) = run_onnx(quantized, feed)
-        channels_last = np.moveaxis(got - ref, 1, -1) if ref.ndim == 4 else got - ref
-        errors.append(channels_last.reshape(-1, channels_last.shape[-1]).astype(np.float64))
+
+    def channels_last(y):
+        y = np.moveaxis(y, 1, -1) if y.ndim == 4 else y
+        return y.reshape(-1, y.shape[-1]).astype(np.float64)
+
+    errors, excess = [], []
+    for feed in data:
+        seen = _as_the_layer_sees_it(sim, feed)
+        (ref,) = run_onnx(model, seen)
+        (got,) = run_onnx(quantized, seen)
+        (exact,) = run_onnx(model, feed)
+        errors.append(channels_last(got - ref))
+        # float target: the error against the float layer on the float input, in excess of the
+        # float weights' own error on the quantized input
+        excess.append(channels_last(got - exact) ** 2 - channels_last(ref - exact) ** 2)
     measured = float((np.concatenate(errors) ** 2).mean(axis=0).sum())
     assert measured > 0
     assert quadratic == pytest.approx(measured, rel=1e-5)
+    assert sim.plan.activation_of("x") is not None  # the input is quantized, so the two targets differ
+    assert abs(against_float - quadratic) > 1e-4 * measured
+    assert against_float == pytest.approx(float(np.concatenate(excess).mean(axis=0).sum()), rel=1e-5, abs=1e-7 * measured)
 
 
 @pytest.mark.parametrize("kind", ["conv", "depthwise", "gemm", "matmul"])
@@ -134,6 +148,36 @@ def test_bias_correction_removes_the_mean_output_error():
         if corrected.plan.activation_of("y") is not None else 0.0
     assert before.max() > 10 * max(after.max(), lsb / 2)
     assert name not in corrected.state.fixed  # bias correction alone keeps the grid following the weights
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm"])
+def test_centred_objective_is_the_output_error_left_after_bias_correction(kind):
+    """With bias correction, the methods minimise the error's variance (its mean is corrected
+    afterwards): the reported error equals the squared output error onnxruntime measures with the
+    rounded weights and the corrected bias, and is below the uncentred second moment."""
+    model, shape, name = _one_layer(kind, seed=5)
+    rng = np.random.default_rng(0)
+    data = [{"x": (rng.normal(size=(8, *shape)) + 2.0).astype(np.float32)} for _ in range(3)]
+    sim = QuantizationSimModel(model, param_bw=4, per_channel=True)
+    sim.compute_encodings(data, progress=False)
+    stats = collect_layer_stats(sim.state, data, progress=False)
+    state, centred = round_weights(sim.state, stats, "seqmse", bias_correction=True, progress=False)
+    _, uncentred = round_weights(sim.state, stats, "seqmse", bias_correction=True, centered=False, progress=False)
+    corrected = QuantizationSimModel(model, param_bw=4, per_channel=True)
+    corrected._state = state
+    bias = state.float_model.graph.initializers["b"].const_value.numpy()
+    rounded = _with_weight(_with_weight(model, name, _quantized_weight(corrected, name)), "b", bias)
+    errors = []
+    for feed in data:
+        seen = _as_the_layer_sees_it(sim, feed)
+        diff = run_onnx(rounded, seen)[0] - run_onnx(model, seen)[0]
+        diff = np.moveaxis(diff, 1, -1) if diff.ndim == 4 else diff
+        errors.append(diff.reshape(-1, diff.shape[-1]).astype(np.float64))
+    errors = np.concatenate(errors)
+    assert np.abs(errors.mean(axis=0)).max() < 1e-4 * np.abs(errors).max()  # the mean error is gone
+    measured = float((errors**2).mean(axis=0).sum())
+    assert centred.layers[name][1] == pytest.approx(measured, rel=1e-4)
+    assert centred.layers[name][0] < uncentred.layers[name][0]  # the mean no longer counts
 
 
 def test_adaround_weights_sit_on_their_grid_and_the_export_matches_the_sim(tmp_path):

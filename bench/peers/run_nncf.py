@@ -27,6 +27,13 @@ def main() -> None:
     p = rc.parser("NNCF")
     p.add_argument("--subset-size", type=int, default=0, help="0: all calibration samples")
     p.add_argument("--no-bias-correction", action="store_true")
+    # ablations of NNCF's defaults (bench/results/ptq.md measures each)
+    p.add_argument("--overflow-fix", choices=["default", "enable", "first_layer_only", "disable"], default="default",
+                   help="NNCF's default for target device ANY is first_layer_only (first convs' weights at 7 bits)")
+    p.add_argument("--activation-range", choices=["default", "minmax", "mean_minmax"], default="default",
+                   help="NNCF's default for per-tensor activations is mean_minmax (mean over samples of each "
+                        "sample's min and max)")
+    p.add_argument("--quantize-outputs", action="store_true", help="also quantize the model outputs (NNCF: off)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -44,8 +51,18 @@ def main() -> None:
         samples = rc.batches(data, 1)
         subset = args.subset_size or len(samples)
         weights = QuantizationParameters(num_bits=args.w_bits, per_channel=args.per_channel)
+        extra: dict = {}
+        if args.overflow_fix != "default":
+            extra["overflow_fix"] = nncf.OverflowFix(args.overflow_fix)
+        if args.activation_range != "default":
+            from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+            extra["activations_range_estimator_params"] = getattr(RangeEstimatorParametersSet,
+                                                                  args.activation_range.upper())
+        if args.quantize_outputs:
+            extra["quantize_outputs"] = True
         advanced = AdvancedQuantizationParameters(weights_quantization_params=weights,
-                                                  disable_bias_correction=args.no_bias_correction)
+                                                  disable_bias_correction=args.no_bias_correction, **extra)
         result["settings"] = {
             "call": "nncf.quantize(model, nncf.Dataset(samples), subset_size=N, advanced_parameters=...)",
             "preset": "default (performance)", "target_device": "ANY (default)",
@@ -53,6 +70,8 @@ def main() -> None:
             "weights": {"num_bits": args.w_bits, "per_channel": args.per_channel},
             "activations": f"default ({args.a_bits}-bit)", "calib_samples": rc.n_samples(data),
             "subset_size": subset, "batch_size": 1,
+            "overflow_fix": args.overflow_fix, "activation_range": args.activation_range,
+            "quantize_outputs": args.quantize_outputs,
         }
         with rc.Timer() as t:
             model = onnx.load(args.model)
