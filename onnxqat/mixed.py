@@ -249,9 +249,10 @@ def search(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]],
         vec = switch.vector(_assignment(knobs, levels, fixed))
         return evaluator.score(lambda feed: switch.run(feed, vec))
 
-    float_metric = value(evaluator.score(lambda feed: switch.run(feed, {})))
+    float_metric = value(evaluator.score_outputs(evaluator.reference))
     target = float_metric - target_accuracy_drop if target_accuracy_drop is not None else float(target_sqnr)  # type: ignore[arg-type]
     top = [0] * len(knobs)
+    switch.anchor(_assignment(knobs, top, fixed), evaluator.feeds)  # phase 1 re-runs from the lowered knob on
     top_score = score(top)
     if value(top_score) < target:
         raise ConfigError(f"mixed precision: the target ({target:.4g}) is out of reach: with every choosable quantizer "
