@@ -124,7 +124,7 @@ def layers(sim: QuantizationSimModel) -> list[Layer]:
         if node is None:
             group(f"input:{q.name}", "input")["activations"].append(q.name)
         else:
-            group(node.name, node.op_type)["activations"].append(q.name)  # type: ignore[arg-type]
+            group(node.name, node.op_type)["activations"].append(q.name)
     ordered = sorted(groups, key=lambda n: order.get(n, -1))
     return [Layer(n, op_types[n], tuple(groups[n]["params"]), tuple(groups[n]["biases"]),
                   tuple(groups[n]["activations"])) for n in ordered]
@@ -257,10 +257,12 @@ class Evaluator:
             channel.append(row["channel_sqnr_db"])
         if self.kind == "accuracy":
             scores = np.asarray(got[self.output_index])
-            n = len(self.labels)  # type: ignore[arg-type]
+            assert self.labels is not None
+            n = len(self.labels)
             value = float(np.mean(scores.reshape(n, -1).argmax(-1) == self.labels))
         elif self.kind == "task":
-            value = float(self.task(list(got), self.reference))  # type: ignore[misc]
+            assert self.task is not None
+            value = float(self.task(list(got), self.reference))
         else:
             value = float(np.mean(channel)) if channel else 120.0
         return Score(value, per)
@@ -369,6 +371,7 @@ def sensitivity(sim: QuantizationSimModel, evaluator: Evaluator, *, top_k: int |
         "float_outputs": float_score.as_dict()["outputs"], "quantized_outputs": quantized.as_dict()["outputs"],
         "layers": rows, "ranking": [r["name"] for r in ranked], "scored": len(rows), "total_layers": len(units),
         "early_stopped": stopped, "runs": evaluator.runs, "seconds": time.perf_counter() - start,
+        "segments": switch.segments, "sessions_built": switch.builds,
     }
 
 

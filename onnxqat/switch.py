@@ -37,7 +37,12 @@ from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding
 from onnxqat.backend import providers
-from onnxqat.runtime import NotImplementedError_, fits_in_proto, ort, save_with_external_data
+from onnxqat.runtime import fits_in_proto, ort, save_with_external_data
+
+try:
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NotImplementedError_
+except ImportError:  # pragma: no cover - the class is part of every onnxruntime build
+    NotImplementedError_ = RuntimeError
 
 __all__ = ["Switchable"]
 
@@ -146,6 +151,11 @@ class Switchable:
         self._batch_of: dict[int, int] = {}
         self._bytes_per_value: dict[str, float] = {}
         self._probe_batch = 1
+
+    @property
+    def segments(self) -> int:
+        """How many segments the model is cut into (0 before the first run)."""
+        return len(self._segments or ())
 
     # -- settings --------------------------------------------------------------------------------
 
@@ -275,7 +285,7 @@ class Switchable:
             for v in reads[-1]:
                 if v.name is not None:
                     last_use[v.name] = i
-        model_inputs = {v.name for v in graph.inputs}
+        model_inputs = {v.name for v in graph.inputs if v.name}
         outputs = set(self.output_names)
         has_subgraphs = any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                             for n in nodes for a in n.attributes.values())
@@ -360,8 +370,8 @@ class Switchable:
         for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
             for n in nodes[a:b]:
                 segment_of_node[n.name] = s
-                for v in n.outputs:
-                    produced[v.name] = s
+                for out in n.outputs:
+                    produced[out.name] = s
         readers: dict[str, set[int]] = collections.defaultdict(set)
         for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
             for n in nodes[a:b]:
