@@ -127,7 +127,8 @@ def _knobs(sim: QuantizationSimModel, param_bits: Sequence[int], activation_bits
 def _choices(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]], knobs: Sequence[Knob],
              progress: bool | None) -> dict[str, dict[int, Encoding]]:
     """Encodings per quantizer and candidate bitwidth: the sim's own at its bits; activations
-    calibrated at the other bits (one calibration per bitwidth), weights encoded at them."""
+    calibrated at the other bits (one calibration per bitwidth, with the scheme the sim's own
+    calibration used), weights encoded at them."""
     plan = sim.effective_plan
     choices: dict[str, dict[int, Encoding]] = {}
     for name in [q.name for q in plan.activations] + [p.name for p in plan.params]:
@@ -138,8 +139,10 @@ def _choices(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]
     wanted = {k.field: set() for k in knobs}
     for k in knobs:
         wanted[k.field].update(k.quantizers)
+    # the scheme the sim's calibration used (the auto scheme's choice): not chosen again per bitwidth
+    scheme = sim.scheme_choice.chosen if sim.scheme_choice is not None else sim.quant_scheme
     for bits in act_bits:
-        variant = variant_of(sim, activation_bw=bits)
+        variant = variant_of(sim, activation_bw=bits, quant_scheme=scheme, param_scheme=sim.param_scheme)
         variant.compute_encodings(calib, progress=progress)
         for name in wanted.get("activation_bw", ()):
             enc = variant.encodings.get(name)
