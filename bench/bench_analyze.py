@@ -133,7 +133,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         result = {"layers": sens["total_layers"], "scored": sens["scored"], "runs": sens["runs"],
                   "float": sens["float"], "quantized": sens["quantized"], "ranking": sens["ranking"][:5],
-                  **{k: sens[k] for k in ("segments", "sessions_built") if k in sens}}
+                  **{k: sens[k] for k in ("segments",) if k in sens}}
     print(json.dumps({"model": args.model, "implementation": "before" if args.before else "switchable",
                       "samples": args.samples, "seconds": round(seconds, 1), **result,
                       "load_before": [round(x, 2) for x in load0],

@@ -322,12 +322,14 @@ def sensitivity(sim: QuantizationSimModel, evaluator: Evaluator, *, top_k: int |
     ``top_k``; the worst ``top_k`` are also scored with every quantizer but theirs.
     """
     start = time.perf_counter()
+    own = switch is None
     switch = switch or Switchable(sim.float_model, sim.effective_plan, bit_choices(sim))
     bits = {n: next(iter(c)) for n, c in switch.choices.items()}
     switch.anchor({}, evaluator.feeds)  # each layer alone re-runs the model from its segment on
     float_score = evaluator.score(lambda feed: switch.run(feed, {}))
     quantized = evaluator.score(lambda feed: switch.run(feed, bits))
-    deployed = evaluator.score(sim.runner())
+    # with the sim's own encodings every quantizer on is the simulation's own graph and kernels
+    deployed = quantized if own else evaluator.score(sim.runner())
     units = [u for u in layers(sim) if any(q in switch.index for q in u.quantizers)]
     proxies = proxies or {}
     units.sort(key=lambda u: min((proxies.get(q, 120.0) for q in u.quantizers), default=120.0))
@@ -371,7 +373,7 @@ def sensitivity(sim: QuantizationSimModel, evaluator: Evaluator, *, top_k: int |
         "float_outputs": float_score.as_dict()["outputs"], "quantized_outputs": quantized.as_dict()["outputs"],
         "layers": rows, "ranking": [r["name"] for r in ranked], "scored": len(rows), "total_layers": len(units),
         "early_stopped": stopped, "runs": evaluator.runs, "seconds": time.perf_counter() - start,
-        "segments": switch.segments, "sessions_built": switch.builds,
+        "segments": switch.segments,
     }
 
 
