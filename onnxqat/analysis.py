@@ -142,24 +142,50 @@ def _tensors(model: ir.Model, names: Sequence[str], batch: Mapping[str, np.ndarr
     return out
 
 
+SQNR_SAMPLES = 8
+"""Samples of the batch :func:`quantizer_sqnr` reads (every quantized tensor of them is held)."""
+SQNR_CHUNK_BYTES = 512 << 20
+"""Bound of the tensors :func:`quantizer_sqnr` holds at once (float and quantized together)."""
+
+
 def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Local and cumulative SQNR of every quantized activation tensor, in graph order."""
+    """Local and cumulative SQNR of every quantized activation tensor, in graph order, on the
+    first :data:`SQNR_SAMPLES` samples of ``batch``; the tensors are fetched in chunks of at most
+    :data:`SQNR_CHUNK_BYTES` (sizes from a one-sample run), two runs per chunk."""
     feed = validate_feed(batch, input_signature(sim.float_model), where="analysis data")
+    feed = {k: v[:SQNR_SAMPLES] if np.ndim(v) >= 1 else v for k, v in feed.items()}
+    rows_in_feed = max((len(v) for v in feed.values() if np.ndim(v) >= 1), default=1)
     plan = sim.effective_plan
-    tensors = [t for q in plan.activations for t in q.tensors]
-    floats = _tensors(sim.float_model, tensors, feed)
+    tensors = list(dict.fromkeys(t for q in plan.activations for t in q.tensors))
     inserted = InsertQDQPass(plan, sim.encodings, fold_weights=False)(sim.float_model)
     assert isinstance(inserted, InsertQDQResult)
     sites = inserted.sites
     quantized_model = inserted.model
-    quantized = _tensors(quantized_model, [sites[t] for t in tensors if t in sites], feed)
+    one = {k: v[:1] if np.ndim(v) >= 1 else v for k, v in feed.items()}
+    try:
+        sizes = {t: a.nbytes for t, a in _tensors(sim.float_model, tensors, one).items()}
+    except Exception:  # noqa: BLE001 - a fixed batch size: no one-sample run, one chunk
+        sizes = {}
+    chunks: list[list[str]] = [[]]
+    held = 0.0
+    for t in tensors:
+        size = 2.0 * sizes.get(t, 0) * rows_in_feed
+        if chunks[-1] and held + size > SQNR_CHUNK_BYTES:
+            chunks.append([])
+            held = 0.0
+        chunks[-1].append(t)
+        held += size
     order = {v.name: i for i, n in enumerate(sim.float_model.graph) for v in n.outputs}
+    quantizer_of = {t: q for q in plan.activations for t in q.tensors}
     rows = []
-    for q in plan.activations:
-        enc = sim.encodings[q.name]
-        for t in q.tensors:
+    for chunk in chunks:
+        floats = _tensors(sim.float_model, chunk, feed)
+        quantized = _tensors(quantized_model, [sites[t] for t in chunk if t in sites], feed)
+        for t in chunk:
             if t not in floats or t not in sites:
                 continue
+            q = quantizer_of[t]
+            enc = sim.encodings[q.name]
             ref = floats[t]
             rows.append({
                 "tensor": t,
@@ -171,6 +197,7 @@ def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -
                 "range": [float(ref.min()), float(ref.max())],
                 "encoding": [float(enc.min), float(enc.max)],
             })
+        del floats, quantized
     rows.sort(key=lambda r: order.get(r["tensor"], -1))
     return rows
 
