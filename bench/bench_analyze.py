@@ -2,7 +2,11 @@
 layer and configuration (the implementation before, loaded from git with ``--before``).
 
     .venv/bin/python bench/bench_analyze.py demo [--before] [--samples 64]
-    .venv/bin/python bench/bench_analyze.py ppocr_cls|ppocr_rec|nudenet|... (tests/zoo.py keys)
+    .venv/bin/python bench/bench_analyze.py ppocr-cls|ppocr-rec|nudenet|... (tests/zoo.py keys)
+    .venv/bin/python bench/bench_analyze.py demo --mixed 0.02    # mixed.search, the data of bench/bench_amp.py
+
+Another checkout's onnxqat is timed by putting it first on PYTHONPATH (e.g. ``git archive ea27124
+onnxqat | tar -x -C /tmp/old`` and ``PYTHONPATH=/tmp/old``).
 
 Prints one JSON line: model, layers, seconds, metric values, the load average before and after.
 """
@@ -128,7 +132,8 @@ def main() -> None:
         sens = sensitivity(sim, evaluator, top_k=args.top_k, proxies=proxies, progress=True)
         seconds = time.perf_counter() - start
         result = {"layers": sens["total_layers"], "scored": sens["scored"], "runs": sens["runs"],
-                  "float": sens["float"], "quantized": sens["quantized"], "ranking": sens["ranking"][:5]}
+                  "float": sens["float"], "quantized": sens["quantized"], "ranking": sens["ranking"][:5],
+                  **{k: sens[k] for k in ("segments",) if k in sens}}
     print(json.dumps({"model": args.model, "implementation": "before" if args.before else "switchable",
                       "samples": args.samples, "seconds": round(seconds, 1), **result,
                       "load_before": [round(x, 2) for x in load0],

@@ -3,8 +3,9 @@
 * Per-quantizer SQNR at every quantized tensor: *local* (the quantizer alone applied to the float
   model's tensor: how well its encoding fits the data) and *cumulative* (the simulation's tensor
   against the float model's: the error that has built up by that point).
-* Per-layer sensitivity in one onnxruntime session (:class:`Switchable`: every quantizer is
-  switched per run by a selector input, no session per layer): the metric with only that layer
+* Per-layer sensitivity with :class:`onnxqat.switch.Switchable` (the model cut into segments,
+  sessions per segment and setting, the float model's values at every cut kept, so a layer
+  quantized alone re-runs only the model from its segment on): the metric with only that layer
   quantized, for every layer, once; layers are visited worst local SQNR first, and with ``top_k``
   the scan stops once ``patience`` layers in a row do not enter the top ``k``. The top ``k`` are
   also scored with every quantizer but theirs (the gain if left float).
@@ -38,13 +39,14 @@ from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import input_signature, validate_feed
 from onnxqat.evaluate import check_labels, sqnr_db
 from onnxqat.errors import ConfigError, DataError, ModelError
-from onnxqat.graph import NameScope, const_array, make_initializer, values_by_name
-from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits, qdq_domain, quantize_bias
-from onnxqat.plan import QuantPlan
+from onnxqat.graph import const_array
+from onnxqat.passes.expose import ExposeValuesPass
+from onnxqat.passes.insert_qdq import InsertQDQPass, InsertQDQResult
 from onnxqat.progress import Progress
 from onnxqat.qparams import Encoding, fake_quantize
 from onnxqat.runtime import Session
 from onnxqat.sim import QuantizationSimModel
+from onnxqat.switch import Switchable
 
 __all__ = ["Evaluator", "Layer", "Score", "Switchable", "analyze", "histograms", "layers", "mixed_precision_config",
            "quantizer_sqnr", "score_units", "sensitivity", "suggestions", "variant_of"]
@@ -122,268 +124,68 @@ def layers(sim: QuantizationSimModel) -> list[Layer]:
         if node is None:
             group(f"input:{q.name}", "input")["activations"].append(q.name)
         else:
-            group(node.name, node.op_type)["activations"].append(q.name)  # type: ignore[arg-type]
+            group(node.name, node.op_type)["activations"].append(q.name)
     ordered = sorted(groups, key=lambda n: order.get(n, -1))
     return [Layer(n, op_types[n], tuple(groups[n]["params"]), tuple(groups[n]["biases"]),
                   tuple(groups[n]["activations"])) for n in ordered]
 
 
-# -- one session, every quantizer switchable ----------------------------------------------------
-
-
-class Switchable:
-    """One onnxruntime session of the float model in which every quantizer is set per run.
-
-    Each quantizer gets one Q/DQ branch per bitwidth in ``choices`` (weights: the fake-quantized
-    weight as a constant) and a selector: a ``Where`` chain on one int64 graph input holding, per
-    quantizer, the bitwidth to apply (0: float). Tied tensors share their quantizer's selector;
-    a derived quantizer (``x * k``) is applied to the Mul's float output with its own (derived)
-    encoding, which gives the integers the deployed graph reads; an int32 bias is applied when
-    its input and weight quantizers are on (float otherwise). Integer forms
-    (HardSigmoid/HardSwish) run as the float op followed by their output quantizer. The session runs the Q/DQ nodes op by op (float semantics),
-    not onnxruntime's fused integer kernels.
-
-    Args:
-        model: The float model.
-        plan: The quantizers.
-        choices: ``{quantizer: {bitwidth: encoding}}``; a quantizer without entries stays float.
-    """
-
-    def __init__(self, model: ir.Model, plan: QuantPlan, choices: Mapping[str, Mapping[int, Encoding]]) -> None:
-        self.plan = plan
-        self.choices = {q: dict(c) for q, c in choices.items() if c}
-        self.names = [q.name for q in plan.activations if q.name in self.choices]
-        self.names += [p.name for p in plan.params if p.name in self.choices]
-        self.index = {n: i for i, n in enumerate(self.names)}
-        self.derived = {q.name: q.derived_from[0] for q in plan.activations if q.derived_from is not None}
-        self._model = _switchable_model(model, plan, self.choices, self.index)
-        self.session = Session(self._model)
-        self.output_names = [v.name for v in model.graph.outputs]  # type: ignore[misc]
-
-    def vector(self, bits: Mapping[str, int]) -> np.ndarray:
-        """The selector input for ``{quantizer: bitwidth}`` (missing quantizers: float).
-
-        A derived quantizer that is on takes its source's bitwidth when the source is on."""
-        vec = np.zeros(len(self.names), np.int64)
-        for name, i in self.index.items():
-            b = int(bits.get(name, 0))
-            source = self.derived.get(name)
-            if b and source is not None and bits.get(source, 0) in self.choices[name]:
-                b = int(bits[source])
-            if b and b not in self.choices[name]:
-                raise ConfigError(f"quantizer {name}: no {b}-bit encoding among {sorted(self.choices[name])}")
-            vec[i] = b
-        return vec
-
-    def run(self, feed: Mapping[str, np.ndarray], bits: Mapping[str, int] | np.ndarray) -> list[np.ndarray]:
-        vec = bits if isinstance(bits, np.ndarray) else self.vector(bits)
-        return self.session.session.run(self.output_names, {**{k: feed[k] for k in self.session.input_names
-                                                                 if k != _SELECT}, _SELECT: vec})
-
-
-_SELECT = "onnxqat_quantizer_bits"
-
-
-def _switchable_model(model: ir.Model, plan: QuantPlan, choices: Mapping[str, Mapping[int, Encoding]],
-                      index: Mapping[str, int]) -> ir.Model:
-    """The float model with an ``If`` per quantizer choice: only the chosen branch runs.
-
-    Activations: ``If(bits == b) {Q/DQ at b} else {... else Identity}``. Weighted nodes are
-    wrapped whole, one copy per (weight bits, input bits) with constant fake-quantized weight and
-    bias inside the branch, so onnxruntime still prepacks constant weights."""
-    model = model.clone()
-    graph = model.graph
-    names = NameScope(model)
-    values = values_by_name(graph)
-    if _SELECT in values:
-        raise ModelError(f"the model already has a value named '{_SELECT}'")
-    names.reserve([_SELECT])
-    select = ir.Value(name=_SELECT, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(index)]))
-    graph.inputs.append(select)
-
-    def make(op_type: str, inputs: list[ir.Value | None], base: str, domain: str = "",
-             attributes: Sequence[Any] = (), outputs: int = 1) -> ir.Node:
-        n = ir.Node(domain, op_type, inputs, attributes=list(attributes), name=names.fresh(f"{base}_{op_type}"),
-                    num_outputs=outputs)
-        for out in n.outputs:
-            out.name = names.fresh(f"{base}_{op_type.lower()}")
-        return n
-
-    def main(op_type: str, inputs: list[ir.Value | None], base: str) -> ir.Value:
-        n = make(op_type, inputs, base)
-        graph.append(n)
-        return n.outputs[0]
-
-    def const(base: str, array: np.ndarray) -> ir.Value:
-        return make_initializer(graph, names.fresh(base), array)
-
-    def local(base: str, array: np.ndarray) -> ir.Value:
-        name = names.fresh(base)
-        return ir.Value(name=name, const_value=ir.Tensor(array, name=name), shape=ir.Shape(array.shape),
-                        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-
-    conds: dict[str, dict[int, ir.Value]] = {}
-
-    def conditions(name: str) -> dict[int, ir.Value]:
-        if name not in conds:
-            bits = main("Gather", [select, const(f"{name}_switch_index", np.array(index[name], np.int64))], name)
-            conds[name] = {b: main("Equal", [bits, const(f"{name}_switch_{b}", np.array(b, np.int64))], name)
-                           for b in sorted(choices[name])}
-        return conds[name]
-
-    def branch(nodes: list[ir.Node], initializers: Sequence[ir.Value] = (), base: str = "branch") -> ir.Graph:
-        return ir.Graph([], [nodes[-1].outputs[0]], nodes=nodes, initializers=list(initializers),
-                        name=names.fresh(base))
-
-    def select_chain(options: list[tuple[ir.Value, ir.Graph]], otherwise: ir.Graph, base: str, like: ir.Value) -> ir.Value:
-        """``If(c1) {g1} else If(c2) {g2} ... else {otherwise}`` in the main graph."""
-        tail = otherwise
-        for cond, then in reversed(options[1:]):
-            n = make("If", [cond], base, attributes=[ir.AttrGraph("then_branch", then), ir.AttrGraph("else_branch", tail)])
-            n.outputs[0].type, n.outputs[0].shape = like.type, like.shape
-            tail = branch([n], base=f"{base}_else")
-        cond, then = options[0]
-        n = make("If", [cond], base, attributes=[ir.AttrGraph("then_branch", then), ir.AttrGraph("else_branch", tail)])
-        n.outputs[0].type, n.outputs[0].shape = like.type, like.shape
-        graph.append(n)
-        return n.outputs[0]
-
-    def rewire(value: ir.Value, out: ir.Value, users: list[Any]) -> None:
-        for use in users:
-            use.node.replace_input_with(use.idx, out)
-        if value.is_graph_output():
-            name = value.name
-            value.name = names.fresh(f"{name}_float")
-            for i, v in enumerate(graph.outputs):
-                if v is value:
-                    graph.outputs[i] = out
-            out.name = name
-
-    for q in plan.activations:
-        if q.name not in index:
-            continue
-        cond = conditions(q.name)
-        params = {b: (const(f"{q.name}_{b}b_scale", e.scale.astype(np.float32)),
-                      const(f"{q.name}_{b}b_zero_point", e.zero_point.astype(e.container_dtype)))
-                  for b, e in choices[q.name].items()}
-        for tensor in q.tensors:
-            value = values[tensor]
-            users = list(value.uses())
-            options = []
-            for b, enc in sorted(choices[q.name].items(), reverse=True):
-                nodes: list[ir.Node] = []
-                x = value
-                if enc.narrow:
-                    nodes.append(make("Clip", [x, const(f"{tensor}_{b}b_min", enc.min.astype(np.float32)),
-                                               const(f"{tensor}_{b}b_max", enc.max.astype(np.float32))], tensor))
-                    x = nodes[-1].outputs[0]
-                domain = qdq_domain(model, enc)
-                nodes.append(make("QuantizeLinear", [x, *params[b]], tensor, domain))
-                nodes.append(make("DequantizeLinear", [nodes[-1].outputs[0], *params[b]], tensor, domain))
-                options.append((cond[b], branch(nodes, base=f"{tensor}_{b}b")))
-            otherwise = branch([make("Identity", [value], tensor)], base=f"{tensor}_float")
-            rewire(value, select_chain(options, otherwise, tensor, value), users)
-    biases = {b.node: b for b in plan.biases}
-    nodes_by_name = {n.name: n for n in graph}
-    for p in plan.params:
-        if p.name not in index:
-            continue
-        value = values[p.name]
-        weight = const_array(value)
-        assert weight is not None
-        for consumer in p.consumers:
-            if nodes_by_name[consumer].graph is None:  # already replaced for another weight of it
-                continue
-            _switch_weighted(nodes_by_name[consumer], p.name, value, weight, choices, biases.get(consumer), values,
-                             conditions, make, local, branch, select_chain, main, index)
-    graph.sort()
-    return model
-
-
-def _switch_weighted(node: ir.Node, param: str, value: ir.Value, weight: np.ndarray,
-                     choices: Mapping[str, Mapping[int, Encoding]], bq: Any, values: Mapping[str, ir.Value],
-                     conditions: Callable[[str], dict[int, ir.Value]], make: Callable[..., ir.Node],
-                     local: Callable[[str, np.ndarray], ir.Value], branch: Callable[..., ir.Graph],
-                     select_chain: Callable[..., ir.Value], main: Callable[..., ir.Value],
-                     index: Mapping[str, int]) -> None:
-    """Replace ``node`` by a chain of ``If`` over copies of it: one per weight bitwidth (and, when
-    its bias is int32, per bitwidth of its input quantizer), the float node last."""
-    slot = next(i for i, v in enumerate(node.inputs) if v is value)
-    bias = const_array(values[bq.name]) if bq is not None else None
-    inputs_bits = (sorted(choices[bq.input_quantizer], reverse=True)
-                   if bq is not None and bq.input_quantizer in index else [])
-    options = []
-
-    def copy(replace: Mapping[int, ir.Value]) -> ir.Graph:
-        inputs = [replace.get(i, v) for i, v in enumerate(node.inputs)]
-        twin = make(node.op_type, inputs, node.name or "node", node.domain,
-                    attributes=[a for a in node.attributes.values()], outputs=1)
-        twin.outputs[0].type, twin.outputs[0].shape = node.outputs[0].type, node.outputs[0].shape
-        return branch([twin], [replace[i] for i in replace], base=f"{node.name}_variant")
-
-    for bw, ew in sorted(choices[param].items(), reverse=True):
-        wq = fake_quantize(weight, ew)
-        w_cond = conditions(param)[bw]
-        if bias is not None:
-            for bi in inputs_bits:
-                scale, _ = bias_encoding(choices[bq.input_quantizer][bi], ew)
-                if not bias_fits(bias, scale):
-                    continue
-                both = main("And", [conditions(bq.input_quantizer)[bi], w_cond], bq.name)
-                fixed = (quantize_bias(bias, scale).astype(np.float32) * scale).astype(np.float32)
-                options.append((both, copy({slot: local(f"{param}_{bw}b", wq), 2: local(f"{bq.name}_{bi}x{bw}b", fixed)})))
-        options.append((w_cond, copy({slot: local(f"{param}_{bw}b", wq)})))
-    out = node.outputs[0]
-    users = list(out.uses())
-    otherwise = copy({})
-    result = select_chain(options, otherwise, node.name or "node", out)
-    for use in users:
-        use.node.replace_input_with(use.idx, result)
-    if out.is_graph_output():
-        graph = node.graph
-        assert graph is not None
-        name = out.name
-        out.name = f"{name}_unswitched"
-        for i, v in enumerate(graph.outputs):
-            if v is out:
-                graph.outputs[i] = result
-        result.name = name
-    assert node.graph is not None
-    node.graph.remove(node, safe=True)
-
-
 def _tensors(model: ir.Model, names: Sequence[str], batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Values of ``names`` (graph inputs, node outputs) for one batch, in float semantics."""
-    probe = model.clone()
-    values = {n: v for n, v in values_by_name(probe.graph).items() if v.producer() is not None}
-    existing = {v.name for v in probe.graph.outputs}
-    fetch = [n for n in names if n in values]
-    for n in fetch:
-        if n not in existing:
-            probe.graph.outputs.append(values[n])
-            existing.add(n)
-    out = dict(zip(fetch, Session(probe, optimize=False).run(batch, fetch))) if fetch else {}
+    produced = {v.name for n in model.graph for v in n.outputs if v.name}
+    fetch = list(dict.fromkeys(n for n in names if n in produced))
+    out: dict[str, np.ndarray] = {}
+    if fetch:
+        probe = ExposeValuesPass(fetch)(model.clone()).model
+        out = dict(zip(fetch, Session(probe, optimize=False).run(batch, fetch)))
     out.update({n: batch[n] for n in names if n in batch})
     return out
 
 
+SQNR_SAMPLES = 8
+"""Samples of the batch :func:`quantizer_sqnr` reads (every quantized tensor of them is held)."""
+SQNR_CHUNK_BYTES = 512 << 20
+"""Bound of the tensors :func:`quantizer_sqnr` holds at once (float and quantized together)."""
+
+
 def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Local and cumulative SQNR of every quantized activation tensor, in graph order."""
+    """Local and cumulative SQNR of every quantized activation tensor, in graph order, on the
+    first :data:`SQNR_SAMPLES` samples of ``batch``; the tensors are fetched in chunks of at most
+    :data:`SQNR_CHUNK_BYTES` (sizes from a one-sample run), two runs per chunk."""
     feed = validate_feed(batch, input_signature(sim.float_model), where="analysis data")
+    feed = {k: v[:SQNR_SAMPLES] if np.ndim(v) >= 1 else v for k, v in feed.items()}
+    rows_in_feed = max((len(v) for v in feed.values() if np.ndim(v) >= 1), default=1)
     plan = sim.effective_plan
-    tensors = [t for q in plan.activations for t in q.tensors]
-    floats = _tensors(sim.float_model, tensors, feed)
-    insert = InsertQDQPass(plan, sim.encodings, fold_weights=False)
-    quantized_model = insert(sim.float_model).model
-    sites = insert.sites
-    quantized = _tensors(quantized_model, [sites[t] for t in tensors if t in sites], feed)
+    tensors = list(dict.fromkeys(t for q in plan.activations for t in q.tensors))
+    inserted = InsertQDQPass(plan, sim.encodings, fold_weights=False)(sim.float_model)
+    assert isinstance(inserted, InsertQDQResult)
+    sites = inserted.sites
+    quantized_model = inserted.model
+    one = {k: v[:1] if np.ndim(v) >= 1 else v for k, v in feed.items()}
+    try:
+        sizes = {t: a.nbytes for t, a in _tensors(sim.float_model, tensors, one).items()}
+    except Exception:  # noqa: BLE001 - a fixed batch size: no one-sample run, one chunk
+        sizes = {}
+    chunks: list[list[str]] = [[]]
+    held = 0.0
+    for t in tensors:
+        size = 2.0 * sizes.get(t, 0) * rows_in_feed
+        if chunks[-1] and held + size > SQNR_CHUNK_BYTES:
+            chunks.append([])
+            held = 0.0
+        chunks[-1].append(t)
+        held += size
     order = {v.name: i for i, n in enumerate(sim.float_model.graph) for v in n.outputs}
+    quantizer_of = {t: q for q in plan.activations for t in q.tensors}
     rows = []
-    for q in plan.activations:
-        enc = sim.encodings[q.name]
-        for t in q.tensors:
+    for chunk in chunks:
+        floats = _tensors(sim.float_model, chunk, feed)
+        quantized = _tensors(quantized_model, [sites[t] for t in chunk if t in sites], feed)
+        for t in chunk:
             if t not in floats or t not in sites:
                 continue
+            q = quantizer_of[t]
+            enc = sim.encodings[q.name]
             ref = floats[t]
             rows.append({
                 "tensor": t,
@@ -395,6 +197,7 @@ def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -
                 "range": [float(ref.min()), float(ref.max())],
                 "encoding": [float(enc.min), float(enc.max)],
             })
+        del floats, quantized
     rows.sort(key=lambda r: order.get(r["tensor"], -1))
     return rows
 
@@ -481,10 +284,12 @@ class Evaluator:
             channel.append(row["channel_sqnr_db"])
         if self.kind == "accuracy":
             scores = np.asarray(got[self.output_index])
-            n = len(self.labels)  # type: ignore[arg-type]
+            assert self.labels is not None
+            n = len(self.labels)
             value = float(np.mean(scores.reshape(n, -1).argmax(-1) == self.labels))
         elif self.kind == "task":
-            value = float(self.task(list(got), self.reference))  # type: ignore[misc]
+            assert self.task is not None
+            value = float(self.task(list(got), self.reference))
         else:
             value = float(np.mean(channel)) if channel else 120.0
         return Score(value, per)
@@ -537,18 +342,21 @@ def score_units(evaluator: Evaluator, switch: Switchable, units: Sequence[Sequen
 def sensitivity(sim: QuantizationSimModel, evaluator: Evaluator, *, top_k: int | None = None,
                 patience: int | None = None, proxies: Mapping[str, float] | None = None,
                 progress: bool | None = None, switch: Switchable | None = None) -> dict[str, Any]:
-    """Float, fully quantized, and every layer quantized alone (each scored once), in one session.
+    """Float, fully quantized, and every layer quantized alone (each scored once) (see :class:`Switchable`).
 
     Layers are scored worst ``proxies`` (local SQNR) first. With ``top_k``, scoring stops once
     ``patience`` (default ``2 * top_k``, at least 8) layers in a row do not enter the worst
     ``top_k``; the worst ``top_k`` are also scored with every quantizer but theirs.
     """
     start = time.perf_counter()
+    own = switch is None
     switch = switch or Switchable(sim.float_model, sim.effective_plan, bit_choices(sim))
     bits = {n: next(iter(c)) for n, c in switch.choices.items()}
+    switch.anchor({}, evaluator.feeds)  # each layer alone re-runs the model from its segment on
     float_score = evaluator.score(lambda feed: switch.run(feed, {}))
     quantized = evaluator.score(lambda feed: switch.run(feed, bits))
-    deployed = evaluator.score(sim.runner())
+    # with the sim's own encodings every quantizer on is the simulation's own graph and kernels
+    deployed = quantized if own else evaluator.score(sim.runner())
     units = [u for u in layers(sim) if any(q in switch.index for q in u.quantizers)]
     proxies = proxies or {}
     units.sort(key=lambda u: min((proxies.get(q, 120.0) for q in u.quantizers), default=120.0))
@@ -576,6 +384,8 @@ def sensitivity(sim: QuantizationSimModel, evaluator: Evaluator, *, top_k: int |
     ranked = sorted(rows, key=lambda r: r["only_this_quantized"])
     worst = ranked[:top_k] if top_k is not None else ranked[:10]
     named = {r["name"]: r for r in worst}
+    if worst:
+        switch.anchor(bits, evaluator.feeds)
     loo = distributed.map_split(
         lambda r: score_units(evaluator, switch, [r["quantizers"]], bits, alone=False)[0], worst)
     for r, score in zip(worst, loo):
@@ -590,6 +400,7 @@ def sensitivity(sim: QuantizationSimModel, evaluator: Evaluator, *, top_k: int |
         "float_outputs": float_score.as_dict()["outputs"], "quantized_outputs": quantized.as_dict()["outputs"],
         "layers": rows, "ranking": [r["name"] for r in ranked], "scored": len(rows), "total_layers": len(units),
         "early_stopped": stopped, "runs": evaluator.runs, "seconds": time.perf_counter() - start,
+        "segments": switch.segments,
     }
 
 

@@ -3,8 +3,7 @@
 ``target_accuracy_drop`` (top-1 on labelled evaluation data may fall at most that far below the
 float model's) or ``target_sqnr`` (output ``output_index`` at least that many dB against float).
 
-The search, in one switchable onnxruntime session (:class:`onnxqat.analysis.Switchable`, every
-quantizer with a branch per candidate bitwidth):
+The search:
 
 1. *Knobs*: what a config can set, ``nodes.<name>.activation_bw`` for an output quantizer and
    ``nodes.<name>.param_bw`` for a weight; found by planning once with a marker bitwidth, so a
@@ -13,11 +12,17 @@ quantizer with a branch per candidate bitwidth):
    candidate: one evaluation per (knob, candidate).
 3. *Pareto curve*: greedily, the next lowering with the least metric loss per unit of cost saved
    (AIMET's AMP idea), until everything is at its lowest candidate.
-4. *Choice*: the curve is evaluated at fixed points (a coarse grid, then a fine grid inside the
-   first failing segment); the answer is the last point before the first that misses the target.
-   The points do not depend on the target, so a tighter target never picks a cheaper point.
+4. *Choice*: the cheapest point of a fixed coarse grid along the curve that meets the target,
+   scanned from the cheap end, then the cheapest that meets it on a fine grid between that point
+   and the next coarse one. The answer is the cheapest grid point that meets the target, so a
+   tighter target never picks a cheaper point (the curve need not be monotone).
 5. *Verification*: the chosen config is built as a real simulation, calibrated and scored with
-   onnxruntime's fused kernels; if it misses the target, the previous evaluated point is tried.
+   onnxruntime's fused kernels; if it misses the target, the next cheaper grid point that meets
+   it is tried.
+
+Every evaluation in 2-4 is the simulation itself (:class:`onnxqat.switch.Switchable`: the graphs
+:class:`~onnxqat.passes.insert_qdq.InsertQDQPass` builds, with the fused kernels), with the top
+setting anchored: a knob lowered alone re-runs only the model from its segment on.
 
 Cost: bit operations, ``MACs x weight bits x input-activation bits`` for every weighted layer
 (MACs per sample from one float run) plus ``elements x bits`` for every activation quantizer,
@@ -122,7 +127,8 @@ def _knobs(sim: QuantizationSimModel, param_bits: Sequence[int], activation_bits
 def _choices(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]], knobs: Sequence[Knob],
              progress: bool | None) -> dict[str, dict[int, Encoding]]:
     """Encodings per quantizer and candidate bitwidth: the sim's own at its bits; activations
-    calibrated at the other bits (one calibration per bitwidth), weights encoded at them."""
+    calibrated at the other bits (one calibration per bitwidth, with the scheme the sim's own
+    calibration used), weights encoded at them."""
     plan = sim.effective_plan
     choices: dict[str, dict[int, Encoding]] = {}
     for name in [q.name for q in plan.activations] + [p.name for p in plan.params]:
@@ -133,8 +139,10 @@ def _choices(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]
     wanted = {k.field: set() for k in knobs}
     for k in knobs:
         wanted[k.field].update(k.quantizers)
+    # the scheme the sim's calibration used (the auto scheme's choice): not chosen again per bitwidth
+    scheme = sim.scheme_choice.chosen if sim.scheme_choice is not None else sim.quant_scheme
     for bits in act_bits:
-        variant = variant_of(sim, activation_bw=bits)
+        variant = variant_of(sim, activation_bw=bits, quant_scheme=scheme, param_scheme=sim.param_scheme)
         variant.compute_encodings(calib, progress=progress)
         for name in wanted.get("activation_bw", ()):
             enc = variant.encodings.get(name)
@@ -249,9 +257,14 @@ def search(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]],
         vec = switch.vector(_assignment(knobs, levels, fixed))
         return evaluator.score(lambda feed: switch.run(feed, vec))
 
-    float_metric = value(evaluator.score(lambda feed: switch.run(feed, {})))
-    target = float_metric - target_accuracy_drop if target_accuracy_drop is not None else float(target_sqnr)  # type: ignore[arg-type]
+    float_metric = value(evaluator.score_outputs(evaluator.reference))
+    if target_accuracy_drop is not None:
+        target = float_metric - target_accuracy_drop
+    else:
+        assert target_sqnr is not None
+        target = float(target_sqnr)
     top = [0] * len(knobs)
+    switch.anchor(_assignment(knobs, top, fixed), evaluator.feeds)  # phase 1 re-runs from the lowered knob on
     top_score = score(top)
     if value(top_score) < target:
         raise ConfigError(f"mixed precision: the target ({target:.4g}) is out of reach: with every choosable quantizer "
@@ -306,23 +319,25 @@ def search(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]],
             evaluated[position] = value(score(levels_at(position)))
         return evaluated[position] >= target
 
-    def last_good(points: Sequence[int]) -> tuple[int, int | None]:
-        good = points[0]
-        for p in points[1:]:
-            if not meets(p):
-                return good, p
-            good = p
-        return good, None
+    def cheapest(points: Sequence[int]) -> int | None:
+        """The cheapest of ``points`` that meets the target, scanning from the cheap end."""
+        return next((p for p in sorted(points, reverse=True) if meets(p)), None)
 
     coarse = sorted({round(len(moves) * k / grid) for k in range(grid + 1)})
-    chosen, failed = last_good(coarse)
-    if failed is not None and failed - chosen > 1:
-        fine = sorted({chosen + round((failed - chosen) * k / grid) for k in range(grid + 1)} - {failed})
-        chosen, _ = last_good(fine)
-    # verification with a real simulation; step back along the evaluated points if it misses
-    candidates = sorted((p for p in evaluated if p <= chosen and evaluated[p] >= target), reverse=True)
+    chosen = cheapest(coarse)
+    assert chosen is not None  # the top point meets the target
+    grid_points = set(coarse)
+    after = next((p for p in coarse if p > chosen), None)
+    if after is not None and after - chosen > 1:
+        fine = {chosen + round((after - chosen) * k / grid) for k in range(grid)} - {after}
+        grid_points |= fine
+        found = cheapest(sorted(fine))  # ``fine`` holds ``chosen``: never None
+        chosen = chosen if found is None else found
+    # verification with a real simulation; on a miss, the next cheaper grid point that meets the target
     metric = float("nan")
-    for position in candidates:
+    for position in sorted((p for p in grid_points if p <= chosen), reverse=True):
+        if not meets(position):
+            continue
         doc = _config(sim, knobs, levels_at(position))
         real = variant_of(sim, config=load_config(doc))
         real.compute_encodings(calib, progress=False)

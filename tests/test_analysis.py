@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from conftest import random_batches, run_onnx, tiny_cnn, visible
@@ -43,7 +44,7 @@ def test_local_sqnr_is_the_encoding_alone_on_float_data(analysed):
 
 
 def test_sensitivity_ranks_every_layer_by_tensor_name(analysed):
-    sim, _, result = analysed
+    sim, calib, result = analysed
     sens = result["sensitivity"]
     assert sens["float"] == 120.0  # output SQNR of the float model against itself
     for row in sens["layers"]:
@@ -55,22 +56,44 @@ def test_sensitivity_ranks_every_layer_by_tensor_name(analysed):
     assert set(sens["ranking"]) <= {r["tensor"] for r in result["quantizer_sqnr"]} | set(sim.weights())
     scores = [next(r for r in sens["layers"] if r["name"] == n)["only_this_quantized"] for n in sens["ranking"]]
     assert scores == sorted(scores)
-    # float, all quantized, each layer once, the worst 10 again with all but them; the sim's own run
-    assert sens["runs"] == 3 + len(sens["layers"]) + min(10, len(sens["layers"]))
+    # float, all quantized, each layer once, the worst 10 again with all but them
+    assert sens["runs"] == 2 + len(sens["layers"]) + min(10, len(sens["layers"]))
+    assert sens["quantized"] == Evaluator(sim.float_model, calib).score(sim.run).value  # the simulation itself
 
 
-def test_switchable_session_is_the_sim_or_the_float_model(analysed):
-    """All quantizers on: the unfused simulation, to the last bit; all off: the float model."""
+@pytest.mark.parametrize("segments", [1, 3])
+def test_switchable_is_the_sim_or_the_float_model(analysed, segments):
+    """All quantizers on: the simulation's own session (fused kernels), to the last bit, cut into
+    segments or not; all off: the float model."""
     sim, calib, _ = analysed
-    switch = Switchable(sim.float_model, sim.effective_plan, bit_choices(sim))
+    switch = Switchable(sim.float_model, sim.effective_plan, bit_choices(sim), segments=segments)
     every = {n: next(iter(c)) for n, c in switch.choices.items()}
-    lsb = float(sim.encodings["y"].scale)
     for batch in calib:
-        (reference,) = run_onnx(sim.model, batch)
+        (reference,) = sim.run(batch)
         (got,) = switch.run(batch, every)
-        assert abs(got - reference).max() <= 0.5 * lsb
+        np.testing.assert_array_equal(got, reference)
         (floating,) = run_onnx(tiny_cnn(), batch)
         assert abs(switch.run(batch, {})[0] - floating).max() <= 1e-5 * abs(floating).max()
+    if segments > 1:
+        assert len(switch._segments) == segments  # the tiny CNN has room for 3 cuts that keep fusions
+
+
+def test_anchored_runs_start_at_a_cut_and_give_the_same_numbers(analysed):
+    """One layer alone from the float model's values at the cut before it: the same outputs as
+    a run from the input, with sessions built only for the segments from there on."""
+    sim, calib, _ = analysed
+    switch = Switchable(sim.float_model, sim.effective_plan, bit_choices(sim), segments=3)
+    fresh = Switchable(sim.float_model, sim.effective_plan, bit_choices(sim), segments=3)
+    every = {n: next(iter(c)) for n, c in switch.choices.items()}
+    switch.anchor({}, calib)
+    last = [u for u in layers(sim) if u.node == "fc"][0]
+    alone = {q: every[q] for q in last.quantizers if q in every}
+    built = switch.builds
+    for batch in calib:
+        np.testing.assert_array_equal(switch.run(batch, alone)[0], fresh.run(batch, alone)[0])
+    assert switch.builds - built == 1  # only the last segment's session is new
+    copy = {k: v.copy() for k, v in calib[0].items()}  # not an anchored batch: runs from the input
+    np.testing.assert_array_equal(switch.run(copy, alone)[0], fresh.run(calib[0], alone)[0])
 
 
 def test_one_layer_alone_matches_a_model_with_only_its_quantizers(analysed):
