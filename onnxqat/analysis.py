@@ -39,7 +39,7 @@ from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import input_signature, validate_feed
 from onnxqat.evaluate import check_labels, sqnr_db
 from onnxqat.errors import ConfigError, DataError, ModelError
-from onnxqat.graph import const_array
+from onnxqat.graph import const_array, name_of
 from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, InsertQDQResult
 from onnxqat.progress import Progress
@@ -117,14 +117,14 @@ def layers(sim: QuantizationSimModel) -> list[Layer]:
         node = p.consumers[0]
         group(node, next(n.op_type for n in graph if n.name == node))["params"].append(p.name)
     for b in plan.biases:
-        node = next(n for n in graph if n.name == b.node)
-        group(node.name, node.op_type)["biases"].append(b.name)
+        owner = next(n for n in graph if n.name == b.node)
+        group(name_of(owner), owner.op_type)["biases"].append(b.name)
     for q in plan.activations:
-        node = producer.get(q.name)
-        if node is None:
+        made_by = producer.get(q.name)
+        if made_by is None:
             group(f"input:{q.name}", "input")["activations"].append(q.name)
         else:
-            group(node.name, node.op_type)["activations"].append(q.name)
+            group(name_of(made_by), made_by.op_type)["activations"].append(q.name)
     ordered = sorted(groups, key=lambda n: order.get(n, -1))
     return [Layer(n, op_types[n], tuple(groups[n]["params"]), tuple(groups[n]["biases"]),
                   tuple(groups[n]["activations"])) for n in ordered]
@@ -175,9 +175,9 @@ def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -
             held = 0.0
         chunks[-1].append(t)
         held += size
-    order = {v.name: i for i, n in enumerate(sim.float_model.graph) for v in n.outputs}
+    order = {name_of(v): i for i, n in enumerate(sim.float_model.graph) for v in n.outputs}
     quantizer_of = {t: q for q in plan.activations for t in q.tensors}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for chunk in chunks:
         floats = _tensors(sim.float_model, chunk, feed)
         quantized = _tensors(quantized_model, [sites[t] for t in chunk if t in sites], feed)
@@ -274,14 +274,15 @@ class Evaluator:
 
     def score_outputs(self, got: Sequence[np.ndarray]) -> Score:
         per: dict[str, dict[str, float | None]] = {}
-        channel = []
+        channel: list[float] = []
         for name, ref, out in zip(self.output_names, self.reference, got):
             if ref.dtype.kind != "f":
                 continue
-            row = {"sqnr_db": sqnr_db(ref, out), "channel_sqnr_db": channel_sqnr_db(ref, out),
-                   "top1_agreement": top1_agreement(ref, out)}
+            channel_db = channel_sqnr_db(ref, out)
+            row: dict[str, float | None] = {"sqnr_db": sqnr_db(ref, out), "channel_sqnr_db": channel_db,
+                                            "top1_agreement": top1_agreement(ref, out)}
             per[name] = row
-            channel.append(row["channel_sqnr_db"])
+            channel.append(channel_db)
         if self.kind == "accuracy":
             scores = np.asarray(got[self.output_index])
             assert self.labels is not None
@@ -335,7 +336,10 @@ def score_units(evaluator: Evaluator, switch: Switchable, units: Sequence[Sequen
         mine = set(unit)
         setting = {q: b for q, b in bits.items() if (q in mine) == alone}
         vec = switch.vector(setting)
-        scores.append(evaluator.score(lambda feed, vec=vec: switch.run(feed, vec)))
+        def run(feed: Mapping[str, np.ndarray], vec: np.ndarray = vec) -> list[np.ndarray]:
+            return switch.run(feed, vec)
+
+        scores.append(evaluator.score(run))
     return scores
 
 
@@ -516,7 +520,7 @@ def suggestions(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarr
         for i, variant in enumerate(sims):
             paths.append(variant.export(os.path.join(tmp, f"v{i}"))["qdq"])
         data = os.path.join(tmp, "data.npz")
-        np.savez(data, **evaluator.feeds[0])
+        np.savez(data, allow_pickle=False, **evaluator.feeds[0])
         batch = len(next(iter(evaluator.feeds[0].values())))
         proc = subprocess.run([deploy_python, plain, "latency", *paths, "--data", data, "--batch-size", str(batch),
                                "--runs", "20"], capture_output=True, text=True)

@@ -42,6 +42,7 @@ import numpy as np
 from onnxqat.analysis import Evaluator, Score, Switchable, _tensors, variant_of
 from onnxqat.config import load_config
 from onnxqat.errors import ConfigError, DataError
+from onnxqat.graph import name_of
 from onnxqat.progress import Progress
 from onnxqat.qparams import Encoding
 from onnxqat.sim import QuantizationSimModel
@@ -136,7 +137,7 @@ def _choices(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]
             choices[name] = {sim.encodings[name].bitwidth: sim.encodings[name]}
     act_bits = sorted({b for k in knobs if k.field == "activation_bw" for b in k.candidates} - {sim.activation_bw})
     par_bits = sorted({b for k in knobs if k.field == "param_bw" for b in k.candidates} - {sim.param_bw})
-    wanted = {k.field: set() for k in knobs}
+    wanted: dict[str, set[str]] = {k.field: set() for k in knobs}
     for k in knobs:
         wanted[k.field].update(k.quantizers)
     # the scheme the sim's calibration used (the auto scheme's choice): not chosen again per bitwidth
@@ -173,13 +174,13 @@ class _Cost:
         nodes = {n.name: n for n in graph}
         one = {k: v[:1] for k, v in feed.items()}
         consumers = [nodes[p.consumers[0]] for p in plan.params]
-        wanted = [n.outputs[0].name for n in consumers] + [q.name for q in plan.activations]
+        wanted = [name_of(n.outputs[0]) for n in consumers] + [q.name for q in plan.activations]
         shapes = {k: v.shape for k, v in _tensors(sim.float_model, list(dict.fromkeys(wanted)), one).items()}
         self.weights: list[tuple[str, str | None, float]] = []
         for p, node in zip(plan.params, consumers):
             w = graph.initializers[p.name].const_value
-            out = shapes.get(node.outputs[0].name)
-            size = float(np.prod(w.shape)) if w is not None else 0.0
+            out = shapes.get(name_of(node.outputs[0]))
+            size = float(np.prod(w.shape.numpy())) if w is not None else 0.0
             if out is not None and len(out) >= 2:
                 features = out[1] if node.op_type.startswith("Conv") else out[-1]
                 macs = float(np.prod(out[1:])) * size / max(int(features), 1)
@@ -282,14 +283,14 @@ def search(sim: QuantizationSimModel, calib: Sequence[Mapping[str, np.ndarray]],
             row.append((value(top_score) - value(s), evaluator.main_sqnr(top_score) - evaluator.main_sqnr(s)))
         drops.append(row)
     # phase 2: the greedy Pareto curve (least loss per cost saved first)
-    saving = []
+    saving: list[list[float]] = []
     for i, knob in enumerate(knobs):
-        row = []
+        costs: list[float] = []
         for level in range(len(knob.candidates)):
             levels = list(top)
             levels[i] = level
-            row.append(base_cost - cost(_assignment(knobs, levels, fixed)))
-        saving.append(row)
+            costs.append(base_cost - cost(_assignment(knobs, levels, fixed)))
+        saving.append(costs)
 
     def key(i: int, level: int) -> tuple[float, float, int]:
         ds = max(saving[i][level] - saving[i][level - 1], 1e-12)
