@@ -48,6 +48,31 @@ def test_short_qat_improves_w4a8_over_ptq(data):
     assert qat > ptq + 0.004, (ptq, qat)
 
 
+def test_default_learning_rate_follows_the_lowest_bitwidth(data):
+    """Without ``lr`` the trainer takes default_lr of the lowest bitwidth of weights and
+    activations, and that is the rate the optimizer steps with (SGD: the step is -lr * gradient)."""
+    from onnxqat.train.options import default_lr
+
+    assert [default_lr(b) for b in (None, 16, 8, 6, 4)] == [1e-5, 1e-5, 1e-5, 4e-5, 1.6e-4]
+    batch = {k: v[:32] for k, v in data["train"].items()}
+    for pbw, abw, want in ((8, 8, 1e-5), (8, 4, 1.6e-4), (4, 8, 1.6e-4), (6, 8, 4e-5)):
+        sim = QuantizationSimModel(data["model"], per_channel=True, param_bw=pbw, activation_bw=abw)
+        sim.compute_encodings(NpzBatches(data["calib"], 64), progress=False)
+        with sim.trainer(optimizer="sgd") as trainer:
+            assert trainer.options.lr == want, (pbw, abw, trainer.options.lr)
+            if (pbw, abw) != (4, 8):
+                continue
+            _, grads = trainer.compute_gradients(batch)
+            before = trainer.trained_parameters()
+            trainer.step(batch)
+            after = trainer.trained_parameters()
+            name = max(grads, key=lambda n: float(np.abs(grads[n]).max()))
+            np.testing.assert_allclose(after[name] - before[name], -want * grads[name], rtol=1e-3,
+                                       atol=1e-3 * want * float(np.abs(grads[name]).max()))
+    with sim.trainer(lr=3e-5) as trainer:
+        assert trainer.options.lr == 3e-5  # an explicit rate is kept
+
+
 def test_distillation_needs_no_labels(data):
     sim = w4_sim(data)
     ptq = score(sim, data)
