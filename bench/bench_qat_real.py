@@ -667,7 +667,7 @@ def cmd_cli(args: argparse.Namespace) -> None:
                                   "command": " ".join(["onnxqat", *cmd[3:]]),
                                   "epoch_lines": [ln for ln in stdout.splitlines() if re.match(r"epoch \d+ loss=", ln)],
                                   "info_lines": [ln for ln in stdout.splitlines()
-                                                 if ln.startswith(("epochs:", "calibrated (PTQ)"))],
+                                                 if ln.startswith(("epochs:", "lr:", "calibrated (PTQ)"))],
                                   "warnings": [ln for ln in stderr.splitlines() if ln.startswith("warning:")][:6],
                                   "stderr_tail": stderr.strip().splitlines()[-3:], "float": float_metric}
                         steps = [int(m.group(1)) for ln in record["epoch_lines"] for m in [re.search(r"steps=(\d+)", ln)] if m]
@@ -757,6 +757,28 @@ def cmd_table(args: argparse.Namespace) -> None:
               f"{score('fixed')} | {score('rl')} | {steps} ({bs}) | {wall} | {peak} | {loads} |")
 
 
+def cmd_runs(args: argparse.Namespace) -> None:
+    """Markdown rows of ``run`` records: PTQ and QAT on the test split per model, setting, mode, rates."""
+    print("| model | W/A | mode | lr | encoding lr scale | float | PTQ | QAT | best val (epoch) | steps | train s "
+          "| peak MiB: before training / training / canary | load start-end |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for line in open(args.results, encoding="utf-8"):
+        r = json.loads(line)
+        if r.get("kind") not in ("qat", "floattrain") or "error" in r:
+            continue
+        m = zoo.MODELS[r["key"]].metric
+        vals = [(t[split][m], t["epoch"]) for t in r.get("track") or [] for split in ("val", "test") if split in t]
+        best = "%.3f (%d)" % max(vals) if vals else "-"
+        lr = f"{r['lr_used']:g}" + ("" if r.get("lr") is not None else " (default)")
+        scale = r.get("encoding_lr_scale") or "10 (default)" if r["mode"] == "rl" else "-"
+        peaks = " / ".join(f"{r[k]:.0f}" if k in r else "-" for k in ("before_train_peak_mib", "train_only_peak_mib",
+                                                                        "canary_peak_mib"))
+        mode = "float training" if r["kind"] == "floattrain" else r["mode"]
+        print(f"| {r['key']} | {r['setting'][1]}/{r['setting'][3]} | {mode} | {lr} | {scale} | {r['float'][m]:.3f} | "
+              f"{r['ptq'][m]:.3f} | {r['qat'][m]:.3f} | {best} | {r['steps']} | {r['train_s']:.0f} | {peaks} | "
+              f"{r['load_start'].split()[0]}-{r['load_end'].split()[0]} |")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     for key in _split(args.models):
         t = time.time()
@@ -808,8 +830,10 @@ def main() -> None:
     t.add_argument("results", nargs="?", default=os.path.join(WORK, "cli.jsonl"))
     t.add_argument("--losses", default="distill")
     t.add_argument("--lr-default", action="store_true", help="only runs at the CLI's default learning rate")
+    u = sub.add_parser("runs", help="markdown table of run records")
+    u.add_argument("results", nargs="?", default=os.path.join(WORK, "results.jsonl"))
     args = p.parse_args()
-    {"prepare": cmd_prepare, "run": cmd_run, "cli": cmd_cli, "table": cmd_table}[args.cmd](args)
+    {"prepare": cmd_prepare, "run": cmd_run, "cli": cmd_cli, "table": cmd_table, "runs": cmd_runs}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -233,3 +233,9 @@ def test_cli_train_end_to_end(cli, demo_assets, tmp_path):
     assert {e["bw"] for e in doc["param_encodings"]} == {4, 32}
     scored = cli("eval", out / "model_qdq.onnx", "--data", test, check=True).stdout.strip().splitlines()[-1]
     assert abs(float(scored.split()[0].split("=")[1]) - final) <= 0.002
+
+
+def test_cli_train_help_shows_the_learning_rate_defaults(cli):
+    """`onnxqat train --help` says what the default learning rate is at 8 and at 4 bits."""
+    text = " ".join(cli("train", "--help", check=True).stdout.split())
+    assert "default: 1e-5 at 8 bits" in text and "(4 bits: 1.6e-4)" in text, text
