@@ -441,7 +441,7 @@ def _train(args: argparse.Namespace) -> None:
         arrays = checked.load(args.eval, optional=[args.label_key])
         if args.loss == "cross_entropy":
             checked.check_labels(arrays, args.eval, args.label_key, args.output_index)
-        evaluation = list(NpzBatches(arrays, 256, batch_axes=checked.axes))
+        evaluation = list(NpzBatches(arrays, args.batch_size, batch_axes=checked.axes))  # peak: the training step
     from onnxqat.distributed import RankRows, world
 
     ranks = world().size  # under MPI --batch-size is per rank: a global batch of ranks x batch size, split
