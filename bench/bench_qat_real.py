@@ -779,6 +779,42 @@ def cmd_runs(args: argparse.Namespace) -> None:
               f"{r['load_start'].split()[0]}-{r['load_end'].split()[0]} |")
 
 
+def cmd_matrix(args: argparse.Namespace) -> None:
+    """Markdown rows of ``cli`` records, one per command: exit status, the --eval agreement after
+    calibration and after training, the deployed task metric, deployed vs sim, time, peak."""
+    print("| model | W/A | method | loss | rc | steps | eval agreement PTQ -> QAT (SQNR dB) | deployed metric "
+          "(float) | deployed vs sim: max / p99.9 LSB, metric equal | wall s | tree peak MiB | load start |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for line in open(args.results, encoding="utf-8"):
+        r = json.loads(line)
+        if r.get("kind") != "cli":
+            continue
+        task_metric = "accuracy" if r["key"] == DEMO else zoo.MODELS[r["key"]].metric
+
+        def pick(text: str, key: str) -> str:
+            found = re.search(rf"{key}=([-\d.]+)", text)
+            return found.group(1) if found else "?"
+
+        ptq = next((ln for ln in r["info_lines"] if ln.startswith("calibrated")), "")
+        last = r["epoch_lines"][-1] if r["epoch_lines"] else ""
+        trend = (f"{pick(ptq, 'eval_agreement')} -> {pick(last, 'eval_agreement')} "
+                 f"({pick(ptq, 'eval_sqnr_db')} -> {pick(last, 'eval_sqnr_db')})") if last else "-"
+        if "deployed" in r:
+            dep = f"{r['deployed'][task_metric]:.3f} ({r['float'][task_metric]:.3f})"
+            d = r.get("deployed_vs_sim", {})
+            if "error" in d:
+                vs = "check failed: " + d["error"][:120]
+            elif d.get("lsb"):
+                vs = f"{d['max_lsb']:.1f} / {d['p999_lsb']:.1f}, {'yes' if d['metric_equal'] else 'no'}"
+            else:
+                vs = f"max abs {d.get('max_abs_diff', float('nan')):.2g} (float output), {'yes' if d.get('metric_equal') else 'no'}"
+        else:
+            dep, vs = "-", " ".join(r["stderr_tail"])[-160:].replace("|", "/")
+        print(f"| {r['key']} | {r['setting'][1]}/{r['setting'][3]} | {r['method']} | {r['loss']} | {r['returncode']} | "
+              f"{r['steps']} | {trend} | {dep} | {vs} | {r['seconds']:.0f} | {r['tree_peak_mib']:.0f} | "
+              f"{r['load_start'].split()[0]} |")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     for key in _split(args.models):
         t = time.time()
@@ -832,8 +868,11 @@ def main() -> None:
     t.add_argument("--lr-default", action="store_true", help="only runs at the CLI's default learning rate")
     u = sub.add_parser("runs", help="markdown table of run records")
     u.add_argument("results", nargs="?", default=os.path.join(WORK, "results.jsonl"))
+    x = sub.add_parser("matrix", help="markdown table of cli records, one row per command")
+    x.add_argument("results", nargs="?", default=os.path.join(WORK, "cli.jsonl"))
     args = p.parse_args()
-    {"prepare": cmd_prepare, "run": cmd_run, "cli": cmd_cli, "table": cmd_table, "runs": cmd_runs}[args.cmd](args)
+    {"prepare": cmd_prepare, "run": cmd_run, "cli": cmd_cli, "table": cmd_table, "runs": cmd_runs,
+     "matrix": cmd_matrix}[args.cmd](args)
 
 
 if __name__ == "__main__":
