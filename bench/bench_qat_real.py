@@ -96,11 +96,14 @@ def snapshot(ref: str = "HEAD") -> tuple[str, str]:
                             check=True).stdout.strip()
     folder = os.path.join(WORK, f"src-{commit[:12]}")
     if not os.path.isdir(os.path.join(folder, "onnxqat")):
-        tmp = folder + ".tmp"
-        os.makedirs(tmp, exist_ok=True)
+        os.makedirs(WORK, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"src-{commit[:12]}.", dir=WORK)  # one per process: parallel benches
         archive = subprocess.run(["git", "-C", REPO, "archive", commit, "onnxqat"], capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        os.replace(tmp, folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another bench extracted it first
+            subprocess.run(["rm", "-rf", tmp], check=True)
     return folder, commit
 
 
@@ -293,6 +296,7 @@ def worker(spec: dict) -> dict:
     ptq_out = zoo.predict(key, sim.run, test)
     out["ptq"] = zoo.task_metric(key, ptq_out, test)
     out["ptq_agree"] = zoo.agreement(key, float_out, ptq_out, test)
+    print(json.dumps({"progress": {"float": out["float"], "ptq": out["ptq"], "load": load()}}), flush=True)
     loss = spec["loss"]
     options = dict(loss=loss, range_learning=spec["mode"] == "rl", threads=threads,
                    output_index=main_output(key), label_key="label", target_key="target")

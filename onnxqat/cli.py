@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None,
                    help="epochs; default: enough for about 300 optimizer steps (1 to 20)")
     t.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.lr,
-                   help="AdamW learning rate; default: 1e-5 at 8 bits, doubled per bit the lowest of "
-                        "--param-bw/--activation-bw is below 8 (4 bits: 1.6e-4)")
+                   help="AdamW learning rate; default: 1e-5 at 8 bits, doubled per bit --activation-bw "
+                        "is below 8 (4 bits: 1.6e-4)")
     t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer")
     t.add_argument("--range-learning", action="store_true", help="train activation scales/offsets (LSQ)")
     t.add_argument("--freeze", action="append", default=[], metavar="NAME",
@@ -455,7 +455,7 @@ def _train(args: argparse.Namespace) -> None:
     sim = _calibrated_sim(args, checked)
     with sim.trainer(**options) as trainer:
         if args.lr is None:
-            print(f"lr: {trainer.options.lr:g} (the default for the lowest bitwidth; --lr to change)")
+            print(f"lr: {trainer.options.lr:g} (the default at this activation bitwidth; --lr to change)")
         if evaluation is not None:
             print("calibrated (PTQ) " + _metrics_line(trainer.evaluate(evaluation)), flush=True)
         trainer.fit(batches, epochs=args.epochs, eval_batches=evaluation, checkpoint_dir=args.checkpoint_dir,

@@ -10,7 +10,7 @@ from typing import Any
 from onnxqat.errors import ConfigError
 from onnxqat.spec import Choice
 
-__all__ = ["Loss", "Optimizer", "TrainOptions", "default_epochs", "default_lr", "lowest_bitwidth", "MIN_STEPS"]
+__all__ = ["Loss", "Optimizer", "TrainOptions", "default_epochs", "default_lr", "lowest_activation_bitwidth", "MIN_STEPS"]
 
 # Fewer optimizer steps than this rarely move a quantized model anywhere useful (a small CNN got
 # worse than PTQ after 4 steps at lr 1e-4): below it the trainer warns.
@@ -18,8 +18,8 @@ MIN_STEPS = 50
 # Steps the default number of epochs aims at.
 TARGET_STEPS = 300
 MAX_DEFAULT_EPOCHS = 20
-# AdamW's default learning rate at 8 bits and above, and how it grows per bit below 8 (see
-# default_lr); bench/results/qat.md has the sweep these come from.
+# AdamW's default learning rate with activations of 8 bits and more, and how it grows per
+# activation bit below 8 (see default_lr); bench/results/qat.md has the runs these come from.
 LR_8BIT = 1e-5
 LR_GROWTH_PER_BIT = 2.0
 
@@ -55,8 +55,8 @@ class TrainOptions:
     Attributes:
         loss: See :class:`Loss`.
         optimizer: ``adamw`` or ``sgd``.
-        lr: Learning rate; None (default): :func:`default_lr` of the lowest bitwidth the
-            simulation uses (1e-5 at 8 bits, 1.6e-4 at 4 bits).
+        lr: Learning rate; None (default): :func:`default_lr` of the lowest activation bitwidth
+            of the simulation (1e-5 at 8 bits, 1.6e-4 at 4 bits).
         weight_decay: AdamW weight decay.
         range_learning: Train activation scales and zero points (LSQ) instead of keeping the
             calibrated ones. Weight encodings always follow the weights.
@@ -118,13 +118,14 @@ def default_epochs(steps_per_epoch: int) -> int:
 
 
 def default_lr(bits: int | None) -> float:
-    """AdamW learning rate for a simulation whose lowest bitwidth is ``bits`` (None: nothing quantized).
+    """AdamW learning rate for a simulation whose lowest activation bitwidth is ``bits`` (None:
+    nothing quantized).
 
-    Adam moves every weight by about the learning rate per step, whatever its gradient's size,
-    while a weight's quantization step doubles with every bit removed: at 8 bits ``1e-5`` keeps
-    the trained model where PTQ put it, at 4 bits weights must cross a 16x wider step in a few
-    hundred steps. So the rate doubles per bit below 8: 8 bits and above 1e-5, 6 bits 4e-5, 4 bits
-    1.6e-4.
+    With 8-bit activations PTQ is usually close to float and ``1e-5`` keeps training there (at 4-bit
+    weights too: Adam moves every weight by about the rate per step whatever its size, and 1.6e-4
+    took a PP-LCNet at W4A8 from 0.99 to 0.81 agreement in two steps). Below 8 bits PTQ loses far
+    more and small rates recover little of it in a few hundred steps, so the rate doubles per
+    activation bit below 8: 6 bits 4e-5, 4 bits 1.6e-4.
 
     >>> default_lr(8), default_lr(4)
     (1e-05, 0.00016)
@@ -134,12 +135,11 @@ def default_lr(bits: int | None) -> float:
     return float(f"{LR_8BIT * LR_GROWTH_PER_BIT ** (8 - bits):.3g}")
 
 
-def lowest_bitwidth(plan: Any, encodings: Mapping[str, Any] | None = None) -> int | None:
-    """The smallest bitwidth of a :class:`~onnxqat.plan.QuantPlan`'s weight and activation
-    quantizers (int32 biases aside); an encoding in ``encodings`` (loaded from a file) wins over
-    the plan's spec."""
+def lowest_activation_bitwidth(plan: Any, encodings: Mapping[str, Any] | None = None) -> int | None:
+    """The smallest bitwidth of a :class:`~onnxqat.plan.QuantPlan`'s activation quantizers; an
+    encoding in ``encodings`` (loaded from a file) wins over the plan's spec."""
     bits = []
-    for q in (*plan.params, *plan.activations):
+    for q in plan.activations:
         enc = encodings.get(q.name) if encodings is not None else None
         bits.append(int(enc.bitwidth) if enc is not None else q.spec.bitwidth)
     return min(bits) if bits else None
