@@ -786,9 +786,9 @@ def cmd_runs(args: argparse.Namespace) -> None:
 def cmd_matrix(args: argparse.Namespace) -> None:
     """Markdown rows of ``cli`` records, one per command: exit status, the --eval agreement after
     calibration and after training, the deployed task metric, deployed vs sim, time, peak."""
-    print("| model | W/A | method | loss | rc | steps | eval agreement PTQ -> QAT (SQNR dB) | deployed metric "
+    print("| model | W/A | method | loss | lr | rc | steps | eval agreement PTQ -> QAT (SQNR dB) | deployed metric "
           "(float) | deployed vs sim: max / p99.9 LSB, metric equal | wall s | tree peak MiB | load start |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for line in open(args.results, encoding="utf-8"):
         r = json.loads(line)
         if r.get("kind") != "cli":
@@ -800,6 +800,8 @@ def cmd_matrix(args: argparse.Namespace) -> None:
             return found.group(1) if found else "?"
 
         ptq = next((ln for ln in r["info_lines"] if ln.startswith("calibrated")), "")
+        chosen = next((ln.split()[1] for ln in r["info_lines"] if ln.startswith("lr:")), "?")
+        lr = "-" if r["method"] == "ptq" else (f"{r['lr_arg']:g}" if r.get("lr_arg") is not None else f"{chosen} (default)")
         last = r["epoch_lines"][-1] if r["epoch_lines"] else ""
         trend = (f"{pick(ptq, 'eval_agreement')} -> {pick(last, 'eval_agreement')} "
                  f"({pick(ptq, 'eval_sqnr_db')} -> {pick(last, 'eval_sqnr_db')})") if last else "-"
@@ -814,7 +816,7 @@ def cmd_matrix(args: argparse.Namespace) -> None:
                 vs = f"max abs {d.get('max_abs_diff', float('nan')):.2g} (float output), {'yes' if d.get('metric_equal') else 'no'}"
         else:
             dep, vs = "-", " ".join(r["stderr_tail"])[-160:].replace("|", "/")
-        print(f"| {r['key']} | {r['setting'][1]}/{r['setting'][3]} | {r['method']} | {r['loss']} | {r['returncode']} | "
+        print(f"| {r['key']} | {r['setting'][1]}/{r['setting'][3]} | {r['method']} | {r['loss']} | {lr} | {r['returncode']} | "
               f"{r['steps']} | {trend} | {dep} | {vs} | {r['seconds']:.0f} | {r['tree_peak_mib']:.0f} | "
               f"{r['load_start'].split()[0]} |")
 
