@@ -24,12 +24,15 @@ status, the per-epoch lines, the wall time of the command, its peak RSS (``wait4
 largest child) and the largest summed RSS of the CLI and its children sampled every 0.2 s, and the
 load average at start and end. ``table`` prints the BENCHMARKS.md rows of those records.
 
-Peak memory: the worker's ``ru_maxrss`` right after ``fit`` (the training process: sim, teacher,
-training session, evaluation sessions, one batch of data) and the largest child's (the crash
-canary, which runs one training step itself); an ``infer`` worker measures the same process up to
-``sim.run`` on one batch of the training batch size, the inference peak of the aim "QAT peak < 3x
-inference's". ``floattrain`` runs the same trainer with ``quantized=False`` (float training in
-onnxruntime-training: what any training costs there).
+Peak memory (VmHWM, reset through ``/proc/self/clear_refs`` between phases): the worker's peak
+before the trainer exists (calibration, the float and PTQ scores on the test split) and the peak
+of training alone (``train_only_peak_mib``: trainer, float teacher, training session, evaluation
+sessions, the steps) after a reset, and the largest child's (the crash canary, which builds the
+artifacts and runs one training step itself). A ``floatinfer`` worker runs the float model in a
+bare onnxruntime session on one batch of the training batch size (the inference peak of the aim
+"QAT peak < 3x inference's"); an ``infer`` worker calibrates a sim and runs it on that batch
+(calibration's peak and the sim's after it, apart). ``floattrain`` runs the same trainer with
+``quantized=False`` (float training in onnxruntime-training: what any training costs there).
 
     .venv/bin/python bench/bench_qat_real.py prepare --models ppocr-cls,mtcnn-rnet
     .venv/bin/python bench/bench_qat_real.py run --models ppocr-cls --settings w4a4 --modes fixed,rl \\
@@ -93,11 +96,14 @@ def snapshot(ref: str = "HEAD") -> tuple[str, str]:
                             check=True).stdout.strip()
     folder = os.path.join(WORK, f"src-{commit[:12]}")
     if not os.path.isdir(os.path.join(folder, "onnxqat")):
-        tmp = folder + ".tmp"
-        os.makedirs(tmp, exist_ok=True)
+        os.makedirs(WORK, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"src-{commit[:12]}.", dir=WORK)  # one per process: parallel benches
         archive = subprocess.run(["git", "-C", REPO, "archive", commit, "onnxqat"], capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        os.replace(tmp, folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another bench extracted it first
+            subprocess.run(["rm", "-rf", tmp], check=True)
     return folder, commit
 
 
@@ -209,6 +215,18 @@ def _maxrss_mib(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
+def _hwm_mib() -> float:
+    """Peak RSS of this process since start or the last :func:`_reset_hwm` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024.0
+
+
+def _reset_hwm() -> None:
+    """Restart the peak-RSS count from the current RSS (Linux: ``5`` into ``clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _headline(key: str, metrics: dict) -> float:
     return float(metrics[zoo.MODELS[key].metric])
 
@@ -247,15 +265,29 @@ def worker(spec: dict) -> dict:
     threads = spec.get("threads", 2)
     out: dict[str, Any] = {**spec, "load_start": load(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.time()
+    bs = spec.get("bs", cfg["bs"])
+    if kind == "floatinfer":  # the float model in onnxruntime alone: one batch of the training batch size
+        import onnxruntime as ort
+
+        first = next(iter(BatchFiles(os.path.join(data_dir(key), "train"))))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(zoo.fetch(key)), options, providers=["CPUExecutionProvider"])
+        session.run(None, {k: first[k][:bs] for k in input_names(key)})
+        out["peak_mib"] = _maxrss_mib(resource.RUSAGE_SELF)
+        out["load_end"] = load()
+        return out
     test = load_split(key, "test")
     sim = _calibrated_sim(key, pbw, abw)
     out["calibrate_s"] = time.time() - t0
-    bs = spec.get("bs", cfg["bs"])
     first = next(iter(BatchFiles(os.path.join(data_dir(key), "train"))))
     first = {k: v[:bs] for k, v in first.items()}
     if kind == "infer":
+        out["calib_peak_mib"] = _hwm_mib()
+        _reset_hwm()
         sim.run({k: first[k] for k in input_names(key)})
-        out["peak_mib"] = _maxrss_mib(resource.RUSAGE_SELF)
+        out["run_peak_mib"] = _hwm_mib()  # the sim's session and one batch, after calibration
+        out["peak_mib"] = max(out["calib_peak_mib"], out["run_peak_mib"])
         out["load_end"] = load()
         return out
     float_run = zoo.ort_runner(zoo.fetch(key), threads=threads)
@@ -264,11 +296,14 @@ def worker(spec: dict) -> dict:
     ptq_out = zoo.predict(key, sim.run, test)
     out["ptq"] = zoo.task_metric(key, ptq_out, test)
     out["ptq_agree"] = zoo.agreement(key, float_out, ptq_out, test)
+    print(json.dumps({"progress": {"float": out["float"], "ptq": out["ptq"], "load": load()}}), flush=True)
     loss = spec["loss"]
     options = dict(loss=loss, range_learning=spec["mode"] == "rl", threads=threads,
                    output_index=main_output(key), label_key="label", target_key="target")
     if spec.get("lr") is not None:
         options["lr"] = spec["lr"]  # else the trainer's default
+    if spec.get("encoding_lr_scale") is not None:
+        options["encoding_lr_scale"] = spec["encoding_lr_scale"]
     if kind == "floattrain":
         options.update(quantized=False, range_learning=False)
     train = BatchFiles(os.path.join(data_dir(key), "train"), limit=spec.get("batches"))
@@ -290,6 +325,9 @@ def worker(spec: dict) -> dict:
         print(json.dumps({"progress": row}), flush=True)
 
     epochs = spec["epochs"]
+    out["before_train_peak_mib"] = _hwm_mib()  # calibration, the float and PTQ scores on the test split
+    _reset_hwm()
+    out["before_train_rss_mib"] = _hwm_mib()
     with sim.trainer(**options) as trainer:
         t = time.time()
         out["eval_ptq"] = trainer.evaluate(eval_batches, progress=False)
@@ -297,7 +335,8 @@ def worker(spec: dict) -> dict:
         t = time.time()
         trainer.fit(train, epochs=epochs, eval_batches=eval_batches, progress=False, on_epoch=on_epoch)
         fit_s = time.time() - t
-        out["train_peak_mib"] = _maxrss_mib(resource.RUSAGE_SELF)
+        out["train_only_peak_mib"] = _hwm_mib()  # since the reset: trainer, teacher, sessions, steps, evaluation
+        out["train_peak_mib"] = max(out["before_train_peak_mib"], out["train_only_peak_mib"])  # the whole worker
         out["canary_peak_mib"] = _maxrss_mib(resource.RUSAGE_CHILDREN)
         out["steps"] = sum(h.steps for h in trainer.history)
         out["lr_used"] = trainer.options.lr
@@ -370,15 +409,19 @@ def cmd_run(args: argparse.Namespace) -> None:
         for setting in _split(args.settings):
             specs = []
             if args.infer:
-                specs.append({"key": key, "kind": "infer", "setting": setting, "bs": args.bs or cfg["bs"], "commit": commit})
+                for kind in ("floatinfer", "infer"):
+                    specs.append({"key": key, "kind": kind, "setting": setting, "bs": args.bs or cfg["bs"],
+                                  "commit": commit, "threads": args.threads})
             for loss in losses:
-                for mode in _split(args.modes):
+                for mode in [m for m in _split(args.modes) if m != "none"]:
                     kind = "floattrain" if mode == "float" else "qat"
                     spec = {"key": key, "kind": kind, "setting": setting, "mode": mode, "loss": loss, "commit": commit,
                             "lr": args.lr, "epochs": args.epochs,
                             "threads": args.threads, "track": args.track, "bs": args.bs or cfg["bs"]}
                     if args.batches:
                         spec["batches"] = args.batches
+                    if args.encoding_lr_scale is not None:
+                        spec["encoding_lr_scale"] = args.encoding_lr_scale
                     if args.no_deploy:
                         spec["no_deploy"] = True
                     specs.append(spec)
@@ -393,12 +436,15 @@ def cmd_run(args: argparse.Namespace) -> None:
 def summary_line(r: dict) -> str:
     if "error" in r:
         return f"ERROR {r['error'][-300:]}"
+    if r["kind"] == "floatinfer":
+        return f"float inference peak {r['peak_mib']:.0f} MiB"
     if r["kind"] == "infer":
-        return f"infer peak {r['peak_mib']:.0f} MiB"
+        return f"sim peak {r['peak_mib']:.0f} MiB (calibration {r['calib_peak_mib']:.0f}, one batch after it {r['run_peak_mib']:.0f})"
     key = r["key"]
     m = zoo.MODELS[key].metric
     parts = [f"float {r['float'][m]:.3f}", f"ptq {r['ptq'][m]:.3f}", f"qat {r['qat'][m]:.3f}",
              f"steps {r['steps']}", f"train {r['train_s']:.0f}s", f"peak {r['train_peak_mib']:.0f} MiB",
+             f"training alone {r['train_only_peak_mib']:.0f} MiB",
              f"canary {r['canary_peak_mib']:.0f} MiB"]
     if "deployed" in r:
         d = r["deployed_vs_sim"]
@@ -478,7 +524,9 @@ def cli_files(task: Task, n_train: int, n_val: int) -> dict[str, str]:
     paths = {"train": os.path.join(folder, f"cli_train_{n_train}.npz"), "val": os.path.join(folder, f"cli_val_{n_val}.npz"),
              "calib": os.path.join(DEMO_DIR, "fmnist_calib.npz") if task.demo else os.path.join(folder, "calib.npz")}
     if os.path.exists(paths["train"]) and os.path.exists(paths["val"]):
-        return paths
+        with np.load(paths["train"]) as z:
+            if "label" in z.files or task.demo:
+                return paths
     float_run = zoo.ort_runner(task.path, threads=2)
     if task.demo:
         with np.load(os.path.join(DEMO_DIR, "fmnist_train.npz")) as z:
@@ -501,9 +549,24 @@ def cli_files(task: Task, n_train: int, n_val: int) -> dict[str, str]:
         val = {k: v[:n_val] for k, v in split.items() if k in task.inputs or (k == "label" and np.ndim(v) == 1)}
     outs = [float_run({k: train[k][s : s + 16] for k in task.inputs})[task.output] for s in range(0, n_train, 16)]
     train["target"] = np.concatenate(outs).astype(np.float32)
+    if "label" not in train:
+        train["label"] = pseudo_labels(train["target"])
     _save(paths["train"], train)
     _save(paths["val"], val)
     return paths
+
+
+def pseudo_labels(output: np.ndarray) -> np.ndarray:
+    """Class labels from the float model's output, for ``--loss cross_entropy`` on data without
+    labels: the top class on axis 1 of ``[N, C]``, on the last axis of ``[N, T, C]`` (a recognizer's
+    frames), and ``p > 0.5`` of a one-channel probability map ``[N, 1, H, W]`` (a detector)."""
+    if output.ndim == 2:
+        return output.argmax(1).astype(np.int64)
+    if output.ndim == 3:
+        return output.argmax(-1).astype(np.int64)
+    if output.ndim == 4 and output.shape[1] == 1:
+        return (output[:, 0] > 0.5).astype(np.int64)
+    return output.argmax(1).astype(np.int64)
 
 
 class TreePeak:
@@ -608,7 +671,7 @@ def cmd_cli(args: argparse.Namespace) -> None:
                                   "command": " ".join(["onnxqat", *cmd[3:]]),
                                   "epoch_lines": [ln for ln in stdout.splitlines() if re.match(r"epoch \d+ loss=", ln)],
                                   "info_lines": [ln for ln in stdout.splitlines()
-                                                 if ln.startswith(("epochs:", "calibrated (PTQ)"))],
+                                                 if ln.startswith(("epochs:", "lr:", "calibrated (PTQ)"))],
                                   "warnings": [ln for ln in stderr.splitlines() if ln.startswith("warning:")][:6],
                                   "stderr_tail": stderr.strip().splitlines()[-3:], "float": float_metric}
                         steps = [int(m.group(1)) for ln in record["epoch_lines"] for m in [re.search(r"steps=(\d+)", ln)] if m]
@@ -618,9 +681,34 @@ def cmd_cli(args: argparse.Namespace) -> None:
                             deployed = task.deployed(qdq, test, out, 2)
                             record["deployed"] = task.task_metric(deployed, test)
                             record["agreement"] = task.agreement(float_out, deployed, test)
+                            record["deployed_vs_sim"] = sim_check(task, out, pbw, abw, test, deployed)
                     with open(args.results, "a") as f:
                         f.write(json.dumps(record, default=float) + "\n")
                     print("  -> " + cli_line(record, task), flush=True)
+
+
+def sim_check(task: Task, out: str, pbw: int, abw: int, test: dict, deployed: list[np.ndarray]) -> dict:
+    """How far the deployed outputs are from the simulation the command wrote: a sim of the exported
+    float ``model.onnx`` with the exported ``model.encodings`` loaded (this process, onnxruntime's
+    unfused float semantics), on the same test split; in steps of the output's quantizer."""
+    from onnxqat import QuantizationSimModel
+
+    try:
+        sim = QuantizationSimModel(os.path.join(out, "model.onnx"), param_bw=pbw, activation_bw=abw, per_channel=True)
+        sim.load_encodings(os.path.join(out, "model.encodings"))
+        sim_out = task.predict(sim.run, test)
+    except Exception as e:  # a failed check is a result of the cell, not the end of the bench
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    i = task.output
+    diff = np.abs(np.asarray(deployed[i], np.float64) - np.asarray(sim_out[i], np.float64))
+    lsb = _output_lsb(sim, i)
+    found: dict[str, Any] = {"max_abs_diff": float(diff.max()), "lsb": lsb,
+                             "sim": task.task_metric(sim_out, test)}
+    found["metric_equal"] = found["sim"][task.metric] == task.task_metric(deployed, test)[task.metric]
+    if lsb:
+        found.update(max_lsb=float(diff.max() / lsb), p999_lsb=float(np.percentile(diff, 99.9) / lsb),
+                     frac_within_1lsb=float(np.mean(diff <= lsb * 1.0001)))
+    return found
 
 
 def cli_line(r: dict, task: Task) -> str:
@@ -673,6 +761,66 @@ def cmd_table(args: argparse.Namespace) -> None:
               f"{score('fixed')} | {score('rl')} | {steps} ({bs}) | {wall} | {peak} | {loads} |")
 
 
+def cmd_runs(args: argparse.Namespace) -> None:
+    """Markdown rows of ``run`` records: PTQ and QAT on the test split per model, setting, mode, rates."""
+    print("| model | W/A | mode | lr | encoding lr scale | float | PTQ | QAT | best val (epoch) | steps | train s "
+          "| peak MiB: before training / training / canary | load start-end |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for line in open(args.results, encoding="utf-8"):
+        r = json.loads(line)
+        if r.get("kind") not in ("qat", "floattrain") or "error" in r:
+            continue
+        m = zoo.MODELS[r["key"]].metric
+        vals = [(t[split][m], t["epoch"]) for t in r.get("track") or [] for split in ("val", "test") if split in t]
+        best = "%.3f (%d)" % max(vals) if vals else "-"
+        lr = f"{r['lr_used']:g}" + ("" if r.get("lr") is not None else " (default)")
+        scale = r.get("encoding_lr_scale") or "10 (default)" if r["mode"] == "rl" else "-"
+        peaks = " / ".join(f"{r[k]:.0f}" if k in r else "-" for k in ("before_train_peak_mib", "train_only_peak_mib",
+                                                                        "canary_peak_mib"))
+        mode = "float training" if r["kind"] == "floattrain" else r["mode"]
+        print(f"| {r['key']} | {r['setting'][1]}/{r['setting'][3]} | {mode} | {lr} | {scale} | {r['float'][m]:.3f} | "
+              f"{r['ptq'][m]:.3f} | {r['qat'][m]:.3f} | {best} | {r['steps']} | {r['train_s']:.0f} | {peaks} | "
+              f"{r['load_start'].split()[0]}-{r['load_end'].split()[0]} |")
+
+
+def cmd_matrix(args: argparse.Namespace) -> None:
+    """Markdown rows of ``cli`` records, one per command: exit status, the --eval agreement after
+    calibration and after training, the deployed task metric, deployed vs sim, time, peak."""
+    print("| model | W/A | method | loss | lr | rc | steps | eval agreement PTQ -> QAT (SQNR dB) | deployed metric "
+          "(float) | deployed vs sim: max / p99.9 LSB, metric equal | wall s | tree peak MiB | load start |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for line in open(args.results, encoding="utf-8"):
+        r = json.loads(line)
+        if r.get("kind") != "cli":
+            continue
+        task_metric = "accuracy" if r["key"] == DEMO else zoo.MODELS[r["key"]].metric
+
+        def pick(text: str, key: str) -> str:
+            found = re.search(rf"{key}=([-\d.]+)", text)
+            return found.group(1) if found else "?"
+
+        ptq = next((ln for ln in r["info_lines"] if ln.startswith("calibrated")), "")
+        chosen = next((ln.split()[1] for ln in r["info_lines"] if ln.startswith("lr:")), "?")
+        lr = "-" if r["method"] == "ptq" else (f"{r['lr_arg']:g}" if r.get("lr_arg") is not None else f"{chosen} (default)")
+        last = r["epoch_lines"][-1] if r["epoch_lines"] else ""
+        trend = (f"{pick(ptq, 'eval_agreement')} -> {pick(last, 'eval_agreement')} "
+                 f"({pick(ptq, 'eval_sqnr_db')} -> {pick(last, 'eval_sqnr_db')})") if last else "-"
+        if "deployed" in r:
+            dep = f"{r['deployed'][task_metric]:.3f} ({r['float'][task_metric]:.3f})"
+            d = r.get("deployed_vs_sim", {})
+            if "error" in d:
+                vs = "check failed: " + d["error"][:120]
+            elif d.get("lsb"):
+                vs = f"{d['max_lsb']:.1f} / {d['p999_lsb']:.1f}, {'yes' if d['metric_equal'] else 'no'}"
+            else:
+                vs = f"max abs {d.get('max_abs_diff', float('nan')):.2g} (float output), {'yes' if d.get('metric_equal') else 'no'}"
+        else:
+            dep, vs = "-", " ".join(r["stderr_tail"])[-160:].replace("|", "/")
+        print(f"| {r['key']} | {r['setting'][1]}/{r['setting'][3]} | {r['method']} | {r['loss']} | {lr} | {r['returncode']} | "
+              f"{r['steps']} | {trend} | {dep} | {vs} | {r['seconds']:.0f} | {r['tree_peak_mib']:.0f} | "
+              f"{r['load_start'].split()[0]} |")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     for key in _split(args.models):
         t = time.time()
@@ -693,9 +841,11 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--models", required=True)
     r.add_argument("--settings", default="w8a8,w4a8,w4a4")
-    r.add_argument("--modes", default="fixed,rl", help="fixed, rl, float (float training, memory/speed baseline)")
+    r.add_argument("--modes", default="fixed,rl", help="fixed, rl, float (float training, memory/speed baseline), "
+                   "none (no training: only the --infer records)")
     r.add_argument("--losses", default="", help="default: every loss the model's data supports")
     r.add_argument("--lr", type=float, default=None, help="default: the trainer's default for the mode and bitwidth")
+    r.add_argument("--encoding-lr-scale", type=float, default=None, help="default: the trainer's")
     r.add_argument("--epochs", type=int, default=4)
     r.add_argument("--batches", type=int, default=None, help="use only the first N training batches")
     r.add_argument("--bs", type=int, default=None)
@@ -722,8 +872,13 @@ def main() -> None:
     t.add_argument("results", nargs="?", default=os.path.join(WORK, "cli.jsonl"))
     t.add_argument("--losses", default="distill")
     t.add_argument("--lr-default", action="store_true", help="only runs at the CLI's default learning rate")
+    u = sub.add_parser("runs", help="markdown table of run records")
+    u.add_argument("results", nargs="?", default=os.path.join(WORK, "results.jsonl"))
+    x = sub.add_parser("matrix", help="markdown table of cli records, one row per command")
+    x.add_argument("results", nargs="?", default=os.path.join(WORK, "cli.jsonl"))
     args = p.parse_args()
-    {"prepare": cmd_prepare, "run": cmd_run, "cli": cmd_cli, "table": cmd_table}[args.cmd](args)
+    {"prepare": cmd_prepare, "run": cmd_run, "cli": cmd_cli, "table": cmd_table, "runs": cmd_runs,
+     "matrix": cmd_matrix}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-index", type=int, default=0, help="model output the loss reads")
     t.add_argument("--epochs", type=int, default=None,
                    help="epochs; default: enough for about 300 optimizer steps (1 to 20)")
-    t.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.lr, help="learning rate")
+    t.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.lr,
+                   help="AdamW learning rate; default: 1e-5 at 8 bits, doubled per bit --activation-bw "
+                        "is below 8 (4 bits: 1.6e-4)")
     t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer")
     t.add_argument("--range-learning", action="store_true", help="train activation scales/offsets (LSQ)")
     t.add_argument("--freeze", action="append", default=[], metavar="NAME",
@@ -448,7 +450,7 @@ def _train(args: argparse.Namespace) -> None:
         arrays = checked.load(args.eval, optional=[args.label_key])
         if args.loss == "cross_entropy":
             checked.check_labels(arrays, args.eval, args.label_key, args.output_index)
-        evaluation = list(NpzBatches(arrays, 256, batch_axes=checked.axes))
+        evaluation = list(NpzBatches(arrays, args.batch_size, batch_axes=checked.axes))  # peak: the training step
     from onnxqat.distributed import RankRows, world
 
     ranks = world().size  # under MPI --batch-size is per rank: a global batch of ranks x batch size, split
@@ -461,6 +463,8 @@ def _train(args: argparse.Namespace) -> None:
               "--epochs to change)")
     sim = _calibrated_sim(args, checked)
     with sim.trainer(**options) as trainer:
+        if args.lr is None:
+            print(f"lr: {trainer.options.lr:g} (the default at this activation bitwidth; --lr to change)")
         if evaluation is not None:
             print("calibrated (PTQ) " + _metrics_line(trainer.evaluate(evaluation)), flush=True)
         trainer.fit(batches, epochs=args.epochs, eval_batches=evaluation, checkpoint_dir=args.checkpoint_dir,

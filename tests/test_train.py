@@ -48,6 +48,31 @@ def test_short_qat_improves_w4a8_over_ptq(data):
     assert qat > ptq + 0.004, (ptq, qat)
 
 
+def test_default_learning_rate_follows_the_lowest_bitwidth(data):
+    """Without ``lr`` the trainer takes default_lr of the lowest activation bitwidth, and that is
+    the rate the optimizer steps with (SGD: the step is -lr * gradient)."""
+    from onnxqat.train.options import default_lr
+
+    assert [default_lr(b) for b in (None, 16, 8, 6, 4)] == [1e-5, 1e-5, 1e-5, 4e-5, 1.6e-4]
+    batch = {k: v[:32] for k, v in data["train"].items()}
+    for pbw, abw, want in ((8, 8, 1e-5), (4, 8, 1e-5), (8, 6, 4e-5), (4, 4, 1.6e-4)):
+        sim = QuantizationSimModel(data["model"], per_channel=True, param_bw=pbw, activation_bw=abw)
+        sim.compute_encodings(NpzBatches(data["calib"], 64), progress=False)
+        with sim.trainer(optimizer="sgd") as trainer:
+            assert trainer.options.lr == want, (pbw, abw, trainer.options.lr)
+            if (pbw, abw) != (4, 4):
+                continue
+            _, grads = trainer.compute_gradients(batch)
+            before = trainer.trained_parameters()
+            trainer.step(batch)
+            after = trainer.trained_parameters()
+            name = max(grads, key=lambda n: float(np.abs(grads[n]).max()))
+            np.testing.assert_allclose(after[name] - before[name], -want * grads[name], rtol=1e-3,
+                                       atol=1e-3 * want * float(np.abs(grads[name]).max()))
+    with sim.trainer(lr=3e-5) as trainer:
+        assert trainer.options.lr == 3e-5  # an explicit rate is kept
+
+
 def test_distillation_needs_no_labels(data):
     sim = w4_sim(data)
     ptq = score(sim, data)
@@ -208,3 +233,9 @@ def test_cli_train_end_to_end(cli, demo_assets, tmp_path):
     assert {e["bw"] for e in doc["param_encodings"]} == {4, 32}
     scored = cli("eval", out / "model_qdq.onnx", "--data", test, check=True).stdout.strip().splitlines()[-1]
     assert abs(float(scored.split()[0].split("=")[1]) - final) <= 0.002
+
+
+def test_cli_train_help_shows_the_learning_rate_defaults(cli):
+    """`onnxqat train --help` says what the default learning rate is at 8 and at 4 bits."""
+    text = " ".join(cli("train", "--help", check=True).stdout.split())
+    assert "default: 1e-5 at 8 bits, doubled per bit --activation-bw is below 8 (4 bits: 1.6e-4)" in text, text

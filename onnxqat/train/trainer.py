@@ -48,7 +48,7 @@ from onnxqat.plan import QuantPlan
 from onnxqat.progress import Progress
 from onnxqat.train.canary import locate_crash, run_canary
 from onnxqat.train.lower import LossSpec, RangeParams, TrainingGraph, lower_for_training
-from onnxqat.train.options import MIN_STEPS, TrainOptions
+from onnxqat.train.options import MIN_STEPS, TrainOptions, default_lr, lowest_activation_bitwidth
 from onnxqat.train.ort_training import training_modules
 from onnxqat.train.sessions import EvalSession, release_free_memory, session_options
 
@@ -159,6 +159,8 @@ class QATTrainer:
         o = self.options
         self.loss = LossSpec(o.loss.value, o.output_index, o.label_key, o.target_key, o.temperature)
         self._plan = state.effective_plan if o.quantized else QuantPlan()
+        if o.lr is None:  # the default follows the lowest activation bitwidth (options.default_lr)
+            self.options = o = dataclasses.replace(o, lr=default_lr(lowest_activation_bitwidth(self._plan, state.encodings)))
         self._frozen = self._resolve_frozen()
         # lowered once with the model's own shapes: every problem is reported before any work
         self.graph: TrainingGraph = self._lower(state.float_model)
