@@ -19,8 +19,10 @@ DequantizeLinear node and the float tensor before it gets a fresh name.
 Derived quantizers (a Mul/Div by a positive scalar of a quantized tensor) drop their node: the
 consumers read the input's integers with the derived scale. Integer forms replace their node
 (HardSigmoid/HardSwish) with ``Add(x, DQ(offset)) -> Q(grid) -> DQ(read)`` (and, for HardSwish,
-``Mul(x, .)``), which onnxruntime runs as QLinearAdd (QLinearMul). Both flavours get exactly the
-same activation graph, so the simulation runs what is deployed.
+``Mul(x, .)``), which onnxruntime runs as QLinearAdd (QLinearMul). Linear forms replace a MatMul
+and the Add of its bias with ``[Reshape to 2-D] -> Gemm(x, W, DQ(int32 bias)) -> [Reshape back]``,
+which onnxruntime runs as QGemm (the Q/DQ pairs move across the reshapes). Both flavours get
+exactly the same activation graph, so the simulation runs what is deployed.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from __future__ import annotations
 import dataclasses
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array, make_initializer, opset_version, values_by_name
-from onnxqat.plan import ActivationQuantizer, IntegerForm, QuantPlan
+from onnxqat.ops import rule
+from onnxqat.plan import ActivationQuantizer, IntegerForm, LinearForm, QuantPlan
 from onnxqat.qparams import Encoding, integer_form_constants, quantize
 from onnxqat.runtime import release_if_mapped
 
@@ -129,6 +133,7 @@ class _Inserter:
         self.folded: dict[str, str] = {}  # weight -> its integer initializer (fold)
         self.qvalues: dict[str, ir.Value] = {}  # tensor -> the QuantizeLinear output holding its integers
         self.tensor_of: dict[str, str] = {}  # DequantizeLinear output -> the tensor it replaces
+        self.leading: dict[int, ir.Value] = {}  # id of a tensor -> its shape without the last dim
 
     def base(self, name: str) -> str:
         """Stem of generated names: the tensor's name, or a short id in the deployable model."""
@@ -153,6 +158,10 @@ class _Inserter:
             self.quantize_param(p.name, p.consumers, self.encodings[p.name])
         for b in self.plan.biases:
             self.quantize_bias(b.name, b.node, self.encodings[b.input_quantizer], self.encodings[b.weight_quantizer])
+        int32 = {b.name for b in self.plan.biases}
+        for linear in self.plan.linear_forms:
+            if linear.bias in int32:  # else (overflow) it stays MatMul + a float Add
+                self.linear_form(linear)
         if any(self.qdq_domain(e) == "com.microsoft" for e in self.encodings.values()):
             self.model.opset_imports.setdefault("com.microsoft", 1)
         self.graph.sort()
@@ -206,9 +215,15 @@ class _Inserter:
         q_node = dq.producer()
         assert q_node is not None and q_node.inputs[0] is not None
         self.qvalues[name] = q_node.inputs[0]
-        for use in users:
-            use.node.replace_input_with(use.idx, dq)
+        self.move_uses(users, dq, self.qvalues[name])
         self.publish(value, dq, was_output)
+
+    @staticmethod
+    def move_uses(users: list[Any], dq: ir.Value, integers: ir.Value) -> None:
+        """Consumers read ``dq``; those that read only the shape (Shape, Size) read the integers."""
+        for use in users:
+            shape_only = rule(use.node.op_type, use.node.domain).shape_only
+            use.node.replace_input_with(use.idx, integers if shape_only else dq)
 
     def publish(self, value: ir.Value, dq: ir.Value, was_output: bool) -> None:
         """Make ``dq`` take ``value``'s graph-output slot and name (its uses are already moved)."""
@@ -237,8 +252,7 @@ class _Inserter:
         dq.type, dq.shape = value.type, value.shape
         self.qvalues[q.name] = qvalue
         was_output = value.is_graph_output()
-        for use in list(value.uses()):
-            use.node.replace_input_with(use.idx, dq)
+        self.move_uses(list(value.uses()), dq, qvalue)
         self.publish(value, dq, was_output)
         if not value.uses() and not value.is_graph_output():
             self.graph.remove(node, safe=True)
@@ -305,6 +319,7 @@ class _Inserter:
             dq = self.node("DequantizeLinear", [q, scale, zp], base, domain, **axis)
         else:
             dq = self.qdq(value, enc, (scale, zp), base)
+        dq.type, dq.shape = value.type, value.shape
         for use in users:
             use.node.replace_input_with(use.idx, dq)
         if not value.uses() and not value.is_graph_output():
@@ -320,10 +335,57 @@ class _Inserter:
         scale_value = make_initializer(self.graph, self.names.fresh(f"{base}_scale"), scale)
         attrs = {} if axis is None else {"axis": axis}
         dq = self.node("DequantizeLinear", [q_value, scale_value], base, **attrs)
-        node = self.nodes[node_name]
-        node.replace_input_with(2, dq)
+        for use in list(value.uses()):
+            if use.node.name == node_name:
+                use.node.replace_input_with(use.idx, dq)
         if not value.uses():
             self.graph.initializers.pop(name)
+
+    def linear_form(self, form: LinearForm) -> None:
+        """MatMul + Add(int32 bias) as one Gemm, reshaped to 2-D and back when the input is not."""
+        matmul, add = self.nodes[form.matmul], self.nodes[form.add]
+        x, w = matmul.inputs
+        product = matmul.outputs[0]
+        bias = next(v for v in add.inputs if v is not product)
+        assert x is not None and w is not None and bias is not None and w.shape is not None
+        k, n = (int(d) for d in w.shape)
+        base = self.base(form.output)
+        rank = len(x.shape) if x.shape is not None else None
+        flat = x
+        if rank != 2:
+            to_2d = make_initializer(self.graph, self.names.fresh(f"{base}_rows"), np.array([-1, k], np.int64))
+            flat = self.node("Reshape", [x, to_2d], base)
+        gemm = ir.Node("", "Gemm", [flat, w, bias], name=self.names.fresh(f"{base}_Gemm"), num_outputs=1,
+                       attributes=[ir.AttrFloat32("alpha", 1.0), ir.AttrFloat32("beta", 1.0)])
+        gemm.outputs[0].name = self.names.fresh(f"{base}_gemm")
+        self.graph.append(gemm)
+        out = gemm.outputs[0]
+        if rank != 2:
+            out = self.node("Reshape", [out, self.output_shape(x, n, base)], base)
+        value = add.outputs[0]
+        out.type, out.shape = value.type, value.shape
+        value.replace_all_uses_with(out, replace_graph_outputs=True)  # its quantizer reads ``out``
+        self.graph.remove([add, matmul], safe=True)
+
+    def output_shape(self, x: ir.Value, n: int, base: str) -> ir.Value:
+        """``x``'s shape with the last dimension ``n``: a constant when at most one leading
+        dimension is symbolic, else ``Shape -> Slice -> Concat`` of the integers ``x`` is read
+        from (the float DequantizeLinear output is then needed by the Gemm alone)."""
+        dims = list(x.shape) if x.shape is not None else None
+        if dims is not None and sum(not isinstance(d, int) for d in dims[:-1]) <= 1:
+            shape = [d if isinstance(d, int) else -1 for d in dims[:-1]] + [n]
+            return make_initializer(self.graph, self.names.fresh(f"{base}_shape"), np.array(shape, np.int64))
+        producer = x.producer()
+        source = producer.inputs[0] if producer is not None and producer.op_type == "DequantizeLinear" else x
+        assert source is not None
+        lead = self.leading.get(id(source))
+        if lead is None:
+            start = make_initializer(self.graph, self.names.fresh(f"{base}_start"), np.array([0], np.int64))
+            end = make_initializer(self.graph, self.names.fresh(f"{base}_end"), np.array([-1], np.int64))
+            lead = self.node("Slice", [self.node("Shape", [source], base), start, end], base)
+            self.leading[id(source)] = lead
+        last = make_initializer(self.graph, self.names.fresh(f"{base}_cols"), np.array([n], np.int64))
+        return self.node("Concat", [lead, last], base, axis=0)
 
 
 def _per_channel(bound: np.ndarray, enc: Encoding, value: ir.Value) -> np.ndarray:

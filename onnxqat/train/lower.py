@@ -448,7 +448,7 @@ class _Lowering:
     def biases(self) -> None:
         for bq in self.plan.biases:
             value = self.values[bq.name]
-            node = next(u.node for u in value.uses() if u.node.name == bq.node)
+            use = next(u for u in value.uses() if u.node.name == bq.node)
             s_w = self.b.op("Reshape", [self.weight_scale[bq.weight_quantizer], self.b.const(np.array([-1]), np.int64, "flat")], bq.name)
             s_b = self.b.op("Mul", [self.act_scale[bq.input_quantizer], s_w], bq.name)
             if self.range_learning:
@@ -456,7 +456,7 @@ class _Lowering:
             q = self.b.ste_round(self.b.op("Div", [value, s_b], bq.name), bq.name)
             out = self.b.op("Mul", [q, s_b], bq.name)
             out.type, out.shape = value.type, value.shape
-            node.replace_input_with(2, out)
+            use.node.replace_input_with(use.idx, out)  # input 2 of Conv/Gemm, the bias operand of a Linear's Add
 
     def batchnorms(self) -> None:
         for node in [n for n in self.model.graph if n.op_type == "BatchNormalization"]:
