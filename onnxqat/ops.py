@@ -26,6 +26,7 @@ import math
 import types
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import onnx_ir as ir
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "is_depthwise",
     "kernel_problem",
     "linear_bias",
+    "prelu_slope",
     "rescale_factor",
     "rule",
     "saturates_u8s8",
@@ -264,6 +266,9 @@ _RULES: tuple[OpRule, ...] = (
            kernel_check=_resize_check),
     OpRule("HardSigmoid", OpKind.OTHER, "clip(alpha x + beta, 0, 1): an integer form (QLinearAdd onto a "
            "grid whose saturation is the clip)", integer_kernel="QLinearAdd"),
+    OpRule("PRelu", OpKind.OTHER, "x + (slope - 1) min(x, 0): an integer form (depthwise 1x1 QLinearConv onto a "
+           "grid whose saturation is the min, QLinearAdd); float PRelu on onnxruntime's NHWC layout is slow",
+           integer_kernel="QLinearConv+QLinearAdd"),
     OpRule("HardSwish", OpKind.OTHER, "x hardsigmoid(x): an integer form (QLinearAdd, QLinearMul)",
            integer_kernel="QLinearAdd+QLinearMul"),
     OpRule("BatchNormalization", OpKind.OTHER, "normalization with frozen statistics",
@@ -474,3 +479,29 @@ def integer_form(node: ir.Node) -> tuple[IntegerFormRule, float, float] | None:
     if not alpha > 0:
         return None
     return form, float(alpha), float(beta)
+
+
+def prelu_slope(node: ir.Node) -> np.ndarray | Reason:
+    """The per-channel slope (``[C]`` float64) of a PRelu that deploys as its integer form
+    (:func:`onnxqat.qparams.prelu_form_constants`), or why not (``form.prelu_*``).
+
+    Needs an input of known rank >= 3 with channels on axis 1 and a constant float slope of one
+    value per channel (``[C, 1, ...]`` or ``[1, C, 1, ...]``) or one value for all.
+    """
+    if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return Reason("form.prelu_op", f"{node.op_type} '{node.name}' is not a PRelu")
+    x, slope = node.inputs
+    shape = x.shape if x is not None else None
+    if shape is None or len(shape) < 3 or not isinstance(shape[1], int):
+        return Reason("form.prelu_rank", f"PRelu '{node.name}': the input is not [N, C, ...] with C known")
+    if not _is_constant(slope):
+        return Reason("form.prelu_slope_not_constant", f"PRelu '{node.name}': the slope is not a constant")
+    assert slope is not None and slope.const_value is not None
+    a = slope.const_value.numpy()
+    channels = shape[1]
+    dims = [d for d in a.shape]
+    per_channel = (len(dims) in (len(shape) - 1, len(shape)) and dims[-(len(shape) - 1)] == channels
+                   and all(d == 1 for i, d in enumerate(dims) if i != len(dims) - (len(shape) - 1)))
+    if a.dtype.kind != "f" or not (a.size == 1 or per_channel) or not np.all(np.isfinite(a)):
+        return Reason("form.prelu_slope_shape", f"PRelu '{node.name}': the slope is not one value per channel")
+    return np.broadcast_to(a.astype(np.float64).reshape(-1), (channels,)).copy()

@@ -78,9 +78,10 @@ class IntegerForm:
     """A node without an integer kernel deployed as integer kernels (see :mod:`onnxqat.ops`).
 
     Attributes:
-        node: Name of the HardSigmoid/HardSwish node.
+        node: Name of the HardSigmoid/HardSwish/PRelu node.
         op_type: Its op type.
-        alpha, beta: ``clip(alpha x + beta, 0, 1)`` (HardSwish: 1/6, 1/2).
+        alpha, beta: ``clip(alpha x + beta, 0, 1)`` (HardSwish: 1/6, 1/2); 0 for PRelu, whose
+            slope is its constant input 1.
         input: Its (quantized) input tensor.
         output: Its (quantized) output tensor.
     """

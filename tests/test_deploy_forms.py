@@ -17,7 +17,7 @@ from conftest import make_model, tensor
 from deployrt import DeployedSession, optimized_op_counts
 from onnxqat import QuantizationSimModel
 from onnxqat.passes.insert_qdq import InsertQDQPass
-from onnxqat.qparams import integer_form_constants
+from onnxqat.qparams import integer_form_constants, prelu_form_constants
 from onnxqat.runtime import Session
 from onnxqat.target import detect_target
 
@@ -379,3 +379,81 @@ def test_shape_of_a_quantized_tensor_reads_its_integers(deploy_python, tmp_path)
     with DeployedSession(deploy_python, qdq) as deployed:
         (got,) = deployed.run({"x": x})
     np.testing.assert_allclose(got, sim.run({"x": x})[0], atol=output_lsb(sim) * (1 + 1e-5))
+
+
+# -- PRelu: x + depthwise 1x1 QLinearConv of (slope - 1) onto grids saturating at 0 -----------------
+
+def prelu_model(slope):
+    nodes = [conv("conv1", "x", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("PRelu", ["c1", "slope"], ["p"], name="prelu"),
+             conv("conv2", "p", "w2", "y")]
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 8, 8])],
+                      {"w1": weights(6, 3, 3, 3), "w2": weights(4, 6, 1, 1), "slope": np.asarray(slope, f32).reshape(1, 6, 1, 1)})
+
+
+SLOPES = {"below_one": [0.25, -0.5, 0.0, 0.9, 0.1, 1.0], "mixed": [0.25, 1.3, -0.65, 0.5, 2.0, 1.0]}
+
+
+@pytest.mark.parametrize("slopes", sorted(SLOPES))
+def test_prelu_is_an_integer_form_within_one_lsb_of_the_float_op(slopes):
+    slope = np.asarray(SLOPES[slopes], f32)
+    model = prelu_model(slope)
+    x = rng.normal(size=(16, 3, 8, 8)).astype(f32) * 2
+    sim = calibrated(model, x)
+    (form,) = sim.plan.integer_forms
+    assert (form.op_type, form.node, form.input, form.output) == ("PRelu", "prelu", "c1", "p")
+    sim_ops = [n.op_type for n in sim.sim_ir().graph]
+    assert "PRelu" not in sim_ops and sim_ops.count("Conv") == 2 + (2 if slopes == "mixed" else 1)
+    inserter = InsertQDQPass(sim.effective_plan, sim.encodings, fold_weights=False)
+    sim_model = inserter(sim.float_model).model
+    values = {v.name: v for n in sim_model.graph for v in n.outputs}
+    sim_model.graph.outputs.extend([values[inserter.sites["c1"]], values[inserter.sites["p"]]])
+    c1, p = Session(sim_model).run({"x": x})[1:]
+    a = slope.reshape(1, 6, 1, 1).astype(np.float64)
+    enc = sim.encodings["p"]
+    # the float op on the sim's own (quantized) input, within the output grid's range
+    reference = np.clip(np.where(c1 > 0, c1, a * c1), float(enc.min), float(enc.max))
+    lsb = float(enc.scale)
+    parts = prelu_form_constants(slope, sim.encodings["c1"])
+    assert len(parts) == (2 if slopes == "mixed" else 1)
+    # half a step of the output grid per rounding onto it (two with two parts), half a step of each part's grid
+    bound = 0.5 * lsb * len(parts) + 0.5 * sum(float(part.grid_scale) for part in parts)
+    assert np.abs(p - reference).max() <= bound + 1e-6
+    assert np.mean(np.abs(p - reference) <= 0.5 * lsb + 1e-6) > 0.9
+
+
+@pytest.mark.deploy
+@pytest.mark.parametrize("slopes", sorted(SLOPES))
+def test_prelu_deploys_on_integer_kernels_and_matches_the_sim(deploy_python, tmp_path, slopes):
+    sim = calibrated(prelu_model(SLOPES[slopes]), rng.normal(size=(16, 3, 8, 8)).astype(f32) * 2)
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    parts = 2 if slopes == "mixed" else 1
+    assert "PRelu" not in ops and ops.get("QLinearConv") == 2 + parts and ops.get("QLinearAdd") == parts, ops
+    assert ops.get("DequantizeLinear") == 1 and ops.get("QuantizeLinear") == 1, ops  # the model's boundaries only
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32) * 2
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    np.testing.assert_array_equal(got, sim.run({"x": x})[0])
+
+
+def test_training_graph_lowers_prelu_as_deployed():
+    sim = calibrated(prelu_model(SLOPES["below_one"]), rng.normal(size=(16, 3, 8, 8)).astype(f32) * 2)
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32) * 2
+    trainer = sim.trainer(loss="mse", target_key="t", lr=1e-3)
+    batch = {"x": x, "t": np.zeros((8, 4, 8, 8), f32)}
+    prediction = trainer.predict(batch)
+    (simulated,) = sim.run({"x": x})
+    assert np.abs(prediction - simulated).max() <= 1.0 * output_lsb(sim) + 1e-6
+    first = trainer.step(batch).loss
+    for _ in range(10):
+        last = trainer.step(batch).loss
+    assert last < first
+
+
+def test_prelu_without_channels_on_axis_1_stays_float():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("PRelu", ["m", "slope"], ["y"], name="prelu")]
+    model = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 6])],
+                       {"w": weights(8, 6), "slope": np.full(6, 0.25, f32)})
+    sim = calibrated(model, rng.normal(size=(16, 8)).astype(f32))
+    assert sim.plan.integer_forms == ()
+    assert "PRelu" in [n.op_type for n in sim.sim_ir().graph]

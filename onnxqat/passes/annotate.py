@@ -28,7 +28,8 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
    erf) gets no extra conversion. Ops whose integer kernel does not cover the node's attributes
    (Resize in cubic mode) do not count.
 8. HardSigmoid/HardSwish with a quantized uint8 input become integer forms (:mod:`onnxqat.ops`);
-   HardSigmoid's output then has the fixed encoding [0, 1].
+   HardSigmoid's output then has the fixed encoding [0, 1]. A PRelu with a per-channel slope whose
+   input and output are quantized on uint8 grids becomes one too (:func:`onnxqat.ops.prelu_slope`).
 9. All float inputs and the output of a Concat share one quantizer (a derived quantizer tied so
    becomes a calibrated one).
 
@@ -492,7 +493,9 @@ class _Annotator:
         return True
 
     def integer_form(self, node: ir.Node, out: ir.Value, demand: dict[str, str]) -> bool:
-        """Rule 8: HardSigmoid/HardSwish of a quantized uint8 tensor as integer kernels."""
+        """Rule 8: HardSigmoid/HardSwish (PRelu) of a quantized uint8 tensor as integer kernels."""
+        if node.op_type == "PRelu":
+            return self.prelu_form(node, out)
         found = ops.integer_form(node)
         data = node.inputs[0] if node.inputs else None
         if found is None or data is None or out is not node.outputs[0] or not self.quantized(data.name):
@@ -508,6 +511,20 @@ class _Annotator:
             spec = spec.replace(fixed_range=(0.0, 1.0))
         self.new_group(out.name, spec)
         self.forms.append(IntegerForm(node.name, node.op_type, alpha, beta, data.name, out.name))
+        return True
+
+    def prelu_form(self, node: ir.Node, out: ir.Value) -> bool:
+        """Rule 8: a PRelu of a uint8 tensor deploys as its integer form, its output quantized
+        (its float kernel on onnxruntime's NHWC layout of integer convolutions is slow)."""
+        data = node.inputs[0] if node.inputs else None
+        if (self.target.name == "htp" or data is None or out is not node.outputs[0] or not self.quantized(data.name)
+                or isinstance(ops.prelu_slope(node), Reason)):
+            return False
+        spec, source = self.act_spec(node), self.group_spec[self.groups.find(data.name)]
+        if spec.bitwidth != 8 or source.bitwidth != 8 or source.symmetric or spec.symmetric:
+            return False
+        self.new_group(out.name, spec)
+        self.forms.append(IntegerForm(node.name, node.op_type, 0.0, 0.0, data.name, out.name))
         return True
 
     def quantize_constants(self) -> None:

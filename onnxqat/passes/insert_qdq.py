@@ -36,9 +36,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array, make_initializer, opset_version, values_by_name
-from onnxqat.ops import rule
+from onnxqat.ops import Reason, prelu_slope, rule
 from onnxqat.plan import ActivationQuantizer, IntegerForm, LinearForm, QuantPlan
-from onnxqat.qparams import Encoding, integer_form_constants, quantize
+from onnxqat.qparams import Encoding, integer_form_constants, prelu_form_constants, quantize
 from onnxqat.runtime import release_if_mapped
 
 __all__ = ["InsertQDQPass", "bias_encoding", "bias_fits", "qdq_domain", "quantize_bias"]
@@ -271,6 +271,9 @@ class _Inserter:
 
     def integer_form(self, form: IntegerForm) -> None:
         """HardSigmoid / HardSwish as ``Add -> Q -> DQ (-> Mul)`` on the integer kernels."""
+        if form.op_type == "PRelu":
+            self.prelu_form(form)
+            return
         node = self.nodes[form.node]
         x = node.inputs[0]
         assert x is not None
@@ -289,6 +292,42 @@ class _Inserter:
         out = self.node("DequantizeLinear", [gate_q, read, zero], base)
         if form.op_type == "HardSwish":
             out = self.node("Mul", [x, out], base)
+        value = node.outputs[0]
+        out.type, out.shape = value.type, value.shape
+        value.replace_all_uses_with(out, replace_graph_outputs=True)  # its quantizer reads ``out``
+        self.graph.remove(node, safe=True)
+
+    def prelu_form(self, form: IntegerForm) -> None:
+        """PRelu as ``x + sum Q(Conv_1x1,depthwise(x, slope - 1))`` onto grids saturating at 0
+        (:func:`~onnxqat.qparams.prelu_form_constants`): QLinearConv (depthwise) and QLinearAdd.
+        With both signs of ``slope - 1`` the first sum is requantized onto the output's grid."""
+        node = self.nodes[form.node]
+        x = node.inputs[0]
+        slope = prelu_slope(node)
+        in_q, out_q = self.plan.activation_of(form.input), self.plan.activation_of(form.output)
+        assert x is not None and x.shape is not None and in_q is not None and out_q is not None
+        assert not isinstance(slope, Reason)
+        parts = prelu_form_constants(slope, self.encodings[in_q.name])
+        channels, spatial = len(slope), len(x.shape) - 2
+        base = self.base(form.output)
+        out = x
+        for i, part in enumerate(parts):
+            w = make_initializer(self.graph, self.names.fresh(f"{base}_slope{i}_quantized"),
+                                 part.weight_q.reshape([channels, 1] + [1] * spatial))
+            ws = make_initializer(self.graph, self.names.fresh(f"{base}_slope{i}_scale"), part.weight_scale)
+            wz = make_initializer(self.graph, self.names.fresh(f"{base}_slope{i}_zero_point"), np.zeros(channels, np.int8))
+            conv = ir.Node("", "Conv", [x, self.node("DequantizeLinear", [w, ws, wz], base, axis=0)],
+                           attributes=[ir.AttrInt64("group", channels), ir.AttrInt64s("kernel_shape", [1] * spatial)],
+                           name=self.names.fresh(f"{base}_Conv"), num_outputs=1)
+            conv.outputs[0].name = self.names.fresh(f"{base}_conv")
+            self.graph.append(conv)
+            grid = (make_initializer(self.graph, self.names.fresh(f"{base}_part{i}_scale"), np.array(part.grid_scale, np.float32)),
+                    make_initializer(self.graph, self.names.fresh(f"{base}_part{i}_zero_point"),
+                                     np.array(part.grid_zero_point, np.uint8)))
+            t = self.node("DequantizeLinear", [self.node("QuantizeLinear", [conv.outputs[0], *grid], base), *grid], base)
+            if i > 0:  # x + t0 onto the output's grid before the next sum
+                out = self.qdq(out, self.encodings[out_q.name], self.qparam_values(base, self.encodings[out_q.name]), base)
+            out = self.node("Add", [out, t], base)
         value = node.outputs[0]
         out.type, out.shape = value.type, value.shape
         value.replace_all_uses_with(out, replace_graph_outputs=True)  # its quantizer reads ``out``
