@@ -443,7 +443,10 @@ def test_training_graph_lowers_prelu_as_deployed():
     batch = {"x": x, "t": np.zeros((8, 4, 8, 8), f32)}
     prediction = trainer.predict(batch)
     (simulated,) = sim.run({"x": x})
-    assert np.abs(prediction - simulated).max() <= 1.0 * output_lsb(sim) + 1e-6
+    # float products against integer kernels: a step of the PRelu output at a near-tie moves y by a
+    # step or two at single elements
+    gap = np.abs(prediction - simulated) / output_lsb(sim)
+    assert gap.max() <= 2 + 1e-5 and np.mean(gap <= 1 + 1e-5) > 0.99
     first = trainer.step(batch).loss
     for _ in range(10):
         last = trainer.step(batch).loss
