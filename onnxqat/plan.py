@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from onnxqat.ops import Reason
 from onnxqat.spec import QuantSpec
 
-__all__ = ["ActivationQuantizer", "BiasQuantizer", "IntegerForm", "ParamQuantizer", "QuantPlan"]
+__all__ = ["ActivationQuantizer", "BiasQuantizer", "IntegerForm", "LinearForm", "ParamQuantizer", "QuantPlan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ class BiasQuantizer:
 
     Attributes:
         name: Name of the bias tensor.
-        node: The Conv/ConvTranspose/Gemm node that adds the bias.
+        node: The Conv/ConvTranspose/Gemm node that adds the bias (for a :class:`LinearForm`, its Add).
         input_quantizer: Activation quantizer of the node's data input.
         weight_quantizer: Param quantizer of the node's weight.
     """
@@ -78,9 +78,10 @@ class IntegerForm:
     """A node without an integer kernel deployed as integer kernels (see :mod:`onnxqat.ops`).
 
     Attributes:
-        node: Name of the HardSigmoid/HardSwish node.
+        node: Name of the HardSigmoid/HardSwish/PRelu node.
         op_type: Its op type.
-        alpha, beta: ``clip(alpha x + beta, 0, 1)`` (HardSwish: 1/6, 1/2).
+        alpha, beta: ``clip(alpha x + beta, 0, 1)`` (HardSwish: 1/6, 1/2); 0 for PRelu, whose
+            slope is its constant input 1.
         input: Its (quantized) input tensor.
         output: Its (quantized) output tensor.
     """
@@ -89,6 +90,28 @@ class IntegerForm:
     op_type: str
     alpha: float
     beta: float
+    input: str
+    output: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearForm:
+    """``MatMul(x, W) + b`` deployed as one Gemm with an int32 bias (see :class:`onnxqat.ops.LinearRule`).
+
+    Deployed so while its bias is an int32 bias of the plan (:func:`onnxqat.pipeline.finalize`
+    drops biases that overflow int32: the pair then runs as MatMul and a float Add).
+
+    Attributes:
+        matmul: Name of the MatMul node.
+        add: Name of the Add node of the bias.
+        bias: The bias tensor (a :class:`BiasQuantizer` of the plan).
+        input: The MatMul's (quantized) data input.
+        output: The Add's output.
+    """
+
+    matmul: str
+    add: str
+    bias: str
     input: str
     output: str
 
@@ -105,6 +128,7 @@ class QuantPlan:
             :class:`~onnxqat.ops.Reason` (``rule_id`` from
             :data:`onnxqat.passes.annotate.PLACEMENT_RULES`, ``str()`` the readable detail).
         integer_forms: Nodes deployed as integer forms.
+        linear_forms: MatMul + Add pairs deployed as one Gemm with an int32 bias.
     """
 
     activations: tuple[ActivationQuantizer, ...] = ()
@@ -114,6 +138,7 @@ class QuantPlan:
         default_factory=lambda: types.MappingProxyType({})
     )
     integer_forms: tuple[IntegerForm, ...] = ()
+    linear_forms: tuple[LinearForm, ...] = ()
 
     def __post_init__(self) -> None:
         names = [q.name for q in self.activations] + [q.name for q in self.params]
@@ -172,6 +197,7 @@ class QuantPlan:
         per_channel = sum(q.spec.per_channel for q in self.params)
         derived = sum(q.derived_from is not None for q in self.activations)
         forms = f", {len(self.integer_forms)} integer forms" if self.integer_forms else ""
+        forms += f", {len(self.linear_forms)} Linear (MatMul+Add) as Gemm" if self.linear_forms else ""
         return (
             f"{len(self.activations)} activation quantizers on {tied} tensors"
             f"{f' ({derived} derived)' if derived else ''}{forms}, "

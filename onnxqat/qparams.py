@@ -28,6 +28,8 @@ __all__ = [
     "grid_bounds",
     "integer_form_constants",
     "pair_safe_scale",
+    "PReluPart",
+    "prelu_form_constants",
     "quantize",
 ]
 
@@ -349,3 +351,39 @@ def integer_form_constants(alpha: float, beta: float) -> IntegerFormConstants:
     else:
         q, scale, zp = 0, np.float32(1.0), 0
     return IntegerFormConstants(q, scale, zp, np.float32((1.0 / alpha) / 255), np.float32(1.0 / 255))
+
+
+@dataclasses.dataclass(frozen=True)
+class PReluPart:
+    """One depthwise 1x1 convolution of a PRelu's integer form: ``t = clip(d x)`` per channel,
+    int8 weights ``weight_q * weight_scale = d`` (one weight per channel, at +-127 or 0), onto a
+    uint8 grid whose saturation is the clip: ``[0, M]`` (zero point 0) for the channels whose
+    ``d < 0``, ``[-M, 0]`` (zero point 255) for those whose ``d > 0``; ``t = d min(x, 0)``."""
+
+    weight_q: np.ndarray
+    weight_scale: np.ndarray
+    grid_scale: np.float32
+    grid_zero_point: int
+
+
+def prelu_form_constants(slope: np.ndarray, input_enc: Encoding) -> tuple[PReluPart, ...]:
+    """``PRelu(x) = x + sum_parts clip(d_part x)``, ``d = slope - 1`` split by sign (see
+    :class:`PReluPart`); ``M`` is the largest ``|d| |x_min|`` of the input's uint8 grid. Empty
+    when the grid has no negative values (PRelu is then the identity on it).
+
+    >>> enc = Encoding(np.float32(0.1), np.int64(100), 8, False, False)
+    >>> [(p.grid_zero_point, float(p.grid_scale * 255)) for p in prelu_form_constants(np.array([0.25, 1.5]), enc)]
+    [(0, 7.5), (255, 5.0)]
+    """
+    d = np.asarray(slope, np.float64).reshape(-1) - 1.0
+    x_min = -float(input_enc.zero_point) * float(input_enc.scale)
+    parts = []
+    for sign, zero_point in ((-1.0, 0), (1.0, 255)):
+        part = np.where(d * sign > 0, d, 0.0)
+        reach = float(np.max(np.abs(part))) * -x_min
+        if not reach > 0:
+            continue
+        weight_scale = np.where(part != 0, np.abs(part) / 127.0, 1.0).astype(np.float32)
+        weight_q = np.clip(np.rint(part / weight_scale), -127, 127).astype(np.int8)
+        parts.append(PReluPart(weight_q, weight_scale, np.float32(reach / 255), zero_point))
+    return tuple(parts)

@@ -17,7 +17,7 @@ from conftest import make_model, tensor
 from deployrt import DeployedSession, optimized_op_counts
 from onnxqat import QuantizationSimModel
 from onnxqat.passes.insert_qdq import InsertQDQPass
-from onnxqat.qparams import integer_form_constants
+from onnxqat.qparams import integer_form_constants, prelu_form_constants
 from onnxqat.runtime import Session
 from onnxqat.target import detect_target
 
@@ -234,3 +234,229 @@ def test_export_warns_where_fused_kernels_part_from_the_reference(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         safe.export(tmp_path / "avx2")
+
+
+# -- Linear: MatMul + Add(bias) as one Gemm with an int32 bias -------------------------------------
+
+def mlp_model(shape, d=16, h=32, bias_scale=1.0):
+    """A transformer MLP as PyTorch exports it: MatMul + Add(bias) twice, an Erf between, a
+    residual Add; ``shape`` is the activations' shape (symbolic or not)."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"), helper.make_node("Add", ["m1", "b1"], ["a1"], name="fc1_bias"),
+             helper.make_node("Erf", ["a1"], ["e"], name="erf"),
+             helper.make_node("MatMul", ["e", "w2"], ["m2"], name="fc2"), helper.make_node("Add", ["b2", "m2"], ["a2"], name="fc2_bias"),
+             helper.make_node("Add", ["a2", "x"], ["y"], name="residual")]
+    inits = {"w1": weights(d, h, scale=0.3), "b1": (rng.normal(size=h) * bias_scale).astype(f32),
+             "w2": weights(h, d, scale=0.3), "b2": (rng.normal(size=d) * bias_scale).astype(f32)}
+    return make_model(nodes, [tensor("x", shape)], [tensor("y", shape)], inits, opset=13)
+
+
+def concrete(shape, fill=5):
+    return [d if isinstance(d, int) else fill for d in shape]
+
+
+def test_linear_plan_has_int32_biases_and_no_rounding_before_them():
+    sim = calibrated(mlp_model(["B", "S", 16]), rng.normal(size=(8, 5, 16)).astype(f32))
+    plan = sim.plan
+    assert [(f.matmul, f.add, f.bias) for f in plan.linear_forms] == [("fc1", "fc1_bias", "b1"), ("fc2", "fc2_bias", "b2")]
+    assert {(b.name, b.node, b.input_quantizer, b.weight_quantizer) for b in plan.biases} == {
+        ("b1", "fc1_bias", "x", "w1"), ("b2", "fc2_bias", "e", "w2")}
+    assert plan.activation_of("m1") is None and plan.activation_of("m2") is None  # no rounding before the bias
+    assert plan.activation_of("b1") is None and plan.activation_of("b2") is None  # not on 8-bit grids
+    assert plan.activation_of("a1") is not None and plan.activation_of("a2") is not None
+    reasons = sim.why_not_quantized()
+    assert "inside Linear 'fc1' + 'fc1_bias'" in reasons["m1"] and "int32 bias" in reasons["m1"]
+    assert "b1" not in reasons
+    sim_ops = [n.op_type for n in sim.sim_ir().graph]
+    assert sim_ops.count("Gemm") == 2 and "MatMul" not in sim_ops and sim_ops.count("Add") == 1  # the residual
+
+
+def test_linear_is_left_to_aimets_graph_pass_on_htp():
+    sim = QuantizationSimModel(mlp_model(["B", "S", 16]), target="htp")
+    assert sim.plan.linear_forms == ()
+
+
+def test_linear_output_within_one_lsb_of_integer_arithmetic():
+    """The sim's Linear against numpy: int64 accumulation of the quantized input and weights plus
+    the int32 bias, requantized once to the output grid."""
+    from onnxqat.passes.insert_qdq import bias_encoding, quantize_bias
+    from onnxqat.qparams import quantize
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Add", ["m", "b"], ["y"], name="fc_bias")]
+    w, b = weights(24, 12, scale=0.3), rng.normal(size=12).astype(f32)
+    model = make_model(nodes, [tensor("x", ["B", "S", 24])], [tensor("y", ["B", "S", 12])], {"w": w, "b": b})
+    x = rng.normal(size=(8, 7, 24)).astype(f32)
+    sim = calibrated(model, x)
+    assert len(sim.plan.linear_forms) == 1
+    ex, ew, ey = sim.encodings["x"], sim.encodings["w"], sim.encodings[sim.plan.activation_of("y").name]
+    xq = quantize(x, ex).astype(np.int64) - int(ex.zero_point)
+    wq = quantize(w, ew).astype(np.int64)
+    scale, _ = bias_encoding(ex, ew)
+    acc = xq @ wq + quantize_bias(b, scale).astype(np.int64)
+    yq = np.clip(np.rint(acc * scale.astype(np.float64) / float(ey.scale)) + int(ey.zero_point), 0, 255)
+    reference = (yq - int(ey.zero_point)) * float(ey.scale)
+    (got,) = sim.run({"x": x})
+    lsb = float(ey.scale)
+    assert np.abs(got - reference).max() <= lsb * (1 + 1e-5)
+    assert np.mean(np.abs(got - reference) <= 1e-6 + lsb * 1e-3) > 0.99
+
+
+@pytest.mark.deploy
+@pytest.mark.parametrize("shape", [["B", "S", 16], [4, "S", 16], ["B", 16], ["B", 2, 3, 16]])
+def test_linear_deploys_as_qgemm_and_matches_the_sim(deploy_python, tmp_path, shape):
+    sim = calibrated(mlp_model(shape), rng.normal(size=concrete(shape, 8)).astype(f32))
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    assert ops.get("QGemm") == 2 and "QLinearMatMul" not in ops and "MatMul" not in ops and "Gemm" not in ops, ops
+    assert ops.get("QLinearAdd") == 1 and ops.get("Add", 0) == 0  # the residual; the biases are in the QGemms
+    assert ops.get("DequantizeLinear") == 2 and ops.get("QuantizeLinear") == 2, ops  # around the float Erf
+    assert ("Reshape" in ops) == (len(shape) != 2)
+    x = rng.normal(size=concrete(shape, 3)).astype(f32)
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    (simulated,) = sim.run({"x": x})
+    assert np.abs(got - simulated).max() <= 1.0 * output_lsb(sim) * (1 + 1e-5)
+
+
+@pytest.mark.deploy
+def test_linear_bias_that_overflows_int32_stays_matmul_and_float_add(deploy_python, tmp_path):
+    model = mlp_model(["B", "S", 16])
+    x = rng.normal(size=(8, 5, 16)).astype(f32)
+    sim = QuantizationSimModel(model, activation_bw=16, param_bw=16, per_channel=True)
+    sim.compute_encodings([{"x": x}], progress=False)
+    sim.set_weights({"b1": np.full(32, 1e4, f32),  # 1e4 / (s_in * s_w) is far beyond int32
+                     "b2": np.full(16, 1e-3, f32)})  # fits
+    assert "overflows int32" in sim.why_not_quantized()["b1"]
+    assert [b.name for b in sim.effective_plan.biases] == ["b2"]
+    sim_ops = [n.op_type for n in sim.sim_ir().graph]
+    assert sim_ops.count("Gemm") == 1 and sim_ops.count("MatMul") == 1 and sim_ops.count("Add") == 2
+    assert sim.plan.activation_of("m1") is None  # still no rounding between product and bias
+    (simulated,) = sim.run({"x": x})
+    assert np.isfinite(simulated).all()
+    with DeployedSession(deploy_python, sim.export(tmp_path)["qdq"]) as deployed:
+        (got,) = deployed.run({"x": x})
+    assert np.abs(got - simulated).max() <= 1.0 * output_lsb(sim) * (1 + 1e-5)
+
+
+def test_training_graph_lowers_linear_as_deployed():
+    sim = calibrated(mlp_model(["B", "S", 16]), rng.normal(size=(8, 5, 16)).astype(f32))
+    x = rng.normal(size=(8, 5, 16)).astype(f32)
+    trainer = sim.trainer(loss="mse", target_key="t", lr=1e-3)
+    batch = {"x": x, "t": np.zeros_like(x)}
+    prediction = trainer.predict(batch)
+    (simulated,) = sim.run({"x": x})
+    # float MatMul + Add against the integer Gemm: at most one step of a1 moves, a step of y
+    assert np.abs(prediction - simulated).max() <= 1.0 * output_lsb(sim) * (1 + 1e-5) + 1e-6
+    first = trainer.step(batch).loss
+    for _ in range(10):
+        last = trainer.step(batch).loss
+    assert last < first
+
+
+@pytest.mark.deploy
+def test_shape_of_a_quantized_tensor_reads_its_integers(deploy_python, tmp_path):
+    """A Shape consumer of a quantized tensor reads the QuantizeLinear output: onnxruntime gives
+    every consumer of a DequantizeLinear its own copy, which converted the whole tensor to float
+    for its shape (24 of MiniLM's 39 DequantizeLinear nodes)."""
+    shape_nodes = [helper.make_node("Shape", ["a1"], ["sh"], name="shape"),
+                   helper.make_node("Reshape", ["e", "sh"], ["e2"], name="reshape_like")]
+    model = mlp_model(["B", "S", 16])
+    graph = model.graph
+    erf = next(i for i, n in enumerate(graph.node) if n.name == "erf")
+    graph.node.insert(erf + 1, shape_nodes[1])
+    graph.node.insert(erf + 1, shape_nodes[0])
+    next(n for n in graph.node if n.name == "fc2").input[0] = "e2"
+    x = rng.normal(size=(8, 5, 16)).astype(f32)
+    sim = calibrated(model, x)
+    qdq = sim.export(tmp_path)["qdq"]
+    import onnx
+
+    deployed_model = onnx.load(qdq)
+    producers = {o: n for n in deployed_model.graph.node for o in n.output}
+    shape_node = next(n for n in deployed_model.graph.node if n.name == "shape")
+    assert producers[shape_node.input[0]].op_type == "QuantizeLinear"
+    ops = optimized_op_counts(deploy_python, qdq)
+    assert ops.get("DequantizeLinear") == 2 and ops.get("QGemm") == 2, ops
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    np.testing.assert_allclose(got, sim.run({"x": x})[0], atol=output_lsb(sim) * (1 + 1e-5))
+
+
+# -- PRelu: x + depthwise 1x1 QLinearConv of (slope - 1) onto grids saturating at 0 -----------------
+
+def prelu_model(slope):
+    nodes = [conv("conv1", "x", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("PRelu", ["c1", "slope"], ["p"], name="prelu"),
+             conv("conv2", "p", "w2", "y")]
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 8, 8])],
+                      {"w1": weights(6, 3, 3, 3), "w2": weights(4, 6, 1, 1), "slope": np.asarray(slope, f32).reshape(1, 6, 1, 1)})
+
+
+SLOPES = {"below_one": [0.25, -0.5, 0.0, 0.9, 0.1, 1.0], "mixed": [0.25, 1.3, -0.65, 0.5, 2.0, 1.0]}
+
+
+@pytest.mark.parametrize("slopes", sorted(SLOPES))
+def test_prelu_is_an_integer_form_within_one_lsb_of_the_float_op(slopes):
+    slope = np.asarray(SLOPES[slopes], f32)
+    model = prelu_model(slope)
+    x = rng.normal(size=(16, 3, 8, 8)).astype(f32) * 2
+    sim = calibrated(model, x)
+    (form,) = sim.plan.integer_forms
+    assert (form.op_type, form.node, form.input, form.output) == ("PRelu", "prelu", "c1", "p")
+    sim_ops = [n.op_type for n in sim.sim_ir().graph]
+    assert "PRelu" not in sim_ops and sim_ops.count("Conv") == 2 + (2 if slopes == "mixed" else 1)
+    inserter = InsertQDQPass(sim.effective_plan, sim.encodings, fold_weights=False)
+    sim_model = inserter(sim.float_model).model
+    values = {v.name: v for n in sim_model.graph for v in n.outputs}
+    sim_model.graph.outputs.extend([values[inserter.sites["c1"]], values[inserter.sites["p"]]])
+    c1, p = Session(sim_model).run({"x": x})[1:]
+    a = slope.reshape(1, 6, 1, 1).astype(np.float64)
+    enc = sim.encodings["p"]
+    # the float op on the sim's own (quantized) input, within the output grid's range
+    reference = np.clip(np.where(c1 > 0, c1, a * c1), float(enc.min), float(enc.max))
+    lsb = float(enc.scale)
+    parts = prelu_form_constants(slope, sim.encodings["c1"])
+    assert len(parts) == (2 if slopes == "mixed" else 1)
+    # half a step of the output grid per rounding onto it (two with two parts), half a step of each part's grid
+    bound = 0.5 * lsb * len(parts) + 0.5 * sum(float(part.grid_scale) for part in parts)
+    assert np.abs(p - reference).max() <= bound + 1e-6
+    assert np.mean(np.abs(p - reference) <= 0.5 * lsb + 1e-6) > 0.9
+
+
+@pytest.mark.deploy
+@pytest.mark.parametrize("slopes", sorted(SLOPES))
+def test_prelu_deploys_on_integer_kernels_and_matches_the_sim(deploy_python, tmp_path, slopes):
+    sim = calibrated(prelu_model(SLOPES[slopes]), rng.normal(size=(16, 3, 8, 8)).astype(f32) * 2)
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    parts = 2 if slopes == "mixed" else 1
+    assert "PRelu" not in ops and ops.get("QLinearConv") == 2 + parts and ops.get("QLinearAdd") == parts, ops
+    assert ops.get("DequantizeLinear") == 1 and ops.get("QuantizeLinear") == 1, ops  # the model's boundaries only
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32) * 2
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    np.testing.assert_array_equal(got, sim.run({"x": x})[0])
+
+
+def test_training_graph_lowers_prelu_as_deployed():
+    sim = calibrated(prelu_model(SLOPES["below_one"]), rng.normal(size=(16, 3, 8, 8)).astype(f32) * 2)
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32) * 2
+    trainer = sim.trainer(loss="mse", target_key="t", lr=1e-3)
+    batch = {"x": x, "t": np.zeros((8, 4, 8, 8), f32)}
+    prediction = trainer.predict(batch)
+    (simulated,) = sim.run({"x": x})
+    # float products against integer kernels: a step of the PRelu output at a near-tie moves y by a
+    # step or two at single elements
+    gap = np.abs(prediction - simulated) / output_lsb(sim)
+    assert gap.max() <= 2 + 1e-5 and np.mean(gap <= 1 + 1e-5) > 0.99
+    first = trainer.step(batch).loss
+    for _ in range(10):
+        last = trainer.step(batch).loss
+    assert last < first
+
+
+def test_prelu_without_channels_on_axis_1_stays_float():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("PRelu", ["m", "slope"], ["y"], name="prelu")]
+    model = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 6])],
+                       {"w": weights(8, 6), "slope": np.full(6, 0.25, f32)})
+    sim = calibrated(model, rng.normal(size=(16, 8)).astype(f32))
+    assert sim.plan.integer_forms == ()
+    assert "PRelu" in [n.op_type for n in sim.sim_ir().graph]

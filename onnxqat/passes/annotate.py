@@ -10,7 +10,10 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
 4. An op output inside a supergroup (e.g. Conv followed by Relu, the only consumer) is left float;
    the supergroup's last output carries the quantizer. AIMET's ``MatmulAdd`` graph pass, when the
    config lists it, makes MatMul + Add of a constant bias one; with ``depthwise_supergroups`` false
-   no supergroup starts at a depthwise or 3-d convolution (aimet-onnx 2.42's rule).
+   no supergroup starts at a depthwise or 3-d convolution (aimet-onnx 2.42's rule). For onnxruntime
+   targets a MatMul + Add of a constant ``[N]`` (a PyTorch Linear, :func:`onnxqat.ops.linear_bias`)
+   is one Linear: the product stays float inside it, the bias is an int32 bias (rule 2) and the
+   pair deploys as one Gemm (QGemm) when its input is quantized.
 5. Outputs of data-movement ops (Reshape, Transpose, MaxPool, ...) and of the config's
    ``tied_op_types`` reuse their input's quantizer.
 6. The output of a Mul/Div by a positive scalar constant whose input is quantized is *derived*:
@@ -25,7 +28,8 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
    erf) gets no extra conversion. Ops whose integer kernel does not cover the node's attributes
    (Resize in cubic mode) do not count.
 8. HardSigmoid/HardSwish with a quantized uint8 input become integer forms (:mod:`onnxqat.ops`);
-   HardSigmoid's output then has the fixed encoding [0, 1].
+   HardSigmoid's output then has the fixed encoding [0, 1]. A PRelu with a per-channel slope whose
+   input and output are quantized on uint8 grids becomes one too (:func:`onnxqat.ops.prelu_slope`).
 9. All float inputs and the output of a Concat share one quantizer (a derived quantizer tied so
    becomes a calibrated one).
 
@@ -44,7 +48,7 @@ from onnxqat import ops
 from onnxqat.config import QuantSimConfig
 from onnxqat.graph import is_constant, is_float, name_of
 from onnxqat.ops import Reason
-from onnxqat.plan import ActivationQuantizer, BiasQuantizer, IntegerForm, ParamQuantizer, QuantPlan
+from onnxqat.plan import ActivationQuantizer, BiasQuantizer, IntegerForm, LinearForm, ParamQuantizer, QuantPlan
 from onnxqat.spec import QuantSpec
 from onnxqat.target import Target, resolve_target
 
@@ -182,6 +186,8 @@ class _Annotator:
         self.forms: list[IntegerForm] = []
         self.chain_end: dict[str, str] = {}  # tensor inside a supergroup -> the group's last output
         self.chain_start: dict[str, ir.Node] = {}  # a supergroup's last output -> its first node
+        self.linears: dict[str, tuple[ir.Node, int]] = {}  # MatMul of a Linear -> (its bias Add, bias index)
+        self.linear_adds: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------------
     def excluded(self, node: ir.Node) -> Reason | None:
@@ -228,11 +234,36 @@ class _Annotator:
             self.skipped.setdefault(value.name, reason)
 
     # -- rules ---------------------------------------------------------------------------------
+    def find_linears(self) -> None:
+        """MatMul + Add(constant bias) pairs deployed as one Gemm with an int32 bias (rule 4)."""
+        if self.target.name == "htp":
+            return  # QNN/SNPE deploy the float model with encodings: AIMET's MatmulAdd pass decides there
+        for node in self.nodes:
+            if ops.rule(node.op_type, node.domain).linear is None or self.excluded(node):
+                continue
+            found = ops.linear_bias(node)
+            if isinstance(found, Reason) or self.excluded(found[0]):
+                continue
+            weight_on, _ = self.config.param_rule(node.op_type, "weight")
+            bias_on, _ = self.config.param_rule(node.op_type, "bias")
+            if weight_on and bias_on and self.config.input_quantized_for(node.op_type):
+                self.linears[name_of(node)] = found
+                self.linear_adds.add(name_of(found[0]))
+
     def supergroup_interiors(self) -> dict[str, Reason]:
-        """Tensors strictly inside a supergroup chain -> reason."""
+        """Tensors strictly inside a supergroup chain (or a Linear) -> reason."""
         interior: dict[str, Reason] = {}
         for node in self.nodes:
-            if self.excluded(node):
+            linear = self.linears.get(name_of(node))
+            if linear is not None:
+                end = name_of(linear[0].outputs[0])
+                interior[name_of(node.outputs[0])] = Reason(
+                    "placement.supergroup_interior",
+                    f"inside Linear '{node.name}' + '{linear[0].name}': {ops.rule(node.op_type).linear.reason}")  # type: ignore[union-attr]
+                self.chain_end[name_of(node.outputs[0])] = end
+                self.chain_start[end] = node
+        for node in self.nodes:
+            if self.excluded(node) or node.name in self.linears:
                 continue
             if not self.config.depthwise_supergroups and _depthwise_or_3d(node):
                 continue
@@ -257,7 +288,8 @@ class _Annotator:
                         interior[name_of(member.outputs[0])] = Reason("placement.supergroup_interior",
                                                                   f"inside supergroup {label}")
                         self.chain_end[name_of(member.outputs[0])] = name_of(chain[-1].outputs[0])
-                    self.chain_start[name_of(chain[-1].outputs[0])] = chain[0]
+                    # a supergroup after a Linear (Add + Relu) starts at its MatMul
+                    self.chain_start[name_of(chain[-1].outputs[0])] = self.chain_start.get(name_of(chain[0].outputs[0]), chain[0])
         return interior
 
     def supergroups(self) -> tuple[tuple[str, ...], ...]:
@@ -278,7 +310,10 @@ class _Annotator:
         return None if self.target.name == "htp" else ops.kernel_problem(node)
 
     def constant_kernel(self, node: ir.Node) -> int | None:
-        """Index of a constant operand quantized so the node runs on its integer kernel, or None."""
+        """Index of a constant operand quantized so the node runs on its integer kernel, or None
+        (never the bias of a Linear: it is an int32 bias)."""
+        if node.name in self.linear_adds:
+            return None
         index = ops.constant_operand(node)
         if index is None:
             return None
@@ -342,6 +377,7 @@ class _Annotator:
         return demand
 
     def run(self) -> QuantPlan:
+        self.find_linears()
         interior = self.supergroup_interiors()
         demand = self.demanded()
 
@@ -362,12 +398,23 @@ class _Annotator:
         by_tensor = {t: q.name for q in activations for t in q.tensors}
         params, biases = self.params(by_tensor)
         self.explain_constants({q.name for q in params} | {b.name for b in biases})
+        int32 = {b.name for b in biases}
+        linear_forms = []
+        for node in self.nodes:
+            if node.name in self.linears:
+                add, index = self.linears[node.name]
+                bias, data = add.inputs[index], node.inputs[0]
+                assert bias is not None and data is not None and bias.name is not None and data.name is not None
+                if bias.name in int32:
+                    linear_forms.append(LinearForm(name_of(node), name_of(add), bias.name, data.name,
+                                                   name_of(add.outputs[0])))
         return QuantPlan(
             activations=activations,
             params=tuple(params),
             biases=tuple(biases),
             skipped=types.MappingProxyType(dict(self.skipped)),
             integer_forms=tuple(f for f in self.forms if self.quantized(f.output) and self.quantized(f.input)),
+            linear_forms=tuple(linear_forms),
         )
 
     def visit_outputs(self, node: ir.Node, interior: dict[str, Reason], demand: dict[str, str]) -> None:
@@ -447,7 +494,9 @@ class _Annotator:
         return True
 
     def integer_form(self, node: ir.Node, out: ir.Value, demand: dict[str, str]) -> bool:
-        """Rule 8: HardSigmoid/HardSwish of a quantized uint8 tensor as integer kernels."""
+        """Rule 8: HardSigmoid/HardSwish (PRelu) of a quantized uint8 tensor as integer kernels."""
+        if node.op_type == "PRelu":
+            return self.prelu_form(node, out)
         found = ops.integer_form(node)
         data = node.inputs[0] if node.inputs else None
         if found is None or data is None or out is not node.outputs[0] or not self.quantized(name_of(data)):
@@ -463,6 +512,20 @@ class _Annotator:
             spec = spec.replace(fixed_range=(0.0, 1.0))
         self.new_group(name_of(out), spec)
         self.forms.append(IntegerForm(name_of(node), node.op_type, alpha, beta, name_of(data), name_of(out)))
+        return True
+
+    def prelu_form(self, node: ir.Node, out: ir.Value) -> bool:
+        """Rule 8: a PRelu of a uint8 tensor deploys as its integer form, its output quantized
+        (its float kernel on onnxruntime's NHWC layout of integer convolutions is slow)."""
+        data = node.inputs[0] if node.inputs else None
+        if (self.target.name == "htp" or data is None or out is not node.outputs[0] or not self.quantized(name_of(data))
+                or isinstance(ops.prelu_slope(node), Reason)):
+            return False
+        spec, source = self.act_spec(node), self.group_spec[self.groups.find(name_of(data))]
+        if spec.bitwidth != 8 or source.bitwidth != 8 or source.symmetric or spec.symmetric:
+            return False
+        self.new_group(name_of(out), spec)
+        self.forms.append(IntegerForm(name_of(node), node.op_type, 0.0, 0.0, name_of(data), name_of(out)))
         return True
 
     def quantize_constants(self) -> None:
@@ -559,6 +622,11 @@ class _Annotator:
             candidate = node.inputs[slot.bias] if slot.bias is not None and len(node.inputs) > slot.bias else None
             if candidate is not None:
                 bias_candidates.append((node, candidate, weight))
+            elif node.name in self.linears:
+                add, at = self.linears[name_of(node)]
+                linear_bias = add.inputs[at]
+                assert linear_bias is not None
+                bias_candidates.append((node, linear_bias, weight))
 
         biases = []
         for node, bias, weight in bias_candidates:
@@ -568,7 +636,8 @@ class _Annotator:
                 continue
             data = node.inputs[0]
             assert data is not None
-            biases.append(BiasQuantizer(name_of(bias), name_of(node), by_tensor[name_of(data)], name_of(weight)))
+            adder = name_of(self.linears[name_of(node)][0]) if node.name in self.linears else name_of(node)
+            biases.append(BiasQuantizer(name_of(bias), adder, by_tensor[name_of(data)], name_of(weight)))
         return list(weights.values()), biases
 
     def param_spec(self, node: ir.Node, weight: ir.Value, index: int, symmetric: bool) -> QuantSpec:

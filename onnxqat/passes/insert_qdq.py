@@ -19,8 +19,10 @@ DequantizeLinear node and the float tensor before it gets a fresh name.
 Derived quantizers (a Mul/Div by a positive scalar of a quantized tensor) drop their node: the
 consumers read the input's integers with the derived scale. Integer forms replace their node
 (HardSigmoid/HardSwish) with ``Add(x, DQ(offset)) -> Q(grid) -> DQ(read)`` (and, for HardSwish,
-``Mul(x, .)``), which onnxruntime runs as QLinearAdd (QLinearMul). Both flavours get exactly the
-same activation graph, so the simulation runs what is deployed.
+``Mul(x, .)``), which onnxruntime runs as QLinearAdd (QLinearMul). Linear forms replace a MatMul
+and the Add of its bias with ``[Reshape to 2-D] -> Gemm(x, W, DQ(int32 bias)) -> [Reshape back]``,
+which onnxruntime runs as QGemm (the Q/DQ pairs move across the reshapes). Both flavours get
+exactly the same activation graph, so the simulation runs what is deployed.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ from __future__ import annotations
 import dataclasses
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxqat.graph import NameScope, const_array, make_initializer, name_of, opset_version, values_by_name
+from onnxqat.ops import Reason, prelu_slope, rule
 from onnxqat.passes import TypedFunctionalPass
-from onnxqat.plan import ActivationQuantizer, IntegerForm, QuantPlan
-from onnxqat.qparams import Encoding, integer_form_constants, quantize
+from onnxqat.plan import ActivationQuantizer, IntegerForm, LinearForm, QuantPlan
+from onnxqat.qparams import Encoding, integer_form_constants, prelu_form_constants, quantize
 from onnxqat.runtime import release_if_mapped
 
 __all__ = ["InsertQDQPass", "bias_encoding", "bias_fits", "qdq_domain", "quantize_bias"]
@@ -130,6 +134,7 @@ class _Inserter:
         self.folded: dict[str, str] = {}  # weight -> its integer initializer (fold)
         self.qvalues: dict[str, ir.Value] = {}  # tensor -> the QuantizeLinear output holding its integers
         self.tensor_of: dict[str, str] = {}  # DequantizeLinear output -> the tensor it replaces
+        self.leading: dict[int, ir.Value] = {}  # id of a tensor -> its shape without the last dim
 
     def base(self, name: str) -> str:
         """Stem of generated names: the tensor's name, or a short id in the deployable model."""
@@ -154,6 +159,10 @@ class _Inserter:
             self.quantize_param(p.name, p.consumers, self.encodings[p.name])
         for b in self.plan.biases:
             self.quantize_bias(b.name, b.node, self.encodings[b.input_quantizer], self.encodings[b.weight_quantizer])
+        int32 = {b.name for b in self.plan.biases}
+        for linear in self.plan.linear_forms:
+            if linear.bias in int32:  # else (overflow) it stays MatMul + a float Add
+                self.linear_form(linear)
         if any(self.qdq_domain(e) == "com.microsoft" for e in self.encodings.values()):
             self.model.opset_imports.setdefault("com.microsoft", 1)
         self.graph.sort()
@@ -207,9 +216,15 @@ class _Inserter:
         q_node = dq.producer()
         assert q_node is not None and q_node.inputs[0] is not None
         self.qvalues[name] = q_node.inputs[0]
-        for use in users:
-            use.node.replace_input_with(use.idx, dq)
+        self.move_uses(users, dq, self.qvalues[name])
         self.publish(value, dq, was_output)
+
+    @staticmethod
+    def move_uses(users: list[Any], dq: ir.Value, integers: ir.Value) -> None:
+        """Consumers read ``dq``; those that read only the shape (Shape, Size) read the integers."""
+        for use in users:
+            shape_only = rule(use.node.op_type, use.node.domain).shape_only
+            use.node.replace_input_with(use.idx, integers if shape_only else dq)
 
     def publish(self, value: ir.Value, dq: ir.Value, was_output: bool) -> None:
         """Make ``dq`` take ``value``'s graph-output slot and name (its uses are already moved)."""
@@ -238,8 +253,7 @@ class _Inserter:
         dq.type, dq.shape = value.type, value.shape
         self.qvalues[q.name] = qvalue
         was_output = value.is_graph_output()
-        for use in list(value.uses()):
-            use.node.replace_input_with(use.idx, dq)
+        self.move_uses(list(value.uses()), dq, qvalue)
         self.publish(value, dq, was_output)
         if not value.uses() and not value.is_graph_output():
             self.graph.remove(node, safe=True)
@@ -258,6 +272,9 @@ class _Inserter:
 
     def integer_form(self, form: IntegerForm) -> None:
         """HardSigmoid / HardSwish as ``Add -> Q -> DQ (-> Mul)`` on the integer kernels."""
+        if form.op_type == "PRelu":
+            self.prelu_form(form)
+            return
         node = self.nodes[form.node]
         x = node.inputs[0]
         assert x is not None
@@ -276,6 +293,42 @@ class _Inserter:
         out = self.node("DequantizeLinear", [gate_q, read, zero], base)
         if form.op_type == "HardSwish":
             out = self.node("Mul", [x, out], base)
+        value = node.outputs[0]
+        out.type, out.shape = value.type, value.shape
+        value.replace_all_uses_with(out, replace_graph_outputs=True)  # its quantizer reads ``out``
+        self.graph.remove(node, safe=True)
+
+    def prelu_form(self, form: IntegerForm) -> None:
+        """PRelu as ``x + sum Q(Conv_1x1,depthwise(x, slope - 1))`` onto grids saturating at 0
+        (:func:`~onnxqat.qparams.prelu_form_constants`): QLinearConv (depthwise) and QLinearAdd.
+        With both signs of ``slope - 1`` the first sum is requantized onto the output's grid."""
+        node = self.nodes[form.node]
+        x = node.inputs[0]
+        slope = prelu_slope(node)
+        in_q, out_q = self.plan.activation_of(form.input), self.plan.activation_of(form.output)
+        assert x is not None and x.shape is not None and in_q is not None and out_q is not None
+        assert not isinstance(slope, Reason)
+        parts = prelu_form_constants(slope, self.encodings[in_q.name])
+        channels, spatial = len(slope), len(x.shape) - 2
+        base = self.base(form.output)
+        out = x
+        for i, part in enumerate(parts):
+            w = make_initializer(self.graph, self.names.fresh(f"{base}_slope{i}_quantized"),
+                                 part.weight_q.reshape([channels, 1] + [1] * spatial))
+            ws = make_initializer(self.graph, self.names.fresh(f"{base}_slope{i}_scale"), part.weight_scale)
+            wz = make_initializer(self.graph, self.names.fresh(f"{base}_slope{i}_zero_point"), np.zeros(channels, np.int8))
+            conv = ir.Node("", "Conv", [x, self.node("DequantizeLinear", [w, ws, wz], base, axis=0)],
+                           attributes=[ir.AttrInt64("group", channels), ir.AttrInt64s("kernel_shape", [1] * spatial)],
+                           name=self.names.fresh(f"{base}_Conv"), num_outputs=1)
+            conv.outputs[0].name = self.names.fresh(f"{base}_conv")
+            self.graph.append(conv)
+            grid = (make_initializer(self.graph, self.names.fresh(f"{base}_part{i}_scale"), np.array(part.grid_scale, np.float32)),
+                    make_initializer(self.graph, self.names.fresh(f"{base}_part{i}_zero_point"),
+                                     np.array(part.grid_zero_point, np.uint8)))
+            t = self.node("DequantizeLinear", [self.node("QuantizeLinear", [conv.outputs[0], *grid], base), *grid], base)
+            if i > 0:  # x + t0 onto the output's grid before the next sum
+                out = self.qdq(out, self.encodings[out_q.name], self.qparam_values(base, self.encodings[out_q.name]), base)
+            out = self.node("Add", [out, t], base)
         value = node.outputs[0]
         out.type, out.shape = value.type, value.shape
         value.replace_all_uses_with(out, replace_graph_outputs=True)  # its quantizer reads ``out``
@@ -306,6 +359,7 @@ class _Inserter:
             dq = self.node("DequantizeLinear", [q, scale, zp], base, domain, **axis)
         else:
             dq = self.qdq(value, enc, (scale, zp), base)
+        dq.type, dq.shape = value.type, value.shape
         for use in users:
             use.node.replace_input_with(use.idx, dq)
         if not value.uses() and not value.is_graph_output():
@@ -321,10 +375,57 @@ class _Inserter:
         scale_value = make_initializer(self.graph, self.names.fresh(f"{base}_scale"), scale)
         attrs = {} if axis is None else {"axis": axis}
         dq = self.node("DequantizeLinear", [q_value, scale_value], base, "", **attrs)
-        node = self.nodes[node_name]
-        node.replace_input_with(2, dq)
+        for use in list(value.uses()):
+            if use.node.name == node_name:
+                use.node.replace_input_with(use.idx, dq)
         if not value.uses():
             self.graph.initializers.pop(name)
+
+    def linear_form(self, form: LinearForm) -> None:
+        """MatMul + Add(int32 bias) as one Gemm, reshaped to 2-D and back when the input is not."""
+        matmul, add = self.nodes[form.matmul], self.nodes[form.add]
+        x, w = matmul.inputs
+        product = matmul.outputs[0]
+        bias = next(v for v in add.inputs if v is not product)
+        assert x is not None and w is not None and bias is not None and w.shape is not None
+        k, n = (int(d) for d in w.shape.numpy())
+        base = self.base(form.output)
+        rank = len(x.shape) if x.shape is not None else None
+        flat = x
+        if rank != 2:
+            to_2d = make_initializer(self.graph, self.names.fresh(f"{base}_rows"), np.array([-1, k], np.int64))
+            flat = self.node("Reshape", [x, to_2d], base)
+        gemm = ir.Node("", "Gemm", [flat, w, bias], name=self.names.fresh(f"{base}_Gemm"), num_outputs=1,
+                       attributes=[ir.AttrFloat32("alpha", 1.0), ir.AttrFloat32("beta", 1.0)])
+        gemm.outputs[0].name = self.names.fresh(f"{base}_gemm")
+        self.graph.append(gemm)
+        out = gemm.outputs[0]
+        if rank != 2:
+            out = self.node("Reshape", [out, self.output_shape(x, n, base)], base)
+        value = add.outputs[0]
+        out.type, out.shape = value.type, value.shape
+        value.replace_all_uses_with(out, replace_graph_outputs=True)  # its quantizer reads ``out``
+        self.graph.remove([add, matmul], safe=True)
+
+    def output_shape(self, x: ir.Value, n: int, base: str) -> ir.Value:
+        """``x``'s shape with the last dimension ``n``: a constant when at most one leading
+        dimension is symbolic, else ``Shape -> Slice -> Concat`` of the integers ``x`` is read
+        from (the float DequantizeLinear output is then needed by the Gemm alone)."""
+        dims = list(x.shape) if x.shape is not None else None
+        if dims is not None and sum(not isinstance(d, int) for d in dims[:-1]) <= 1:
+            shape = [d if isinstance(d, int) else -1 for d in dims[:-1]] + [n]
+            return make_initializer(self.graph, self.names.fresh(f"{base}_shape"), np.array(shape, np.int64))
+        producer = x.producer()
+        source = producer.inputs[0] if producer is not None and producer.op_type == "DequantizeLinear" else x
+        assert source is not None
+        lead = self.leading.get(id(source))
+        if lead is None:
+            start = make_initializer(self.graph, self.names.fresh(f"{base}_start"), np.array([0], np.int64))
+            end = make_initializer(self.graph, self.names.fresh(f"{base}_end"), np.array([-1], np.int64))
+            lead = self.node("Slice", [self.node("Shape", [source], base), start, end], base)
+            self.leading[id(source)] = lead
+        last = make_initializer(self.graph, self.names.fresh(f"{base}_cols"), np.array([n], np.int64))
+        return self.node("Concat", [lead, last], base, axis=0)
 
 
 def _per_channel(bound: np.ndarray, enc: Encoding, value: ir.Value) -> np.ndarray:

@@ -28,8 +28,8 @@ import onnx_ir as ir
 from onnxqat.errors import ConfigError, ModelError
 from onnxqat.graph import NameScope, const_array, is_float, name_of, remove_dead_nodes, values_by_name
 from onnxqat import ops
-from onnxqat.plan import ActivationQuantizer, ParamQuantizer, QuantPlan
-from onnxqat.qparams import MIN_SCALE, Encoding, integer_form_constants
+from onnxqat.plan import ActivationQuantizer, IntegerForm, ParamQuantizer, QuantPlan
+from onnxqat.qparams import MIN_SCALE, Encoding, integer_form_constants, prelu_form_constants
 from onnxqat.train.builder import CONTRIB, Builder
 from onnxqat.train.decompose import DecomposeForTrainingPass
 from onnxqat.train.options import Loss
@@ -432,6 +432,9 @@ class _Lowering:
             node = nodes[form.node]
             x = node.inputs[0]
             assert x is not None
+            if form.op_type == "PRelu":
+                self.prelu_form(node, form)
+                continue
             c = integer_form_constants(form.alpha, form.beta)
             gate_grid = Encoding(np.asarray(c.grid_scale, np.float32), np.asarray(0, np.int64), 8, False, False)
             base = form.node
@@ -446,10 +449,32 @@ class _Lowering:
             value.replace_all_uses_with(out, replace_graph_outputs=True)
             self.model.graph.remove(node, safe=True)
 
+    def prelu_form(self, node: ir.Node, form: IntegerForm) -> None:
+        """PRelu as deployed: ``x + sum round(clip(d x / s)) s`` on each part's grid, straight-through
+        inside it (the requantization between two parts is left out)."""
+        x, slope = node.inputs[0], ops.prelu_slope(node)
+        in_q = self.plan.activation_of(form.input)
+        assert x is not None and x.shape is not None and in_q is not None and not isinstance(slope, ops.Reason)
+        out = x
+        for part in prelu_form_constants(slope, self.encodings[in_q.name]):
+            grid = Encoding(np.asarray(part.grid_scale, np.float32), np.asarray(part.grid_zero_point, np.int64), 8, False, False)
+            d = (part.weight_q.astype(np.float32) * part.weight_scale).reshape([-1] + [1] * (len(x.shape) - 2))
+            u = self.b.op("Add", [self.b.op("Div", [self.b.op("Mul", [x, self.b.const(d, name="prelu_d")], form.node),
+                                                    self.b.const(float(part.grid_scale), name="prelu_grid")], form.node),
+                                  self.b.const(float(part.grid_zero_point), name="prelu_zp")], form.node)
+            r = self.b.ste_round(self.clamp_to_grid(u, grid, form.node), form.node, bounded=True)
+            r = self.b.op("Sub", [r, self.b.const(float(part.grid_zero_point), name="prelu_zp")], form.node)
+            out = self.b.op("Add", [out, self.b.op("Mul", [r, self.b.const(float(part.grid_scale), name="prelu_grid")], form.node)],
+                            form.node)
+        value = node.outputs[0]
+        out.type, out.shape = value.type, value.shape
+        value.replace_all_uses_with(out, replace_graph_outputs=True)
+        self.model.graph.remove(node, safe=True)
+
     def biases(self) -> None:
         for bq in self.plan.biases:
             value = self.values[bq.name]
-            node = next(u.node for u in value.uses() if u.node.name == bq.node)
+            use = next(u for u in value.uses() if u.node.name == bq.node)
             s_w = self.b.op("Reshape", [self.weight_scale[bq.weight_quantizer], self.b.const(np.array([-1]), np.int64, "flat")], bq.name)
             s_b = self.b.op("Mul", [self.act_scale[bq.input_quantizer], s_w], bq.name)
             if self.range_learning:
@@ -457,7 +482,7 @@ class _Lowering:
             q = self.b.ste_round(self.b.op("Div", [value, s_b], bq.name), bq.name)
             out = self.b.op("Mul", [q, s_b], bq.name)
             out.type, out.shape = value.type, value.shape
-            node.replace_input_with(2, out)
+            use.node.replace_input_with(use.idx, out)  # input 2 of Conv/Gemm, the bias operand of a Linear's Add
 
     def batchnorms(self) -> None:
         for node in [n for n in self.model.graph if n.op_type == "BatchNormalization"]:
