@@ -475,21 +475,30 @@ def bind(parsed: ParsedEncodings, plan: QuantPlan, float_model: Any, source: Sou
 def aimet_names(plan: QuantPlan, float_model: Any, source: SourceGraph) -> dict[str, tuple[str, ...]]:
     """For every activation quantizer, the tensors aimet-onnx 2.42 quantizes with it in the source
     model: names of the source model (a folded BatchNorm's output is the Conv's output there), not
-    outputs of ops aimet never quantizes (:data:`AIMET_UNQUANTIZED_OUTPUTS`), float model inputs
-    and op outputs only (no constants)."""
+    outputs of ops aimet never quantizes (:data:`AIMET_UNQUANTIZED_OUTPUTS`); a quantized constant
+    under the name of the source's initializer or Constant-node output holding its values (before
+    a Reshape folded into it)."""
     equal = same_values(float_model, source)
     producer = {o: op for op, _, outs in source.nodes for o in outs}
     folded_bn = {outs[0] for op, ins, outs in source.nodes if op == "BatchNormalization" and ins
                  and ins[0] in producer and producer[ins[0]] in ("Conv", "ConvTranspose", "Gemm")}
     graph_inputs = set(source.inputs)
+    read = {i for _, ins, _ in source.nodes for i in ins if i}
+    # the source's constants: its initializers (read, made by no node) and Constant-node outputs
+    constants = {n for n in read if n not in producer and n not in graph_inputs}
+    constants.update(n for n, op in producer.items() if op == "Constant")
+    inits = float_model.graph.initializers
     out: dict[str, tuple[str, ...]] = {}
     for q in plan.activations:
         names: set[str] = set()
         for t in q.tensors:
             for n in equal.get(t, {t}):
-                if n in graph_inputs or (n in producer and n not in folded_bn
-                                         and producer[n] not in AIMET_UNQUANTIZED_OUTPUTS
-                                         and producer[n] != "Constant"):
+                if t in inits:  # a quantized constant: aimet names the constant it reads
+                    if n in constants:
+                        names.add(n)
+                elif n in graph_inputs or (n in producer and n not in folded_bn
+                                           and producer[n] not in AIMET_UNQUANTIZED_OUTPUTS
+                                           and producer[n] != "Constant"):
                     names.add(n)
         out[q.name] = tuple(sorted(names))
     return out

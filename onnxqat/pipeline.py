@@ -91,8 +91,11 @@ class Prepared:
 
 
 def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
-            fix_inputs: Mapping[str, Any] | None = None) -> Prepared:
+            fix_inputs: Mapping[str, Any] | None = None, fold_affine: bool = True) -> Prepared:
     """Load (if a path) and canonicalise a model; the caller's object or file is never modified.
+
+    ``fold_affine`` (with ``fold_batchnorm``) also folds a Mul/Add of constants after a Conv/Gemm
+    into it (:class:`~onnxqat.passes.fold_batchnorm.FoldAffinePass`; the ``aimet`` preset does not).
 
     ``fix_inputs`` makes those inputs constants and folds the control flow that then has a
     constant condition (:mod:`onnxqat.passes.fix_inputs`).
@@ -119,7 +122,8 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
     unfolded: Mapping[str, Reason] = {}
     if fold_batchnorm:
         unfolded = FoldBatchNormPass()(model).unfolded
-        FoldAffinePass()(model)
+        if fold_affine:
+            FoldAffinePass()(model)
     return Prepared(model, to_float32.record, unfolded)
 
 

@@ -160,19 +160,59 @@ def test_aimets_2_0_0_layout_gives_the_same_encodings_as_its_1_0_0():
 
 
 @pytest.mark.skipif(not os.path.exists(OCR_CLS), reason="PaddleOCR classifier not in the model cache")
-def test_aimet_encodings_of_the_paddleocr_classifier_load():
+def test_aimet_encodings_of_the_paddleocr_classifier_load_every_entry():
     sim = QuantizationSimModel(OCR_CLS, per_channel=True, config="aimet", target="htp")
-    reports = load_quietly(sim, encodings_file("ppocr_cls_w8a8"))
-    assert sim.calibrated
-    # aimet quantizes Constant-node operands (HardSwish's 0/3/6, SE biases) and divisions onnxqat
-    # derives from their input: reported in one warning, not applied
-    assert len(reports) == 1 and "not applied" in reports[0]
+    assert load_quietly(sim, encodings_file("ppocr_cls_w8a8")) == []  # every entry applied, none missing
     acts = entries(encodings_file("ppocr_cls_w8a8"))
     head = sim.plan.activation_of("linear_1.tmp_1")  # MatMul+Add: one quantizer after the Add
     assert head is not None and sim.plan.activation_of("linear_1.tmp_0") is None
+    assert sim.plan.activation_of("fc_0.b_0") is None  # the MatMul+Add bias is no activation (aimet's MatmulAdd)
     assert float(sim.encodings[head.name].scale) == pytest.approx(acts["linear_1.tmp_1"]["scale"][0], rel=1e-7)
     out = sim.plan.activation_of("save_infer_model/scale_0.tmp_1")  # after Identity: aimet's is before it
     assert float(sim.encodings[out.name].scale) == pytest.approx(acts["softmax_0.tmp_0"]["scale"][0], rel=1e-7)
+    # aimet-onnx quantizes constants as model inputs: HardSwish's 3 (Add), 0 and 6 (Clip), 6 (Div)
+    for name in ("Constant@1", "Constant@2", "Constant@3", "Constant@0"):
+        q = sim.plan.activation_of(name)
+        assert q is not None and float(sim.encodings[q.name].scale) == pytest.approx(acts[name]["scale"][0], rel=1e-7)
+    # the SE-block bias, a Constant reshaped and added after a bias-free Conv: the Add is not folded
+    # into the Conv, the Conv output and the (reshaped) constant carry aimet's encodings
+    assert sim.plan.activation_of("conv2d_55.tmp_0") is not None
+    bias = sim.plan.activation_of("Reshape@0")
+    assert bias is not None and int(sim.encodings[bias.name].aimet_offset) == acts["conv2_se_1_offset"]["offset"][0]
+    # a Div by 6 has its own calibrated encoding (not derived from its input's)
+    div = sim.plan.activation_of("hardswish_0.tmp_0")
+    assert div.derived_from is None
+    assert float(sim.encodings[div.name].scale) == pytest.approx(acts["hardswish_0.tmp_0"]["scale"][0], rel=1e-7)
+    assert not sim.plan.integer_forms  # HardSigmoid's output calibrated, as aimet's (no fixed [0, 1])
+
+
+@pytest.mark.skipif(not os.path.exists(OCR_CLS), reason="PaddleOCR classifier not in the model cache")
+def test_strict_export_of_the_paddleocr_classifier_names_what_aimets_file_names():
+    sim = QuantizationSimModel(OCR_CLS, per_channel=True, config="aimet", target="htp")
+    load_quietly(sim, encodings_file("ppocr_cls_w8a8"))
+    doc = sim.encodings_document(encodings_format="aimet-strict")
+    theirs = json.load(open(encodings_file("ppocr_cls_w8a8")))
+    for section in ("activation_encodings", "param_encodings"):
+        ours, ref = entries(doc, section), entries(theirs, section)
+        assert ours.keys() == ref.keys()
+        for n, e in ref.items():
+            assert ours[n]["offset"] == [int(o) for o in e["offset"]], n
+            np.testing.assert_allclose(ours[n]["scale"], e["scale"], rtol=1e-7, err_msg=n)
+
+
+def test_the_placement_switches_are_off_outside_the_aimet_preset():
+    aimet, plain = load_config("aimet"), load_config("onnxruntime")
+    assert (aimet.quantize_constant_inputs, aimet.fold_affine, aimet.derive_rescale, aimet.integer_forms) == (
+        True, False, False, False)
+    assert (plain.quantize_constant_inputs, plain.fold_affine, plain.derive_rescale, plain.integer_forms) == (
+        False, True, True, True)
+    # aimet-onnx's own config files do not set them: the file alone keeps onnxqat's rules
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its BatchNormalization keys, reported unused
+        own = load_config(os.path.join(FIXTURES, "configs", "default_config_per_channel.json"))
+    assert (own.quantize_constant_inputs, own.fold_affine) == (False, True)
+    with pytest.raises(ConfigError, match="defaults.fold_affine"):
+        QuantizationSimModel(DEMO, config={"defaults": {"fold_affine": "sometimes"}})
 
 
 def test_missing_entries_are_an_error_or_calibrated_by_flag():

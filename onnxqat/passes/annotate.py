@@ -29,6 +29,13 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
 9. All float inputs and the output of a Concat share one quantizer (a derived quantizer tied so
    becomes a calibrated one).
 
+The config's placement switches (``defaults`` keys, set in the ``aimet`` preset) change rules 6-8
+to aimet-onnx 2.42's: ``derive_rescale`` false calibrates a Mul/Div by a scalar on its own,
+``integer_forms`` false leaves HardSigmoid/HardSwish as they are, and ``quantize_constant_inputs``
+gives every float constant an op reads its own quantizer calibrated on its values, except the
+inputs aimet-onnx takes as parameters (:data:`AIMET_PARAM_INPUTS`, a MatMul's weight, the bias of
+a MatMul+Add group) and Resize's scales; such an op is no float island of rule 7 then.
+
 Every float tensor left unquantized gets its :class:`~onnxqat.ops.Reason` in ``plan.skipped``: a
 stable ``rule_id`` (:data:`PLACEMENT_RULES`) and the readable detail naming the node.
 """
@@ -48,7 +55,15 @@ from onnxqat.plan import ActivationQuantizer, BiasQuantizer, IntegerForm, ParamQ
 from onnxqat.spec import QuantSpec
 from onnxqat.target import Target, resolve_target
 
-__all__ = ["PLACEMENT_RULES", "annotate", "weight_channel_axis", "weight_input_index"]
+__all__ = ["AIMET_PARAM_INPUTS", "PLACEMENT_RULES", "annotate", "weight_channel_axis", "weight_input_index"]
+
+# Inputs aimet-onnx 2.42 takes as parameters of an op (its connected graph's weights, biases and
+# norm statistics, quantized by its param rules, not as activations): op type -> input indices.
+AIMET_PARAM_INPUTS: Mapping[str, tuple[int, ...]] = types.MappingProxyType({
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "BatchNormalization": (1, 2, 3, 4),
+    "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2), "GroupNormalization": (1, 2),
+    "RMSNormalization": (1,), "RNN": (1, 2, 3), "LSTM": (1, 2, 3), "GRU": (1, 2, 3),
+})
 
 # Rule id -> what it means; every Reason in ``plan.skipped`` has one of these ids (or a ``kernel.*``
 # id of :mod:`onnxqat.ops`, or ``finalize.bias_overflow`` from :func:`onnxqat.pipeline.finalize`).
@@ -318,6 +333,8 @@ class _Annotator:
         return ops.rule(node.op_type, node.domain).kind is ops.OpKind.DATA_MOVEMENT
 
     def float_elementwise(self, node: ir.Node) -> bool:
+        if self.config.quantize_constant_inputs:
+            return False  # its constants are quantized like any input
         return ops.rule(node.op_type, node.domain).kind is ops.OpKind.ELEMENTWISE and any(
             is_constant(v) for v in node.inputs
         )
@@ -356,6 +373,8 @@ class _Annotator:
         for node in self.nodes:
             self.visit_outputs(node, interior, demand)
 
+        if self.config.quantize_constant_inputs:
+            self.quantize_constant_inputs()
         self.quantize_constants()
         self.tie_concats()
         activations = self.activation_quantizers()
@@ -436,6 +455,8 @@ class _Annotator:
 
     def derive(self, node: ir.Node, out: ir.Value, overridden: bool) -> bool:
         """Rule 6: a Mul/Div by a positive scalar of a quantized tensor reads its integers."""
+        if not self.config.derive_rescale:
+            return False
         factor = ops.rescale_factor(node)
         if factor is None or overridden or out is not node.outputs[0]:
             return False
@@ -448,6 +469,8 @@ class _Annotator:
 
     def integer_form(self, node: ir.Node, out: ir.Value, demand: dict[str, str]) -> bool:
         """Rule 8: HardSigmoid/HardSwish of a quantized uint8 tensor as integer kernels."""
+        if not self.config.integer_forms:
+            return False
         found = ops.integer_form(node)
         data = node.inputs[0] if node.inputs else None
         if found is None or data is None or out is not node.outputs[0] or not self.quantized(data.name):
@@ -464,6 +487,27 @@ class _Annotator:
         self.new_group(out.name, spec)
         self.forms.append(IntegerForm(node.name, node.op_type, alpha, beta, data.name, out.name))
         return True
+
+    def quantize_constant_inputs(self) -> None:
+        """Every float constant an op reads gets its own quantizer, calibrated on its values (the
+        default activation spec), but for aimet-onnx's parameters and Resize's scales."""
+        for node in self.nodes:
+            if self.excluded(node) or node.op_type == "Resize":
+                continue
+            params = set(AIMET_PARAM_INPUTS.get(node.op_type, ()))
+            weight = weight_input_index(node)
+            if weight is not None:
+                params.add(weight)
+            if node.op_type == "Add":
+                out = node.outputs[0].name
+                start = self.chain_start.get(self.chain_end.get(out, out))
+                if start is not None and start.op_type == "MatMul" and start.outputs[0] in node.inputs:
+                    params.update(range(len(node.inputs)))  # the bias of MatMul+Add (aimet's MatmulAdd pass)
+            for index, value in enumerate(node.inputs):
+                if (value is None or index in params or not is_float(value) or not is_constant(value)
+                        or self.quantized(value.name)):
+                    continue
+                self.new_group(value.name, self.act_spec(None))
 
     def quantize_constants(self) -> None:
         """Constants of Add/Sub/Mul whose data input and output are quantized get quantizers."""
