@@ -78,7 +78,8 @@ class NodeOverride:
 
 
 # onnxqat's placement switches in ``defaults`` (see QuantSimConfig)
-_PLACEMENT_SWITCHES = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms")
+_PLACEMENT_SWITCHES = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
+                       "tie_branching_concat_inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +94,13 @@ class QuantSimConfig:
     supergroup may start at a depthwise (or 3-d) convolution; aimet-onnx 2.42 never fuses those,
     so its depthwise Conv output keeps a quantizer before the Relu (the ``aimet`` preset: false).
     ``tied_op_types`` (``defaults.tied_op_types``): op types whose output reuses their quantized
-    input's encoding, as data-movement ops do (aimet-onnx ties Relu and AveragePool so).
+    input's encoding, as data-movement ops do (aimet-onnx 2.42 ties Relu, AveragePool and its
+    interpolation ops Resize and Upsample so).
     ``calibrate_quantized_weights`` (``defaults.calibrate_quantized_weights``): observe activation
     ranges with the weights already quantized, as aimet-onnx's ``compute_encodings`` does, instead of
     with the float weights.
-    Four more onnxqat keys of ``defaults`` make aimet-onnx's placement around constants (all four
-    set in the ``aimet`` preset; the defaults keep onnxqat's own rules):
+    Five more onnxqat keys of ``defaults`` make aimet-onnx's placement (all five set in the
+    ``aimet`` preset; the defaults keep onnxqat's own rules):
     ``quantize_constant_inputs`` (default false): every float constant an op reads, other than its
     weights and biases, gets its own activation quantizer calibrated on its values (aimet-onnx
     treats constants and Constant-node outputs as model inputs: HardSwish's 3 and 6, Clip bounds,
@@ -107,7 +109,9 @@ class QuantSimConfig:
     ``derive_rescale`` (default true): a Mul/Div by a positive scalar reads its input's integers
     (aimet-onnx calibrates its output); ``integer_forms`` (default true): HardSigmoid/HardSwish of a
     uint8 tensor as integer forms with HardSigmoid's fixed output range [0, 1] (aimet-onnx
-    calibrates their outputs).
+    calibrates their outputs); ``tie_branching_concat_inputs`` (default true): a Concat input that
+    other ops read too shares the Concat's quantizer (aimet-onnx ties only an input the Concat alone
+    reads).
     """
 
     output_quantized: bool = True
@@ -140,6 +144,7 @@ class QuantSimConfig:
     fold_affine: bool = True
     derive_rescale: bool = True
     integer_forms: bool = True
+    tie_branching_concat_inputs: bool = True
     unused: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -213,6 +218,7 @@ class QuantSimConfig:
                 "fold_affine": self.fold_affine,
                 "derive_rescale": self.derive_rescale,
                 "integer_forms": self.integer_forms,
+                "tie_branching_concat_inputs": self.tie_branching_concat_inputs,
             },
             "params": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.params.items()},
             "op_type": {},

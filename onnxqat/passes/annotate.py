@@ -31,7 +31,8 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
 
 The config's placement switches (``defaults`` keys, set in the ``aimet`` preset) change rules 6-8
 to aimet-onnx 2.42's: ``derive_rescale`` false calibrates a Mul/Div by a scalar on its own,
-``integer_forms`` false leaves HardSigmoid/HardSwish as they are, and ``quantize_constant_inputs``
+``integer_forms`` false leaves HardSigmoid/HardSwish as they are, ``tie_branching_concat_inputs``
+false leaves out of rule 9 a Concat input that another op reads too, and ``quantize_constant_inputs``
 gives every float constant an op reads its own quantizer calibrated on its values, except the
 inputs aimet-onnx takes as parameters (:data:`AIMET_PARAM_INPUTS`, a MatMul's weight, the bias of
 a MatMul+Add group) and Resize's scales; such an op is no float island of rule 7 then.
@@ -542,6 +543,8 @@ class _Annotator:
                 if not is_float(value):
                     continue
                 assert value is not None
+                if not self.config.tie_branching_concat_inputs and self.branches(value, node):
+                    continue  # aimet-onnx ties only an input no other op reads
                 if not self.quantized(value.name):
                     if is_constant(value):
                         self.new_group(value.name, self.group_spec[self.groups.find(out.name)])
@@ -551,6 +554,24 @@ class _Annotator:
                 self.underive(value.name)
                 self.groups.union(out.name, value.name)
             self.shared_by.setdefault(out.name, []).append(node.name)
+
+    @staticmethod
+    def branches(value: ir.Value, reader: ir.Node) -> bool:
+        """Whether an op other than ``reader`` reads ``value``, or reads a tensor on its way up to
+        the tensor aimet-onnx quantizes (through ops whose outputs it never quantizes)."""
+        from onnxqat.encodings import AIMET_UNQUANTIZED_OUTPUTS
+
+        below = reader
+        while True:
+            if any(use.node is not below for use in value.uses()):
+                return True
+            producer = value.producer()
+            if producer is None or producer.op_type not in AIMET_UNQUANTIZED_OUTPUTS or not producer.inputs:
+                return False
+            source = producer.inputs[0]
+            if source is None:
+                return False
+            below, value = producer, source
 
     def activation_quantizers(self) -> tuple[ActivationQuantizer, ...]:
         members: dict[str, list[str]] = {}
