@@ -555,10 +555,10 @@ class _Annotator:
                 self.groups.union(out.name, value.name)
             self.shared_by.setdefault(out.name, []).append(node.name)
 
-    @staticmethod
-    def branches(value: ir.Value, reader: ir.Node) -> bool:
-        """Whether an op other than ``reader`` reads ``value``, or reads a tensor on its way up to
-        the tensor aimet-onnx quantizes (through ops whose outputs it never quantizes)."""
+    def branches(self, value: ir.Value, reader: ir.Node) -> bool:
+        """Whether an op other than ``reader`` reads ``value``, or reads a tensor on its way up
+        through ops whose outputs aimet-onnx never quantizes or ties to their input (``tied_op_types``):
+        aimet-onnx then leaves the Concat's input on its own grid."""
         from onnxqat.encodings import AIMET_UNQUANTIZED_OUTPUTS
 
         below = reader
@@ -566,8 +566,11 @@ class _Annotator:
             if any(use.node is not below for use in value.uses()):
                 return True
             producer = value.producer()
-            if producer is None or producer.op_type not in AIMET_UNQUANTIZED_OUTPUTS or not producer.inputs:
+            if (producer is None or not producer.inputs or producer.op_type not in AIMET_UNQUANTIZED_OUTPUTS
+                    and producer.op_type not in self.config.tied_op_types):
                 return False
+            if any(out is not value and out.uses() for out in producer.outputs):
+                return True  # e.g. another output of a Split
             source = producer.inputs[0]
             if source is None:
                 return False
