@@ -79,7 +79,7 @@ class NodeOverride:
 
 # onnxqat's placement switches in ``defaults`` (see QuantSimConfig)
 _PLACEMENT_SWITCHES = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
-                       "tie_branching_concat_inputs")
+                       "tie_branching_concat_inputs", "quantize_standalone_batchnorm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ class QuantSimConfig:
     ``calibrate_quantized_weights`` (``defaults.calibrate_quantized_weights``): observe activation
     ranges with the weights already quantized, as aimet-onnx's ``compute_encodings`` does, instead of
     with the float weights.
-    Five more onnxqat keys of ``defaults`` make aimet-onnx's placement (all five set in the
+    Six more onnxqat keys of ``defaults`` make aimet-onnx's placement (all six set in the
     ``aimet`` preset; the defaults keep onnxqat's own rules):
     ``quantize_constant_inputs`` (default false): every float constant an op reads, other than its
     weights and biases, gets its own activation quantizer calibrated on its values (aimet-onnx
@@ -111,7 +111,9 @@ class QuantSimConfig:
     uint8 tensor as integer forms with HardSigmoid's fixed output range [0, 1] (aimet-onnx
     calibrates their outputs); ``tie_branching_concat_inputs`` (default true): a Concat input that
     other ops read too shares the Concat's quantizer (aimet-onnx ties only an input the Concat alone
-    reads).
+    reads); ``quantize_standalone_batchnorm`` (default false): a BatchNormalization left unfolded
+    computes ``x * s + shift`` and its scale ``s`` gets a weight quantizer (per tensor, at least 8
+    bits, asymmetric below 16), as aimet-onnx 2.42 does.
     """
 
     output_quantized: bool = True
@@ -145,6 +147,7 @@ class QuantSimConfig:
     derive_rescale: bool = True
     integer_forms: bool = True
     tie_branching_concat_inputs: bool = True
+    quantize_standalone_batchnorm: bool = False
     unused: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -219,6 +222,7 @@ class QuantSimConfig:
                 "derive_rescale": self.derive_rescale,
                 "integer_forms": self.integer_forms,
                 "tie_branching_concat_inputs": self.tie_branching_concat_inputs,
+                "quantize_standalone_batchnorm": self.quantize_standalone_batchnorm,
             },
             "params": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.params.items()},
             "op_type": {},

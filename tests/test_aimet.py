@@ -203,9 +203,9 @@ def test_strict_export_of_the_paddleocr_classifier_names_what_aimets_file_names(
 def test_the_placement_switches_are_off_outside_the_aimet_preset():
     aimet, plain = load_config("aimet"), load_config("onnxruntime")
     switches = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
-                "tie_branching_concat_inputs")
-    assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False]
-    assert [getattr(plain, k) for k in switches] == [False, True, True, True, True]
+                "tie_branching_concat_inputs", "quantize_standalone_batchnorm")
+    assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False, True]
+    assert [getattr(plain, k) for k in switches] == [False, True, True, True, True, False]
     # aimet-onnx's own config files do not set them: the file alone keeps onnxqat's rules
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its BatchNormalization keys, reported unused
@@ -415,3 +415,61 @@ def test_round_trip_with_aimet_onnx_on_a_paddleocr_model_is_strict_and_within_1_
                                    "encodings": paths["encodings"]}, str(tmp_path))
     layers = bench.layer_by_layer(sim, dict(np.load(ours_dir / "aimet_tensors.npz")), evaluation, path)
     assert layers["per_layer"]["max_lsb"] <= 1 + 1e-3, layers["per_layer"]["worst"]
+
+
+def _add_then_batchnorm(tmp_path):
+    """x + c -> BatchNormalization (parameters in Constant nodes, as paddle2onnx writes them)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def const(name, array):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array.astype(np.float32), name))
+
+    nodes = [const("c", rng.standard_normal((1, 4, 1, 1))), const("bn.w_0", rng.uniform(0.5, 2, 4)),
+             const("bn.b_0", rng.standard_normal(4)), const("bn.w_1", rng.standard_normal(4)),
+             const("bn.w_2", rng.uniform(0.5, 2, 4)),
+             helper.make_node("Add", ["x", "c"], ["a"]),
+             helper.make_node("BatchNormalization", ["a", "bn.w_0", "bn.b_0", "bn.w_1", "bn.w_2"], ["y"], epsilon=1e-3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "bn.onnx"
+    onnx.save(model, path)
+    return path, rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+
+
+def test_a_standalone_batchnorm_becomes_scale_and_shift_with_its_scale_quantized_as_aimet_does(tmp_path):
+    import onnx_ir
+    import onnxruntime as ort
+
+    from onnxqat.encodings import SourceGraph, aimet_param_names
+
+    path, x = _add_then_batchnorm(tmp_path)
+    sim = QuantizationSimModel(path, config="aimet", target="htp", quant_scheme="minmax")
+    bn = next(n for n in sim.float_model.graph if n.op_type == "BatchNormalization")
+    mean, var = (np.asarray(bn.inputs[i].const_value.numpy()) for i in (3, 4))
+    assert np.all(mean == 0) and np.all(var == 1) and bn.attributes["epsilon"].as_float() == 0.0
+    # the rewrite keeps the float model's values (onnxruntime on the original as reference)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    float_out = ort.InferenceSession(onnx_ir.to_proto(sim.float_model).SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(float_out, ref, rtol=1e-5, atol=1e-6)
+    p = sim.plan.param("bn.w_0")
+    assert p is not None and p.spec.axis is None and not p.spec.symmetric and p.spec.bitwidth == 8
+    assert sim.plan.param("bn.b_0") is None  # aimet's default config: biases not quantized
+    # 4-bit weights: aimet-onnx keeps a BatchNorm's scale at 8 bits
+    assert QuantizationSimModel(path, config="aimet", target="htp", param_bw=4).plan.param("bn.w_0").spec.bitwidth == 8
+    # a Constant node's parameter is rewritten by aimet-onnx into a new initializer '<name>_1'
+    assert aimet_param_names(sim.plan, sim.float_model, SourceGraph.of(path)) == {"bn.w_0": "bn.w_0_1"}
+    sim.compute_encodings([{"x": x}])
+    doc = sim.encodings_document(encodings_format="aimet-strict")
+    assert "bn.w_0_1" in entries(doc, "param_encodings") and "bn.w_0" not in entries(doc, "param_encodings")
+    again = QuantizationSimModel(path, config="aimet", target="htp", quant_scheme="minmax")
+    assert load_quietly(again, doc) == []
+    assert again.encodings["bn.w_0"].equals(sim.encodings["bn.w_0"])
+    # outside the preset the BatchNorm stays as it is, float
+    plain = QuantizationSimModel(path, config="onnxruntime", target="htp")
+    assert plain.plan.param("bn.w_0") is None

@@ -556,9 +556,10 @@ class _Annotator:
             self.shared_by.setdefault(out.name, []).append(node.name)
 
     def branches(self, value: ir.Value, reader: ir.Node) -> bool:
-        """Whether an op other than ``reader`` reads ``value``, or reads a tensor on its way up
-        through ops whose outputs aimet-onnx never quantizes or ties to their input (``tied_op_types``):
-        aimet-onnx then leaves the Concat's input on its own grid."""
+        """Whether aimet-onnx 2.42 leaves a Concat's input on its own grid: another op reads it, or
+        reads a tensor on its way up through ops whose outputs it never quantizes (a Split's other
+        output, ...), or it is the output of a tied op (Relu, Resize, ...) that reuses its input's
+        grid (aimet-onnx ties those after the Concat, and they win)."""
         from onnxqat.encodings import AIMET_UNQUANTIZED_OUTPUTS
 
         below = reader
@@ -566,14 +567,16 @@ class _Annotator:
             if any(use.node is not below for use in value.uses()):
                 return True
             producer = value.producer()
-            if (producer is None or not producer.inputs or producer.op_type not in AIMET_UNQUANTIZED_OUTPUTS
-                    and producer.op_type not in self.config.tied_op_types):
+            if producer is None or not producer.inputs or producer.inputs[0] is None:
+                return False
+            source = producer.inputs[0]
+            if producer.op_type in self.config.tied_op_types:
+                return (self.quantized(source.name) and self.quantized(value.name)
+                        and self.groups.find(source.name) == self.groups.find(value.name))
+            if producer.op_type not in AIMET_UNQUANTIZED_OUTPUTS:
                 return False
             if any(out is not value and out.uses() for out in producer.outputs):
-                return True  # e.g. another output of a Split
-            source = producer.inputs[0]
-            if source is None:
-                return False
+                return True
             below, value = producer, source
 
     def activation_quantizers(self) -> tuple[ActivationQuantizer, ...]:
@@ -626,6 +629,12 @@ class _Annotator:
                 weights[weight.name] = ParamQuantizer(weight.name, spec, (node.name,))
             if slot.bias is not None and len(node.inputs) > slot.bias and node.inputs[slot.bias] is not None:
                 bias_candidates.append((node, node.inputs[slot.bias], weight))
+        if self.config.quantize_standalone_batchnorm:
+            for node in self.nodes:
+                if node.op_type == "BatchNormalization" and not self.excluded(node):
+                    scale = node.inputs[1] if len(node.inputs) > 1 else None
+                    if scale is not None and is_float(scale) and is_constant(scale) and scale.name not in weights:
+                        weights[scale.name] = ParamQuantizer(scale.name, self.batchnorm_spec(node), (node.name,))
 
         biases = []
         for node, bias, weight in bias_candidates:
@@ -637,6 +646,14 @@ class _Annotator:
             assert data is not None
             biases.append(BiasQuantizer(bias.name, node.name, by_tensor[data.name], weight.name))
         return list(weights.values()), biases
+
+    def batchnorm_spec(self, node: ir.Node) -> QuantSpec:
+        """A standalone BatchNormalization's scale, as aimet-onnx 2.42 quantizes it: per tensor, at
+        least 8 bits, symmetric only from 16 bits."""
+        override = self.config.nodes.get(node.name)
+        bw = max(override.param_bw if override is not None and override.param_bw is not None else self.param_bw, 8)
+        return QuantSpec(bitwidth=bw, symmetric=bw >= 16, strict_symmetric=False, unsigned_symmetric=False,
+                         symmetric_scale=self.config.symmetric_scale)
 
     def param_spec(self, node: ir.Node, weight: ir.Value, index: int, symmetric: bool) -> QuantSpec:
         bw = self.param_bw
