@@ -202,7 +202,6 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
     sites = quantizer_sites(model)
     params = {p.name for p in sim.plan.params}
     equal = same_values(sim.float_model, SourceGraph.of(source_path))
-    aimet = dict(aimet)
     candidates = {t: sorted(n for n in equal.get(t, {t}) if n in aimet) for t in sites if t not in params}
     producer = {o: n.op_type for n in model.graph.node for o in n.output}
 
@@ -213,7 +212,7 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
         worst: list = []
         beyond = total = differing = 0
         for t, v in values.items():
-            d = np.abs(v.astype(np.float64) - aimet[theirs[t]].astype(np.float64)) / scale(t)
+            d = np.abs(v.astype(np.float64) - their_values[t].astype(np.float64)) / scale(t)
             worst.append((float(d.max()), t, producer.get(t, "input/constant"), int((d > 1 + 1e-3).sum())))
             beyond += int((d > 1 + 1e-3).sum())
             differing += int((d > 1e-3).sum())
@@ -236,14 +235,15 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
             e2e.graph.output.append(onnx.ValueInfoProto(name=sites[t]))
     session = ort.InferenceSession(e2e.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ours = dict(zip(candidates, session.run([sites[t] for t in candidates], feed)))
-    # the other sim's tensor holding the same values (across a Reshape: as many, reshaped)
-    theirs = {}
+    # the other sim's tensor holding the same values (across a Reshape/Flatten that only adds or drops
+    # 1-dims: reshaped; a Transpose's is not comparable)
+    theirs, their_values = {}, {}
     for t, names in candidates.items():
-        same = [n for n in names if aimet[n].shape == ours[t].shape] or [n for n in names
-                                                                         if aimet[n].size == ours[t].size]
+        same = [n for n in names if aimet[n].shape == ours[t].shape] or [
+            n for n in names if [d for d in aimet[n].shape if d != 1] == [d for d in ours[t].shape if d != 1]]
         if same:
             theirs[t] = same[0]
-            aimet[same[0]] = aimet[same[0]].reshape(ours[t].shape)
+            their_values[t] = aimet[same[0]].reshape(ours[t].shape)
     fetch = [sites[t] for t in theirs]
     end_to_end = compare({t: ours[t] for t in theirs})
     # per layer: every DQ output cut off, its readers fed aimet's tensor instead
@@ -265,7 +265,7 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
     cut.graph.output.extend(onnx.ValueInfoProto(name=sites[t]) for t in theirs)
     session = ort.InferenceSession(cut.SerializeToString(), options, providers=["CPUExecutionProvider"])
     cut_feed = dict(feed)
-    cut_feed.update({fed[sites[t]]: aimet[theirs[t]] for t in theirs})
+    cut_feed.update({fed[sites[t]]: their_values[t] for t in theirs})
     per_layer = compare(dict(zip(theirs, session.run(fetch, cut_feed))))
     unmatched = sorted(t for t in sites if t not in params and t not in theirs)
     return {"end_to_end": end_to_end, "per_layer": per_layer, "onnxqat_tensors_without_aimet_tensor": unmatched[:10]}
