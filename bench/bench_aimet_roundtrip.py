@@ -268,7 +268,32 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
     cut_feed.update({fed[sites[t]]: their_values[t] for t in theirs})
     per_layer = compare(dict(zip(theirs, session.run(fetch, cut_feed))))
     unmatched = sorted(t for t in sites if t not in params and t not in theirs)
-    return {"end_to_end": end_to_end, "per_layer": per_layer, "onnxqat_tensors_without_aimet_tensor": unmatched[:10]}
+    # the model inputs, quantized by both from the same values: aimet-onnx's rounding rule checked
+    rounding = {}
+    for value in sim.float_model.graph.inputs:
+        t = value.name
+        if t not in theirs or t not in feed:
+            continue
+        enc = sim.encodings[sim.plan.activation_of(t).name]
+        rounding[t] = aimet_rounding_check(feed[t], float(np.max(enc.scale)), int(np.max(enc.aimet_offset)),
+                                           enc.bitwidth, their_values[t], ours[t])
+    return {"end_to_end": end_to_end, "per_layer": per_layer, "model_inputs": rounding,
+            "onnxqat_tensors_without_aimet_tensor": unmatched[:10]}
+
+
+def aimet_rounding_check(x: np.ndarray, scale: float, offset: int, bits: int, theirs: np.ndarray,
+                         ours: np.ndarray) -> dict:
+    """How many input values aimet-onnx's quantizer rounds as ``floor(x * (1/scale) - offset + 0.5)``
+    in float32 (half up on the unsigned grid; its CPU kernel: x / delta - offset, std::round) does
+    not explain, and how many of them onnxqat (QuantizeLinear: round half to even of x / scale, then
+    + zero point) puts on another step."""
+    x = x.astype(np.float32)
+    inv = np.float32(1.0) / np.float32(scale)
+    q = np.clip(np.floor(x * inv - np.float32(offset) + np.float32(0.5)), 0, (1 << bits) - 1)
+    emulated = (q.astype(np.float64) + offset) * scale
+    step = np.abs(theirs.astype(np.float64) - ours.astype(np.float64)) / scale
+    return {"values": int(x.size), "not_explained_by_half_up_rule": int((np.abs(emulated - theirs) > scale / 2).sum()),
+            "one_step_apart": int((step > 0.5).sum())}
 
 
 def output_scales(sim) -> list[float]:  # type: ignore[no-untyped-def]

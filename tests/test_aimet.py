@@ -403,7 +403,7 @@ def test_round_trip_with_aimet_onnx_on_a_paddleocr_model_is_strict_and_within_1_
     sim = QuantizationSimModel(path, per_channel=True, config="aimet", target="htp", quant_scheme="minmax")
     assert load_quietly(sim, str(theirs_dir / "model.encodings")) == []  # every entry applied, none missing
     layers = bench.layer_by_layer(sim, dict(np.load(theirs_dir / "aimet_tensors.npz")), evaluation, path)
-    assert layers["per_layer"]["tensors"] > 100
+    assert layers["per_layer"]["tensors"] > 50
     assert layers["per_layer"]["max_lsb"] <= 1 + 1e-3, layers["per_layer"]["worst"]
 
     batches = [{k: v[i:i + 4] for k, v in calib.items()} for i in range(0, 8, 4)]
