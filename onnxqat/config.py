@@ -79,7 +79,7 @@ class NodeOverride:
 
 # onnxqat's placement switches in ``defaults`` (see QuantSimConfig)
 _PLACEMENT_SWITCHES = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
-                       "tie_branching_concat_inputs", "quantize_standalone_batchnorm")
+                       "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ class QuantSimConfig:
     ``calibrate_quantized_weights`` (``defaults.calibrate_quantized_weights``): observe activation
     ranges with the weights already quantized, as aimet-onnx's ``compute_encodings`` does, instead of
     with the float weights.
-    Six more onnxqat keys of ``defaults`` make aimet-onnx's placement (all six set in the
+    Seven more onnxqat keys of ``defaults`` make aimet-onnx's placement (all seven set in the
     ``aimet`` preset; the defaults keep onnxqat's own rules):
     ``quantize_constant_inputs`` (default false): every float constant an op reads, other than its
     weights and biases, gets its own activation quantizer calibrated on its values (aimet-onnx
@@ -113,7 +113,9 @@ class QuantSimConfig:
     other ops read too shares the Concat's quantizer (aimet-onnx ties only an input the Concat alone
     reads); ``quantize_standalone_batchnorm`` (default false): a BatchNormalization left unfolded
     computes ``x * s + shift`` and its scale ``s`` gets a weight quantizer (per tensor, at least 8
-    bits, asymmetric below 16), as aimet-onnx 2.42 does.
+    bits, asymmetric below 16), as aimet-onnx 2.42 does; ``symmetric_dynamic_weights`` (default
+    false): the quantizer of a Conv/Gemm/MatMul weight input that is no constant (attention's keys
+    and values) takes the weights' symmetry, as aimet-onnx does.
     """
 
     output_quantized: bool = True
@@ -148,6 +150,7 @@ class QuantSimConfig:
     integer_forms: bool = True
     tie_branching_concat_inputs: bool = True
     quantize_standalone_batchnorm: bool = False
+    symmetric_dynamic_weights: bool = False
     unused: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -223,6 +226,7 @@ class QuantSimConfig:
                 "integer_forms": self.integer_forms,
                 "tie_branching_concat_inputs": self.tie_branching_concat_inputs,
                 "quantize_standalone_batchnorm": self.quantize_standalone_batchnorm,
+                "symmetric_dynamic_weights": self.symmetric_dynamic_weights,
             },
             "params": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.params.items()},
             "op_type": {},

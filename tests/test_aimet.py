@@ -203,9 +203,9 @@ def test_strict_export_of_the_paddleocr_classifier_names_what_aimets_file_names(
 def test_the_placement_switches_are_off_outside_the_aimet_preset():
     aimet, plain = load_config("aimet"), load_config("onnxruntime")
     switches = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
-                "tie_branching_concat_inputs", "quantize_standalone_batchnorm")
-    assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False, True]
-    assert [getattr(plain, k) for k in switches] == [False, True, True, True, True, False]
+                "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights")
+    assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False, True, True]
+    assert [getattr(plain, k) for k in switches] == [False, True, True, True, True, False, False]
     # aimet-onnx's own config files do not set them: the file alone keeps onnxqat's rules
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its BatchNormalization keys, reported unused

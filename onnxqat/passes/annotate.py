@@ -32,7 +32,8 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
 The config's placement switches (``defaults`` keys, set in the ``aimet`` preset) change rules 6-8
 to aimet-onnx 2.42's: ``derive_rescale`` false calibrates a Mul/Div by a scalar on its own,
 ``integer_forms`` false leaves HardSigmoid/HardSwish as they are, ``tie_branching_concat_inputs``
-false leaves out of rule 9 a Concat input that another op reads too, and ``quantize_constant_inputs``
+false leaves out of rule 9 a Concat input that another op reads too, ``symmetric_dynamic_weights``
+makes the quantizer of a non-constant weight input (attention) symmetric, and ``quantize_constant_inputs``
 gives every float constant an op reads its own quantizer calibrated on its values, except the
 inputs aimet-onnx takes as parameters (:data:`AIMET_PARAM_INPUTS`, a MatMul's weight, the bias of
 a MatMul+Add group) and Resize's scales; such an op is no float island of rule 7 then.
@@ -378,6 +379,8 @@ class _Annotator:
             self.quantize_constant_inputs()
         self.quantize_constants()
         self.tie_concats()
+        if self.config.symmetric_dynamic_weights:
+            self.symmetric_dynamic_weights()
         activations = self.activation_quantizers()
         by_tensor = {t: q.name for q in activations for t in q.tensors}
         params, biases = self.params(by_tensor)
@@ -578,6 +581,22 @@ class _Annotator:
             if any(out is not value and out.uses() for out in producer.outputs):
                 return True
             below, value = producer, source
+
+    def symmetric_dynamic_weights(self) -> None:
+        """The quantizer of a Conv/ConvTranspose/Gemm/MatMul's weight input that is no constant (an
+        attention's keys and values) takes the weights' symmetry, as aimet-onnx 2.42 does."""
+        for node in self.nodes:
+            if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
+                continue
+            weight = node.inputs[1]
+            if weight is None or is_constant(weight) or not self.quantized(weight.name):
+                continue
+            _, symmetric = self.config.param_rule(node.op_type, "weight")
+            root = self.groups.find(weight.name)
+            for tensor, spec in list(self.group_spec.items()):
+                if self.groups.find(tensor) == root:
+                    self.group_spec[tensor] = spec.replace(symmetric=symmetric,
+                                                           strict_symmetric=symmetric and self.config.strict_symmetric)
 
     def activation_quantizers(self) -> tuple[ActivationQuantizer, ...]:
         members: dict[str, list[str]] = {}
