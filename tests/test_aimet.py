@@ -473,3 +473,17 @@ def test_a_standalone_batchnorm_becomes_scale_and_shift_with_its_scale_quantized
     # outside the preset the BatchNorm stays as it is, float
     plain = QuantizationSimModel(path, config="onnxruntime", target="htp")
     assert plain.plan.param("bn.w_0") is None
+
+
+def test_an_offset_on_a_tie_is_aimets_double_precision_one():
+    """min = -1, max = 1 (8-bit images normalised to [-1, 1]): min / delta is -127.5 exactly in
+    double precision (aimet-onnx: offset -128, as its file for the PaddleOCR classifier's input
+    says), -127.49999 with the float32 scale; the preset takes aimet's."""
+    from onnxqat.qparams import compute_encoding
+    from onnxqat.spec import QuantSpec
+
+    x = entries(encodings_file("ppocr_cls_w8a8"))["x"]
+    assert x["offset"] == [-128.0] and x["scale"][0] == pytest.approx(2 / 255, rel=1e-12)
+    spec = QuantSpec(bitwidth=8)
+    assert int(compute_encoding(-1.0, 1.0, spec.replace(symmetric_scale="aimet")).aimet_offset) == -128
+    assert int(compute_encoding(-1.0, 1.0, spec).aimet_offset) == -127  # onnxqat's own: from the float32 scale
