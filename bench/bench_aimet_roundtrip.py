@@ -415,7 +415,7 @@ def table(results: list[dict]) -> list[str]:
             u, f = d["unfused"], d["fused"]
             strict = "-" if key == "aimet_to_onnxqat" else ("yes" if d["strict"] else "no")
             if key == "aimet_to_onnxqat" and d["load_warnings"]:
-                strict = "- (entries not applied)"
+                strict = "- (warned)"
             layers = d.get("layers")
             per = e2e = ""
             if layers:
