@@ -71,9 +71,37 @@ def aimet_side(job_path: str) -> None:
             load_encodings_to_sim(sim, job["encodings"], strict=job.get("strict", True))
         seconds = time.perf_counter() - t0
         outputs = sim.session.run(None, feed)
+        if job.get("dump"):
+            np.savez(os.path.join(job["out_dir"], "aimet_tensors.npz"),
+                     **aimet_tensors(sim, {n: v[:job["dump"]] for n, v in feed.items()}, tmp))
     np.savez(os.path.join(job["out_dir"], "aimet_outputs.npz"), *outputs)
     with open(os.path.join(job["out_dir"], "aimet_side.json"), "w") as f:
         json.dump({"seconds": seconds, "quantizers": len(sim.qc_quantize_op_dict)}, f)
+
+
+def aimet_tensors(sim, feed: dict, tmp: str) -> dict:  # type: ignore[no-untyped-def]
+    """Every enabled activation quantizer's output in aimet-onnx's sim, by the tensor it quantizes."""
+    import onnx
+    from aimet_onnx.utils import OrtInferenceSession
+
+    model = onnx.ModelProto()
+    model.CopyFrom(sim.model.model)
+    outputs = {o.name for o in model.graph.output}
+    names = {}
+    for node in model.graph.node:
+        if node.op_type != "QcQuantizeOp" or node.input[0] in sim.param_names:
+            continue
+        quantizer = sim.qc_quantize_op_dict.get(node.input[0])
+        if quantizer is None or not quantizer.enabled:
+            continue
+        names[node.output[0]] = node.input[0]
+        if node.output[0] not in outputs:
+            model.graph.output.append(onnx.ValueInfoProto(name=node.output[0]))
+    os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
+    session = OrtInferenceSession(model, sim.providers, session_options=sim._ort_session_options,
+                                  path=os.path.join(tmp, "dump"), save_as_external_data=True)
+    fetch = list(names)
+    return {names[n]: v for n, v in zip(fetch, session.run(fetch, feed))}
 
 
 # -- the onnxqat half ------------------------------------------------------------------------------
@@ -93,6 +121,27 @@ def model_data(key: str, calib_n: int = 32, eval_n: int = 64) -> tuple[str, dict
     calib = zoo.make_data(key, n=calib_n, seed=0, split="calib")
     test = zoo.make_data(key, n=eval_n, seed=1, split="test")
     return path, {n: calib[n] for n in names}, {n: test[n] for n in names}, 8
+
+
+def same_calibration(theirs_path: str, ours_path: str) -> dict:
+    """onnxqat's own calibration (its aimet-strict file) against aimet-onnx's, entry by entry: names
+    only one has, offsets that differ, the largest relative scale difference."""
+    out: dict = {}
+    with open(theirs_path) as f:
+        theirs = json.load(f)
+    with open(ours_path) as f:
+        ours = json.load(f)
+    for section in ("activation_encodings", "param_encodings"):
+        a = {e["name"]: e for e in theirs[section]}
+        b = {e["name"]: e for e in ours[section]}
+        common = sorted(set(a) & set(b))
+        offsets = [n for n in common if [int(o) for o in a[n]["offset"]] != [int(o) for o in b[n]["offset"]]]
+        rel = max((float(np.max(np.abs(np.asarray(b[n]["scale"]) / np.asarray(a[n]["scale"]) - 1)))
+                   for n in common if len(a[n]["scale"]) == len(b[n]["scale"])), default=0.0)
+        out[section] = {"entries": len(a), "only_aimet": sorted(set(a) - set(b))[:5],
+                        "only_onnxqat": sorted(set(b) - set(a))[:5], "offsets_differing": len(offsets),
+                        "offsets_differing_first": offsets[:5], "max_rel_scale_diff": float(f"{rel:.3g}")}
+    return out
 
 
 def lsb_diff(a: list[np.ndarray], b: list[np.ndarray], scales: list[float]) -> dict:
@@ -118,6 +167,135 @@ def unfused(sim, feed: dict) -> list[np.ndarray]:  # type: ignore[no-untyped-def
     return session.run(None, feed)
 
 
+def quantizer_sites(model) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """tensor -> the DequantizeLinear output that replaces it, for every activation QDQ pair of an
+    onnxqat simulation graph (QuantizeLinear reading the tensor, DequantizeLinear after it)."""
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    sites = {}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        dq = [n for n in readers.get(node.output[0], []) if n.op_type == "DequantizeLinear"]
+        if len(dq) == 1:
+            sites[node.input[0]] = dq[0].output[0]
+    return sites
+
+
+def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # type: ignore[no-untyped-def]
+    """Every quantized activation of onnxqat's unfused simulation against aimet-onnx's quantizer
+    output for the tensor holding the same values, in LSBs of onnxqat's encoding of it:
+
+    * ``end_to_end``: each sim runs the inputs through its own chain (differences compound);
+    * ``per_layer``: every quantized tensor of onnxqat's graph is computed from aimet-onnx's
+      quantized tensors (each QDQ pair's output is cut off and fed aimet's values), so a
+      difference is that one op and its quantizer's.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from onnxqat.encodings import SourceGraph, same_values
+
+    model = sim.model
+    sites = quantizer_sites(model)
+    params = {p.name for p in sim.plan.params}
+    equal = same_values(sim.float_model, SourceGraph.of(source_path))
+    candidates = {t: sorted(n for n in equal.get(t, {t}) if n in aimet) for t in sites if t not in params}
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+
+    def scale(t: str) -> float:
+        return float(np.max(sim.encodings[sim.plan.activation_of(t).name].scale))
+
+    def compare(values: dict) -> dict:
+        worst: list = []
+        beyond = total = differing = 0
+        for t, v in values.items():
+            d = np.abs(v.astype(np.float64) - their_values[t].astype(np.float64)) / scale(t)
+            worst.append((float(d.max()), t, producer.get(t, "input/constant"), int((d > 1 + 1e-3).sum())))
+            beyond += int((d > 1 + 1e-3).sum())
+            differing += int((d > 1e-3).sum())
+            total += d.size
+        worst.sort(reverse=True)
+        return {"tensors": len(values), "tensors_beyond_1_lsb": sum(1 for w in worst if w[0] > 1 + 1e-3),
+                "values": total, "values_differing": differing, "values_beyond_1_lsb": beyond,
+                "max_lsb": round(worst[0][0], 4) if worst else 0.0,
+                "worst": [{"tensor": t, "op": op, "max_lsb": round(m, 4), "values_beyond_1_lsb": b}
+                          for m, t, op, b in worst[:6]]}
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # end to end: every DQ output fetched
+    e2e = onnx.ModelProto()
+    e2e.CopyFrom(model)
+    have = {o.name for o in e2e.graph.output}
+    for t in candidates:
+        if sites[t] not in have:
+            e2e.graph.output.append(onnx.ValueInfoProto(name=sites[t]))
+    session = ort.InferenceSession(e2e.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ours = dict(zip(candidates, session.run([sites[t] for t in candidates], feed)))
+    # the other sim's tensor holding the same values (across a Reshape/Flatten that only adds or drops
+    # 1-dims: reshaped; a Transpose's is not comparable)
+    theirs, their_values = {}, {}
+    for t, names in candidates.items():
+        same = [n for n in names if aimet[n].shape == ours[t].shape] or [
+            n for n in names if [d for d in aimet[n].shape if d != 1] == [d for d in ours[t].shape if d != 1]]
+        if same:
+            theirs[t] = same[0]
+            their_values[t] = aimet[same[0]].reshape(ours[t].shape)
+    fetch = [sites[t] for t in theirs]
+    end_to_end = compare({t: ours[t] for t in theirs})
+    # per layer: every DQ output cut off, its readers fed aimet's tensor instead
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    fed = {sites[t]: f"aimet::{t}" for t in theirs}
+    for node in cut.graph.node:
+        if node.op_type == "QuantizeLinear":
+            continue
+        for i, name in enumerate(node.input):
+            if name in fed:
+                node.input[i] = fed[name]
+    for t in theirs:
+        cut.graph.input.append(onnx.ValueInfoProto(name=fed[sites[t]]))
+        cut.graph.input[-1].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    outputs = [o for o in cut.graph.output]
+    del cut.graph.output[:]
+    cut.graph.output.extend(o for o in outputs if o.name not in fed)
+    cut.graph.output.extend(onnx.ValueInfoProto(name=sites[t]) for t in theirs)
+    session = ort.InferenceSession(cut.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    cut_feed = dict(feed)
+    cut_feed.update({fed[sites[t]]: their_values[t] for t in theirs})
+    per_layer = compare(dict(zip(theirs, session.run(fetch, cut_feed))))
+    unmatched = sorted(t for t in sites if t not in params and t not in theirs)
+    # the model inputs, quantized by both from the same values: aimet-onnx's rounding rule checked
+    rounding = {}
+    for value in sim.float_model.graph.inputs:
+        t = value.name
+        if t not in theirs or t not in feed:
+            continue
+        enc = sim.encodings[sim.plan.activation_of(t).name]
+        rounding[t] = aimet_rounding_check(feed[t], float(np.max(enc.scale)), int(np.max(enc.aimet_offset)),
+                                           enc.bitwidth, their_values[t], ours[t])
+    return {"end_to_end": end_to_end, "per_layer": per_layer, "model_inputs": rounding,
+            "onnxqat_tensors_without_aimet_tensor": unmatched[:10]}
+
+
+def aimet_rounding_check(x: np.ndarray, scale: float, offset: int, bits: int, theirs: np.ndarray,
+                         ours: np.ndarray) -> dict:
+    """How many input values aimet-onnx's quantizer rounds as ``floor(x * (1/scale) - offset + 0.5)``
+    in float32 (half up on the unsigned grid; its CPU kernel: x / delta - offset, std::round) does
+    not explain, and how many of them onnxqat (QuantizeLinear: round half to even of x / scale, then
+    + zero point) puts on another step."""
+    x = x.astype(np.float32)
+    inv = np.float32(1.0) / np.float32(scale)
+    q = np.clip(np.floor(x * inv - np.float32(offset) + np.float32(0.5)), 0, (1 << bits) - 1)
+    emulated = (q.astype(np.float64) + offset) * scale
+    step = np.abs(theirs.astype(np.float64) - ours.astype(np.float64)) / scale
+    return {"values": int(x.size), "not_explained_by_half_up_rule": int((np.abs(emulated - theirs) > scale / 2).sum()),
+            "one_step_apart": int((step > 0.5).sum())}
+
+
 def output_scales(sim) -> list[float]:  # type: ignore[no-untyped-def]
     out = []
     for v in sim.float_model.graph.outputs:
@@ -139,7 +317,7 @@ def run_aimet(python: str, job: dict, tmp: str) -> tuple[list[np.ndarray], dict]
     return [z[f"arr_{i}"] for i in range(len(z.files))], info
 
 
-def roundtrip(key: str, python: str, calib_n: int = 32, eval_n: int = 64) -> dict:
+def roundtrip(key: str, python: str, calib_n: int = 32, eval_n: int = 64, layers: int = 0) -> dict:
     import warnings
 
     from onnxqat import QuantizationSimModel
@@ -152,7 +330,11 @@ def roundtrip(key: str, python: str, calib_n: int = 32, eval_n: int = 64) -> dic
         np.savez(os.path.join(tmp, "calib.npz"), **calib)
         np.savez(os.path.join(tmp, "eval.npz"), **evaluation)
         common = {"model": path, "calib": os.path.join(tmp, "calib.npz"), "eval": os.path.join(tmp, "eval.npz"),
-                  "batch": batch}
+                  "batch": batch, "dump": layers}
+        first = {k: v[:layers] for k, v in evaluation.items()}
+
+        def tensors(out_dir: str) -> dict:
+            return dict(np.load(os.path.join(out_dir, "aimet_tensors.npz")))
         # aimet -> onnxqat
         a_dir = os.path.join(tmp, "aimet")
         os.makedirs(a_dir)
@@ -165,17 +347,23 @@ def roundtrip(key: str, python: str, calib_n: int = 32, eval_n: int = 64) -> dic
         result["aimet_to_onnxqat"] = {"fused": lsb_diff(sim.run(evaluation), aimet_out, scales),
                                       "unfused": lsb_diff(unfused(sim, evaluation), aimet_out, scales),
                                       "load_warnings": [str(w.message)[:400] for w in caught]}
+        if layers:
+            result["aimet_to_onnxqat"]["layers"] = layer_by_layer(sim, tensors(a_dir), first, path)
         # onnxqat -> aimet
         sim = QuantizationSimModel(path, per_channel=True, config="aimet", target="htp", quant_scheme="minmax")
         sim.compute_encodings(batches)
         o_dir = os.path.join(tmp, "onnxqat")
         sim.export(o_dir, encodings_format="aimet-strict")
         ours, ours_unfused, scales = sim.run(evaluation), unfused(sim, evaluation), output_scales(sim)
+        result["calibration"] = same_calibration(os.path.join(a_dir, "model.encodings"),
+                                                 os.path.join(o_dir, "model.encodings"))
         try:
             aimet_out, _ = run_aimet(python, {**common, "mode": "load", "out_dir": o_dir,
                                               "encodings": os.path.join(o_dir, "model.encodings")}, tmp)
             result["onnxqat_to_aimet"] = {"strict": True, "fused": lsb_diff(ours, aimet_out, scales),
                                           "unfused": lsb_diff(ours_unfused, aimet_out, scales)}
+            if layers:
+                result["onnxqat_to_aimet"]["layers"] = layer_by_layer(sim, tensors(o_dir), first, path)
         except RuntimeError as e:  # strict refused: say why, and measure with strict=False
             lines = [x for x in str(e).splitlines() if x.strip()]
             aimet_out, _ = run_aimet(python, {**common, "mode": "load", "out_dir": o_dir, "strict": False,
@@ -194,6 +382,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the results as JSON here too")
     p.add_argument("--calib-samples", type=int, default=32, help="zoo models: calibration samples")
     p.add_argument("--eval-samples", type=int, default=64, help="zoo models: evaluation samples")
+    p.add_argument("--layers", type=int, default=0, metavar="N",
+                   help="also compare every quantized tensor of both sims on the first N evaluation samples, "
+                        "end to end and layer by layer (each layer fed the other sim's quantized inputs)")
     args = p.parse_args()
     if args.aimet_side:
         aimet_side(args.aimet_side)
@@ -201,13 +392,40 @@ def main() -> None:
     results = []
     for key in args.models:
         t0 = time.perf_counter()
-        r = roundtrip(key, args.aimet_python, args.calib_samples, args.eval_samples)
+        r = roundtrip(key, args.aimet_python, args.calib_samples, args.eval_samples, args.layers)
         r["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(r), flush=True)
         results.append(r)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    print("\n".join(table(results)))
+
+
+def table(results: list[dict]) -> list[str]:
+    """Markdown rows: outputs (unfused and fused), and with --layers the per-layer and end-to-end
+    comparison of every quantized tensor (unfused)."""
+    rows = ["| model (calib / eval) | direction | strict | values | differ (unfused) | > 1 LSB (unfused) | max LSB "
+            "unfused | differ (fused) | > 1 LSB (fused) | max LSB fused | per layer: max LSB, values > 1 LSB | "
+            "end to end: tensors > 1 LSB, max LSB |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r in results:
+        for key, label in (("aimet_to_onnxqat", "aimet → onnxqat"), ("onnxqat_to_aimet", "onnxqat → aimet")):
+            d = r[key]
+            u, f = d["unfused"], d["fused"]
+            strict = "-" if key == "aimet_to_onnxqat" else ("yes" if d["strict"] else "no")
+            if key == "aimet_to_onnxqat" and d["load_warnings"]:
+                strict = "- (warned)"
+            layers = d.get("layers")
+            per = e2e = ""
+            if layers:
+                p, e = layers["per_layer"], layers["end_to_end"]
+                per = f"{p['max_lsb']:g}, {p['values_beyond_1_lsb']} of {p['values']}"
+                e2e = f"{e['tensors_beyond_1_lsb']} of {e['tensors']}, {e['max_lsb']:g}"
+            rows.append(f"| {r['model']} ({r['calibration_samples']} / {r['eval_samples']}) | {label} | {strict} | "
+                        f"{u['values']} | {u['values_differing']} | {u['values_beyond_1_lsb']} | {u['max_lsb']:g} | "
+                        f"{f['values_differing']} | {f['values_beyond_1_lsb']} | {f['max_lsb']:g} | {per} | {e2e} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -77,6 +77,11 @@ class NodeOverride:
     is_output_quantized: bool | None = None
 
 
+# onnxqat's placement switches in ``defaults`` (see QuantSimConfig)
+_PLACEMENT_SWITCHES = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
+                       "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSimConfig:
     """Placement and grid rules. Build with :func:`load_config` or :meth:`from_dict`.
@@ -89,10 +94,28 @@ class QuantSimConfig:
     supergroup may start at a depthwise (or 3-d) convolution; aimet-onnx 2.42 never fuses those,
     so its depthwise Conv output keeps a quantizer before the Relu (the ``aimet`` preset: false).
     ``tied_op_types`` (``defaults.tied_op_types``): op types whose output reuses their quantized
-    input's encoding, as data-movement ops do (aimet-onnx ties Relu and AveragePool so).
+    input's encoding, as data-movement ops do (aimet-onnx 2.42 ties Relu, AveragePool and its
+    interpolation ops Resize and Upsample so).
     ``calibrate_quantized_weights`` (``defaults.calibrate_quantized_weights``): observe activation
     ranges with the weights already quantized, as aimet-onnx's ``compute_encodings`` does, instead of
     with the float weights.
+    Seven more onnxqat keys of ``defaults`` make aimet-onnx's placement (all seven set in the
+    ``aimet`` preset; the defaults keep onnxqat's own rules):
+    ``quantize_constant_inputs`` (default false): every float constant an op reads, other than its
+    weights and biases, gets its own activation quantizer calibrated on its values (aimet-onnx
+    treats constants and Constant-node outputs as model inputs: HardSwish's 3 and 6, Clip bounds,
+    a bias added after a Conv); ``fold_affine`` (default true): fold a Mul/Add of per-channel
+    constants after a Conv/Gemm into it (aimet-onnx folds only BatchNormalization nodes);
+    ``derive_rescale`` (default true): a Mul/Div by a positive scalar reads its input's integers
+    (aimet-onnx calibrates its output); ``integer_forms`` (default true): HardSigmoid/HardSwish of a
+    uint8 tensor as integer forms with HardSigmoid's fixed output range [0, 1] (aimet-onnx
+    calibrates their outputs); ``tie_branching_concat_inputs`` (default true): a Concat input that
+    other ops read too shares the Concat's quantizer (aimet-onnx ties only an input the Concat alone
+    reads); ``quantize_standalone_batchnorm`` (default false): a BatchNormalization left unfolded
+    computes ``x * s + shift`` and its scale ``s`` gets a weight quantizer (per tensor, at least 8
+    bits, asymmetric below 16), as aimet-onnx 2.42 does; ``symmetric_dynamic_weights`` (default
+    false): the quantizer of a Conv/Gemm/MatMul weight input that is no constant (attention's keys
+    and values) takes the weights' symmetry, as aimet-onnx does.
     """
 
     output_quantized: bool = True
@@ -121,6 +144,13 @@ class QuantSimConfig:
     depthwise_supergroups: bool = True
     tied_op_types: frozenset[str] = frozenset()
     calibrate_quantized_weights: bool = False
+    quantize_constant_inputs: bool = False
+    fold_affine: bool = True
+    derive_rescale: bool = True
+    integer_forms: bool = True
+    tie_branching_concat_inputs: bool = True
+    quantize_standalone_batchnorm: bool = False
+    symmetric_dynamic_weights: bool = False
     unused: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -190,6 +220,13 @@ class QuantSimConfig:
                 "depthwise_supergroups": self.depthwise_supergroups,
                 "tied_op_types": sorted(self.tied_op_types),
                 "calibrate_quantized_weights": self.calibrate_quantized_weights,
+                "quantize_constant_inputs": self.quantize_constant_inputs,
+                "fold_affine": self.fold_affine,
+                "derive_rescale": self.derive_rescale,
+                "integer_forms": self.integer_forms,
+                "tie_branching_concat_inputs": self.tie_branching_concat_inputs,
+                "quantize_standalone_batchnorm": self.quantize_standalone_batchnorm,
+                "symmetric_dynamic_weights": self.symmetric_dynamic_weights,
             },
             "params": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.params.items()},
             "op_type": {},
@@ -347,7 +384,7 @@ class _Parser:
             "defaults",
             {"ops", "params", "strict_symmetric", "unsigned_symmetric", "per_channel_quantization",
              "hw_version", "supported_kernels", "symmetric_scale", "depthwise_supergroups",
-             "tied_op_types", "calibrate_quantized_weights"},
+             "tied_op_types", "calibrate_quantized_weights", *_PLACEMENT_SWITCHES},
         )
         if "hw_version" in defaults:
             if not isinstance(defaults["hw_version"], str):
@@ -363,9 +400,10 @@ class _Parser:
         value = self.opt_bool(defaults, "depthwise_supergroups", "defaults")
         if value is not None:
             kw["depthwise_supergroups"] = value
-        value = self.opt_bool(defaults, "calibrate_quantized_weights", "defaults")
-        if value is not None:
-            kw["calibrate_quantized_weights"] = value
+        for key in ("calibrate_quantized_weights", *_PLACEMENT_SWITCHES):
+            value = self.opt_bool(defaults, key, "defaults")
+            if value is not None:
+                kw[key] = value
         if "tied_op_types" in defaults:
             tied = defaults["tied_op_types"]
             if not isinstance(tied, list) or not all(isinstance(x, str) and x for x in tied):

@@ -25,7 +25,7 @@ from onnxqat.qparams import Encoding
 
 __all__ = [
     "AIMET_UNQUANTIZED_OUTPUTS", "ENCODINGS_FORMATS", "MISSING", "VALUE_PRESERVING", "VERSIONS", "Binding", "ParsedEncodings", "SourceGraph",
-    "aimet_names", "bind", "parse_aimet", "read_document", "same_values", "to_aimet",
+    "aimet_names", "aimet_param_names", "bind", "parse_aimet", "read_document", "same_values", "to_aimet",
 ]
 
 VERSIONS = ("1.0.0", "0.6.1")
@@ -70,16 +70,19 @@ def to_aimet(
     quantizer_args: Mapping[str, Any] | None = None,
     excluded_layers: list[str] | None = None,
     names: Mapping[str, tuple[str, ...]] | None = None,
+    param_names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The encodings file content for a calibrated plan; ``names`` replaces the tensors each
-    activation quantizer is written under (by quantizer name, e.g. :func:`aimet_names`)."""
+    activation quantizer is written under (by quantizer name, e.g. :func:`aimet_names`),
+    ``param_names`` the names of weights (:func:`aimet_param_names`)."""
     if version not in VERSIONS:
         raise EncodingsError(f"unsupported encodings version {version!r}; choose one of {VERSIONS}")
     act_items: list[tuple[str, Encoding]] = [
         (tensor, encodings[q.name]) for q in plan.activations
         for tensor in (q.tensors if names is None else names[q.name])
     ]
-    param_items: list[tuple[str, Encoding]] = [(p.name, encodings[p.name]) for p in plan.params]
+    param_items: list[tuple[str, Encoding]] = [((param_names or {}).get(p.name, p.name), encodings[p.name])
+                                               for p in plan.params]
     bias_items = [(b.name, bias_scales[b.name]) for b in plan.biases]
     if version == "1.0.0":
         acts: Any = [
@@ -430,7 +433,8 @@ def bind(parsed: ParsedEncodings, plan: QuantPlan, float_model: Any, source: Sou
     no tensor of the float model or of ``source`` is an error.
     """
     equal = same_values(float_model, source)
-    known = set(float_model.graph.initializers) | {v.name for v in float_model.graph.inputs}
+    renamed = {} if source is None else aimet_param_names(plan, float_model, source)
+    known = set(float_model.graph.initializers) | {v.name for v in float_model.graph.inputs} | set(renamed.values())
     known.update(v.name for n in float_model.graph for v in n.outputs)
     if source is not None:
         known |= source.names
@@ -463,9 +467,10 @@ def bind(parsed: ParsedEncodings, plan: QuantPlan, float_model: Any, source: Sou
         used.update(found)
         encodings[q.name] = first
     for p in plan.params:
-        if p.name in parsed.params:
-            encodings[p.name] = parsed.params[p.name]
-            used.add(p.name)
+        name = p.name if p.name in parsed.params else renamed.get(p.name, p.name)
+        if name in parsed.params:
+            encodings[p.name] = parsed.params[name]
+            used.add(name)
         else:
             missing.append(p.name)
     used.update(b.name for b in plan.biases if b.name in parsed.biases)  # derived; the file's is not needed
@@ -473,24 +478,57 @@ def bind(parsed: ParsedEncodings, plan: QuantPlan, float_model: Any, source: Sou
     return Binding(encodings, tuple(missing), unused)
 
 
+def aimet_param_names(plan: QuantPlan, float_model: Any, source: SourceGraph) -> dict[str, str]:
+    """Weights aimet-onnx 2.42 renames -> its name: the scale of a standalone BatchNormalization
+    (one the preset quantizes) that a Constant node holds or other nodes read too, which aimet-onnx
+    rewrites into a new initializer named ``<name>_1`` (the first free suffix)."""
+    op_type = {n.name: n.op_type for n in float_model.graph if n.name}
+    producer = {o: op for op, _, outs in source.nodes for o in outs}
+    readers: dict[str, int] = {}
+    for _, ins, _ in source.nodes:
+        for i in ins:
+            readers[i] = readers.get(i, 0) + 1
+    taken = source.names | set(float_model.graph.initializers)
+    out: dict[str, str] = {}
+    for p in plan.params:
+        if not all(op_type.get(c) == "BatchNormalization" for c in p.consumers):
+            continue
+        if producer.get(p.name) == "Constant" or readers.get(p.name, 0) > 1:
+            suffix = 1
+            while f"{p.name}_{suffix}" in taken:
+                suffix += 1
+            out[p.name] = f"{p.name}_{suffix}"
+            taken.add(out[p.name])
+    return out
+
+
 def aimet_names(plan: QuantPlan, float_model: Any, source: SourceGraph) -> dict[str, tuple[str, ...]]:
     """For every activation quantizer, the tensors aimet-onnx 2.42 quantizes with it in the source
     model: names of the source model (a folded BatchNorm's output is the Conv's output there), not
-    outputs of ops aimet never quantizes (:data:`AIMET_UNQUANTIZED_OUTPUTS`), float model inputs
-    and op outputs only (no constants)."""
+    outputs of ops aimet never quantizes (:data:`AIMET_UNQUANTIZED_OUTPUTS`); a quantized constant
+    under the name of the source's initializer or Constant-node output holding its values (before
+    a Reshape folded into it)."""
     equal = same_values(float_model, source)
     producer = {o: op for op, _, outs in source.nodes for o in outs}
     folded_bn = {outs[0] for op, ins, outs in source.nodes if op == "BatchNormalization" and ins
                  and ins[0] in producer and producer[ins[0]] in ("Conv", "ConvTranspose", "Gemm")}
     graph_inputs = set(source.inputs)
+    read = {i for _, ins, _ in source.nodes for i in ins if i}
+    # the source's constants: its initializers (read, made by no node) and Constant-node outputs
+    constants = {n for n in read if n not in producer and n not in graph_inputs}
+    constants.update(n for n, op in producer.items() if op == "Constant")
+    inits = float_model.graph.initializers
     out: dict[str, tuple[str, ...]] = {}
     for q in plan.activations:
         names: set[str] = set()
         for t in q.tensors:
             for n in equal.get(t, {t}):
-                if n in graph_inputs or (n in producer and n not in folded_bn
-                                         and producer[n] not in AIMET_UNQUANTIZED_OUTPUTS
-                                         and producer[n] != "Constant"):
+                if t in inits:  # a quantized constant: aimet names the constant it reads
+                    if n in constants:
+                        names.add(n)
+                elif n in graph_inputs or (n in producer and n not in folded_bn
+                                           and producer[n] not in AIMET_UNQUANTIZED_OUTPUTS
+                                           and producer[n] != "Constant"):
                     names.add(n)
         out[q.name] = tuple(sorted(names))
     return out

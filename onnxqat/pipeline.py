@@ -36,7 +36,8 @@ from onnxqat import distributed
 from onnxqat.calibrate.runner import collect_statistics
 from onnxqat.calibrate.schemes import DEFAULT_PERCENTILE, Scheme, activation_encoding, weight_encoding
 from onnxqat.config import QuantSimConfig
-from onnxqat.encodings import ENCODINGS_FORMATS, MISSING, Binding, ParsedEncodings, SourceGraph, aimet_names, bind, dumps, to_aimet
+from onnxqat.encodings import (ENCODINGS_FORMATS, MISSING, Binding, ParsedEncodings, SourceGraph, aimet_names,
+                               aimet_param_names, bind, dumps, to_aimet)
 from onnxqat.errors import ConfigError, EncodingsError, ModelError
 from onnxqat.graph import const_array, name_of
 from onnxqat.io import load_model, save_model
@@ -47,7 +48,7 @@ from onnxqat.passes.canonicalize import canonical_passes
 from onnxqat.passes.elementwise import SubtractConstantAsAddPass
 from onnxqat.passes.fix_inputs import FixInputsPass
 from onnxqat.passes.float16 import Float16Record, Float16ToFloat32Pass, cast_interface, restore_float16
-from onnxqat.passes.fold_batchnorm import FoldAffinePass, FoldBatchNormPass
+from onnxqat.passes.fold_batchnorm import FoldAffinePass, FoldBatchNormPass, RescaleBatchNormPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.plan import ActivationQuantizer, QuantPlan
 from onnxqat.qparams import Encoding, compute_encoding
@@ -91,8 +92,14 @@ class Prepared:
 
 
 def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
-            fix_inputs: Mapping[str, Any] | None = None) -> Prepared:
+            fix_inputs: Mapping[str, Any] | None = None, fold_affine: bool = True,
+            rescale_batchnorm: bool = False) -> Prepared:
     """Load (if a path) and canonicalise a model; the caller's object or file is never modified.
+
+    ``fold_affine`` (with ``fold_batchnorm``) also folds a Mul/Add of constants after a Conv/Gemm
+    into it (:class:`~onnxqat.passes.fold_batchnorm.FoldAffinePass`; the ``aimet`` preset does not).
+    ``rescale_batchnorm`` writes each BatchNormalization left as scale and shift
+    (:class:`~onnxqat.passes.fold_batchnorm.RescaleBatchNormPass`, the ``aimet`` preset).
 
     ``fix_inputs`` makes those inputs constants and folds the control flow that then has a
     constant condition (:mod:`onnxqat.passes.fix_inputs`).
@@ -119,7 +126,10 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
     unfolded: Mapping[str, Reason] = {}
     if fold_batchnorm:
         unfolded = FoldBatchNormPass()(model).unfolded
-        FoldAffinePass()(model)
+        if fold_affine:
+            FoldAffinePass()(model)
+    if rescale_batchnorm:
+        RescaleBatchNormPass()(model)
     return Prepared(model, to_float32.record, unfolded)
 
 
@@ -575,8 +585,10 @@ def encodings_document(state: SimState, quantizer_args: Mapping[str, Any], exclu
             raise ConfigError("encodings_format='aimet-strict' needs the tensor names of the model the sim was "
                               "built from, and its file is gone or no longer an ONNX model")
         names = aimet_names(state.effective_plan, state.float_model, source)
+        param_names = aimet_param_names(state.effective_plan, state.float_model, source)
     return to_aimet(state.effective_plan, state.encodings, state.bias_scales(), version=version,
-                    quantizer_args=dict(quantizer_args), excluded_layers=sorted(excluded), names=names)
+                    quantizer_args=dict(quantizer_args), excluded_layers=sorted(excluded), names=names,
+                    param_names=param_names if encodings_format == "aimet-strict" else None)
 
 
 def export(

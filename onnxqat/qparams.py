@@ -212,7 +212,9 @@ def compute_encoding(
     on the signed grid, or ``max / (2^b - 1)`` on the unsigned grid when the range is non-negative
     and ``spec.unsigned_symmetric`` is set. With ``spec.symmetric_scale == "aimet"`` the signed
     symmetric scale is ``max(-min / 2^(b-1), max / (2^(b-1) - 1))`` instead (aimet-onnx's: the most
-    negative value may reach ``-2^(b-1)``). Per-channel when ``min_val`` is 1-d.
+    negative value may reach ``-2^(b-1)``), and the asymmetric offset is aimet-onnx's
+    ``round(min / delta)`` with ``delta`` in double precision, half away from zero. Per-channel when
+    ``min_val`` is 1-d.
 
     >>> e = compute_encoding(-1.0, 3.0, QuantSpec(bitwidth=8))
     >>> float(e.scale), int(e.zero_point), e.aimet_offset.item()
@@ -243,7 +245,13 @@ def compute_encoding(
             scale, np.zeros(lo.shape, np.int64), b, True, True, spec.strict_symmetric, axis
         )
     scale = _floor_scale((hi - lo) / ((1 << b) - 1))
-    zp = -np.rint(lo / scale.astype(np.float64)).astype(np.int64)
+    if spec.symmetric_scale == "aimet":
+        # aimet-onnx's offset: round(min / delta), delta in double precision, half away from zero
+        # (the float32 scale puts min = -1, max = 1 at -127.49999 instead of -127.5)
+        ratio = lo / np.where(hi > lo, (hi - lo) / ((1 << b) - 1), 1.0)
+        zp = -(np.sign(ratio) * np.floor(np.abs(ratio) + 0.5)).astype(np.int64)
+    else:
+        zp = -np.rint(lo / scale.astype(np.float64)).astype(np.int64)
     zp = np.clip(zp, 0, (1 << b) - 1)
     return Encoding(scale, zp, b, False, False, False, axis)
 

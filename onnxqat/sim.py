@@ -114,7 +114,9 @@ class QuantizationSimModel:
             cfg = cfg.with_overrides(per_channel_quantization=bool(per_channel))
         self.config = cfg
         self._source = model  # its tensor names: encodings made for it (AIMET's) name them
-        prepared = pipeline.prepare(model, fold_batchnorm=fold_batchnorm, fix_inputs=fix_inputs)
+        prepared = pipeline.prepare(model, fold_batchnorm=fold_batchnorm, fix_inputs=fix_inputs,
+                                    fold_affine=cfg.fold_affine,
+                                    rescale_batchnorm=cfg.quantize_standalone_batchnorm)
         self.float16 = prepared.float16
         # config names that match nothing are errors here too, not only in the CLI (which checks
         # them before loading); against the simulated graph, whose nodes the rules apply to

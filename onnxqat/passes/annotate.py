@@ -33,6 +33,15 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
 9. All float inputs and the output of a Concat share one quantizer (a derived quantizer tied so
    becomes a calibrated one).
 
+The config's placement switches (``defaults`` keys, set in the ``aimet`` preset) change rules 6-8
+to aimet-onnx 2.42's: ``derive_rescale`` false calibrates a Mul/Div by a scalar on its own,
+``integer_forms`` false leaves HardSigmoid/HardSwish as they are, ``tie_branching_concat_inputs``
+false leaves out of rule 9 a Concat input that another op reads too, ``symmetric_dynamic_weights``
+makes the quantizer of a non-constant weight input (attention) symmetric, and ``quantize_constant_inputs``
+gives every float constant an op reads its own quantizer calibrated on its values, except the
+inputs aimet-onnx takes as parameters (:data:`AIMET_PARAM_INPUTS`, a MatMul's weight, the bias of
+a MatMul+Add group) and Resize's scales; such an op is no float island of rule 7 then.
+
 Every float tensor left unquantized gets its :class:`~onnxqat.ops.Reason` in ``plan.skipped``: a
 stable ``rule_id`` (:data:`PLACEMENT_RULES`) and the readable detail naming the node.
 """
@@ -52,7 +61,15 @@ from onnxqat.plan import ActivationQuantizer, BiasQuantizer, IntegerForm, Linear
 from onnxqat.spec import QuantSpec
 from onnxqat.target import Target, resolve_target
 
-__all__ = ["PLACEMENT_RULES", "annotate", "weight_channel_axis", "weight_input_index"]
+__all__ = ["AIMET_PARAM_INPUTS", "PLACEMENT_RULES", "annotate", "weight_channel_axis", "weight_input_index"]
+
+# Inputs aimet-onnx 2.42 takes as parameters of an op (its connected graph's weights, biases and
+# norm statistics, quantized by its param rules, not as activations): op type -> input indices.
+AIMET_PARAM_INPUTS: Mapping[str, tuple[int, ...]] = types.MappingProxyType({
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "BatchNormalization": (1, 2, 3, 4),
+    "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2), "GroupNormalization": (1, 2),
+    "RMSNormalization": (1,), "RNN": (1, 2, 3), "LSTM": (1, 2, 3), "GRU": (1, 2, 3),
+})
 
 # Rule id -> what it means; every Reason in ``plan.skipped`` has one of these ids (or a ``kernel.*``
 # id of :mod:`onnxqat.ops`, or ``finalize.bias_overflow`` from :func:`onnxqat.pipeline.finalize`).
@@ -353,6 +370,8 @@ class _Annotator:
         return ops.rule(node.op_type, node.domain).kind is ops.OpKind.DATA_MOVEMENT
 
     def float_elementwise(self, node: ir.Node) -> bool:
+        if self.config.quantize_constant_inputs:
+            return False  # its constants are quantized like any input
         return ops.rule(node.op_type, node.domain).kind is ops.OpKind.ELEMENTWISE and any(
             is_constant(v) for v in node.inputs
         )
@@ -392,8 +411,12 @@ class _Annotator:
         for node in self.nodes:
             self.visit_outputs(node, interior, demand)
 
+        if self.config.quantize_constant_inputs:
+            self.quantize_constant_inputs()
         self.quantize_constants()
         self.tie_concats()
+        if self.config.symmetric_dynamic_weights:
+            self.symmetric_dynamic_weights()
         activations = self.activation_quantizers()
         by_tensor = {t: q.name for q in activations for t in q.tensors}
         params, biases = self.params(by_tensor)
@@ -483,6 +506,8 @@ class _Annotator:
 
     def derive(self, node: ir.Node, out: ir.Value, overridden: bool) -> bool:
         """Rule 6: a Mul/Div by a positive scalar of a quantized tensor reads its integers."""
+        if not self.config.derive_rescale:
+            return False
         factor = ops.rescale_factor(node)
         if factor is None or overridden or out is not node.outputs[0]:
             return False
@@ -495,6 +520,8 @@ class _Annotator:
 
     def integer_form(self, node: ir.Node, out: ir.Value, demand: dict[str, str]) -> bool:
         """Rule 8: HardSigmoid/HardSwish (PRelu) of a quantized uint8 tensor as integer kernels."""
+        if not self.config.integer_forms:
+            return False
         if node.op_type == "PRelu":
             return self.prelu_form(node, out)
         found = ops.integer_form(node)
@@ -527,6 +554,27 @@ class _Annotator:
         self.new_group(name_of(out), spec)
         self.forms.append(IntegerForm(name_of(node), node.op_type, 0.0, 0.0, name_of(data), name_of(out)))
         return True
+
+    def quantize_constant_inputs(self) -> None:
+        """Every float constant an op reads gets its own quantizer, calibrated on its values (the
+        default activation spec), but for aimet-onnx's parameters and Resize's scales."""
+        for node in self.nodes:
+            if self.excluded(node) or node.op_type == "Resize":
+                continue
+            params = set(AIMET_PARAM_INPUTS.get(node.op_type, ()))
+            weight = weight_input_index(node)
+            if weight is not None:
+                params.add(weight)
+            if node.op_type == "Add":
+                out = name_of(node.outputs[0])
+                start = self.chain_start.get(self.chain_end.get(out, out))
+                if start is not None and start.op_type == "MatMul" and start.outputs[0] in node.inputs:
+                    params.update(range(len(node.inputs)))  # the bias of MatMul+Add (aimet's MatmulAdd pass)
+            for index, value in enumerate(node.inputs):
+                if (value is None or index in params or not is_float(value) or not is_constant(value)
+                        or self.quantized(name_of(value))):
+                    continue
+                self.new_group(name_of(value), self.act_spec(None))
 
     def quantize_constants(self) -> None:
         """Constants of Add/Sub/Mul whose data input and output are quantized get quantizers."""
@@ -561,6 +609,8 @@ class _Annotator:
                 if not is_float(value):
                     continue
                 assert value is not None
+                if not self.config.tie_branching_concat_inputs and self.branches(value, node):
+                    continue  # aimet-onnx ties only an input no other op reads
                 if not self.quantized(name_of(value)):
                     if is_constant(value):
                         self.new_group(name_of(value), self.group_spec[self.groups.find(name_of(out))])
@@ -570,6 +620,46 @@ class _Annotator:
                 self.underive(name_of(value))
                 self.groups.union(name_of(out), name_of(value))
             self.shared_by.setdefault(name_of(out), []).append(name_of(node))
+
+    def branches(self, value: ir.Value, reader: ir.Node) -> bool:
+        """Whether aimet-onnx 2.42 leaves a Concat's input on its own grid: another op reads it, or
+        reads a tensor on its way up through ops whose outputs it never quantizes (a Split's other
+        output, ...), or it is the output of a tied op (Relu, Resize, ...) that reuses its input's
+        grid (aimet-onnx ties those after the Concat, and they win)."""
+        from onnxqat.encodings import AIMET_UNQUANTIZED_OUTPUTS
+
+        below = reader
+        while True:
+            if any(use.node is not below for use in value.uses()):
+                return True
+            producer = value.producer()
+            if producer is None or not producer.inputs or producer.inputs[0] is None:
+                return False
+            source = producer.inputs[0]
+            if producer.op_type in self.config.tied_op_types:
+                return (self.quantized(name_of(source)) and self.quantized(name_of(value))
+                        and self.groups.find(name_of(source)) == self.groups.find(name_of(value)))
+            if producer.op_type not in AIMET_UNQUANTIZED_OUTPUTS:
+                return False
+            if any(out is not value and out.uses() for out in producer.outputs):
+                return True
+            below, value = producer, source
+
+    def symmetric_dynamic_weights(self) -> None:
+        """The quantizer of a Conv/ConvTranspose/Gemm/MatMul's weight input that is no constant (an
+        attention's keys and values) takes the weights' symmetry, as aimet-onnx 2.42 does."""
+        for node in self.nodes:
+            if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
+                continue
+            weight = node.inputs[1]
+            if weight is None or is_constant(weight) or not self.quantized(name_of(weight)):
+                continue
+            _, symmetric = self.config.param_rule(node.op_type, "weight")
+            root = self.groups.find(name_of(weight))
+            for tensor, spec in list(self.group_spec.items()):
+                if self.groups.find(tensor) == root:
+                    self.group_spec[tensor] = spec.replace(symmetric=symmetric,
+                                                           strict_symmetric=symmetric and self.config.strict_symmetric)
 
     def activation_quantizers(self) -> tuple[ActivationQuantizer, ...]:
         members: dict[str, list[str]] = {}
@@ -627,6 +717,13 @@ class _Annotator:
                 linear_bias = add.inputs[at]
                 assert linear_bias is not None
                 bias_candidates.append((node, linear_bias, weight))
+        if self.config.quantize_standalone_batchnorm:
+            for node in self.nodes:
+                if node.op_type == "BatchNormalization" and not self.excluded(node):
+                    scale = node.inputs[1] if len(node.inputs) > 1 else None
+                    if scale is not None and is_float(scale) and is_constant(scale) and scale.name not in weights:
+                        weights[name_of(scale)] = ParamQuantizer(name_of(scale), self.batchnorm_spec(node),
+                                                                 (name_of(node),))
 
         biases = []
         for node, bias, weight in bias_candidates:
@@ -639,6 +736,14 @@ class _Annotator:
             adder = name_of(self.linears[name_of(node)][0]) if node.name in self.linears else name_of(node)
             biases.append(BiasQuantizer(name_of(bias), adder, by_tensor[name_of(data)], name_of(weight)))
         return list(weights.values()), biases
+
+    def batchnorm_spec(self, node: ir.Node) -> QuantSpec:
+        """A standalone BatchNormalization's scale, as aimet-onnx 2.42 quantizes it: per tensor, at
+        least 8 bits, symmetric only from 16 bits."""
+        override = self.config.nodes.get(name_of(node))
+        bw = max(override.param_bw if override is not None and override.param_bw is not None else self.param_bw, 8)
+        return QuantSpec(bitwidth=bw, symmetric=bw >= 16, strict_symmetric=False, unsigned_symmetric=False,
+                         symmetric_scale=self.config.symmetric_scale)
 
     def param_spec(self, node: ir.Node, weight: ir.Value, index: int, symmetric: bool) -> QuantSpec:
         bw = self.param_bw

@@ -23,11 +23,11 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, const_array, is_constant, make_initializer, name_of
+from onnxqat.graph import NameScope, const_array, is_constant, make_initializer, name_of, require_const
 from onnxqat.ops import Reason
 from onnxqat.passes import TypedInPlacePass
 
-__all__ = ["FoldAffinePass", "FoldAffineResult", "FoldBatchNormPass", "FoldBatchNormResult"]
+__all__ = ["FoldAffinePass", "FoldAffineResult", "FoldBatchNormPass", "FoldBatchNormResult", "RescaleBatchNormPass"]
 
 
 @dataclasses.dataclass
@@ -60,6 +60,38 @@ class FoldBatchNormPass(TypedInPlacePass[FoldBatchNormResult]):
             _fold(graph, names, producer, bn)
             result.modified = True
         return result
+
+
+class RescaleBatchNormPass(ir.passes.InPlacePass):
+    """Every BatchNormalization left (inference mode, constant parameters) computes
+    ``x * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``: its scale and bias become
+    those (float32, in aimet-onnx 2.42's order of operations), mean 0, variance 1, epsilon 0, so
+    the scale is the multiplier a quantizer can hold (the ``aimet`` preset quantizes it). A
+    parameter read elsewhere too is copied, never changed."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        names = NameScope(model)
+        modified = False
+        for bn in list(model.graph):
+            if (bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx")
+                    or int(_attr(bn, "training_mode", 0)) != 0 or len(bn.inputs) < 5
+                    or not all(is_constant(v) for v in bn.inputs[1:5])):
+                continue
+            gamma, beta, mean, var = (require_const(v) for v in bn.inputs[1:5])
+            eps = float(_attr(bn, "epsilon", 1e-5))
+            scale = gamma * np.reciprocal(np.sqrt(var + eps))
+            new = (scale, beta - mean * scale, np.zeros_like(scale), np.ones_like(scale))
+            for index, array in enumerate(new, start=1):
+                value = bn.inputs[index]
+                assert value is not None
+                if len(value.uses()) == 1 and not value.is_graph_output() and value.name in model.graph.initializers:
+                    value.const_value = ir.Tensor(array.astype(gamma.dtype), name=value.name)
+                else:
+                    fresh = make_initializer(model.graph, names.fresh(value.name or "bn"), array.astype(gamma.dtype))
+                    bn.replace_input_with(index, fresh)
+            bn.attributes["epsilon"] = ir.AttrFloat32("epsilon", 0.0)
+            modified = True
+        return ir.passes.PassResult(model, modified)
 
 
 def _attr(node: ir.Node, name: str, default: float | int) -> float | int:
