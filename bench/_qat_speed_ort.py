@@ -14,7 +14,7 @@ trainer per batch size, built (``trainer.predict`` on the first batch: graph, ar
 canary step) before any timing. A timed step is ``trainer.step(batch)``: forward + backward
 (returns loss and logits as numpy), ``optimizer.step()`` and the gradient reset, plus the
 trainer's check of the batch against the model inputs (validation, labels as int64): 0.28 ms
-of a 626 ms step at batch 32 when measured on a loaded machine (bench/results/types.md). The
+of a 626 ms step at batch 32 when measured on a loaded machine (BENCHMARKS.md, section 4). The
 batches are dicts of arrays built beforehand, which is not timed.
 
 ``--once VARIANT BATCH`` times one variant and prints the median.

@@ -373,7 +373,7 @@ def round_weights(state: Any, stats: Mapping[str, LayerStats], method: Rounding 
     corrects the bias for the input's mean shift too). All layers are rounded from one pass of
     statistics, so with ``"float"`` each layer also absorbs upstream errors that the upstream
     layers correct themselves: on MTCNN's P-Net at W4A8 that doubled correction cost 19 points
-    of top-1 (bench/results/ptq.md). ``centered``: where
+    of top-1 (BENCHMARKS.md, "PTQ accuracy", evening run). ``centered``: where
     the layer's bias is corrected afterwards, minimise the error's variance rather than its
     second moment. The report holds the minimised error before and after (with the float target,
     relative to that of the float weights on the simulated input, so it can be negative)."""

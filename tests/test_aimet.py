@@ -384,7 +384,7 @@ def test_round_trip_with_aimet_onnx_on_a_paddleocr_model_is_strict_and_within_1_
     applied, and aimet-onnx loads onnxqat's ``aimet-strict`` export with ``strict=True``. Each
     quantized tensor, computed from the other sim's quantized inputs, is within 1 LSB of it (end to
     end the two drift apart: aimet-onnx rounds ``x / scale - offset`` half up, QuantizeLinear half
-    to even; see bench/results/aimet.md)."""
+    to even; see BENCHMARKS.md, "AIMET round trip")."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import zoo
 

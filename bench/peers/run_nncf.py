@@ -27,7 +27,7 @@ def main() -> None:
     p = rc.parser("NNCF")
     p.add_argument("--subset-size", type=int, default=0, help="0: all calibration samples")
     p.add_argument("--no-bias-correction", action="store_true")
-    # ablations of NNCF's defaults (bench/results/ptq.md measures each)
+    # ablations of NNCF's defaults (BENCHMARKS.md, "NNCF 3.4's ONNX PTQ defaults", measures each)
     p.add_argument("--overflow-fix", choices=["default", "enable", "first_layer_only", "disable"], default="default",
                    help="NNCF's default for target device ANY is first_layer_only (first convs' weights at 7 bits)")
     p.add_argument("--activation-range", choices=["default", "minmax", "mean_minmax"], default="default",

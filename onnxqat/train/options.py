@@ -19,7 +19,7 @@ MIN_STEPS = 50
 TARGET_STEPS = 300
 MAX_DEFAULT_EPOCHS = 20
 # AdamW's default learning rate with activations of 8 bits and more, and how it grows per
-# activation bit below 8 (see default_lr); bench/results/qat.md has the runs these come from.
+# activation bit below 8 (see default_lr); BENCHMARKS.md ("QAT on real models", evening run) has the runs these come from.
 LR_8BIT = 1e-5
 LR_GROWTH_PER_BIT = 2.0
 
