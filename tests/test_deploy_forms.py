@@ -403,10 +403,10 @@ def test_prelu_is_an_integer_form_within_one_lsb_of_the_float_op(slopes):
     assert (form.op_type, form.node, form.input, form.output) == ("PRelu", "prelu", "c1", "p")
     sim_ops = [n.op_type for n in sim.sim_ir().graph]
     assert "PRelu" not in sim_ops and sim_ops.count("Conv") == 2 + (2 if slopes == "mixed" else 1)
-    inserter = InsertQDQPass(sim.effective_plan, sim.encodings, fold_weights=False)
-    sim_model = inserter(sim.float_model).model
+    inserted = InsertQDQPass(sim.effective_plan, sim.encodings, fold_weights=False)(sim.float_model)
+    sim_model = inserted.model
     values = {v.name: v for n in sim_model.graph for v in n.outputs}
-    sim_model.graph.outputs.extend([values[inserter.sites["c1"]], values[inserter.sites["p"]]])
+    sim_model.graph.outputs.extend([values[inserted.sites["c1"]], values[inserted.sites["p"]]])
     c1, p = Session(sim_model).run({"x": x})[1:]
     a = slope.reshape(1, 6, 1, 1).astype(np.float64)
     enc = sim.encodings["p"]

@@ -89,8 +89,7 @@ class InsertQDQResult(ir.passes.PassResult):
 class InsertQDQPass(TypedFunctionalPass[InsertQDQResult]):
     """Return a copy of the model with Q/DQ pairs for every quantizer of ``plan``.
 
-    The result (:class:`InsertQDQResult`) tells where each quantizer went; after a call, the
-    pass's ``sites`` holds the same map as the result's.
+    The result (:class:`InsertQDQResult`) tells where each quantizer went (``sites``).
     """
 
     def __init__(
@@ -103,13 +102,11 @@ class InsertQDQPass(TypedFunctionalPass[InsertQDQResult]):
         self.plan = plan
         self.encodings = encodings
         self.fold_weights = fold_weights
-        self.sites: dict[str, str] = {}
 
     def call(self, model: ir.Model) -> InsertQDQResult:
         model = model.clone()
         inserter = _Inserter(model, self.plan, self.encodings, self.fold_weights)
         inserter.run()
-        self.sites = inserter.sites
         return InsertQDQResult(model, modified=True, sites=dict(inserter.sites), folded_weights=dict(inserter.folded))
 
 
