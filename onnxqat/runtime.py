@@ -86,6 +86,9 @@ class Session:
             sessions run once, such as calibration's, can go without it.
         device: "cpu", or "cuda" for onnxruntime's CUDA provider (an error when the installed
             runtime has none; see :func:`onnxqat.backend.providers`).
+        spin: Let idle intra-op threads spin between runs (onnxruntime's default). Off for
+            sessions run one after another (segments): one session's spinning threads would
+            compete with the next one's.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Session:
         follow_node_order: bool = False,
         share_constants: bool = True,
         device: str = "cpu",
+        spin: bool = True,
     ) -> None:
         execution = providers(device)
         options = ort.SessionOptions()
@@ -108,6 +112,8 @@ class Session:
             options.intra_op_num_threads = threads
         if follow_node_order:
             options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._tmpdir: str | None = None
         if isinstance(model, onnx.ModelProto):
             payload: Any = model.SerializeToString()

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,13 +33,7 @@ from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.plan import QuantPlan
 from onnxqat.qparams import Encoding
-from onnxqat.backend import providers
-from onnxqat.runtime import fits_in_proto, ort, save_with_external_data
-
-try:
-    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NotImplementedError_
-except ImportError:  # pragma: no cover - the class is part of every onnxruntime build
-    NotImplementedError_ = RuntimeError
+from onnxqat.runtime import Session
 
 __all__ = ["Switchable"]
 
@@ -69,27 +60,7 @@ def _session(model: ir.Model, device: str) -> Any:
     """An onnxruntime session of ``model`` (every optimization, fused integer kernels) whose
     threads do not spin between runs: segments run one after the other, and the idle threads of
     one session would spin against the next one's."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    folder = None
-    try:
-        if fits_in_proto(model):
-            payload: Any = ir.to_proto(model).SerializeToString()
-        else:
-            folder = tempfile.mkdtemp(prefix="onnxqat-switch-")
-            payload = os.path.join(folder, "segment.onnx")
-            save_with_external_data(model, payload, "segment.onnx.data")
-        try:
-            return ort.InferenceSession(payload, options, providers=providers(device))
-        except NotImplementedError_:
-            # as onnxqat.runtime.Session: onnxruntime 1.19 has no kernel for opset-21 QLinearMatMul
-            return ort.InferenceSession(payload, options, providers=providers(device),
-                                        disabled_optimizers=["QDQSelectorActionTransformer"])
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+    return Session(model, spin=False, device=device).session
 
 
 # ops onnxruntime fuses into the node before them (Conv + Add + Relu ...): never cut in between
