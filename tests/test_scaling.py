@@ -22,7 +22,7 @@ from onnxqat import QuantizationSimModel
 from onnxqat.calibrate import runner
 from onnxqat.calibrate.observers import MinMaxObserver
 from onnxqat.calibrate.schemes import Scheme
-from onnxqat.graph import values_by_name
+from onnxqat.graph import NameScope, values_by_name
 from onnxqat.runtime import Session
 
 WIDTH = 8
@@ -69,6 +69,24 @@ def test_statistics_model_gathers_bounds_beside_their_producers():
             before = next(j for j in range(i - 1, -1, -1) if graph.node[j].op_type not in added)
             assert producer_of[node.input[0]] == before
     assert all(n.op_type != "Concat" or len(n.input) <= runner._FAN_IN for n in graph.node)
+
+
+@pytest.mark.parametrize("count", [1, 2, 15, 16, 17, 200, 255, 256, 257, 300, 4097])
+def test_bound_gatherer_concats_at_most_fan_in_inputs_in_order(count):
+    """Every bound count gives Concats of at most _FAN_IN inputs whose flattened leaves are the
+    bounds in the order they were added (a leftover of up to _FAN_IN - 1 per level included)."""
+    gatherer = runner._BoundGatherer(NameScope(ir.from_proto(chain(3))), "bounds")
+    emitted: list = []
+    for i in range(count):
+        gatherer.add(f"b{i}", (f"t{i}", False), emitted)
+    out = gatherer.finish(emitted)
+    assert all(len(op.inputs) <= runner._FAN_IN for op in emitted)
+    made = {op.output: op.inputs for op in emitted}
+
+    def leaves(name):
+        return [leaf for child in made[name] for leaf in leaves(child)] if name in made else [name]
+
+    assert leaves(out) == [f"b{i}" for i in range(count)]
 
 
 class _UnoptimizedSession(Session):

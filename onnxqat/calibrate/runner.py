@@ -153,6 +153,9 @@ class _BoundGatherer:
     def finish(self, emitted: list[_Op]) -> str:
         """The output holding every bound (higher levels hold the earlier bounds)."""
         rest = [v for level in reversed(self.levels) for v in level]
+        while len(rest) > _FAN_IN:  # up to _FAN_IN - 1 left per level: gather them in order, _FAN_IN at a time
+            rest = [self._concat(rest[i:i + _FAN_IN], emitted) if len(rest[i:i + _FAN_IN]) > 1 else rest[i]
+                    for i in range(0, len(rest), _FAN_IN)]
         return rest[0] if len(rest) == 1 else self._concat(rest, emitted)
 
 
