@@ -127,6 +127,34 @@ def test_an_op_nothing_decomposes_is_refused_before_any_work(monkeypatch):
     assert message.count("freeze the parameters") == 1
 
 
+def test_cross_entropy_over_the_last_axis_of_a_sequence_after_the_opset_upgrade():
+    """A Softmax(axis=2) of [N, T, C] logits below opset 13 (PaddleOCR's recognizers) comes out of
+    the opset upgrade as Reshape(Softmax(Flatten(x, axis=2)), Shape(x)) when the logits' shape is
+    unknown: the loss still takes classes on the last axis, and equals numpy's cross-entropy of the
+    logits it reports, averaged over every frame."""
+    rng = np.random.default_rng(7)
+    t, c, d = 5, 7, 4
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Shape", ["a"], ["s"]), helper.make_node("Flatten", ["a"], ["f"], axis=2),
+             helper.make_node("Softmax", ["f"], ["p"], axis=-1), helper.make_node("Reshape", ["p", "s"], ["y"])]
+    model = make_model(nodes, [tensor("x", ["N", "T", d])], [tensor("y", ["N", "T", c])],
+                       {"w": rng.normal(size=(d, c)).astype(f32), "b": rng.normal(size=(c,)).astype(f32)})
+    sim = QuantizationSimModel(model)
+    x = rng.normal(size=(8, t, d)).astype(f32)
+    sim.compute_encodings([{"x": x}], progress=False)
+    assert [n.op_type for n in sim.float_model.graph][-2:] == ["Softmax", "Reshape"]
+    labels = rng.integers(0, c, size=(8, t))
+    with sim.trainer(loss="cross_entropy", lr=1e-4) as trainer:
+        result = trainer.step({"x": x, "label": labels})
+        assert trainer.graph.class_axis == 2
+    logits = result.prediction.astype(np.float64)
+    assert logits.shape == (8, t, c)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(log_p, labels[..., None], -1).mean()
+    assert result.loss == pytest.approx(expected, rel=1e-5)
+
+
 def test_batches_of_another_shape():
     sim = QuantizationSimModel(pooled_conv(), per_channel=True)
     rng = np.random.default_rng(4)

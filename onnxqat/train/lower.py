@@ -670,6 +670,31 @@ class LossSource:
     softmax: bool
 
 
+def _flattened_softmax(node: ir.Node | None) -> ir.Value | None:
+    """``x`` of ``Reshape(Softmax(Flatten(x, axis=r-1), axis=-1), Shape(x))``, the form onnx's
+    version converter gives a Softmax over the last axis of a rank-r tensor when it upgrades a
+    model below opset 13 (PaddleOCR's recognizers: [N, T, C]); None for anything else."""
+    if node is None or node.op_type != "Reshape" or len(node.inputs) < 2:
+        return None
+    inner, shape = node.inputs[0].producer() if node.inputs[0] else None, node.inputs[1]
+    if inner is None or inner.op_type not in ("Softmax", "LogSoftmax") or not inner.inputs or inner.inputs[0] is None:
+        return None
+    attr = inner.attributes.get("axis")
+    flatten = inner.inputs[0].producer()
+    if (attr is not None and attr.as_int() not in (-1, 1)) or flatten is None or flatten.op_type != "Flatten":
+        return None
+    x = flatten.inputs[0]
+    of = shape.producer() if shape is not None else None
+    if (x is None or x.shape is None or of is None or of.op_type != "Shape" or of.inputs[0] is not x
+            or "start" in of.attributes or "end" in of.attributes):
+        return None
+    along = flatten.attributes.get("axis")
+    rank = len(x.shape)
+    if along is None or along.as_int() % rank != rank - 1:
+        return None  # a softmax over several trailing axes: no single class axis
+    return x
+
+
 def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
     """Find what the loss is computed on; raises :class:`ModelError` for unusable outputs."""
     outputs = model.graph.outputs
@@ -680,7 +705,10 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
     value: ir.Value | None = output
     softmax, axis = False, -1
     producer = output.producer()
-    if producer is not None and producer.op_type in ("Softmax", "LogSoftmax") and loss.kind != "mse":
+    flattened = _flattened_softmax(producer) if loss.kind != "mse" else None
+    if flattened is not None:
+        value, softmax, axis = flattened, True, -1
+    elif producer is not None and producer.op_type in ("Softmax", "LogSoftmax") and loss.kind != "mse":
         value, softmax = producer.inputs[0], True
         attr = producer.attributes.get("axis")
         axis = attr.as_int() if attr is not None else -1
