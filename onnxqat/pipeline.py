@@ -579,7 +579,8 @@ def encodings_document(state: SimState, quantizer_args: Mapping[str, Any], exclu
     """
     if encodings_format not in ENCODINGS_FORMATS:
         raise ConfigError(f"encodings_format must be one of {ENCODINGS_FORMATS}, got {encodings_format!r}")
-    names = None
+    names: dict[str, tuple[str, ...]] | None = None
+    param_names: dict[str, str] | None = None
     if encodings_format == "aimet-strict":
         if source is None:
             raise ConfigError("encodings_format='aimet-strict' needs the tensor names of the model the sim was "
@@ -588,7 +589,7 @@ def encodings_document(state: SimState, quantizer_args: Mapping[str, Any], exclu
         param_names = aimet_param_names(state.effective_plan, state.float_model, source)
     return to_aimet(state.effective_plan, state.encodings, state.bias_scales(), version=version,
                     quantizer_args=dict(quantizer_args), excluded_layers=sorted(excluded), names=names,
-                    param_names=param_names if encodings_format == "aimet-strict" else None)
+                    param_names=param_names)
 
 
 def export(
