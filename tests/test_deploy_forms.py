@@ -460,3 +460,41 @@ def test_prelu_without_channels_on_axis_1_stays_float():
     sim = calibrated(model, rng.normal(size=(16, 8)).astype(f32))
     assert sim.plan.integer_forms == ()
     assert "PRelu" in [n.op_type for n in sim.sim_ir().graph]
+
+
+def conv_bias_add_bn_model(op="Conv"):
+    """Conv -> Add(bias) -> BatchNormalization -> Relu -> Conv: the BatchNorm folds only after the Add
+    (PP-OCRv4 det's ConvTranspose -> Add -> BatchNorm)."""
+    c = 5
+    bn = {"g": (rng.uniform(0.5, 2, c)).astype(f32), "b": weights(c), "m": weights(c), "v": rng.uniform(0.5, 2, c).astype(f32)}
+    w1 = weights(3, c, 3, 3) if op == "ConvTranspose" else weights(c, 3, 3, 3)
+    nodes = [helper.make_node(op, ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c1", "d"], ["a1"], name="bias"),
+             helper.make_node("BatchNormalization", ["a1", "g", "b", "m", "v"], ["n1"], name="bn"),
+             helper.make_node("Relu", ["n1"], ["r1"], name="relu"), conv("conv2", "r1", "w2", "y")]
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 8, 8])],
+                      {"w1": w1, "d": weights(1, c, 1, 1), "w2": weights(4, c, 1, 1), **bn}, opset=14)
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_prepare_folds_a_batchnorm_after_a_bias_add_so_it_is_idempotent(op, tmp_path):
+    from onnxqat.pipeline import prepare
+
+    model = conv_bias_add_bn_model(op)
+    once = prepare(model).model
+    assert [n.op_type for n in once.graph] == [op, "Relu", "Conv"]
+    twice = prepare(once).model
+    assert [n.op_type for n in twice.graph] == [n.op_type for n in once.graph]
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32)
+    np.testing.assert_allclose(Session(once).run({"x": x})[0], float_run(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_sim_rebuilt_from_the_export_equals_the_sim(tmp_path):
+    """model.onnx + model.encodings give back the sim that wrote them (the deployed model's sim)."""
+    model = conv_bias_add_bn_model("ConvTranspose")
+    x = rng.normal(size=(16, 3, 8, 8)).astype(f32)
+    sim = calibrated(model, x)
+    paths = sim.export(tmp_path)
+    rebuilt = QuantizationSimModel(paths["float"], per_channel=True).load_encodings(paths["encodings"])
+    assert rebuilt.plan.summary() == sim.plan.summary()
+    np.testing.assert_array_equal(rebuilt.run({"x": x})[0], sim.run({"x": x})[0])
