@@ -485,14 +485,15 @@ def prelu_slope(node: ir.Node) -> np.ndarray | Reason:
     """The per-channel slope (``[C]`` float64) of a PRelu that deploys as its integer form
     (:func:`onnxqat.qparams.prelu_form_constants`), or why not (``form.prelu_*``).
 
-    Needs an input of known rank >= 3 with channels on axis 1 and a constant float slope of one
-    value per channel (``[C, 1, ...]`` or ``[1, C, 1, ...]``) or one value for all.
+    Needs an input of known rank >= 2 with channels on axis 1 and a constant float slope of one
+    value per channel (``[C, 1, ...]`` or ``[1, C, 1, ...]``; ``[C]`` for ``[N, C]``) or one value
+    for all.
     """
     if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return Reason("form.prelu_op", f"{node.op_type} '{node.name}' is not a PRelu")
     x, slope = node.inputs
     shape = x.shape if x is not None else None
-    if shape is None or len(shape) < 3 or not isinstance(shape[1], int):
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
         return Reason("form.prelu_rank", f"PRelu '{node.name}': the input is not [N, C, ...] with C known")
     if not _is_constant(slope):
         return Reason("form.prelu_slope_not_constant", f"PRelu '{node.name}': the slope is not a constant")

@@ -126,8 +126,16 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
     unfolded: Mapping[str, Reason] = {}
     if fold_batchnorm:
         unfolded = FoldBatchNormPass()(model).unfolded
-        if fold_affine:
-            FoldAffinePass()(model)
+        # Conv -> Add(bias) -> BatchNormalization: the BatchNorm only becomes foldable once the
+        # Add is folded, so fold again until nothing changes. Preparing an exported model.onnx then
+        # gives the graph its encodings were computed on (prepare is idempotent); PP-OCRv4 det's
+        # ConvTranspose -> Add -> BatchNorm otherwise came back BatchNorm-folded, its weight
+        # encodings applied to other weights (255 output steps from the deployed model).
+        while fold_affine and FoldAffinePass()(model).modified:
+            again = FoldBatchNormPass()(model)
+            unfolded = again.unfolded
+            if not again.modified:
+                break
     if rescale_batchnorm:
         RescaleBatchNormPass()(model)
     return Prepared(model, to_float32.record, unfolded)

@@ -455,8 +455,62 @@ def test_training_graph_lowers_prelu_as_deployed():
 
 def test_prelu_without_channels_on_axis_1_stays_float():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("PRelu", ["m", "slope"], ["y"], name="prelu")]
-    model = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 6])],
+    model = make_model(nodes, [tensor("x", ["N", 5, 8])], [tensor("y", ["N", 5, 6])],
                        {"w": weights(8, 6), "slope": np.full(6, 0.25, f32)})
-    sim = calibrated(model, rng.normal(size=(16, 8)).astype(f32))
+    sim = calibrated(model, rng.normal(size=(16, 5, 8)).astype(f32))
     assert sim.plan.integer_forms == ()
     assert "PRelu" in [n.op_type for n in sim.sim_ir().graph]
+
+
+def prelu_2d_model(slope):
+    """[N, C] PRelu between two Gemms (mtcnn's fully connected layers)."""
+    c = len(slope)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["m"], name="fc1"),
+             helper.make_node("PRelu", ["m", "slope"], ["p"], name="prelu"), helper.make_node("Gemm", ["p", "w2"], ["y"], name="fc2")]
+    return make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 4])],
+                      {"w1": weights(8, c), "b1": weights(c), "w2": weights(c, 4), "slope": np.asarray(slope, f32)})
+
+
+@pytest.mark.parametrize("slopes", sorted(SLOPES))
+def test_prelu_on_n_c_is_an_integer_form_within_one_lsb_of_the_float_op(slopes):
+    slope = np.asarray(SLOPES[slopes], f32)
+    x = rng.normal(size=(64, 8)).astype(f32) * 2
+    sim = calibrated(prelu_2d_model(slope), x)
+    (form,) = sim.plan.integer_forms
+    assert (form.op_type, form.input, form.output) == ("PRelu", "m", "p")
+    inserted = InsertQDQPass(sim.effective_plan, sim.encodings, fold_weights=False)(sim.float_model)
+    sim_model = inserted.model
+    assert "PRelu" not in [n.op_type for n in sim_model.graph]
+    values = {v.name: v for n in sim_model.graph for v in n.outputs}
+    sim_model.graph.outputs.extend([values[inserted.sites["m"]], values[inserted.sites["p"]]])
+    m, p = Session(sim_model).run({"x": x})[1:]
+    enc = sim.encodings["p"]
+    reference = np.clip(np.where(m > 0, m, slope.astype(np.float64) * m), float(enc.min), float(enc.max))
+    parts = prelu_form_constants(slope, sim.encodings["m"])
+    bound = 0.5 * float(enc.scale) * len(parts) + 0.5 * sum(float(part.grid_scale) for part in parts)
+    assert np.abs(p - reference).max() <= bound + 1e-6
+    # two parts round every element onto the output grid twice (x + t0 is requantized)
+    assert np.mean(np.abs(p - reference) <= 0.5 * float(enc.scale) + 1e-6) > (0.9 if len(parts) == 1 else 0.8)
+
+
+@pytest.mark.deploy
+@pytest.mark.parametrize("slopes", sorted(SLOPES))
+def test_prelu_on_n_c_deploys_on_integer_kernels_and_matches_the_sim(deploy_python, tmp_path, slopes):
+    x = rng.normal(size=(64, 8)).astype(f32) * 2
+    sim = calibrated(prelu_2d_model(SLOPES[slopes]), x)
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    parts = 2 if slopes == "mixed" else 1
+    assert "PRelu" not in ops and ops.get("QLinearConv") == parts and ops.get("QLinearAdd") == parts, ops
+    assert ops.get("DequantizeLinear") == 1 and ops.get("QuantizeLinear") == 1, ops  # the model's boundaries only
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    np.testing.assert_array_equal(got, sim.run({"x": x})[0])
+
+
+def test_training_graph_lowers_prelu_on_n_c_as_deployed():
+    x = rng.normal(size=(64, 8)).astype(f32) * 2
+    sim = calibrated(prelu_2d_model(SLOPES["mixed"]), x)
+    prediction = sim.trainer(loss="mse", target_key="t", lr=1e-3).predict({"x": x, "t": np.zeros((64, 4), f32)})
+    gap = np.abs(prediction - sim.run({"x": x})[0]) / output_lsb(sim)
+    assert gap.max() <= 2 + 1e-5 and np.mean(gap <= 1 + 1e-5) > 0.99

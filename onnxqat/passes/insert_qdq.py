@@ -308,13 +308,23 @@ class _Inserter:
         parts = prelu_form_constants(slope, self.encodings[in_q.name])
         channels, spatial = len(slope), len(x.shape) - 2
         base = self.base(form.output)
-        out = x
+        out, conv_in, flat = x, x, None
+        if spatial == 0:  # [N, C]: a 1-D convolution of the integers reshaped to [N, C, 1]
+            dq_x = x.producer()
+            assert dq_x is not None and dq_x.op_type == "DequantizeLinear"
+            x_scale, x_zero = dq_x.inputs[1], dq_x.inputs[2]
+            assert x_scale is not None and x_zero is not None
+            wide = make_initializer(self.graph, self.names.fresh(f"{base}_wide_shape"), np.array([0, channels, 1], np.int64))
+            flat = make_initializer(self.graph, self.names.fresh(f"{base}_flat_shape"), np.array([0, channels], np.int64))
+            conv_in = self.node("DequantizeLinear", [self.node("Reshape", [self.qvalues[form.input], wide], base),
+                                                     x_scale, x_zero], base)
+            spatial = 1
         for i, part in enumerate(parts):
             w = make_initializer(self.graph, self.names.fresh(f"{base}_slope{i}_quantized"),
                                  part.weight_q.reshape([channels, 1] + [1] * spatial))
             ws = make_initializer(self.graph, self.names.fresh(f"{base}_slope{i}_scale"), part.weight_scale)
             wz = make_initializer(self.graph, self.names.fresh(f"{base}_slope{i}_zero_point"), np.zeros(channels, np.int8))
-            conv = ir.Node("", "Conv", [x, self.node("DequantizeLinear", [w, ws, wz], base, axis=0)],
+            conv = ir.Node("", "Conv", [conv_in, self.node("DequantizeLinear", [w, ws, wz], base, axis=0)],
                            attributes=[ir.AttrInt64("group", channels), ir.AttrInt64s("kernel_shape", [1] * spatial)],
                            name=self.names.fresh(f"{base}_Conv"), num_outputs=1)
             conv.outputs[0].name = self.names.fresh(f"{base}_conv")
@@ -322,7 +332,10 @@ class _Inserter:
             grid = (make_initializer(self.graph, self.names.fresh(f"{base}_part{i}_scale"), np.array(part.grid_scale, np.float32)),
                     make_initializer(self.graph, self.names.fresh(f"{base}_part{i}_zero_point"),
                                      np.array(part.grid_zero_point, np.uint8)))
-            t = self.node("DequantizeLinear", [self.node("QuantizeLinear", [conv.outputs[0], *grid], base), *grid], base)
+            t_q = self.node("QuantizeLinear", [conv.outputs[0], *grid], base)
+            if flat is not None:
+                t_q = self.node("Reshape", [t_q, flat], base)
+            t = self.node("DequantizeLinear", [t_q, *grid], base)
             if i > 0:  # x + t0 onto the output's grid before the next sum
                 out = self.qdq(out, self.encodings[out_q.name], self.qparam_values(base, self.encodings[out_q.name]), base)
             out = self.node("Add", [out, t], base)
