@@ -346,7 +346,14 @@ def test_histogram_calibration_in_pieces_equals_the_whole_batch(monkeypatch, sch
         runs.append(len(next(iter(feed.values()))))
         return original_run(self, feed, outputs)
 
+    original_shrink = runner_module._run_and_shrink
+
+    def counting_shrink(session, feed, outputs):
+        runs.append(len(next(iter(feed.values()))))
+        return original_shrink(session, feed, outputs)
+
     monkeypatch.setattr(runner_module.Session, "run", counting)
+    monkeypatch.setattr(runner_module, "_run_and_shrink", counting_shrink)
     tensors = [t for q in plan.activations for t in q.tensors if t != "x"]
     outs = [_intermediates(ir.to_proto(model), tensors, b) for b in batches]
     per_sample = sum(v.nbytes for v in outs[0].values()) / 16

@@ -26,7 +26,7 @@ from onnxqat.errors import DataError
 from onnxqat.graph import NameScope, const_array, name_of, values_by_name
 from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.plan import QuantPlan
-from onnxqat.runtime import Session, fits_in_proto
+from onnxqat.runtime import Session, fits_in_proto, ort
 
 __all__ = ["collect_statistics"]
 
@@ -101,9 +101,25 @@ def _rows(feed: Mapping[str, np.ndarray]) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _pieces(feed: Mapping[str, np.ndarray], n: int, step: int) -> Iterator[dict[str, np.ndarray]]:
+def _pieces(feed: Mapping[str, np.ndarray], n: int, step: int) -> Iterator[tuple[dict[str, np.ndarray], bool]]:
+    """``(piece, last)`` along axis 0."""
     for start in range(0, n, step):
-        yield {k: (v[start:start + step] if np.ndim(v) else v) for k, v in feed.items()}
+        yield {k: (v[start:start + step] if np.ndim(v) else v) for k, v in feed.items()}, start + step >= n
+
+
+_SHRINK: Any = None
+
+
+def _run_and_shrink(session: Session, feed: Mapping[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """``session.run``, then onnxruntime returns the free regions of the session's arena to the
+    system: the bounds session and the fetching session take turns, so each gives back its peak
+    before the other runs (one of them at a time holds memory, not both)."""
+    global _SHRINK
+    if _SHRINK is None:
+        _SHRINK = ort.RunOptions()
+        _SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    results: list[np.ndarray] = session.session.run(names, {k: feed[k] for k in session.input_names}, _SHRINK)
+    return results
 
 
 class _HistogramFetcher:
@@ -123,7 +139,7 @@ class _HistogramFetcher:
             self._whole(feed, n)
             return
         if self.per_sample is None:  # one sample's run tells the bytes per sample (its outputs are dropped)
-            self._measure(self.session.run(next(_pieces(feed, n, 1)), self.names), 1)
+            self._measure(self.session.run(next(_pieces(feed, n, 1))[0], self.names), 1)
         assert self.per_sample is not None
         step = max(1, int(RUN_BUDGET // self.per_sample))
         if n <= step or not self._split(feed, n, step):
@@ -149,8 +165,10 @@ class _HistogramFetcher:
             self.bounds = stats, _statistics_session(self.model, stats, self.device)
         stats, session = self.bounds
         bound_of: dict[str, list[float]] = {t: [math.inf, -math.inf] for t in self.names}
-        for piece in _pieces(feed, n, step):
-            for (_, targets), value in zip(stats.fetches, session.run(piece, [name for name, _ in stats.fetches])):
+        outputs = [name for name, _ in stats.fetches]
+        for piece, last in _pieces(feed, n, step):
+            run = _run_and_shrink(session, piece, outputs) if last else session.run(piece, outputs)
+            for (_, targets), value in zip(stats.fetches, run):
                 assert not isinstance(targets, str)
                 for (tensor, upper), bound in zip(targets, value.reshape(-1).tolist()):
                     lo_hi = bound_of[tensor]
@@ -164,8 +182,8 @@ class _HistogramFetcher:
             assert isinstance(obs, HistogramObserver)
             batch = pending.setdefault(quantizer, HistogramBatch(obs))
             slots.append((batch, batch.begin(*bound_of[tensor])))
-        for piece in _pieces(feed, n, step):
-            results = self.session.run(piece, self.names)
+        for piece, last in _pieces(feed, n, step):
+            results = _run_and_shrink(self.session, piece, self.names) if last else self.session.run(piece, self.names)
             results.reverse()
             for batch, index in slots:
                 batch.add(index, results.pop())
