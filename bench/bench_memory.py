@@ -137,8 +137,97 @@ def worker_calib(spec: dict) -> dict:
     return out
 
 
+# Session options of the training module (``trainer._open``) per variant; "base" is onnxqat's own.
+VARIANTS = ("base", "noenv", "noarena", "nopattern", "noenv-nopattern", "memopt")
+
+
+def _patch_training_options(variant: str) -> None:
+    import onnxqat.train.sessions as sessions
+    import onnxqat.train.trainer as trainer_module
+
+    original = sessions.session_options
+
+    def options(threads: int | None = None) -> Any:
+        o = original(threads)
+        if "nopattern" in variant:
+            o.enable_mem_pattern = False
+        if variant == "noarena":
+            o.enable_cpu_mem_arena = False
+        if variant == "memopt":  # onnxruntime-training's recompute optimizer, probing every subgraph
+            o.add_session_config_entry("optimization.enable_memory_probe_recompute_config", "1:1")
+            o.log_severity_level = int(os.environ.get("QAT_MEM_LOG", "3"))
+        return o
+
+    trainer_module.session_options = options  # the module, not the evaluation sessions
+
+
+class _Batches:
+    def __init__(self, folder: str, limit: int) -> None:
+        self.files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".npz"))[:limit]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Any:
+        for path in self.files:
+            with np.load(path) as z:
+                yield {k: z[k] for k in z.files}
+
+
+def worker_train(spec: dict) -> dict:
+    import resource
+
+    import zoo
+    from onnxqat import QuantizationSimModel
+
+    out: dict[str, Any] = {**spec, "load_start": load(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    key = spec["key"]
+    if spec["mode"] == "infer":  # the float model alone in onnxruntime, one training batch
+        import onnxruntime as ort
+
+        first = next(iter(_Batches(os.path.join(DATA, key, "train"), 1)))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        session = ort.InferenceSession(str(zoo.fetch(key)), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        session.run(None, {k: first[k] for k in names})
+        out["peak_mib"] = _hwm_mib()
+        out["load_end"] = load()
+        return out
+    _patch_training_options(spec["variant"])
+    pbw, abw = SETTINGS[spec["setting"]]
+    sim = QuantizationSimModel(zoo.fetch(key), param_bw=pbw, activation_bw=abw, per_channel=True, quant_scheme="minmax")
+    sim.compute_encodings(list(zoo.feeds(key, _calib_data(key), batch_size=8)), progress=False)
+    out["before_train_mib"] = _hwm_mib()
+    _reset_hwm()
+    out["rss_at_start_mib"] = _rss_mib()
+    train = _Batches(os.path.join(DATA, key, "train"), spec["batches"])
+    options = dict(loss="distill", range_learning=spec["mode"] == "rl", threads=2, output_index=0, lr=1e-5,
+                   quantized=spec["mode"] != "float")
+    with sim.trainer(**options) as trainer:
+        t = time.time()
+        trainer.fit(train, epochs=1, progress=False)
+        out["fit_s"] = time.time() - t
+        out["epoch_s"] = trainer.history[0].seconds
+        out["steps"] = trainer.history[0].steps
+        out["train_only_mib"] = _hwm_mib()
+        out["canary_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+        first = next(iter(train))
+        step_s = []
+        for _ in range(spec.get("timed", 4)):  # steps timed one by one after the epoch (warm)
+            t = time.time()
+            trainer.step(first)
+            step_s.append(time.time() - t)
+        out["step_s"] = step_s
+        out["train_only_mib"] = max(out["train_only_mib"], _hwm_mib())
+    out["load_end"] = load()
+    return out
+
+
 def run_child(spec: dict, src: str) -> dict:
     env = dict(os.environ, PYTHONPATH=src)
+    if spec.get("variant") in ("noenv", "noarena", "noenv-nopattern"):
+        env["ONNXQAT_SHARED_ARENA"] = "0"
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "_worker", json.dumps(spec)],
                           capture_output=True, text=True, cwd=WORK, env=env)
     for line in proc.stdout.splitlines():
@@ -158,6 +247,24 @@ def cmd_calib(args: argparse.Namespace) -> None:
                 with open(args.results, "a") as f:
                     f.write(json.dumps(result) + "\n")
                 print(json.dumps(result), flush=True)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    os.makedirs(WORK, exist_ok=True)
+    src, commit = snapshot(args.ref)
+    for key in args.models.split(","):
+        specs = [{"kind": "train", "key": key, "mode": "infer", "setting": args.setting, "commit": commit[:12]}]
+        for rep in range(args.reps):
+            variants = args.variants.split(",")
+            for variant in variants if rep % 2 == 0 else variants[::-1]:
+                for mode in args.modes.split(","):
+                    specs.append({"kind": "train", "key": key, "mode": mode, "variant": variant, "setting": args.setting,
+                                  "batches": args.batches, "commit": commit[:12], "rep": rep})
+        for spec in specs:
+            result = run_child(spec, src)
+            with open(args.results, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(json.dumps(result), flush=True)
 
 
 def cmd_table(args: argparse.Namespace) -> None:
@@ -185,7 +292,7 @@ def main() -> None:
     warnings.simplefilter("ignore", RuntimeWarning)
     if len(sys.argv) > 2 and sys.argv[1] == "_worker":
         spec = json.loads(sys.argv[2])
-        result = worker_calib(spec)
+        result = worker_train(spec) if spec["kind"] == "train" else worker_calib(spec)
         print(json.dumps({"result": result}), flush=True)
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,10 +303,19 @@ def main() -> None:
     c.add_argument("--setting", default="w4a8", choices=sorted(SETTINGS))
     c.add_argument("--reps", type=int, default=2)
     c.add_argument("--results", default=os.path.join(WORK, "calib.jsonl"))
+    r = sub.add_parser("train")
+    r.add_argument("--ref", default="HEAD")
+    r.add_argument("--models", default="opennsfw")
+    r.add_argument("--setting", default="w4a8", choices=sorted(SETTINGS))
+    r.add_argument("--modes", default="float,fixed", help="float (quantized=False), fixed, rl")
+    r.add_argument("--variants", default="base,noenv,nopattern")
+    r.add_argument("--batches", type=int, default=4)
+    r.add_argument("--reps", type=int, default=1)
+    r.add_argument("--results", default=os.path.join(WORK, "train.jsonl"))
     t = sub.add_parser("table")
     t.add_argument("results")
     args = p.parse_args()
-    {"calib": cmd_calib, "table": cmd_table}[args.cmd](args)
+    {"calib": cmd_calib, "train": cmd_train, "table": cmd_table}[args.cmd](args)
 
 
 if __name__ == "__main__":
