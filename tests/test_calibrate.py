@@ -12,7 +12,7 @@ import pytest
 from conftest import random_batches, run_onnx, tiny_cnn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnxqat.calibrate.observers import HistogramObserver, MinMaxObserver
+from onnxqat.calibrate.observers import HistogramBatch, HistogramObserver, MinMaxObserver
 from onnxqat.calibrate.runner import collect_statistics
 from onnxqat.calibrate.schemes import Scheme, activation_encoding, sqnr_range, weight_encoding
 from onnxqat.config import load_config
@@ -287,3 +287,88 @@ def test_auto_on_a_graph_with_very_many_tensors_calibrates_with_minmax(monkeypat
     assert auto.scheme_choice is None
     forced = QuantizationSimModel(tiny_cnn(), quant_scheme="minmax").compute_encodings(calib, progress=False)
     assert all(auto.encodings[n].equals(forced.encodings[n]) for n in forced.encodings)
+
+
+def _histogram_state(obs):
+    return obs.counts.tolist(), obs.lo, obs.width, obs.min, obs.max, obs.nonfinite
+
+
+def test_histogram_batch_in_pieces_equals_whole_updates():
+    """One observer over several tensors per batch, ranges growing left and right (regrids), a
+    NaN/inf in a piece: binned in pieces then committed, the histogram equals whole updates'."""
+    rng = np.random.default_rng(3)
+    whole, pieces = HistogramObserver(bins=64), HistogramObserver(bins=64)
+    for batch in range(4):
+        tensors = [rng.normal(loc=batch * 3 - 4 * k, scale=1 + batch, size=(8, 50)).astype(np.float32) for k in range(3)]
+        tensors[1][2, 7], tensors[2][5, 1] = np.nan, np.inf
+        for t in tensors:
+            whole.update(t)
+        split = HistogramBatch(pieces)
+        finite = [t[np.isfinite(t)] for t in tensors]
+        slots = [split.begin(float(f.min()), float(f.max())) for f in finite]
+        for start in (0, 3, 4):  # pieces of 3, 1 and 4 rows, every tensor's piece per run
+            for slot, t in zip(slots, tensors):
+                split.add(slot, t[start:start + (3 if start == 0 else 1 if start == 3 else 4)])
+        assert split.spans_bounds()
+        split.commit()
+        assert _histogram_state(pieces) == _histogram_state(whole), batch
+    assert whole.nonfinite == 8 and whole.width > 0
+
+
+def test_histogram_batch_refuses_bounds_its_pieces_did_not_span():
+    obs = HistogramObserver(bins=16)
+    split = HistogramBatch(obs)
+    slot = split.begin(0.0, 2.0)  # a reduction that missed the largest value
+    split.add(slot, np.array([0.0, 1.0, 3.0], np.float32))
+    assert not split.spans_bounds()
+    with pytest.raises(ValueError, match="did not span"):
+        split.commit()
+    assert obs.empty and not obs.counts.any()
+
+
+@pytest.mark.parametrize("scheme", [Scheme.PERCENTILE, Scheme.SQNR])
+def test_histogram_calibration_in_pieces_equals_the_whole_batch(monkeypatch, scheme):
+    """Batches over the run budget run in pieces (after one sample's run that measures the bytes per
+    sample), bounds first in a second session, then the fetches: every
+    observer ends exactly as the whole-batch run's, and close to a histogram of the intermediates
+    that an unoptimized onnxruntime session returns (the independent reference; its fused-free
+    kernels round a few values differently)."""
+    import onnxqat.calibrate.runner as runner_module
+
+    model = prepare_model(ir.from_proto(tiny_cnn()))
+    plan = annotate(model, load_config("onnxruntime"))
+    batches = random_batches(3, batch=16)
+    whole = collect_statistics(model, plan, batches, scheme, progress=False)
+    runs = []
+    original_run = runner_module.Session.run
+
+    def counting(self, feed, outputs=None):
+        runs.append(len(next(iter(feed.values()))))
+        return original_run(self, feed, outputs)
+
+    original_shrink = runner_module._run_and_shrink
+
+    def counting_shrink(session, feed, outputs):
+        runs.append(len(next(iter(feed.values()))))
+        return original_shrink(session, feed, outputs)
+
+    monkeypatch.setattr(runner_module.Session, "run", counting)
+    monkeypatch.setattr(runner_module, "_run_and_shrink", counting_shrink)
+    tensors = [t for q in plan.activations for t in q.tensors if t != "x"]
+    outs = [_intermediates(ir.to_proto(model), tensors, b) for b in batches]
+    per_sample = sum(v.nbytes for v in outs[0].values()) / 16
+    monkeypatch.setattr(runner_module, "RUN_BUDGET", int(per_sample * 5))  # 5 samples a run
+    split = collect_statistics(model, plan, batches, scheme, progress=False)
+    # one sample (bytes per sample), then per batch: bounds in pieces of 5, 5, 5, 1, fetches in the same
+    assert runs == [1] + [5, 5, 5, 1] * 6, runs
+    for q in plan.activations:
+        assert _histogram_state(split[q.name]) == _histogram_state(whole[q.name]), q.name
+        ref = HistogramObserver()
+        for b, o in zip(batches, outs):
+            for t in q.tensors:
+                ref.update(b[t] if t == "x" else o[t])
+        got = split[q.name]
+        assert (got.lo, got.width, got.min, got.max) == pytest.approx((ref.lo, ref.width, ref.min, ref.max),
+                                                                      rel=1e-5, abs=1e-6), q.name
+        assert got.counts.sum() == ref.counts.sum()
+        assert np.abs(got.counts - ref.counts).sum() <= 2e-3 * ref.counts.sum(), q.name

@@ -4,6 +4,8 @@ An observer sees one batch at a time and keeps a fixed-size summary: a running m
 histogram of fixed bin count whose range grows by merging whole bins (never re-binning with
 interpolation), so the summary after N batches equals the histogram of all N batches at the final
 resolution.
+A batch can also be folded in piece by piece (:class:`HistogramBatch`) once its range is known,
+with the same result as folding it whole.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import math
 
 import numpy as np
 
-__all__ = ["HistogramObserver", "MinMaxObserver"]
+__all__ = ["HistogramBatch", "HistogramObserver", "MinMaxObserver"]
+
+# Values binned per numpy call: bounds the float64/int64 temporaries of one update.
+_CHUNK = 1 << 20
 
 
 class MinMaxObserver:
@@ -89,7 +94,12 @@ class HistogramObserver:
         x = _finite(np.asarray(x), self.minmax).ravel()
         if not x.size:
             return
-        xmin, xmax = float(x.min()), float(x.max())
+        self.extend(float(x.min()), float(x.max()))
+        self.counts += _binned(x, self.lo, self.width, self.bins)
+
+    def extend(self, xmin: float, xmax: float) -> None:
+        """Make the grid cover ``[xmin, xmax]``, as :meth:`update` does for a batch with these
+        finite bounds before binning it."""
         first = self.empty
         self.minmax.update_range(xmin, xmax)
         if first:
@@ -100,21 +110,27 @@ class HistogramObserver:
             self.width = span / self.bins
         else:
             self._grow(xmin, xmax)
-        idx = np.floor((x.astype(np.float64) - self.lo) / self.width).astype(np.int64)
-        np.clip(idx, 0, self.bins - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=self.bins)
 
     def _grow(self, xmin: float, xmax: float) -> None:
+        step = self._grow_step(xmin, xmax)
+        if step is not None:
+            self._regrid(*step)
+
+    def _grow_step(self, xmin: float, xmax: float) -> tuple[int, int] | None:
+        """``(shift, factor)`` that makes the grid cover ``[xmin, xmax]`` (None: it does)."""
         hi = self.lo + self.bins * self.width
         if xmin >= self.lo and xmax <= hi:
-            return
+            return None
         shift = math.ceil((self.lo - xmin) / self.width) if xmin < self.lo else 0
         needed = shift + max(math.ceil((xmax - self.lo) / self.width), self.bins)
         factor = 1
         while self.bins * factor < needed:
             factor *= 2
-        old_index = (np.arange(self.bins, dtype=np.int64) + shift) // factor
-        self.counts = np.bincount(old_index, weights=self.counts, minlength=self.bins)[: self.bins]
+        return shift, factor
+
+    def _regrid(self, shift: int, factor: int) -> None:
+        """Move ``shift`` bins down and merge every ``factor`` bins into one."""
+        self.counts = _merged(self.counts, shift, factor)
         self.lo -= shift * self.width
         self.width *= factor
 
@@ -148,6 +164,95 @@ class HistogramObserver:
         lo = max(self.lo + lo_bin * self.width, self.min)
         hi = min(self.lo + (hi_bin + 1) * self.width, self.max)
         return lo, hi
+
+
+def _binned(x: np.ndarray, lo: float, width: float, bins: int) -> np.ndarray:
+    """Counts of the finite values ``x`` on the grid ``lo + i * width`` (values past it go to the end bins),
+    binned :data:`_CHUNK` values at a time."""
+    flat = np.asarray(x).ravel()
+    counts = np.zeros(bins, dtype=np.float64)
+    for start in range(0, flat.size, _CHUNK):
+        idx = np.floor((flat[start:start + _CHUNK].astype(np.float64) - lo) / width).astype(np.int64)
+        np.clip(idx, 0, bins - 1, out=idx)
+        counts += np.bincount(idx, minlength=bins)
+    return counts
+
+
+def _merged(counts: np.ndarray, shift: int, factor: int) -> np.ndarray:
+    old_index = (np.arange(counts.size, dtype=np.int64) + shift) // factor
+    merged: np.ndarray = np.bincount(old_index, weights=counts, minlength=counts.size)[: counts.size]
+    return merged
+
+
+class HistogramBatch:
+    """One batch of ``observer.update(t)`` over tensors ``t_1 .. t_k`` in order, fed piece by piece.
+
+    The finite bounds of every whole tensor are given first (:meth:`begin`); each tensor's pieces
+    are binned on the grid the observer would have when that tensor's turn came, into a count
+    array of its own, and :meth:`commit` folds them in order (the same regrids, then the same
+    sums of whole counts): the observer ends as it would after the whole tensors' updates. The
+    finite range the pieces actually held is checked against the bounds (:meth:`spans_bounds`),
+    so a caller can update whole instead when they differ.
+    """
+
+    def __init__(self, observer: HistogramObserver) -> None:
+        self.observer = observer
+        self.bounds: list[tuple[float, float]] = []
+        self.grids: list[tuple[float, float, tuple[int, int] | None]] = []  # lo, width, regrid before it
+        self.counts: list[np.ndarray] = []
+        self.seen: list[MinMaxObserver] = []
+
+    def begin(self, xmin: float, xmax: float) -> int:
+        """Announce the next tensor's finite bounds; returns its index for :meth:`add`."""
+        obs = self.observer
+        probe = HistogramObserver(obs.bins)  # the grid as the observer would have it now
+        if self.grids:
+            probe.lo, probe.width = self.grids[-1][0], self.grids[-1][1]
+        step = None
+        if not self.grids and obs.empty:
+            probe.extend(xmin, xmax)
+        else:
+            if not self.grids:
+                probe.lo, probe.width = obs.lo, obs.width
+            step = probe._grow_step(xmin, xmax)
+            if step is not None:
+                probe.lo -= step[0] * probe.width
+                probe.width *= step[1]
+        self.bounds.append((xmin, xmax))
+        self.grids.append((probe.lo, probe.width, step))
+        self.counts.append(np.zeros(self.observer.bins, dtype=np.float64))
+        self.seen.append(MinMaxObserver())
+        return len(self.grids) - 1
+
+    def add(self, index: int, x: np.ndarray) -> None:
+        """Bin a piece of tensor ``index``."""
+        seen = self.seen[index]
+        x = _finite(np.asarray(x), seen).ravel()
+        if not x.size:
+            return
+        seen.update_range(float(x.min()), float(x.max()))
+        lo, width, _ = self.grids[index]
+        self.counts[index] += _binned(x, lo, width, self.observer.bins)
+
+    def spans_bounds(self) -> bool:
+        """Whether every tensor's pieces held finite values spanning exactly its announced bounds."""
+        return all(not seen.empty and (seen.min, seen.max) == bound for seen, bound in zip(self.seen, self.bounds))
+
+    def commit(self) -> None:
+        """Fold the batch into the observer (only when :meth:`spans_bounds`)."""
+        if not self.spans_bounds():
+            raise ValueError("the pieces did not span the announced bounds")
+        obs = self.observer
+        for (lo, width, step), counts, seen in zip(self.grids, self.counts, self.seen):
+            if obs.empty:
+                obs.lo, obs.width = lo, width
+            elif step is not None:
+                obs._regrid(*step)
+            assert (obs.lo, obs.width) == (lo, width)
+            obs.minmax.update_range(seen.min, seen.max)
+            obs.counts = obs.counts + counts
+        for seen in self.seen:
+            obs.minmax.nonfinite += seen.nonfinite
 
 
 def _finite(x: np.ndarray, observer: MinMaxObserver) -> np.ndarray:

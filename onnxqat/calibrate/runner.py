@@ -2,14 +2,16 @@
 
 For min-max calibration the reductions run inside the graph (ReduceMin/ReduceMax per quantized
 tensor, gathered into one output per dtype and rank), so each batch returns two numbers per
-tensor. Histogram schemes fetch the tensors themselves; either way a batch's outputs are folded
-into fixed-size observers and dropped, so memory does not grow with the number of batches.
+tensor. Histogram schemes fetch the tensors themselves, a batch over :data:`RUN_BUDGET` bytes of
+them in pieces; either way a batch's outputs are folded into fixed-size observers and dropped one
+by one, so memory does not grow with the number of batches nor, past the budget, with the batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,14 +19,14 @@ import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxqat.calibrate.observers import HistogramObserver, MinMaxObserver
+from onnxqat.calibrate.observers import HistogramBatch, HistogramObserver, MinMaxObserver
 from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import count_batches, input_signature, validate_feed
 from onnxqat.errors import DataError
 from onnxqat.graph import NameScope, const_array, name_of, values_by_name
 from onnxqat.passes.expose import ExposeValuesPass
 from onnxqat.plan import QuantPlan
-from onnxqat.runtime import Session, fits_in_proto
+from onnxqat.runtime import Session, fits_in_proto, ort
 
 __all__ = ["collect_statistics"]
 
@@ -58,19 +60,23 @@ def collect_statistics(
         unit="batch",
         disable=None if progress is None else not progress,
     )
+    histograms = _HistogramFetcher(model, stats, session, observers, device) if scheme.needs_histogram else None
     for i, batch in enumerate(bar):
         feed = validate_feed(batch, signature, where=f"{source}: batch {i}")
-        results = session.run(feed, fetch_names) if fetch_names else []
-        for (_, targets), value in zip(stats.fetches, results):
-            if isinstance(targets, str):
-                observers[targets].update(value)
-                continue
-            bounds = value.reshape(-1)
-            assert bounds.shape[0] == len(targets)
-            for (quantizer, upper), bound in zip(targets, bounds):
-                obs = observers[quantizer]
-                assert isinstance(obs, MinMaxObserver)
-                obs.update_bound(float(bound), upper=upper)
+        if histograms is not None:
+            if fetch_names:
+                histograms.observe(feed)
+        elif fetch_names:
+            results = session.run(feed, fetch_names)
+            for (_, targets), value in zip(stats.fetches, results):
+                assert not isinstance(targets, str)
+                bounds = value.reshape(-1)
+                assert bounds.shape[0] == len(targets)
+                for (quantizer, upper), bound in zip(targets, bounds):
+                    obs = observers[quantizer]
+                    assert isinstance(obs, MinMaxObserver)
+                    obs.update_bound(float(bound), upper=upper)
+            del results
         for tensor, quantizer in stats.from_inputs:
             observers[quantizer].update(feed[tensor])
         seen += 1
@@ -78,6 +84,114 @@ def collect_statistics(
     if seen == 0:
         raise DataError(f"{source}: no batches")
     return observers
+
+
+# Histogram schemes fetch the observed tensors themselves: graph outputs, all alive until the end of
+# a run (whichever outputs the run asks for) and then kept by onnxruntime's arena for the session's
+# life. A batch whose fetches would exceed this many bytes runs in pieces along axis 0, after a
+# second session that holds only min-max's reductions has given each tensor's bounds over the
+# whole batch (also in pieces), so the histograms are still those of the whole batch (HistogramBatch).
+RUN_BUDGET = 64 << 20
+
+
+def _rows(feed: Mapping[str, np.ndarray]) -> int | None:
+    """Samples in the feed, or None when its inputs do not all hold them on axis 0 (a recurrent
+    state ``[layers, B, H]``: pieces along axis 0 would pair the wrong rows)."""
+    sizes = {len(v) for v in feed.values() if np.ndim(v)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _pieces(feed: Mapping[str, np.ndarray], n: int, step: int) -> Iterator[tuple[dict[str, np.ndarray], bool]]:
+    """``(piece, last)`` along axis 0."""
+    for start in range(0, n, step):
+        yield {k: (v[start:start + step] if np.ndim(v) else v) for k, v in feed.items()}, start + step >= n
+
+
+_SHRINK: Any = None
+
+
+def _run_and_shrink(session: Session, feed: Mapping[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """``session.run``, then onnxruntime returns the free regions of the session's arena to the
+    system: the bounds session and the fetching session take turns, so each gives back its peak
+    before the other runs (one of them at a time holds memory, not both)."""
+    global _SHRINK
+    if _SHRINK is None:
+        _SHRINK = ort.RunOptions()
+        _SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    results: list[np.ndarray] = session.session.run(names, {k: feed[k] for k in session.input_names}, _SHRINK)
+    return results
+
+
+class _HistogramFetcher:
+    """Folds batches into histogram observers within :data:`RUN_BUDGET` bytes of fetches a run."""
+
+    def __init__(self, model: ir.Model, stats: _StatisticsModel, session: Session,
+                 observers: Mapping[str, Observer], device: str) -> None:
+        self.model, self.session, self.observers, self.device = model, session, observers, device
+        self.fetches = [(name, target) for name, target in stats.fetches if isinstance(target, str)]
+        self.names = [name for name, _ in self.fetches]
+        self.per_sample: float | None = None  # fetched bytes per sample, from the first run
+        self.bounds: tuple[_StatisticsModel, Session] | None = None  # built when a batch is first split
+
+    def observe(self, feed: Mapping[str, np.ndarray]) -> None:
+        n = _rows(feed)
+        if n is None or n <= 1:
+            self._whole(feed, n)
+            return
+        if self.per_sample is None:  # one sample's run tells the bytes per sample (its outputs are dropped)
+            self._measure(self.session.run(next(_pieces(feed, n, 1))[0], self.names), 1)
+        assert self.per_sample is not None
+        step = max(1, int(RUN_BUDGET // self.per_sample))
+        if n <= step or not self._split(feed, n, step):
+            self._whole(feed, n)
+
+    def _measure(self, results: list[np.ndarray], rows: int) -> None:
+        if self.per_sample is None:
+            self.per_sample = max(1.0, sum(v.nbytes for v in results) / rows)
+
+    def _whole(self, feed: Mapping[str, np.ndarray], n: int | None) -> None:
+        results = self.session.run(feed, self.names)
+        if n:
+            self._measure(results, n)
+        results.reverse()
+        for _, quantizer in self.fetches:
+            self.observers[quantizer].update(results.pop())  # each output dropped once binned
+
+    def _split(self, feed: Mapping[str, np.ndarray], n: int, step: int) -> bool:
+        """Fold the batch in pieces of ``step`` samples; False (nothing folded) when the pieces'
+        finite ranges are not the in-graph bounds (a NaN or infinity in a tensor)."""
+        if self.bounds is None:
+            stats = _bounds_model(self.model, self.names)
+            self.bounds = stats, _statistics_session(self.model, stats, self.device)
+        stats, session = self.bounds
+        bound_of: dict[str, list[float]] = {t: [math.inf, -math.inf] for t in self.names}
+        outputs = [name for name, _ in stats.fetches]
+        for piece, last in _pieces(feed, n, step):
+            run = _run_and_shrink(session, piece, outputs) if last else session.run(piece, outputs)
+            for (_, targets), value in zip(stats.fetches, run):
+                assert not isinstance(targets, str)
+                for (tensor, upper), bound in zip(targets, value.reshape(-1).tolist()):
+                    lo_hi = bound_of[tensor]
+                    lo_hi[int(upper)] = max(lo_hi[1], bound) if upper else min(lo_hi[0], bound)
+        if not all(math.isfinite(b) for bounds in bound_of.values() for b in bounds):
+            return False
+        pending: dict[str, HistogramBatch] = {}
+        slots = []
+        for tensor, quantizer in self.fetches:
+            obs = self.observers[quantizer]
+            assert isinstance(obs, HistogramObserver)
+            batch = pending.setdefault(quantizer, HistogramBatch(obs))
+            slots.append((batch, batch.begin(*bound_of[tensor])))
+        for piece, last in _pieces(feed, n, step):
+            results = _run_and_shrink(self.session, piece, self.names) if last else self.session.run(piece, self.names)
+            results.reverse()
+            for batch, index in slots:
+                batch.add(index, results.pop())
+        if not all(batch.spans_bounds() for batch in pending.values()):
+            return False
+        for batch in pending.values():
+            batch.commit()
+        return True
 
 
 # Fan-in of the Concat trees that gather per-tensor bounds into a few outputs.
@@ -190,37 +304,63 @@ def _statistics_model(
                 producer = value.producer()
                 assert producer is not None
                 reduced.setdefault(id(producer), []).append((value, q.name))
-    if not reduced:
-        return stats
+    _add_reductions(model, reduced, stats)
+    return stats
 
+
+def _bounds_model(model: ir.Model, tensors: Iterable[str]) -> _StatisticsModel:
+    """Min-max's in-graph reductions of ``tensors``, keyed by tensor name (a histogram batch
+    split into pieces needs each tensor's bounds first). Float16 and bfloat16 tensors are reduced
+    after an exact Cast to float (onnxruntime has no bfloat16 ReduceMin)."""
+    values = values_by_name(model.graph)
+    stats = _StatisticsModel({}, [], [], [], [])
+    reduced: dict[int, list[tuple[ir.Value, str]]] = {}
+    for tensor in dict.fromkeys(tensors):
+        producer = values[tensor].producer()
+        assert producer is not None
+        reduced.setdefault(id(producer), []).append((values[tensor], tensor))
+    _add_reductions(model, reduced, stats, cast=True)
+    return stats
+
+
+def _add_reductions(model: ir.Model, reduced: Mapping[int, list[tuple[ir.Value, str]]], stats: _StatisticsModel,
+                    cast: bool = False) -> None:
+    """ReduceMin/ReduceMax of each ``(tensor, key)`` right after its producer (``reduced`` by
+    ``id(producer)``), gathered into one output per dtype; adds them to ``stats`` (outputs, fetches)."""
+    if not reduced:
+        return
     names = NameScope(model)
     gatherers: dict[ir.DataType | None, _BoundGatherer] = {}
-    for position, node in enumerate(graph):
+    for position, node in enumerate(model.graph):
         pending = reduced.get(id(node))
         if pending is None:
             continue
         emitted: list[_Op] = []
-        for value, quantizer in pending:
+        for value, key in pending:
+            source, dtype = name_of(value), value.dtype
+            if cast and dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
+                source, dtype = names.fresh(f"{value.name}_float"), ir.DataType.FLOAT
+                emitted.append(_Op("Cast", (name_of(value),), source, names.fresh(f"{value.name}_Cast"),
+                                   ("to", int(ir.DataType.FLOAT))))
             for op, upper in (("ReduceMin", False), ("ReduceMax", True)):
                 kind = "max" if upper else "min"
                 reduced_out = names.fresh(f"{value.name}_{kind}")
-                emitted.append(_Op(op, (name_of(value),), reduced_out,
+                emitted.append(_Op(op, (source,), reduced_out,
                                    names.fresh(f"{value.name}_{op}"), ("keepdims", 1)))
                 # Flatten(axis=0) makes every bound [1, 1] whatever the tensor's actual rank
                 # (a recorded shape can be stale), so one Concat per dtype gathers them all.
                 out = names.fresh(f"{value.name}_{kind}_flat")
                 emitted.append(_Op("Flatten", (reduced_out,), out, names.fresh(f"{value.name}_{kind}_Flatten"),
                                    ("axis", 0)))
-                if value.dtype not in gatherers:
-                    gatherers[value.dtype] = _BoundGatherer(names, f"calibration_bounds_{len(gatherers)}")
-                gatherers[value.dtype].add(out, (quantizer, upper), emitted)
+                if dtype not in gatherers:
+                    gatherers[dtype] = _BoundGatherer(names, f"calibration_bounds_{len(gatherers)}")
+                gatherers[dtype].add(out, (key, upper), emitted)
         stats.after[position] = emitted
     for dtype, gatherer in gatherers.items():
         out = gatherer.finish(stats.tail)
         assert dtype is not None  # quantized activations are float tensors
         stats.outputs.append((out, dtype, False))
         stats.fetches.append((out, gatherer.targets))
-    return stats
 
 
 def _statistics_session(model: ir.Model, stats: _StatisticsModel, device: str = "cpu") -> Session:
