@@ -237,3 +237,24 @@ def test_forced_concat_encoding_of_a_detector_ranks_at_the_top(monkeypatch):
     hooked = sensitivity(sim, task, top_k=3, proxies=proxies, progress=False)
     hooked_rows = {r["name"]: r for r in hooked["layers"]}
     assert any(holds_the_concat(hooked_rows[n]) for n in hooked["ranking"][:3])
+
+
+def test_evaluator_scores_equal_the_reference_functions():
+    from onnxqat.analysis import channel_sqnr_db, top1_agreement
+
+    rng = np.random.default_rng(3)
+    evaluator = Evaluator(QuantizationSimModel(tiny_cnn()).float_model, random_batches(2))
+    cases = [list(evaluator.reference), [rng.standard_normal((4, 5, 7)).astype(np.float32)
+                                           * np.float32([1.0, 1e-4, 3.0, 0.0, 1.0]).reshape(1, 5, 1)]]
+    for reference in cases:
+        evaluator.reference, evaluator.output_names, evaluator._sums = reference, ["a"], None
+        for scale in (0.0, 1e-3, 0.3):
+            got = [r + scale * rng.standard_normal(r.shape).astype(r.dtype) for r in reference]
+            got[0][0, 0] = reference[0][0, 0]  # one row exact
+            score = evaluator.score_outputs(got)
+            ref, out = reference[0], got[0]
+            row = score.outputs["a"]
+            assert row["sqnr_db"] == pytest.approx(sqnr_db(ref, out), rel=1e-12, abs=1e-9)
+            assert row["channel_sqnr_db"] == pytest.approx(channel_sqnr_db(ref, out), rel=1e-12, abs=1e-9)
+            assert row["top1_agreement"] == top1_agreement(ref, out)
+            assert score.value == pytest.approx(channel_sqnr_db(ref, out), rel=1e-12, abs=1e-9)
