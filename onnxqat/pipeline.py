@@ -238,7 +238,7 @@ class Calibration:
 
 
 # The schemes ``auto`` chooses among, by the model's output error on calibration data.
-AUTO_CANDIDATES = (Scheme.MINMAX, Scheme.PERCENTILE, Scheme.SQNR)
+AUTO_CANDIDATES = (Scheme.MINMAX, Scheme.PERCENTILE, Scheme.SQNR, Scheme.MEAN_MINMAX)
 # Above this many observed tensors auto calibrates with min-max: histogram calibration fetches
 # every tensor as a graph output, whose cost grows faster than the graph (a 20k-node chain did not
 # calibrate in 15 minutes; min-max's in-graph reductions stay linear, see tests/test_scaling.py).

@@ -68,6 +68,9 @@ class HistogramObserver:
         self.lo = 0.0
         self.width = 0.0
         self.minmax = MinMaxObserver()
+        # sums of each sample's min and max (axis 0 = samples; a tensor of rank < 2 is one sample)
+        self.sample_sums = np.zeros(2, dtype=np.float64)
+        self.samples = 0
 
     @property
     def min(self) -> float:
@@ -86,6 +89,7 @@ class HistogramObserver:
         return self.minmax.nonfinite
 
     def update(self, x: np.ndarray) -> None:
+        self._update_samples(np.asarray(x))
         x = _finite(np.asarray(x), self.minmax).ravel()
         if not x.size:
             return
@@ -103,6 +107,27 @@ class HistogramObserver:
         idx = np.floor((x.astype(np.float64) - self.lo) / self.width).astype(np.int64)
         np.clip(idx, 0, self.bins - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.bins)
+
+    def _update_samples(self, x: np.ndarray) -> None:
+        if not x.size:
+            return
+        rows = x.reshape(len(x), -1) if x.ndim >= 2 else x.reshape(1, -1)
+        finite = np.isfinite(rows) if rows.dtype.kind == "f" else None
+        if finite is not None and not finite.all():
+            keep = finite.any(axis=1)
+            rows = np.where(finite, rows, np.nan)[keep]
+            lo, hi = np.nanmin(rows, axis=1), np.nanmax(rows, axis=1)
+        else:
+            lo, hi = rows.min(axis=1), rows.max(axis=1)
+        self.sample_sums += (float(lo.sum(dtype=np.float64)), float(hi.sum(dtype=np.float64)))
+        self.samples += len(lo)
+
+    def sample_mean_range(self) -> tuple[float, float]:
+        """Mean over the samples seen of each sample's min and max (NNCF's default range)."""
+        if not self.samples:
+            return self.min, self.max
+        lo, hi = self.sample_sums / self.samples
+        return float(lo), float(hi)
 
     def _grow(self, xmin: float, xmax: float) -> None:
         hi = self.lo + self.bins * self.width
@@ -122,6 +147,8 @@ class HistogramObserver:
         """Fold in another histogram: its counts go to this grid's bins by their centres (exact
         when the grids agree, else within one bin of the coarser grid)."""
         self.minmax.nonfinite += other.nonfinite
+        self.sample_sums += other.sample_sums
+        self.samples += other.samples
         if other.empty:
             return
         if self.empty:
