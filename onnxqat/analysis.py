@@ -150,7 +150,7 @@ def _tensors(model: ir.Model, names: Sequence[str], batch: Mapping[str, np.ndarr
 SQNR_SAMPLES = 8
 """Samples of the batch :func:`quantizer_sqnr` reads."""
 SQNR_CHUNK_BYTES = 512 << 20
-"""Bound of the tensors :func:`quantizer_sqnr` holds at once (float and quantized, one sample)."""
+"""Bound of the tensors :func:`quantizer_sqnr` holds at once (float and quantized)."""
 
 
 def _db(signal: float, noise: float) -> float:
@@ -164,10 +164,10 @@ def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -
     """Local and cumulative SQNR of every quantized activation tensor, in graph order, on the
     first :data:`SQNR_SAMPLES` samples of ``batch``.
 
-    The samples are run one at a time (the whole batch at once for a model of fixed batch size)
-    and the sums of squares accumulated, so at most one sample's tensors are held; the tensors
-    are fetched in chunks of at most :data:`SQNR_CHUNK_BYTES` of them (sizes from a one-sample
-    run), each chunk by one float and one quantized session built once."""
+    The tensors are fetched in chunks of at most :data:`SQNR_CHUNK_BYTES` per sample (sizes from
+    a one-sample run), each chunk by one float and one quantized session built once, which run
+    as many samples at a time as fit that bound (one at a time on a large model; the whole batch
+    for a model of fixed batch size), the sums of squares accumulated."""
     feed = validate_feed(batch, input_signature(sim.float_model), where="analysis data")
     feed = {k: v[:SQNR_SAMPLES] if np.ndim(v) >= 1 else v for k, v in feed.items()}
     rows_in_feed = max((len(v) for v in feed.values() if np.ndim(v) >= 1), default=1)
@@ -177,11 +177,12 @@ def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -
     assert isinstance(inserted, InsertQDQResult)
     sites = inserted.sites
     quantized_model = inserted.model
-    samples = [{k: v[i:i + 1] if np.ndim(v) >= 1 else v for k, v in feed.items()} for i in range(rows_in_feed)]
+    one = {k: v[:1] if np.ndim(v) >= 1 else v for k, v in feed.items()}
+    fixed_batch = False
     try:
-        sizes = {t: a.nbytes for t, a in _tensors(sim.float_model, tensors, samples[0]).items()}
+        sizes = {t: a.nbytes for t, a in _tensors(sim.float_model, tensors, one).items()}
     except Exception:  # noqa: BLE001 - a fixed batch size: the whole batch at once, one chunk
-        sizes, samples = {}, [feed]
+        sizes, fixed_batch = {}, True
     chunks: list[list[str]] = [[]]
     held = 0.0
     for t in tensors:
@@ -200,6 +201,10 @@ def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -
         wanted = [t for t in chunk if t in sites]
         float_session, float_names = _exposing(sim.float_model, wanted)
         quant_session, quant_names = _exposing(quantized_model, [sites[t] for t in wanted])
+        per_sample = sum(2.0 * sizes.get(t, 0) for t in wanted)
+        step = rows_in_feed if fixed_batch else max(1, min(rows_in_feed, int(SQNR_CHUNK_BYTES // max(per_sample, 1.0))))
+        samples = [feed] if step >= rows_in_feed else [
+            {k: v[i:i + step] if np.ndim(v) >= 1 else v for k, v in feed.items()} for i in range(0, rows_in_feed, step)]
         for sample in samples:
             floats = dict(zip(float_names, float_session.run(sample, float_names))) if float_session else {}
             floats.update({t: sample[t] for t in wanted if t in sample})
