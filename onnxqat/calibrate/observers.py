@@ -89,11 +89,24 @@ class HistogramObserver:
         return self.minmax.nonfinite
 
     def update(self, x: np.ndarray) -> None:
-        self._update_samples(np.asarray(x))
-        x = _finite(np.asarray(x), self.minmax).ravel()
+        x = np.asarray(x)
         if not x.size:
             return
-        xmin, xmax = float(x.min()), float(x.max())
+        # one pass for each sample's finite min and max (axis 0 = samples); the batch's are theirs
+        rows = x.reshape(len(x), -1) if x.ndim >= 2 else x.reshape(1, -1)
+        finite = np.isfinite(rows) if rows.dtype.kind == "f" else None
+        if finite is None or finite.all():
+            lo, hi, flat = rows.min(axis=1), rows.max(axis=1), x.ravel()
+        else:
+            self.minmax.nonfinite += int(finite.size - finite.sum())
+            flat = rows[finite]
+            masked = np.where(finite, rows, np.nan)[finite.any(axis=1)]
+            lo, hi = np.nanmin(masked, axis=1), np.nanmax(masked, axis=1)
+        if not flat.size:
+            return
+        self.sample_sums += (float(lo.sum(dtype=np.float64)), float(hi.sum(dtype=np.float64)))
+        self.samples += len(lo)
+        xmin, xmax = float(lo.min()), float(hi.max())
         first = self.empty
         self.minmax.update_range(xmin, xmax)
         if first:
@@ -104,23 +117,9 @@ class HistogramObserver:
             self.width = span / self.bins
         else:
             self._grow(xmin, xmax)
-        idx = np.floor((x.astype(np.float64) - self.lo) / self.width).astype(np.int64)
+        idx = np.floor((flat.astype(np.float64) - self.lo) / self.width).astype(np.int64)
         np.clip(idx, 0, self.bins - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.bins)
-
-    def _update_samples(self, x: np.ndarray) -> None:
-        if not x.size:
-            return
-        rows = x.reshape(len(x), -1) if x.ndim >= 2 else x.reshape(1, -1)
-        finite = np.isfinite(rows) if rows.dtype.kind == "f" else None
-        if finite is not None and not finite.all():
-            keep = finite.any(axis=1)
-            rows = np.where(finite, rows, np.nan)[keep]
-            lo, hi = np.nanmin(rows, axis=1), np.nanmax(rows, axis=1)
-        else:
-            lo, hi = rows.min(axis=1), rows.max(axis=1)
-        self.sample_sums += (float(lo.sum(dtype=np.float64)), float(hi.sum(dtype=np.float64)))
-        self.samples += len(lo)
 
     def sample_mean_range(self) -> tuple[float, float]:
         """Mean over the samples seen of each sample's min and max (NNCF's default range)."""
