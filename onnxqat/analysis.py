@@ -130,28 +130,44 @@ def layers(sim: QuantizationSimModel) -> list[Layer]:
                   tuple(groups[n]["activations"])) for n in ordered]
 
 
-def _tensors(model: ir.Model, names: Sequence[str], batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Values of ``names`` (graph inputs, node outputs) for one batch, in float semantics."""
+def _exposing(model: ir.Model, names: Sequence[str]) -> tuple[Session | None, list[str]]:
+    """A plain float-semantics session of ``model`` returning the node outputs among ``names``."""
     produced = {v.name for n in model.graph for v in n.outputs if v.name}
     fetch = list(dict.fromkeys(n for n in names if n in produced))
-    out: dict[str, np.ndarray] = {}
-    if fetch:
-        probe = ExposeValuesPass(fetch)(model.clone()).model
-        out = dict(zip(fetch, Session(probe, optimize=False).run(batch, fetch)))
+    if not fetch:
+        return None, []
+    return Session(ExposeValuesPass(fetch)(model.clone()).model, optimize=False), fetch
+
+
+def _tensors(model: ir.Model, names: Sequence[str], batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Values of ``names`` (graph inputs, node outputs) for one batch, in float semantics."""
+    session, fetch = _exposing(model, names)
+    out: dict[str, np.ndarray] = dict(zip(fetch, session.run(batch, fetch))) if session is not None else {}
     out.update({n: batch[n] for n in names if n in batch})
     return out
 
 
 SQNR_SAMPLES = 8
-"""Samples of the batch :func:`quantizer_sqnr` reads (every quantized tensor of them is held)."""
+"""Samples of the batch :func:`quantizer_sqnr` reads."""
 SQNR_CHUNK_BYTES = 512 << 20
-"""Bound of the tensors :func:`quantizer_sqnr` holds at once (float and quantized together)."""
+"""Bound of the tensors :func:`quantizer_sqnr` holds at once (float and quantized)."""
+
+
+def _db(signal: float, noise: float) -> float:
+    """:func:`~onnxqat.evaluate.sqnr_db` from the mean squares of signal and noise."""
+    if noise <= signal * 1e-12:
+        return 120.0
+    return float(10.0 * np.log10(max(signal, 1e-30) / noise))
 
 
 def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
     """Local and cumulative SQNR of every quantized activation tensor, in graph order, on the
-    first :data:`SQNR_SAMPLES` samples of ``batch``; the tensors are fetched in chunks of at most
-    :data:`SQNR_CHUNK_BYTES` (sizes from a one-sample run), two runs per chunk."""
+    first :data:`SQNR_SAMPLES` samples of ``batch``.
+
+    The tensors are fetched in chunks of at most :data:`SQNR_CHUNK_BYTES` per sample (sizes from
+    a one-sample run), each chunk by one float and one quantized session built once, which run
+    as many samples at a time as fit that bound (one at a time on a large model; the whole batch
+    for a model of fixed batch size), the sums of squares accumulated."""
     feed = validate_feed(batch, input_signature(sim.float_model), where="analysis data")
     feed = {k: v[:SQNR_SAMPLES] if np.ndim(v) >= 1 else v for k, v in feed.items()}
     rows_in_feed = max((len(v) for v in feed.values() if np.ndim(v) >= 1), default=1)
@@ -162,14 +178,15 @@ def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -
     sites = inserted.sites
     quantized_model = inserted.model
     one = {k: v[:1] if np.ndim(v) >= 1 else v for k, v in feed.items()}
+    fixed_batch = False
     try:
         sizes = {t: a.nbytes for t, a in _tensors(sim.float_model, tensors, one).items()}
-    except Exception:  # noqa: BLE001 - a fixed batch size: no one-sample run, one chunk
-        sizes = {}
+    except Exception:  # noqa: BLE001 - a fixed batch size: the whole batch at once, one chunk
+        sizes, fixed_batch = {}, True
     chunks: list[list[str]] = [[]]
     held = 0.0
     for t in tensors:
-        size = 2.0 * sizes.get(t, 0) * rows_in_feed
+        size = 2.0 * sizes.get(t, 0)
         if chunks[-1] and held + size > SQNR_CHUNK_BYTES:
             chunks.append([])
             held = 0.0
@@ -177,27 +194,54 @@ def quantizer_sqnr(sim: QuantizationSimModel, batch: Mapping[str, np.ndarray]) -
         held += size
     order = {name_of(v): i for i, n in enumerate(sim.float_model.graph) for v in n.outputs}
     quantizer_of = {t: q for q in plan.activations for t in q.tensors}
-    rows: list[dict[str, Any]] = []
+    # per tensor: [signal, local noise, cumulative noise, min, max, elements] (sums of squares)
+    sums: dict[str, list[float]] = {}
+    has_site: dict[str, bool] = {}
     for chunk in chunks:
-        floats = _tensors(sim.float_model, chunk, feed)
-        quantized = _tensors(quantized_model, [sites[t] for t in chunk if t in sites], feed)
-        for t in chunk:
-            if t not in floats or t not in sites:
-                continue
-            q = quantizer_of[t]
-            enc = sim.encodings[q.name]
-            ref = floats[t]
-            rows.append({
-                "tensor": t,
-                "quantizer": q.name,
-                "bitwidth": enc.bitwidth,
-                "local_sqnr_db": sqnr_db(ref, fake_quantize(ref, enc)),
+        wanted = [t for t in chunk if t in sites]
+        float_session, float_names = _exposing(sim.float_model, wanted)
+        quant_session, quant_names = _exposing(quantized_model, [sites[t] for t in wanted])
+        per_sample = sum(2.0 * sizes.get(t, 0) for t in wanted)
+        step = rows_in_feed if fixed_batch else max(1, min(rows_in_feed, int(SQNR_CHUNK_BYTES // max(per_sample, 1.0))))
+        samples = [feed] if step >= rows_in_feed else [
+            {k: v[i:i + step] if np.ndim(v) >= 1 else v for k, v in feed.items()} for i in range(0, rows_in_feed, step)]
+        for sample in samples:
+            floats = dict(zip(float_names, float_session.run(sample, float_names))) if float_session else {}
+            floats.update({t: sample[t] for t in wanted if t in sample})
+            quantized = dict(zip(quant_names, quant_session.run(sample, quant_names))) if quant_session else {}
+            quantized.update({n: sample[n] for n in (sites[t] for t in wanted) if n in sample})
+            for t in wanted:
+                if t not in floats:
+                    continue
+                ref = np.asarray(floats[t])
+                ref64 = ref.astype(np.float64)
+                acc = sums.setdefault(t, [0.0, 0.0, 0.0, float("inf"), float("-inf"), 0.0])
+                acc[5] += ref.size
+                acc[0] += float(np.sum(np.square(ref64)))
+                acc[1] += float(np.sum(np.square(ref64 - fake_quantize(ref, sim.encodings[quantizer_of[t].name])
+                                                 .astype(np.float64))))
                 # None where the tensor's own DequantizeLinear is gone (every consumer reads a derived scale)
-                "cumulative_sqnr_db": sqnr_db(ref, quantized[sites[t]]) if sites[t] in quantized else None,
-                "range": [float(ref.min()), float(ref.max())],
-                "encoding": [float(enc.min), float(enc.max)],
-            })
-        del floats, quantized
+                has_site[t] = sites[t] in quantized
+                if has_site[t]:
+                    acc[2] += float(np.sum(np.square(ref64 - np.asarray(quantized[sites[t]]).astype(np.float64))))
+                if ref.size:
+                    acc[3] = min(acc[3], float(ref.min()))
+                    acc[4] = max(acc[4], float(ref.max()))
+            del floats, quantized
+        del float_session, quant_session
+    rows: list[dict[str, Any]] = []
+    for t, acc in sums.items():
+        q = quantizer_of[t]
+        enc = sim.encodings[q.name]
+        rows.append({
+            "tensor": t,
+            "quantizer": q.name,
+            "bitwidth": enc.bitwidth,
+            "local_sqnr_db": _db(acc[0] / max(acc[5], 1.0), acc[1] / max(acc[5], 1.0)),
+            "cumulative_sqnr_db": _db(acc[0] / max(acc[5], 1.0), acc[2] / max(acc[5], 1.0)) if has_site[t] else None,
+            "range": [acc[3], acc[4]],
+            "encoding": [float(enc.min), float(enc.max)],
+        })
     rows.sort(key=lambda r: order.get(r["tensor"], -1))
     return rows
 
@@ -255,6 +299,7 @@ class Evaluator:
         self.name = {"accuracy": "accuracy", "task": task_name,
                      "sqnr": "output SQNR (dB, mean over channels) vs float"}[self.kind]
         self.runs = 0
+        self._sums: list[tuple[np.ndarray, float, np.ndarray | None, np.ndarray | None] | None] | None = None
 
     @staticmethod
     def _concat(per_batch: list[list[np.ndarray]]) -> list[np.ndarray]:
@@ -272,15 +317,44 @@ class Evaluator:
         """Run every batch through ``run`` and score the outputs."""
         return self.score_outputs(self.outputs(run))
 
+    def _reference_sums(self) -> list[tuple[np.ndarray, float, np.ndarray | None, np.ndarray | None] | None]:
+        """Per float output: the reference in float64, its mean square, per axis-1 channel
+        (None for fewer than 2 channels) and its argmax over the last axis (None: under 2 entries)."""
+        if self._sums is None:
+            self._sums = []
+            for ref in self.reference:
+                if ref.dtype.kind != "f":
+                    self._sums.append(None)
+                    continue
+                ref64 = ref.astype(np.float64)
+                channels = (np.mean(np.square(ref64).reshape(ref.shape[0], ref.shape[1], -1), axis=(0, 2))
+                            if ref.ndim >= 2 and ref.shape[1] >= 2 else None)
+                top = ref.argmax(-1) if ref.ndim >= 1 and ref.shape[-1] >= 2 else None
+                self._sums.append((ref64, float(np.mean(np.square(ref64))), channels, top))
+        return self._sums
+
     def score_outputs(self, got: Sequence[np.ndarray]) -> Score:
+        """Score outputs against the reference: the same numbers as :func:`sqnr_db`,
+        :func:`channel_sqnr_db` and :func:`top1_agreement`, from one difference per output and
+        the reference's sums computed once."""
         per: dict[str, dict[str, float | None]] = {}
         channel: list[float] = []
-        for name, ref, out in zip(self.output_names, self.reference, got):
-            if ref.dtype.kind != "f":
+        for name, ref, out, sums in zip(self.output_names, self.reference, got, self._reference_sums()):
+            if sums is None:
                 continue
-            channel_db = channel_sqnr_db(ref, out)
-            row: dict[str, float | None] = {"sqnr_db": sqnr_db(ref, out), "channel_sqnr_db": channel_db,
-                                            "top1_agreement": top1_agreement(ref, out)}
+            ref64, signal, channel_signal, top = sums
+            square = np.square(ref64 - np.asarray(out).astype(np.float64))
+            noise = float(np.mean(square))
+            whole = _db(signal, noise)
+            if channel_signal is None:
+                channel_db = whole
+            else:
+                channel_noise = np.mean(square.reshape(ref.shape[0], ref.shape[1], -1), axis=(0, 2))
+                db = np.where(channel_noise <= channel_signal * 1e-12, 120.0,
+                              10.0 * np.log10(np.maximum(channel_signal, 1e-30) / np.maximum(channel_noise, 1e-300)))
+                channel_db = float(np.mean(np.clip(db, _CHANNEL_DB_FLOOR, 120.0)))
+            agree = None if top is None else float(np.mean(top == np.asarray(out).argmax(-1)))
+            row: dict[str, float | None] = {"sqnr_db": whole, "channel_sqnr_db": channel_db, "top1_agreement": agree}
             per[name] = row
             channel.append(channel_db)
         if self.kind == "accuracy":

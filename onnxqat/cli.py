@@ -64,9 +64,10 @@ def _add_sim_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
     p.add_argument("--activation-bw", type=int, default=8, help="activation bitwidth, 4-16")
     p.add_argument("--per-channel", action="store_true", help="per-channel weight quantization")
     p.add_argument(
-        "--scheme", choices=["auto", "minmax", "percentile", "sqnr"], default="auto",
-        help="activation calibration scheme; auto: whichever of the others brings the simulation closest "
-             "to the float model's outputs on the first calibration batches",
+        "--scheme", choices=["auto", "minmax", "percentile", "sqnr", "meanminmax"], default="auto",
+        help="activation calibration scheme; auto: whichever of minmax, percentile and sqnr brings the "
+             "simulation closest to the float model's outputs on the first calibration batches; "
+             "meanminmax: the mean of each sample's min and max (NNCF's default)",
     )
     p.add_argument(
         "--config", default=None,

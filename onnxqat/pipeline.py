@@ -246,6 +246,10 @@ class Calibration:
 
 
 # The schemes ``auto`` chooses among, by the model's output error on calibration data.
+# meanminmax (NNCF's default) is not one of them: as a fourth candidate it raised no held-out
+# metric on the demo, ppocr-cls/det/rec and MiniLM, auto picked it where it then scored lower on
+# held-out data (ppocr-det mask IoU 0.950 -> 0.942, ppocr-cls W4A8 one image fewer), and scoring
+# it made auto's calibration ~20% slower (bench/results in BENCHMARKS.md, issue 12). It can be forced.
 AUTO_CANDIDATES = (Scheme.MINMAX, Scheme.PERCENTILE, Scheme.SQNR)
 # Above this many observed tensors auto calibrates with min-max: histogram calibration fetches
 # every tensor as a graph output, whose cost grows faster than the graph (a 20k-node chain did not

@@ -27,9 +27,11 @@ exactly the chosen integers; QAT afterwards trains weights on that grid.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -104,6 +106,51 @@ class WeightRoundingReport:
     method: str
     seconds: float
     layers: Mapping[str, tuple[float, float]]
+
+
+_OPENBLAS_THREADS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_",
+                     "openblas_get_num_threads64_", "openblas_set_num_threads64_",
+                     "openblas_get_num_threads", "openblas_set_num_threads")
+
+
+def _openblas() -> tuple[Any, Any] | None:
+    """(get, set) of the thread count of the OpenBLAS numpy has loaded, if any (Linux: found in
+    /proc/self/maps, as threadpoolctl finds it)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get_name, set_name in zip(_OPENBLAS_THREADS[::2], _OPENBLAS_THREADS[1::2]):
+            get, put = getattr(lib, get_name, None), getattr(lib, set_name, None)
+            if get is not None and put is not None:
+                return get, put
+    return None
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """One BLAS thread for the per-layer numerics (numpy's OpenBLAS; elsewhere unchanged).
+
+    Their matrices are small and batched (a depthwise 5x5 convolution's 200 Hessians of 25 x 25
+    from 2048 patches): OpenBLAS's threads on them ran 10-20x slower than one thread on the
+    shared 2-core machine measured (bench/results/ptq.md)."""
+    found = _openblas()
+    if found is None:
+        yield
+        return
+    get, put = found
+    before = int(get())
+    put(ctypes.c_int(1))
+    try:
+        yield
+    finally:
+        put(ctypes.c_int(before))
 
 
 def _int_attr(node: ir.Node, name: str, default: Any) -> Any:
@@ -230,35 +277,42 @@ def collect_layer_stats(state: Any, batches: Iterable[Mapping[str, np.ndarray]],
         float_session = Session(ExposeValuesPass(sorted({t for _, _, t in targets.values()}))(model.clone()).model)
     rng = np.random.default_rng(seed)
     stats: dict[str, LayerStats] = {}
-    for batch in Progress(batches, total=None, desc="layer statistics", enabled=progress):
-        outs = dict(zip(session.output_names, session.run(batch)))
-        fed = {**{k: np.asarray(v) for k, v in batch.items()}, **outs}
-        float_fed: dict[str, np.ndarray] = {}
-        if float_session is not None:
-            float_fed = {**{k: np.asarray(v) for k, v in batch.items()},
-                         **dict(zip(float_session.output_names, float_session.run(batch)))}
-        for weight, (node, index, tensor) in targets.items():
-            x = fed.get(sites.get(tensor, tensor))
-            if x is None:
-                continue
-            x = np.asarray(x, dtype=np.float32)
-            f = float_fed.get(tensor)
-            others = () if f is None else (np.asarray(f, dtype=np.float32),)
-            w = const_array(node.inputs[index])
-            assert w is not None
-            if node.op_type == "Conv":
-                patches, *rest = _conv_patches(node, x, tuple(w.shape[2:]), rng, others)
-            else:
-                patches, *rest = (_rows(node, index, a) for a in (x, *others))
-                if patches.shape[1] > _POSITIONS_PER_BATCH:
-                    pick = rng.choice(patches.shape[1], _POSITIONS_PER_BATCH, replace=False)
-                    patches, rest = patches[:, pick], [r[:, pick] for r in rest]
-            entry = stats.get(weight)
-            if entry is None:
-                g, _, k = patches.shape
-                entry = stats[weight] = LayerStats(node.name or weight, g, np.zeros((g, k, k)), np.zeros((g, k)))
-            entry.add(patches, rest[0] if rest else None)
+    with _one_blas_thread():
+        for batch in Progress(batches, total=None, desc="layer statistics", enabled=progress):
+            _add_batch(batch, session, float_session, sites, targets, rng, stats)
     return stats
+
+
+def _add_batch(batch: Mapping[str, np.ndarray], session: Session, float_session: Session | None,
+               sites: Mapping[str, str], targets: Mapping[str, tuple[ir.Node, int, str]], rng: np.random.Generator,
+               stats: dict[str, LayerStats]) -> None:
+    outs = dict(zip(session.output_names, session.run(batch)))
+    fed = {**{k: np.asarray(v) for k, v in batch.items()}, **outs}
+    float_fed: dict[str, np.ndarray] = {}
+    if float_session is not None:
+        float_fed = {**{k: np.asarray(v) for k, v in batch.items()},
+                     **dict(zip(float_session.output_names, float_session.run(batch)))}
+    for weight, (node, index, tensor) in targets.items():
+        x = fed.get(sites.get(tensor, tensor))
+        if x is None:
+            continue
+        x = np.asarray(x, dtype=np.float32)
+        f = float_fed.get(tensor)
+        others = () if f is None else (np.asarray(f, dtype=np.float32),)
+        w = const_array(node.inputs[index])
+        assert w is not None
+        if node.op_type == "Conv":
+            patches, *rest = _conv_patches(node, x, tuple(w.shape[2:]), rng, others)
+        else:
+            patches, *rest = (_rows(node, index, a) for a in (x, *others))
+            if patches.shape[1] > _POSITIONS_PER_BATCH:
+                pick = rng.choice(patches.shape[1], _POSITIONS_PER_BATCH, replace=False)
+                patches, rest = patches[:, pick], [r[:, pick] for r in rest]
+        entry = stats.get(weight)
+        if entry is None:
+            g, _, k = patches.shape
+            entry = stats[weight] = LayerStats(node.name or weight, g, np.zeros((g, k, k)), np.zeros((g, k)))
+        entry.add(patches, rest[0] if rest else None)
 
 
 def _quantize_rows(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
@@ -391,60 +445,61 @@ def round_weights(state: Any, stats: Mapping[str, LayerStats], method: Rounding 
     fixed = set(state.fixed)
     report: dict[str, tuple[float, float]] = {}
     items = [(name, st) for name, st in stats.items() if name in params]
-    for name, st in Progress(items, total=len(items), desc=f"weights ({method.value})", unit="layer", enabled=progress):
-        p = params[name]
-        node = nodes[st.node] if st.node in nodes else nodes[p.consumers[0]]
-        index = ops.weight_index(node)
-        assert index is not None
-        w = const_array(model.graph.initializers[name])
-        assert w is not None
-        enc = state.encodings[name]
-        if not enc.symmetric:
-            continue  # asymmetric weights: left as calibrated
-        rows = _weight_rows(node, index, w.astype(np.float64))
-        g, mg, k = rows.shape
-        channel_scale = np.broadcast_to(enc.scale.astype(np.float64), (g * mg,)) if enc.axis is not None \
-            else np.full(g * mg, float(enc.scale))
-        base = channel_scale.reshape(g, mg)
-        floor = np.zeros_like(base)
-        if p.spec.pair_limit is not None:
-            floor = pair_safe_scale(rows.reshape(g * mg, k), p.spec.pair_limit).astype(np.float64).reshape(g, mg)
-            floor = np.maximum(floor, 0.0)
-        qmin, qmax = enc.qmin, enc.qmax
-        bias_name = None
-        if bias_correction and node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None \
-                and node.inputs[2].name in model.graph.initializers:
-            bias_name = node.inputs[2].name
-        objective = _objective(st, rows, target=target, centered=centered and bias_name is not None)
-        before_delta = _quantize_rows(rows, base, qmin, qmax) * base[..., None] - rows
-        before = float(objective.error(before_delta).sum())
-        scale = base
-        if method in (Rounding.SEQMSE, Rounding.ADAROUND) and enc.axis is not None:
-            scale = _seqmse_scale(rows, base, np.minimum(floor, base), objective, qmin, qmax)
-        if method is Rounding.ADAROUND:
-            q = _adaround(rows, scale, objective, qmin, qmax, iterations)
-        else:
-            q = _quantize_rows(rows, scale, qmin, qmax)
-        delta = q * scale[..., None] - rows
-        after = float(objective.error(delta).sum())
-        report[name] = (before, after)
-        flat_scale = scale.reshape(-1).astype(np.float32)
-        if method is not Rounding.NONE:  # bias correction alone keeps the grid following the weights
-            if enc.axis is not None:
-                new_encodings[name] = dataclasses.replace(enc, scale=flat_scale)
-            fixed.add(name)
-        if method is Rounding.ADAROUND:
-            new_weights[name] = _unrows(node, index, q * scale[..., None], w.shape).astype(w.dtype)
-        if bias_name is not None:
-            bias = const_array(node.inputs[2])
-            assert bias is not None
-            # the mean output error: E[w_q x - w f] (float target) or E[(w_q - w) x]
-            shift = np.einsum("gmk,gk->gm", delta, st.mean)
-            if target == "float" and st.mean_float is not None:
-                shift = shift + np.einsum("gmk,gk->gm", rows, st.mean - st.mean_float)
-            shift = shift.reshape(-1)
-            if bias.shape == shift.shape:
-                new_weights[bias_name] = (bias.astype(np.float64) - shift).astype(bias.dtype)
+    with _one_blas_thread():
+        for name, st in Progress(items, total=len(items), desc=f"weights ({method.value})", unit="layer", enabled=progress):
+            p = params[name]
+            node = nodes[st.node] if st.node in nodes else nodes[p.consumers[0]]
+            index = ops.weight_index(node)
+            assert index is not None
+            w = const_array(model.graph.initializers[name])
+            assert w is not None
+            enc = state.encodings[name]
+            if not enc.symmetric:
+                continue  # asymmetric weights: left as calibrated
+            rows = _weight_rows(node, index, w.astype(np.float64))
+            g, mg, k = rows.shape
+            channel_scale = np.broadcast_to(enc.scale.astype(np.float64), (g * mg,)) if enc.axis is not None \
+                else np.full(g * mg, float(enc.scale))
+            base = channel_scale.reshape(g, mg)
+            floor = np.zeros_like(base)
+            if p.spec.pair_limit is not None:
+                floor = pair_safe_scale(rows.reshape(g * mg, k), p.spec.pair_limit).astype(np.float64).reshape(g, mg)
+                floor = np.maximum(floor, 0.0)
+            qmin, qmax = enc.qmin, enc.qmax
+            bias_name = None
+            if bias_correction and node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None \
+                    and node.inputs[2].name in model.graph.initializers:
+                bias_name = node.inputs[2].name
+            objective = _objective(st, rows, target=target, centered=centered and bias_name is not None)
+            before_delta = _quantize_rows(rows, base, qmin, qmax) * base[..., None] - rows
+            before = float(objective.error(before_delta).sum())
+            scale = base
+            if method in (Rounding.SEQMSE, Rounding.ADAROUND) and enc.axis is not None:
+                scale = _seqmse_scale(rows, base, np.minimum(floor, base), objective, qmin, qmax)
+            if method is Rounding.ADAROUND:
+                q = _adaround(rows, scale, objective, qmin, qmax, iterations)
+            else:
+                q = _quantize_rows(rows, scale, qmin, qmax)
+            delta = q * scale[..., None] - rows
+            after = float(objective.error(delta).sum())
+            report[name] = (before, after)
+            flat_scale = scale.reshape(-1).astype(np.float32)
+            if method is not Rounding.NONE:  # bias correction alone keeps the grid following the weights
+                if enc.axis is not None:
+                    new_encodings[name] = dataclasses.replace(enc, scale=flat_scale)
+                fixed.add(name)
+            if method is Rounding.ADAROUND:
+                new_weights[name] = _unrows(node, index, q * scale[..., None], w.shape).astype(w.dtype)
+            if bias_name is not None:
+                bias = const_array(node.inputs[2])
+                assert bias is not None
+                # the mean output error: E[w_q x - w f] (float target) or E[(w_q - w) x]
+                shift = np.einsum("gmk,gk->gm", delta, st.mean)
+                if target == "float" and st.mean_float is not None:
+                    shift = shift + np.einsum("gmk,gk->gm", rows, st.mean - st.mean_float)
+                shift = shift.reshape(-1)
+                if bias.shape == shift.shape:
+                    new_weights[bias_name] = (bias.astype(np.float64) - shift).astype(bias.dtype)
     new_state = state.with_encodings(new_encodings, fixed=frozenset(fixed))
     if new_weights:
         new_state = pipeline.apply_weights(new_state, new_weights)

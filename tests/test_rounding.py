@@ -293,3 +293,19 @@ def test_weight_rounding_on_a_used_up_generator_is_an_error_not_a_silent_no_op()
     sim = QuantizationSimModel(tiny_cnn(), param_bw=4, per_channel=True)
     with pytest.raises(ConfigError, match="weight rounding saw no calibration batch"):
         sim.compute_encodings((b for b in random_batches()), progress=False, weight_rounding="seqmse")
+
+
+def test_numerics_run_on_one_blas_thread_and_restore_the_count():
+    from onnxqat import rounding
+
+    found = rounding._openblas()
+    if found is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS found in /proc/self/maps")
+    get, _ = found
+    before = int(get())
+    with rounding._one_blas_thread():
+        assert int(get()) == 1
+    assert int(get()) == before
+    with pytest.raises(RuntimeError), rounding._one_blas_thread():
+        raise RuntimeError("restored on error too")
+    assert int(get()) == before

@@ -73,6 +73,9 @@ class HistogramObserver:
         self.lo = 0.0
         self.width = 0.0
         self.minmax = MinMaxObserver()
+        # sums of each sample's min and max (axis 0 = samples; a tensor of rank < 2 is one sample)
+        self.sample_sums = np.zeros(2, dtype=np.float64)
+        self.samples = 0
 
     @property
     def min(self) -> float:
@@ -91,11 +94,16 @@ class HistogramObserver:
         return self.minmax.nonfinite
 
     def update(self, x: np.ndarray) -> None:
-        x = _finite(np.asarray(x), self.minmax).ravel()
+        x = np.asarray(x)
         if not x.size:
             return
-        self.extend(float(x.min()), float(x.max()))
-        self.counts += _binned(x, self.lo, self.width, self.bins)
+        lo, hi, flat = _sample_bounds(x, self.minmax)
+        if not flat.size:
+            return
+        self.sample_sums += (float(lo.sum(dtype=np.float64)), float(hi.sum(dtype=np.float64)))
+        self.samples += len(lo)
+        self.extend(float(lo.min()), float(hi.max()))
+        self.counts += _binned(flat, self.lo, self.width, self.bins)
 
     def extend(self, xmin: float, xmax: float) -> None:
         """Make the grid cover ``[xmin, xmax]``, as :meth:`update` does for a batch with these
@@ -110,6 +118,13 @@ class HistogramObserver:
             self.width = span / self.bins
         else:
             self._grow(xmin, xmax)
+
+    def sample_mean_range(self) -> tuple[float, float]:
+        """Mean over the samples seen of each sample's min and max (NNCF's default range)."""
+        if not self.samples:
+            return self.min, self.max
+        lo, hi = self.sample_sums / self.samples
+        return float(lo), float(hi)
 
     def _grow(self, xmin: float, xmax: float) -> None:
         step = self._grow_step(xmin, xmax)
@@ -138,6 +153,8 @@ class HistogramObserver:
         """Fold in another histogram: its counts go to this grid's bins by their centres (exact
         when the grids agree, else within one bin of the coarser grid)."""
         self.minmax.nonfinite += other.nonfinite
+        self.sample_sums += other.sample_sums
+        self.samples += other.samples
         if other.empty:
             return
         if self.empty:
@@ -201,6 +218,8 @@ class HistogramBatch:
         self.grids: list[tuple[float, float, tuple[int, int] | None]] = []  # lo, width, regrid before it
         self.counts: list[np.ndarray] = []
         self.seen: list[MinMaxObserver] = []
+        self.sample_sums: list[np.ndarray] = []  # the pieces' per-sample bounds (pieces split the samples)
+        self.samples: list[int] = []
 
     def begin(self, xmin: float, xmax: float) -> int:
         """Announce the next tensor's finite bounds; returns its index for :meth:`add`."""
@@ -222,17 +241,24 @@ class HistogramBatch:
         self.grids.append((probe.lo, probe.width, step))
         self.counts.append(np.zeros(self.observer.bins, dtype=np.float64))
         self.seen.append(MinMaxObserver())
+        self.sample_sums.append(np.zeros(2, dtype=np.float64))
+        self.samples.append(0)
         return len(self.grids) - 1
 
     def add(self, index: int, x: np.ndarray) -> None:
         """Bin a piece of tensor ``index``."""
         seen = self.seen[index]
-        x = _finite(np.asarray(x), seen).ravel()
+        x = np.asarray(x)
         if not x.size:
             return
-        seen.update_range(float(x.min()), float(x.max()))
+        low, high, flat = _sample_bounds(x, seen)
+        if not flat.size:
+            return
+        seen.update_range(float(low.min()), float(high.max()))
+        self.sample_sums[index] += (float(low.sum(dtype=np.float64)), float(high.sum(dtype=np.float64)))
+        self.samples[index] += len(low)
         lo, width, _ = self.grids[index]
-        self.counts[index] += _binned(x, lo, width, self.observer.bins)
+        self.counts[index] += _binned(flat, lo, width, self.observer.bins)
 
     def spans_bounds(self) -> bool:
         """Whether every tensor's pieces held finite values spanning exactly its announced bounds."""
@@ -251,8 +277,26 @@ class HistogramBatch:
             assert (obs.lo, obs.width) == (lo, width)
             obs.minmax.update_range(seen.min, seen.max)
             obs.counts = obs.counts + counts
-        for seen in self.seen:
+        for seen, sums, samples in zip(self.seen, self.sample_sums, self.samples):
             obs.minmax.nonfinite += seen.nonfinite
+            obs.sample_sums += sums
+            obs.samples += samples
+
+
+def _sample_bounds(x: np.ndarray, observer: MinMaxObserver) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each sample's finite min and max (axis 0 = samples; a tensor of rank < 2 is one sample, and
+    samples without a finite value are left out) and the finite values, flat, in one pass; the
+    non-finite values are counted on ``observer``."""
+    rows = x.reshape(len(x), -1) if x.ndim >= 2 else x.reshape(1, -1)
+    finite = np.isfinite(rows) if rows.dtype.kind == "f" else None
+    if finite is None or finite.all():
+        return rows.min(axis=1), rows.max(axis=1), x.ravel()
+    observer.nonfinite += int(finite.size - finite.sum())
+    masked = np.where(finite, rows, np.nan)[finite.any(axis=1)]
+    if not masked.size:
+        empty = np.zeros(0, dtype=rows.dtype)
+        return empty, empty, empty
+    return np.nanmin(masked, axis=1), np.nanmax(masked, axis=1), rows[finite]
 
 
 def _finite(x: np.ndarray, observer: MinMaxObserver) -> np.ndarray:

@@ -7,7 +7,10 @@
   scale^2 / 12; a grid search over shrunk ranges picks the smallest, unless the min-max or
   the percentile range quantizes the histogram with a smaller exact error
   (:func:`histogram_error`), so ``sqnr`` is never worse than either on its own tensor.
-* ``auto`` (the default): the model-level choice among the three above, all computed from the
+* ``meanminmax``: the mean over calibration samples of each sample's min and of its max (NNCF's
+  default for activations): a range that ignores the extremes of a few samples; streamed as two
+  running sums per tensor (axis 0 taken as the sample axis).
+* ``auto`` (the default): the model-level choice among the four above, all computed from the
   same statistics, of the one whose simulation is closest to the float model's outputs on the
   first calibration batches (:func:`onnxqat.pipeline.choose_scheme`). A range that is best for
   its own tensor is not always best for the model (a transformer's extreme attention logits
@@ -39,6 +42,7 @@ class Scheme(Choice):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     SQNR = "sqnr"
+    MEAN_MINMAX = "meanminmax"
     AUTO = "auto"
 
     @classmethod
@@ -61,6 +65,8 @@ def activation_encoding(
         raise ValueError("no finite value was observed")
     if scheme is Scheme.MINMAX or not isinstance(observer, HistogramObserver):
         lo, hi = observer.min, observer.max
+    elif scheme is Scheme.MEAN_MINMAX:
+        lo, hi = observer.sample_mean_range()
     elif scheme in (Scheme.PERCENTILE, Scheme.AUTO):  # auto chooses per model; per tensor its fallback
         lo, hi = observer.percentile_range(percentile)
     else:
