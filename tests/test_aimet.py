@@ -203,9 +203,11 @@ def test_strict_export_of_the_paddleocr_classifier_names_what_aimets_file_names(
 def test_the_placement_switches_are_off_outside_the_aimet_preset():
     aimet, plain = load_config("aimet"), load_config("onnxruntime")
     switches = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
-                "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights")
-    assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False, True, True]
-    assert [getattr(plain, k) for k in switches] == [False, True, True, True, True, False, False]
+                "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights",
+                "untie_wide_concats", "raise_weight_scales")
+    assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False, True, True, False, True]
+    assert [getattr(plain, k) for k in switches] == [False, True, True, True, True, False, False, True, False]
+    assert type(aimet).from_dict(aimet.to_dict()) == aimet  # the two new keys round-trip
     # aimet-onnx's own config files do not set them: the file alone keeps onnxqat's rules
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its BatchNormalization keys, reported unused
@@ -487,3 +489,115 @@ def test_an_offset_on_a_tie_is_aimets_double_precision_one():
     spec = QuantSpec(bitwidth=8)
     assert int(compute_encoding(-1.0, 1.0, spec.replace(symmetric_scale="aimet")).aimet_offset) == -128
     assert int(compute_encoding(-1.0, 1.0, spec).aimet_offset) == -127  # onnxqat's own: from the float32 scale
+
+
+# -- weight scales raised against overflow (aimet-onnx's _adjust_weight_scales_against_overflow) ----
+OVERFLOW = os.path.join(FIXTURES, "overflow")
+
+
+def _overflow_reference(unadjusted: dict, biases: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rules of aimet-onnx's docstring, one channel at a time, from aimet's own calibration
+    before the adjustment: the smallest weight scale >= the calibrated one with |bias| <= N s_x s_w,
+    s_x s_w / s_y > 2^-23.5 and |round(b / s_b) + round(o_y s_y / s_b)| <= N (N = 2^31 - 2^15).
+    Layers of the fixture: (weight, bias, input, output or None)."""
+    f32, n = np.float32, 2**31 - 2**15
+    acts = {e["name"]: e for e in unadjusted["activation_encodings"]}
+    params = {e["name"]: e for e in unadjusted["param_encodings"]}
+    layers = [("w1", "b1", "x", "c1"), ("w2", "b2", "c1", None), ("wg", "bg", "p", "out"), ("wm", "bm", "p", "out2")]
+    out = {}
+    for weight, bias, x, y in layers:
+        sx = f32(acts[x]["scale"][0])
+        scales = []
+        for c, sw in enumerate(np.asarray(params[weight]["scale"], np.float32)):
+            b = float(biases[bias][c])
+            s = max(float(sw), abs(b) / (n * float(sx)))  # float64, then float32 as aimet
+            s = f32(s)
+            if y is not None:
+                sy, oy = f32(acts[y]["scale"][0]), f32(acts[y]["offset"][0])
+                s = max(s, f32(f32(2**-23.5) * sy) * (f32(1) / sx))  # torch's scalar / tensor: x reciprocal
+                sb = f32(sx * s)
+                acc = f32(np.round(f32(b) / sb) + np.round(f32(oy * sy) / sb))
+                s = f32(max(float(s), abs(float(f32(acc * sb))) / (n * float(sx))))
+            scales.append(s)
+        out[weight] = np.array(scales, np.float32)
+    return out
+
+
+def _overflow_sim(config: str = "aimet") -> QuantizationSimModel:
+    x = np.load(os.path.join(OVERFLOW, "calib.npz"))["x"]
+    sim = QuantizationSimModel(os.path.join(OVERFLOW, "model.onnx"), per_channel=True, config=config,
+                               target="htp", quant_scheme="minmax")
+    return sim.compute_encodings([{"x": x[i:i + 4]} for i in range(0, 16, 4)])
+
+
+def test_weight_scales_are_raised_against_overflow_as_aimet_onnx_does():
+    import onnx
+    from onnx import numpy_helper
+
+    theirs = json.load(open(os.path.join(OVERFLOW, "model.encodings")))
+    before = json.load(open(os.path.join(OVERFLOW, "unadjusted.encodings")))
+    biases = {i.name: numpy_helper.to_array(i) for i in onnx.load(os.path.join(OVERFLOW, "model.onnx")).graph.initializer
+              if i.name.startswith("b")}
+    ref = _overflow_reference(before, biases)
+    adjusted = {n: np.asarray(e["scale"], np.float32) for n, e in entries(theirs, "param_encodings").items()}
+    calibrated = {n: np.asarray(e["scale"], np.float32) for n, e in entries(before, "param_encodings").items()}
+    # the reference is aimet's rule: aimet's own adjusted file, bit for bit
+    for name in ref:
+        np.testing.assert_array_equal(ref[name], adjusted[name], err_msg=name)
+    # and it changed something in every way the fixture sets up (conv1: rules 2 and 3, conv2: 1, matmul+add: 2)
+    raised = {n: np.flatnonzero(adjusted[n] > calibrated[n] * (1 + 1e-6)).tolist() for n in adjusted}
+    assert raised == {"w1": [1, 2], "w2": [3], "wg": [], "wm": [1]}
+    # onnxqat's aimet preset: aimet's file exactly (scales as float32, offsets, activations too)
+    ours = _overflow_sim().encodings_document(encodings_format="aimet-strict")
+    for section in ("activation_encodings", "param_encodings"):
+        a, b = entries(ours, section), entries(theirs, section)
+        assert a.keys() == b.keys()
+        for n, e in b.items():
+            assert a[n]["offset"] == e["offset"], n
+            np.testing.assert_array_equal(np.asarray(a[n]["scale"], np.float32), np.asarray(e["scale"], np.float32),
+                                          err_msg=n)
+    # outside the preset no scale is raised: aimet's calibration before its adjustment
+    plain = _overflow_sim(load_config("aimet").with_overrides(raise_weight_scales=False))
+    for n, e in entries(plain.encodings_document(encodings_format="aimet-strict"), "param_encodings").items():
+        np.testing.assert_array_equal(np.asarray(e["scale"], np.float32), calibrated[n], err_msg=n)
+
+
+def test_raised_weight_scales_follow_new_weights():
+    """set_weights (trained weights) re-encodes the weights and raises them again."""
+    sim = _overflow_sim()
+    raised = sim.encodings["w1"].scale.copy()
+    sim.set_weights({"w1": sim.weights()["w1"] * 1.0})
+    np.testing.assert_array_equal(sim.encodings["w1"].scale, raised)
+
+
+def _wide_concat(tmp_path) -> str:
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="sigmoid"),
+             helper.make_node("Mul", ["x", "k"], ["big"], name="mul"),
+             helper.make_node("Concat", ["s", "big"], ["y"], name="concat", axis=1)]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor("k", TensorProto.FLOAT, [], [300.0])])
+    path = str(tmp_path / "wide.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def test_the_aimet_preset_keeps_a_concat_tie_that_onnxqat_would_undo(tmp_path):
+    """Inputs 0-1 and 0-300 (nudenet's scores and boxes): onnxqat's own rule unties them, aimet-onnx
+    (and so the aimet preset) keeps one grid for the Concat's inputs and output."""
+    path = _wide_concat(tmp_path)
+    batch = [{"x": np.random.default_rng(0).uniform(-1, 1, (16, 4)).astype(np.float32)}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sim = QuantizationSimModel(path, config="aimet", target="htp").compute_encodings(batch)
+    assert not [w for w in caught if "runs in float" in str(w.message)]
+    tied = sim.plan.activation_of("y")
+    assert tied is not None and {"s", "big", "y"} <= set(tied.tensors)
+    with pytest.warns(RuntimeWarning, match="Concat 'concat'.*runs in float"):
+        own = QuantizationSimModel(path, config="aimet", target="htp")
+        own.config = own.config.with_overrides(untie_wide_concats=True)
+        own.compute_encodings(batch)
+    assert own.plan.activation_of("s") is not own.plan.activation_of("big")
