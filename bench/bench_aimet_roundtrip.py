@@ -217,8 +217,17 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
             beyond += int((d > 1 + 1e-3).sum())
             differing += int((d > 1e-3).sum())
             total += d.size
+        in_order = list(worst)  # graph order: where the sims first part
+        first_differing = next((w for w in in_order if w[0] > 1e-3), None)
+        first_beyond = next((w for w in in_order if w[0] > 1 + 1e-3), None)
         worst.sort(reverse=True)
         return {"tensors": len(values), "tensors_beyond_1_lsb": sum(1 for w in worst if w[0] > 1 + 1e-3),
+                "first_differing": None if first_differing is None else
+                {"tensor": first_differing[1], "op": first_differing[2], "max_lsb": round(first_differing[0], 4)},
+                "first_beyond_1_lsb": None if first_beyond is None else
+                {"tensor": first_beyond[1], "op": first_beyond[2], "max_lsb": round(first_beyond[0], 4),
+                 "values_beyond_1_lsb": first_beyond[3],
+                 "tensors_before_it": in_order.index(first_beyond)},
                 "values": total, "values_differing": differing, "values_beyond_1_lsb": beyond,
                 "max_lsb": round(worst[0][0], 4) if worst else 0.0,
                 "worst": [{"tensor": t, "op": op, "max_lsb": round(m, 4), "values_beyond_1_lsb": b}
@@ -263,10 +272,19 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
     del cut.graph.output[:]
     cut.graph.output.extend(o for o in outputs if o.name not in fed)
     cut.graph.output.extend(onnx.ValueInfoProto(name=sites[t]) for t in theirs)
+    outs = {o.name for o in cut.graph.output}
+    inputs = {i.name for i in cut.graph.input}
+    pre = [t for t in theirs if t not in outs and t not in inputs]  # what each QuantizeLinear reads
+    cut.graph.output.extend(onnx.ValueInfoProto(name=t) for t in pre)
     session = ort.InferenceSession(cut.SerializeToString(), options, providers=["CPUExecutionProvider"])
     cut_feed = dict(feed)
     cut_feed.update({fed[sites[t]]: their_values[t] for t in theirs})
-    per_layer = compare(dict(zip(theirs, session.run(fetch, cut_feed))))
+    got = session.run(fetch + pre, cut_feed)
+    layer_values = dict(zip(theirs, got[:len(fetch)]))
+    per_layer = compare(layer_values)
+    before_q = dict(zip(pre, got[len(fetch):]))
+    before_q.update({t: feed[t] for t in theirs if t in feed})
+    per_layer["ties"] = ties(sim, layer_values, their_values, before_q, scale)
     unmatched = sorted(t for t in sites if t not in params and t not in theirs)
     # the model inputs, quantized by both from the same values: aimet-onnx's rounding rule checked
     rounding = {}
@@ -279,6 +297,54 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
                                            enc.bitwidth, their_values[t], ours[t])
     return {"end_to_end": end_to_end, "per_layer": per_layer, "model_inputs": rounding,
             "onnxqat_tensors_without_aimet_tensor": unmatched[:10]}
+
+
+def ties(sim, ours: dict, theirs: dict, before_q: dict, scale) -> dict:  # type: ignore[no-untyped-def]
+    """Per layer (each fed aimet-onnx's quantized inputs): where the values the two sims quantize
+    differently sit on onnxqat's grid. ``v = x / scale`` in float32 (as QuantizeLinear divides);
+    an *exact tie* has ``v - floor(v) == 0.5`` (QuantizeLinear rounds it to even, aimet-onnx half
+    up, so half of the ties differ), a *near tie* is within 1e-3 of one (float error of either
+    side's op or aimet's multiplication by 1/scale), anything else is *other*. Counts over every
+    compared tensor whose float input is known (model inputs, and every QuantizeLinear input).
+    ``differing_explained_by_aimets_rule``: differing values that aimet-onnx's rounding
+    (``floor(x * (1/scale) - offset + 0.5)`` in float32, clamped) of onnxqat's own float input
+    reproduces, i.e. the rounding rule alone; the rest had another float input (the op computed
+    differently, e.g. another onnxruntime version's kernel)."""
+    total = exact = explained = 0
+    differing = {"exact_tie": 0, "near_tie": 0, "other": 0}
+    per_tensor = []
+    for t, x in before_q.items():
+        if t not in ours:
+            continue
+        s = np.float32(scale(t))
+        v = np.asarray(x, dtype=np.float32) / s
+        frac = v - np.floor(v)
+        at_tie = frac == np.float32(0.5)
+        near = (np.abs(frac.astype(np.float64) - 0.5) < 1e-3) & ~at_tie
+        diff = np.abs(ours[t].astype(np.float64) - theirs[t].astype(np.float64)) / float(s) > 1e-3
+        if diff.shape != at_tie.shape:  # a tensor compared across a reshape
+            continue
+        total += int(v.size)
+        exact += int(at_tie.sum())
+        enc = sim.encodings[sim.plan.activation_of(t).name]
+        offset, top = np.float32(np.max(enc.aimet_offset)), (1 << enc.bitwidth) - 1
+        emulated = (np.clip(np.floor(np.asarray(x, np.float32) * (np.float32(1) / s) - offset + np.float32(0.5)),
+                            0, top).astype(np.float64) + float(offset)) * float(s)
+        rule = diff & (np.abs(emulated - theirs[t].astype(np.float64)) <= float(s) * 1e-3)
+        explained += int(rule.sum())
+        n_exact, n_near = int((diff & at_tie).sum()), int((diff & near).sum())
+        n_other = int(diff.sum()) - n_exact - n_near
+        differing["exact_tie"] += n_exact
+        differing["near_tie"] += n_near
+        differing["other"] += n_other
+        if at_tie.any() or diff.any():
+            per_tensor.append({"tensor": t, "values": int(v.size), "exact_ties": int(at_tie.sum()),
+                               "differing": int(diff.sum()), "at_exact_tie": n_exact, "near_tie": n_near,
+                               "other": n_other})
+    per_tensor.sort(key=lambda r: (-r["differing"], -r["exact_ties"]))
+    return {"values": total, "exact_ties": exact, "differing": differing,
+            "differing_explained_by_aimets_rule": explained,
+            "tensors_with_exact_ties": sum(1 for r in per_tensor if r["exact_ties"]), "worst": per_tensor[:8]}
 
 
 def aimet_rounding_check(x: np.ndarray, scale: float, offset: int, bits: int, theirs: np.ndarray,
@@ -407,8 +473,9 @@ def table(results: list[dict]) -> list[str]:
     comparison of every quantized tensor (unfused)."""
     rows = ["| model (calib / eval) | direction | strict | values | differ (unfused) | > 1 LSB (unfused) | max LSB "
             "unfused | differ (fused) | > 1 LSB (fused) | max LSB fused | per layer: max LSB, values > 1 LSB | "
-            "end to end: tensors > 1 LSB, max LSB |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+            "end to end: tensors > 1 LSB, max LSB | end to end: first tensor > 1 LSB (tensors before it) | "
+            "per layer: values differing at an exact tie / near one / other (exact ties) |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
     for r in results:
         for key, label in (("aimet_to_onnxqat", "aimet → onnxqat"), ("onnxqat_to_aimet", "onnxqat → aimet")):
             d = r[key]
@@ -417,14 +484,21 @@ def table(results: list[dict]) -> list[str]:
             if key == "aimet_to_onnxqat" and d["load_warnings"]:
                 strict = "- (warned)"
             layers = d.get("layers")
-            per = e2e = ""
+            per = e2e = first = tie = ""
             if layers:
                 p, e = layers["per_layer"], layers["end_to_end"]
                 per = f"{p['max_lsb']:g}, {p['values_beyond_1_lsb']} of {p['values']}"
                 e2e = f"{e['tensors_beyond_1_lsb']} of {e['tensors']}, {e['max_lsb']:g}"
+                fb = e.get("first_beyond_1_lsb")
+                first = "none" if fb is None else f"`{fb['tensor']}` ({fb['op']}, {fb['tensors_before_it']})"
+                t = p.get("ties")
+                if t:
+                    dd = t["differing"]
+                    tie = (f"{dd['exact_tie']} / {dd['near_tie']} / {dd['other']} ({t['exact_ties']} of {t['values']}); "
+                           f"rule explains {t['differing_explained_by_aimets_rule']}")
             rows.append(f"| {r['model']} ({r['calibration_samples']} / {r['eval_samples']}) | {label} | {strict} | "
                         f"{u['values']} | {u['values_differing']} | {u['values_beyond_1_lsb']} | {u['max_lsb']:g} | "
-                        f"{f['values_differing']} | {f['values_beyond_1_lsb']} | {f['max_lsb']:g} | {per} | {e2e} |")
+                        f"{f['values_differing']} | {f['values_beyond_1_lsb']} | {f['max_lsb']:g} | {per} | {e2e} | {first} | {tie} |")
     return rows
 
 
