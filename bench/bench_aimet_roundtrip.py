@@ -304,10 +304,10 @@ def ties(sim, ours: dict, theirs: dict, before_q: dict, scale) -> dict:  # type:
     differently sit on onnxqat's grid. ``v = x / scale`` in float32 (as QuantizeLinear divides);
     an *exact tie* has ``v - floor(v) == 0.5`` (QuantizeLinear rounds it to even, aimet-onnx half
     up, so half of the ties differ), a *near tie* is within 1e-3 of one (float error of either
-    side's op or aimet's multiplication by 1/scale), anything else is *other*. Counts over every
+    side's op, or aimet's float32 subtraction of the offset before rounding), anything else is *other*. Counts over every
     compared tensor whose float input is known (model inputs, and every QuantizeLinear input).
     ``differing_explained_by_aimets_rule``: differing values that aimet-onnx's rounding
-    (``floor(x * (1/scale) - offset + 0.5)`` in float32, clamped) of onnxqat's own float input
+    (:func:`aimet_round`) of onnxqat's own float input
     reproduces, i.e. the rounding rule alone; the rest had another float input (the op computed
     differently, e.g. another onnxruntime version's kernel)."""
     total = exact = explained = 0
@@ -328,8 +328,7 @@ def ties(sim, ours: dict, theirs: dict, before_q: dict, scale) -> dict:  # type:
         exact += int(at_tie.sum())
         enc = sim.encodings[sim.plan.activation_of(t).name]
         offset, top = np.float32(np.max(enc.aimet_offset)), (1 << enc.bitwidth) - 1
-        emulated = (np.clip(np.floor(np.asarray(x, np.float32) * (np.float32(1) / s) - offset + np.float32(0.5)),
-                            0, top).astype(np.float64) + float(offset)) * float(s)
+        emulated = (aimet_round(np.asarray(x, np.float32), s, offset, top).astype(np.float64) + float(offset)) * float(s)
         rule = diff & (np.abs(emulated - theirs[t].astype(np.float64)) <= float(s) * 1e-3)
         explained += int(rule.sum())
         n_exact, n_near = int((diff & at_tie).sum()), int((diff & near).sum())
@@ -347,15 +346,22 @@ def ties(sim, ours: dict, theirs: dict, before_q: dict, scale) -> dict:  # type:
             "tensors_with_exact_ties": sum(1 for r in per_tensor if r["exact_ties"]), "worst": per_tensor[:8]}
 
 
+def aimet_round(x: np.ndarray, scale: np.float32, offset: np.float32, top: int) -> np.ndarray:
+    """aimet-onnx 2.42's quantizer on its unsigned grid, as measured on its own outputs
+    (tests/fixtures/aimet/rounding): ``v = float32(float32(x / scale) - offset)``, rounded half away
+    from zero, clamped to [0, top]."""
+    v = (x.astype(np.float32) / np.float32(scale)).astype(np.float32) - np.float32(offset)
+    low = np.floor(v)
+    return np.clip(np.where(v - low >= np.float32(0.5), low + 1, low), 0, top)
+
+
 def aimet_rounding_check(x: np.ndarray, scale: float, offset: int, bits: int, theirs: np.ndarray,
                          ours: np.ndarray) -> dict:
-    """How many input values aimet-onnx's quantizer rounds as ``floor(x * (1/scale) - offset + 0.5)``
-    in float32 (half up on the unsigned grid; its CPU kernel: x / delta - offset, std::round) does
-    not explain, and how many of them onnxqat (QuantizeLinear: round half to even of x / scale, then
-    + zero point) puts on another step."""
+    """How many input values aimet-onnx's rounding (:func:`aimet_round`: ``x / scale - offset`` in
+    float32, then half away from zero) does not explain, and how many of them onnxqat
+    (QuantizeLinear: round half to even of x / scale, then + zero point) puts on another step."""
     x = x.astype(np.float32)
-    inv = np.float32(1.0) / np.float32(scale)
-    q = np.clip(np.floor(x * inv - np.float32(offset) + np.float32(0.5)), 0, (1 << bits) - 1)
+    q = aimet_round(x, np.float32(scale), np.float32(offset), (1 << bits) - 1)
     emulated = (q.astype(np.float64) + offset) * scale
     step = np.abs(theirs.astype(np.float64) - ours.astype(np.float64)) / scale
     return {"values": int(x.size), "not_explained_by_half_up_rule": int((np.abs(emulated - theirs) > scale / 2).sum()),

@@ -601,3 +601,120 @@ def test_the_aimet_preset_keeps_a_concat_tie_that_onnxqat_would_undo(tmp_path):
         own.config = own.config.with_overrides(untie_wide_concats=True)
         own.compute_encodings(batch)
     assert own.plan.activation_of("s") is not own.plan.activation_of("big")
+
+
+# -- rounding: aimet-onnx's quantizer against QuantizeLinear (tests/fixtures/aimet/rounding) ---------
+ROUNDING = os.path.join(FIXTURES, "rounding", "rounding.npz")
+
+
+def _aimet_rounding_cases():
+    z = np.load(ROUNDING)
+    for i in range(len([k for k in z.files if k.startswith("x_")])):
+        scale, offset, bits = z[f"encoding_{i}"]
+        x, q = z[f"x_{i}"], z[f"q_{i}"]
+        s = np.float32(scale)
+        steps = np.round(q.astype(np.float64) / s - offset)  # aimet's integers (its output is (k + offset) * s)
+        np.testing.assert_array_equal(((steps + offset) * s).astype(np.float32), q)  # dequantised in float32
+        yield x, s, int(offset), int(bits), steps
+
+
+def _half_away(x: np.ndarray, s: np.float32, offset: int, top: int) -> np.ndarray:
+    """aimet's rule in plain Python floats emulating float32: v = f32(f32(x / s) - offset),
+    rounded half away from zero, clamped (one value at a time)."""
+    out = np.empty(x.shape, np.float64)
+    for i, xi in enumerate(x.tolist()):
+        v = float(np.float32(float(np.float32(np.float32(xi) / s)) - offset))
+        k = np.floor(v) + (1.0 if v - np.floor(v) >= 0.5 else 0.0)
+        out[i] = min(max(k, 0.0), top)
+    return out
+
+
+def _quantize_linear(x: np.ndarray, s: np.float32, zero_point: int) -> np.ndarray:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])], "ql",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+                              [helper.make_tensor_value_info("q", TensorProto.UINT8, ["N"])],
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [float(s)]),
+                               helper.make_tensor("z", TensorProto.UINT8, [], [zero_point])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0].astype(np.float64)
+
+
+def test_aimets_quantizer_rounds_x_over_scale_minus_offset_half_away_in_float32():
+    """aimet-onnx's own outputs (midpoints of its grid, 24 float32 neighbours either side, image
+    pixels, random values): its rule is v = float32(float32(x / s) - offset), half away from zero.
+    QuantizeLinear (what onnxqat simulates and deploys: half to even of x / s, then + zero point)
+    takes another step at exact midpoints and where the float32 addition of the offset rounds a
+    near-midpoint onto one (x / s = 4.4999995 -> 132.5 with offset -128)."""
+    for x, s, offset, bits, steps in _aimet_rounding_cases():
+        top = (1 << bits) - 1
+        np.testing.assert_array_equal(_half_away(x, s, offset, top), steps)
+        ql = _quantize_linear(x, s, -offset)
+        apart = ql != steps
+        assert 300 < apart.sum() < 0.1 * x.size and np.all(np.abs(ql - steps)[apart] == 1)
+        v = (x / s).astype(np.float32)
+        exact = (v - np.floor(v)) == 0.5
+        near = ~exact & (np.abs((v - np.floor(v)).astype(np.float64) - 0.5) < 1e-4)
+        assert np.all((exact | near)[apart]) and (near & apart).any() and (exact & apart).any()
+
+
+def test_quantizelinear_of_x_plus_a_tiny_bias_is_not_aimets_rounding():
+    """Moving x up by any fixed amount before QuantizeLinear turns some values aimet rounds down
+    up (those just below a midpoint), or leaves some midpoints it rounds up to even (a bias below
+    half a float32 step of x / s is lost): no bias makes it aimet's rule on these inputs."""
+    for x, s, offset, _, steps in _aimet_rounding_cases():
+        for rel in (1e-9, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
+            assert np.any(_quantize_linear((x + np.float32(rel) * s).astype(np.float32), s, -offset) != steps), rel
+
+
+def _aimet_rounding_graph(s: np.float32, offset: int, bits: int):
+    """aimet's rule in standard ONNX ops: Div, Add (the zero point), round half away from zero as
+    Floor + (v - Floor(v) >= 0.5), Clip; then QuantizeLinear(scale 1) to the integers and
+    DequantizeLinear with the encoding (what the integer kernels after it read)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    c = {"s": float(s), "zp": float(-offset), "half": 0.5, "lo": 0.0, "hi": float((1 << bits) - 1), "one": 1.0}
+    inits = [helper.make_tensor(k, TensorProto.FLOAT, [], [v]) for k, v in c.items()]
+    inits += [helper.make_tensor("z0", TensorProto.UINT8, [], [0]), helper.make_tensor("zq", TensorProto.UINT8, [], [-offset])]
+    nodes = [helper.make_node("Div", ["x", "s"], ["d"]), helper.make_node("Add", ["d", "zp"], ["v"]),
+             helper.make_node("Floor", ["v"], ["f"]), helper.make_node("Sub", ["v", "f"], ["r"]),
+             helper.make_node("GreaterOrEqual", ["r", "half"], ["up"]),
+             helper.make_node("Cast", ["up"], ["u"], to=TensorProto.FLOAT), helper.make_node("Add", ["f", "u"], ["k"]),
+             helper.make_node("Clip", ["k", "lo", "hi"], ["kc"]), helper.make_node("QuantizeLinear", ["kc", "one", "z0"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zq"], ["y"])]
+    graph = helper.make_graph(nodes, "aimet_round", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+                              [helper.make_tensor_value_info("q", TensorProto.UINT8, ["N"]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_aimets_rounding_in_standard_ops_is_exact_in_both_runtimes(deploy_python, tmp_path):
+    """The form above gives aimet-onnx's integers and dequantised values exactly, in this
+    environment's onnxruntime and in the plain current release (all graph optimizations on)."""
+    import onnxruntime as ort
+
+    for i, (x, s, offset, bits, steps) in enumerate(_aimet_rounding_cases()):
+        model = _aimet_rounding_graph(s, offset, bits)
+        path = tmp_path / f"round{i}.onnx"
+        path.write_bytes(model.SerializeToString())
+        np.save(tmp_path / f"x{i}.npy", x)
+        q, y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        np.testing.assert_array_equal(q.astype(np.float64), steps)
+        np.testing.assert_array_equal(y, ((steps + offset) * s).astype(np.float32))
+        script = ("import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1], "
+                  "providers=['CPUExecutionProvider']); q, y = s.run(None, {'x': np.load(sys.argv[2])}); "
+                  "np.save(sys.argv[3], q); np.save(sys.argv[4], y)")
+        done = subprocess.run([deploy_python, "-c", script, str(path), str(tmp_path / f"x{i}.npy"),
+                               str(tmp_path / f"q{i}.npy"), str(tmp_path / f"y{i}.npy")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        np.testing.assert_array_equal(np.load(tmp_path / f"q{i}.npy"), q)
+        np.testing.assert_array_equal(np.load(tmp_path / f"y{i}.npy"), y)
