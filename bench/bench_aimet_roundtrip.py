@@ -156,6 +156,63 @@ def lsb_diff(a: list[np.ndarray], b: list[np.ndarray], scales: list[float]) -> d
             "values": total}
 
 
+# --input-rounding aimet: the bench's own variant of onnxqat's graph (not onnxqat's output)
+INPUT_ROUNDING = {"mode": "onnxqat"}
+
+
+def sim_model(sim):  # type: ignore[no-untyped-def]
+    """onnxqat's simulation graph; with ``--input-rounding aimet`` every QuantizeLinear that reads a
+    model input replaced by aimet-onnx's rounding in standard ops (tests/test_aimet.py proves it
+    exact: Div, Add zero point, half away from zero as Floor + (v - Floor(v) >= 0.5), Clip,
+    QuantizeLinear(scale 1)); the DequantizeLinear after it and the rest stay."""
+    model = sim.model
+    if INPUT_ROUNDING["mode"] != "aimet":
+        return model
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inputs = {i.name for i in out.graph.input}
+    inits = {i.name: i for i in out.graph.initializer}
+    nodes = []
+    for node in out.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inputs:
+            nodes.append(node)
+            continue
+        zp = numpy_helper.to_array(inits[node.input[2]])
+        if zp.dtype != np.uint8 or zp.ndim:
+            nodes.append(node)
+            continue
+        b = node.output[0] + "::aimet_round"
+        consts = {"zp": float(zp), "half": 0.5, "lo": 0.0, "hi": 255.0, "one": 1.0}
+        for k, v in consts.items():
+            out.graph.initializer.append(helper.make_tensor(f"{b}/{k}", TensorProto.FLOAT, [], [v]))
+        out.graph.initializer.append(helper.make_tensor(f"{b}/z0", TensorProto.UINT8, [], [0]))
+        t = lambda k: f"{b}/{k}"  # noqa: E731
+        nodes += [helper.make_node("Div", [node.input[0], node.input[1]], [t("d")]),
+                  helper.make_node("Add", [t("d"), t("zp")], [t("v")]),
+                  helper.make_node("Floor", [t("v")], [t("f")]), helper.make_node("Sub", [t("v"), t("f")], [t("r")]),
+                  helper.make_node("GreaterOrEqual", [t("r"), t("half")], [t("up")]),
+                  helper.make_node("Cast", [t("up")], [t("u")], to=TensorProto.FLOAT),
+                  helper.make_node("Add", [t("f"), t("u")], [t("k")]),
+                  helper.make_node("Clip", [t("k"), t("lo"), t("hi")], [t("kc")]),
+                  helper.make_node("QuantizeLinear", [t("kc"), t("one"), t("z0")], [node.output[0]])]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def fused(sim, feed: dict) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    """onnxqat's simulation as it deploys (onnxruntime's optimizations: integer kernels)."""
+    if INPUT_ROUNDING["mode"] != "aimet":
+        return sim.run(feed)  # type: ignore[no-any-return]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(sim_model(sim).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
 def unfused(sim, feed: dict) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     """onnxqat's simulation graph run without graph optimizations: every Q/DQ pair as its own
     float op (fake quantization, as aimet-onnx simulates), not fused into integer kernels."""
@@ -163,7 +220,7 @@ def unfused(sim, feed: dict) -> list[np.ndarray]:  # type: ignore[no-untyped-def
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(sim.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(sim_model(sim).SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feed)
 
 
@@ -175,12 +232,17 @@ def quantizer_sites(model) -> dict[str, str]:  # type: ignore[no-untyped-def]
         for name in node.input:
             readers.setdefault(name, []).append(node)
     sites = {}
+    rounded = {n.output[0][:-2]: n.input[0] for n in model.graph.node  # --input-rounding aimet: its Div
+               if n.op_type == "Div" and n.output[0].endswith("::aimet_round/d")}
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear":
             continue
         dq = [n for n in readers.get(node.output[0], []) if n.op_type == "DequantizeLinear"]
         if len(dq) == 1:
-            sites[node.input[0]] = dq[0].output[0]
+            source = node.input[0]
+            if source.endswith("::aimet_round/kc"):
+                source = rounded[source[:-3]]
+            sites[source] = dq[0].output[0]
     return sites
 
 
@@ -198,7 +260,7 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
 
     from onnxqat.encodings import SourceGraph, same_values
 
-    model = sim.model
+    model = sim_model(sim)
     sites = quantizer_sites(model)
     params = {p.name for p in sim.plan.params}
     equal = same_values(sim.float_model, SourceGraph.of(source_path))
@@ -416,7 +478,7 @@ def roundtrip(key: str, python: str, calib_n: int = 32, eval_n: int = 64, layers
             warnings.simplefilter("always")
             sim.load_encodings(os.path.join(a_dir, "model.encodings"), missing="calibrate", batches=batches)
         scales = output_scales(sim)
-        result["aimet_to_onnxqat"] = {"fused": lsb_diff(sim.run(evaluation), aimet_out, scales),
+        result["aimet_to_onnxqat"] = {"fused": lsb_diff(fused(sim, evaluation), aimet_out, scales),
                                       "unfused": lsb_diff(unfused(sim, evaluation), aimet_out, scales),
                                       "load_warnings": [str(w.message)[:400] for w in caught]}
         if layers:
@@ -426,7 +488,7 @@ def roundtrip(key: str, python: str, calib_n: int = 32, eval_n: int = 64, layers
         sim.compute_encodings(batches)
         o_dir = os.path.join(tmp, "onnxqat")
         sim.export(o_dir, encodings_format="aimet-strict")
-        ours, ours_unfused, scales = sim.run(evaluation), unfused(sim, evaluation), output_scales(sim)
+        ours, ours_unfused, scales = fused(sim, evaluation), unfused(sim, evaluation), output_scales(sim)
         result["calibration"] = same_calibration(os.path.join(a_dir, "model.encodings"),
                                                  os.path.join(o_dir, "model.encodings"))
         try:
@@ -457,7 +519,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=0, metavar="N",
                    help="also compare every quantized tensor of both sims on the first N evaluation samples, "
                         "end to end and layer by layer (each layer fed the other sim's quantized inputs)")
+    p.add_argument("--input-rounding", choices=("onnxqat", "aimet"), default="onnxqat",
+                   help="aimet: replace onnxqat's QuantizeLinear of each model input by aimet-onnx's rounding "
+                        "in standard ops (a what-if of the bench, not what onnxqat builds)")
     args = p.parse_args()
+    INPUT_ROUNDING["mode"] = args.input_rounding
     if args.aimet_side:
         aimet_side(args.aimet_side)
         return
@@ -465,6 +531,7 @@ def main() -> None:
     for key in args.models:
         t0 = time.perf_counter()
         r = roundtrip(key, args.aimet_python, args.calib_samples, args.eval_samples, args.layers)
+        r["input_rounding"] = args.input_rounding
         r["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(r), flush=True)
         results.append(r)
