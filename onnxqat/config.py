@@ -80,7 +80,7 @@ class NodeOverride:
 # onnxqat's placement switches in ``defaults`` (see QuantSimConfig)
 _PLACEMENT_SWITCHES = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
                        "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights",
-                       "untie_wide_concats", "raise_weight_scales")
+                       "untie_wide_concats", "raise_weight_scales", "aimet_input_rounding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ class QuantSimConfig:
     ``calibrate_quantized_weights`` (``defaults.calibrate_quantized_weights``): observe activation
     ranges with the weights already quantized, as aimet-onnx's ``compute_encodings`` does, instead of
     with the float weights.
-    Nine more onnxqat keys of ``defaults`` make aimet-onnx's placement and numerics (all nine set
+    Ten more onnxqat keys of ``defaults`` make aimet-onnx's placement and numerics (all ten set
     in the ``aimet`` preset; the defaults keep onnxqat's own rules):
     ``quantize_constant_inputs`` (default false): every float constant an op reads, other than its
     weights and biases, gets its own activation quantizer calibrated on its values (aimet-onnx
@@ -122,7 +122,10 @@ class QuantSimConfig:
     (aimet-onnx keeps every Concat tie); ``raise_weight_scales`` (default false): after
     calibration, weight scales are raised where the int32 bias or the requantization scale of an
     integer accelerator would overflow (:mod:`onnxqat.overflow`), as aimet-onnx 2.42 does even with
-    biases left float.
+    biases left float; ``aimet_input_rounding`` (default false): an asymmetric model input is
+    rounded as aimet-onnx's quantizer rounds (``float32(x / s + zp)`` half away from zero, in
+    standard ops before a ``QuantizeLinear`` of scale 1, deployed so too) instead of by
+    ``QuantizeLinear`` (half to even): normalised 8-bit images sit on midpoints of the grid.
     """
 
     output_quantized: bool = True
@@ -160,6 +163,7 @@ class QuantSimConfig:
     symmetric_dynamic_weights: bool = False
     untie_wide_concats: bool = True
     raise_weight_scales: bool = False
+    aimet_input_rounding: bool = False
     unused: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -238,6 +242,7 @@ class QuantSimConfig:
                 "symmetric_dynamic_weights": self.symmetric_dynamic_weights,
                 "untie_wide_concats": self.untie_wide_concats,
                 "raise_weight_scales": self.raise_weight_scales,
+                "aimet_input_rounding": self.aimet_input_rounding,
             },
             "params": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.params.items()},
             "op_type": {},

@@ -204,9 +204,9 @@ def test_the_placement_switches_are_off_outside_the_aimet_preset():
     aimet, plain = load_config("aimet"), load_config("onnxruntime")
     switches = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
                 "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights",
-                "untie_wide_concats", "raise_weight_scales")
-    assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False, True, True, False, True]
-    assert [getattr(plain, k) for k in switches] == [False, True, True, True, True, False, False, True, False]
+                "untie_wide_concats", "raise_weight_scales", "aimet_input_rounding")
+    assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False, True, True, False, True, True]
+    assert [getattr(plain, k) for k in switches] == [False, True, True, True, True, False, False, True, False, False]
     assert type(aimet).from_dict(aimet.to_dict()) == aimet  # the two new keys round-trip
     # aimet-onnx's own config files do not set them: the file alone keeps onnxqat's rules
     with warnings.catch_warnings():
@@ -630,7 +630,6 @@ def _half_away(x: np.ndarray, s: np.float32, offset: int, top: int) -> np.ndarra
 
 
 def _quantize_linear(x: np.ndarray, s: np.float32, zero_point: int) -> np.ndarray:
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -718,3 +717,47 @@ def test_aimets_rounding_in_standard_ops_is_exact_in_both_runtimes(deploy_python
         assert done.returncode == 0, done.stderr
         np.testing.assert_array_equal(np.load(tmp_path / f"q{i}.npy"), q)
         np.testing.assert_array_equal(np.load(tmp_path / f"y{i}.npy"), y)
+
+
+def _reshape_model(tmp_path) -> str:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")], "r",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+                              [helper.make_tensor("shape", TensorProto.INT64, [1], [-1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = str(tmp_path / "reshape.onnx")
+    onnx.save(model, path)
+    return path
+
+
+def test_the_aimet_preset_rounds_a_model_input_as_aimet_onnx_and_deploys_so(deploy_python, tmp_path):
+    """x -> Reshape (which keeps x's encoding): the sim's output is aimet-onnx's quantized input
+    on every fixture value, in the simulation and in the deployed model in the plain onnxruntime;
+    with the switch off (QuantizeLinear) hundreds differ."""
+    path = _reshape_model(tmp_path)
+    for i, (x, s, offset, bits, steps) in enumerate(_aimet_rounding_cases()):
+        aimet_q = ((steps + offset) * s).astype(np.float32)
+        doc = {"version": "1.0.0", "param_encodings": [], "activation_encodings": [
+            {"name": "x", "bw": bits, "dtype": "INT", "enc_type": "PER_TENSOR", "is_sym": False,
+             "offset": [offset], "scale": [float(np.load(ROUNDING)[f"encoding_{i}"][0])]}]}
+        sim = QuantizationSimModel(path, config="aimet", target="htp")
+        assert sim.plan.activation_of("x").spec.rounding == "aimet"
+        assert load_quietly(sim, doc) == []
+        np.testing.assert_array_equal(sim.run({"x": x})[0], aimet_q)
+        out = tmp_path / f"deployed{i}"
+        sim.export(str(out))
+        np.save(tmp_path / "x.npy", x)
+        script = ("import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1], "
+                  "providers=['CPUExecutionProvider']); np.save(sys.argv[3], s.run(None, {'x': np.load(sys.argv[2])})[0])")
+        done = subprocess.run([deploy_python, "-c", script, str(out / "model_qdq.onnx"), str(tmp_path / "x.npy"),
+                               str(tmp_path / "y.npy")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), aimet_q)
+        plain = QuantizationSimModel(path, config=sim.config.with_overrides(aimet_input_rounding=False), target="htp")
+        assert plain.plan.activation_of("x").spec.rounding == "half_even"
+        load_quietly(plain, doc)
+        assert (plain.run({"x": x})[0] != aimet_q).sum() > 300

@@ -48,6 +48,8 @@ stable ``rule_id`` (:data:`PLACEMENT_RULES`) and the readable detail naming the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import types
 from collections.abc import Mapping
 
@@ -404,7 +406,10 @@ class _Annotator:
             if not is_float(value) or is_constant(value):
                 continue
             if self.config.model_input_quantized or value.name in demand:
-                self.new_group(name_of(value), self.act_spec(None))
+                spec = self.act_spec(None)
+                if self.config.aimet_input_rounding and not spec.symmetric:
+                    spec = dataclasses.replace(spec, rounding="aimet")
+                self.new_group(name_of(value), spec)
             else:
                 self.skip(value, Reason("placement.model_input", "model input (model_input.is_input_quantized is false)"))
 

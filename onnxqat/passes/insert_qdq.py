@@ -148,7 +148,7 @@ class _Inserter:
                 if q.derived_from is not None and tensor == q.name:
                     self.read_derived(q, enc, params)
                 else:
-                    self.quantize_activation(self.values[tensor], enc, params)
+                    self.quantize_activation(self.values[tensor], enc, params, q.spec.rounding)
         for form in self.plan.integer_forms:
             self.integer_form(form)
         self.drop_unused_dequantize()
@@ -203,12 +203,35 @@ class _Inserter:
         return self.node("DequantizeLinear", [q, *params], base, domain, **axis)
 
     # -- activations -----------------------------------------------------------------------------
-    def quantize_activation(self, value: ir.Value, enc: Encoding, params: tuple[ir.Value, ir.Value]) -> None:
+    def aimet_round(self, x: ir.Value, enc: Encoding, params: tuple[ir.Value, ir.Value], base: str) -> ir.Value:
+        """aimet-onnx's rounding in standard ops: ``v = x / s + zp`` in float32, rounded half away
+        from zero as ``Floor(v) + (v - Floor(v) >= 0.5)`` (exact for v >= 0; below 0 both give 0
+        after the clamp), clamped to the grid, made integers by a ``QuantizeLinear`` of scale 1 and
+        dequantized as usual (tests/test_aimet.py: exact against aimet-onnx's own outputs)."""
+        scale, zp = params
+        domain = self.qdq_domain(enc)
+
+        def const(tag: str, value: float | int, dtype: Any = np.float32) -> ir.Value:
+            return make_initializer(self.graph, self.names.fresh(f"{base}_aimet_{tag}"), np.asarray(value, dtype))
+
+        v = self.node("Add", [self.node("Div", [x, scale], base), const("zp", float(enc.zero_point))], base)
+        low = self.node("Floor", [v], base)
+        up = self.node("GreaterOrEqual", [self.node("Sub", [v, low], base), const("half", 0.5)], base)
+        k = self.node("Add", [low, self.node("Cast", [up], base, to=ir.DataType.FLOAT.value)], base)
+        k = self.node("Clip", [k, const("qmin", float(enc.qmin)), const("qmax", float(enc.qmax))], base)
+        q = self.node("QuantizeLinear", [k, const("one", 1.0), const("z0", 0, enc.container_dtype)], base, domain)
+        return self.node("DequantizeLinear", [q, *params], base, domain)
+
+    def quantize_activation(self, value: ir.Value, enc: Encoding, params: tuple[ir.Value, ir.Value],
+                            rounding: str = "half_even") -> None:
         name = value.name
         assert name is not None
         users = list(value.uses())
         was_output = value.is_graph_output()
-        dq = self.qdq(value, enc, params, self.base(name))
+        if rounding == "aimet" and value.is_graph_input() and not enc.symmetric and not enc.per_channel:
+            dq = self.aimet_round(value, enc, params, self.base(name))
+        else:
+            dq = self.qdq(value, enc, params, self.base(name))
         dq.type, dq.shape = value.type, value.shape
         q_node = dq.producer()
         assert q_node is not None and q_node.inputs[0] is not None
