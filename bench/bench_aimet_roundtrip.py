@@ -232,16 +232,25 @@ def quantizer_sites(model) -> dict[str, str]:  # type: ignore[no-untyped-def]
         for name in node.input:
             readers.setdefault(name, []).append(node)
     sites = {}
-    rounded = {n.output[0][:-2]: n.input[0] for n in model.graph.node  # --input-rounding aimet: its Div
-               if n.op_type == "Div" and n.output[0].endswith("::aimet_round/d")}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inputs = {i.name for i in model.graph.input}
+    ones = {i.name for i in model.graph.initializer if list(i.float_data) == [1.0] or i.raw_data == b"\x00\x00\x80?"}
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear":
             continue
         dq = [n for n in readers.get(node.output[0], []) if n.op_type == "DequantizeLinear"]
         if len(dq) == 1:
             source = node.input[0]
-            if source.endswith("::aimet_round/kc"):
-                source = rounded[source[:-3]]
+            if node.input[1] in ones:  # aimet's rounding of a model input (the preset's, or --input-rounding)
+                walk = source
+                for _ in range(12):
+                    p = producer.get(walk)
+                    if p is None or not p.input:
+                        break
+                    walk = p.input[0]
+                    if walk in inputs:
+                        source = walk
+                        break
             sites[source] = dq[0].output[0]
     return sites
 
