@@ -80,7 +80,7 @@ class NodeOverride:
 # onnxqat's placement switches in ``defaults`` (see QuantSimConfig)
 _PLACEMENT_SWITCHES = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
                        "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights",
-                       "untie_wide_concats", "raise_weight_scales", "aimet_input_rounding")
+                       "untie_wide_concats", "raise_weight_scales", "aimet_rounding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +122,12 @@ class QuantSimConfig:
     (aimet-onnx keeps every Concat tie); ``raise_weight_scales`` (default false): after
     calibration, weight scales are raised where the int32 bias or the requantization scale of an
     integer accelerator would overflow (:mod:`onnxqat.overflow`), as aimet-onnx 2.42 does even with
-    biases left float; ``aimet_input_rounding`` (default false): an asymmetric model input is
-    rounded as aimet-onnx's quantizer rounds (``float32(x / s + zp)`` half away from zero, in
-    standard ops before a ``QuantizeLinear`` of scale 1, deployed so too) instead of by
-    ``QuantizeLinear`` (half to even): normalised 8-bit images sit on midpoints of the grid.
+    biases left float; ``aimet_rounding`` (default false): weights and asymmetric model inputs
+    are rounded as aimet-onnx's quantizer rounds (``float32(x / s - offset)`` half away from zero)
+    instead of half to even: weights offline (their integers are what deploys), a model input in
+    standard ops before a ``QuantizeLinear`` of scale 1 (deployed so too); normalised 8-bit images
+    sit on midpoints of the grid. Tensors computed by integer kernels stay half to even (the
+    kernels round so).
     """
 
     output_quantized: bool = True
@@ -163,7 +165,7 @@ class QuantSimConfig:
     symmetric_dynamic_weights: bool = False
     untie_wide_concats: bool = True
     raise_weight_scales: bool = False
-    aimet_input_rounding: bool = False
+    aimet_rounding: bool = False
     unused: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -242,7 +244,7 @@ class QuantSimConfig:
                 "symmetric_dynamic_weights": self.symmetric_dynamic_weights,
                 "untie_wide_concats": self.untie_wide_concats,
                 "raise_weight_scales": self.raise_weight_scales,
-                "aimet_input_rounding": self.aimet_input_rounding,
+                "aimet_rounding": self.aimet_rounding,
             },
             "params": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.params.items()},
             "op_type": {},

@@ -194,11 +194,14 @@ class QuantizationSimModel:
         observed = self._state
         if self.config.calibrate_quantized_weights:  # aimet-onnx observes activations so
             from onnxqat.graph import require_const
-            from onnxqat.qparams import fake_quantize
+            from onnxqat.passes.insert_qdq import aimet_quantize
+            from onnxqat.qparams import dequantize, fake_quantize
 
             inits = model.graph.initializers
+            encs = self._state.encodings
             observed = pipeline.apply_weights(observed, {
-                p.name: fake_quantize(require_const(inits[p.name]), self._state.encodings[p.name])
+                p.name: dequantize(aimet_quantize(require_const(inits[p.name]), encs[p.name]), encs[p.name])
+                if p.spec.rounding == "aimet" else fake_quantize(require_const(inits[p.name]), encs[p.name])
                 for p in self._state.plan.params})
         found = pipeline.calibrate(observed, keep_first(batches), self.quant_scheme, percentile=self.percentile,
                                    progress=progress, replan=replan if self.config.untie_wide_concats else None,

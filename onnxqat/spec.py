@@ -80,10 +80,11 @@ class QuantSpec:
         symmetric_scale: Scale convention of a symmetric signed grid, ``"onnxqat"`` or
             ``"aimet"`` (see the module docstring); strict symmetric grids always use
             ``max(|min|, |max|) / (2^(b-1) - 1)``.
-        rounding: How a model input is rounded onto the grid: ``"half_even"`` (QuantizeLinear:
-            ``round_half_even(x / s) + zp``) or ``"aimet"`` (aimet-onnx 2.42's quantizer:
-            ``float32(x / s + zp)`` rounded half away from zero; asymmetric grids only). Other
-            tensors are rounded inside the integer kernels that produce them: always half to even.
+        rounding: How a weight or a model input is rounded onto the grid: ``"half_even"``
+            (QuantizeLinear: ``round_half_even(x / s) + zp``) or ``"aimet"`` (aimet-onnx 2.42's
+            quantizer: ``float32(x / s - offset)`` rounded half away from zero on the unsigned grid,
+            ``offset`` = AIMET's). Other tensors are rounded inside the integer kernels that
+            produce them: always half to even.
 
     >>> QuantSpec(bitwidth=8, symmetric=True).with_axis(0).axis
     0
@@ -120,8 +121,6 @@ class QuantSpec:
             raise ConfigError(f"symmetric_scale must be one of {SYMMETRIC_SCALES}, got {self.symmetric_scale!r}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.rounding == "aimet" and self.symmetric:
-            raise ConfigError("rounding 'aimet' applies to asymmetric (unsigned) grids")
         if self.pair_limit is not None:
             if isinstance(self.pair_limit, bool) or not isinstance(self.pair_limit, int) or self.pair_limit < 2:
                 raise ConfigError(f"pair_limit must be an integer >= 2, got {self.pair_limit!r}")

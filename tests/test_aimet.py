@@ -204,7 +204,7 @@ def test_the_placement_switches_are_off_outside_the_aimet_preset():
     aimet, plain = load_config("aimet"), load_config("onnxruntime")
     switches = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
                 "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights",
-                "untie_wide_concats", "raise_weight_scales", "aimet_input_rounding")
+                "untie_wide_concats", "raise_weight_scales", "aimet_rounding")
     assert [getattr(aimet, k) for k in switches] == [True, False, False, False, False, True, True, False, True, True]
     assert [getattr(plain, k) for k in switches] == [False, True, True, True, True, False, False, True, False, False]
     assert type(aimet).from_dict(aimet.to_dict()) == aimet  # the two new keys round-trip
@@ -757,7 +757,54 @@ def test_the_aimet_preset_rounds_a_model_input_as_aimet_onnx_and_deploys_so(depl
                                str(tmp_path / "y.npy")], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), aimet_q)
-        plain = QuantizationSimModel(path, config=sim.config.with_overrides(aimet_input_rounding=False), target="htp")
+        plain = QuantizationSimModel(path, config=sim.config.with_overrides(aimet_rounding=False), target="htp")
         assert plain.plan.activation_of("x").spec.rounding == "half_even"
         load_quietly(plain, doc)
         assert (plain.run({"x": x})[0] != aimet_q).sum() > 300
+
+
+def test_the_aimet_preset_quantizes_weights_as_aimet_onnx_rounds(tmp_path):
+    """Weights on and near midpoints of their symmetric grid (offset -128): the preset's integers
+    are aimet's rule (the reference checked against aimet-onnx's own outputs above), in the
+    deployed model and the sim alike; QuantizeLinear's half to even differs on some of them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxqat.passes.insert_qdq import aimet_quantize
+
+    rng = np.random.default_rng(0)
+    k = rng.integers(-120, 120, (16, 64)).astype(np.float64)
+    w = np.zeros((16, 64, 1, 1), np.float32)
+    w[:, :, 0, 0] = (k + 0.5) / 127.0
+    w[:, 0, 0, 0] = 1.0  # max|w| = 1 per channel: scale = 1/127
+    w = np.nextafter(w, w + rng.choice([-1, 0, 1], w.shape).astype(np.float32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "c",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 2, 2])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = str(tmp_path / "conv.onnx")
+    onnx.save(model, path)
+    x = rng.uniform(-1, 1, (4, 64, 2, 2)).astype(np.float32)
+    sim = QuantizationSimModel(path, per_channel=True, config="aimet", target="htp").compute_encodings([{"x": x}])
+    enc = sim.encodings["w"]
+    assert sim.plan.param("w").spec.rounding == "aimet"
+    s = enc.scale.astype(np.float32)
+    ref = np.stack([_half_away(w[c].ravel(), s[c], -128, 255) - 128 for c in range(16)]).reshape(w.shape)
+    np.testing.assert_array_equal(aimet_quantize(w, enc).astype(np.float64), ref)
+    from onnxqat.qparams import quantize
+
+    assert (quantize(w, enc).astype(np.float64) != ref).sum() > 50  # half to even at the midpoints
+    with warnings.catch_warnings():  # target htp: full-range weights saturate x86's U8S8 kernels (its deploy check says so)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sim.export(str(tmp_path / "out"))
+    deployed = onnx.load(str(tmp_path / "out" / "model_qdq.onnx"))
+    ints = [numpy_helper.to_array(i) for i in deployed.graph.initializer if i.data_type == TensorProto.INT8 and i.dims == list(w.shape)]
+    assert len(ints) == 1
+    np.testing.assert_array_equal(ints[0].astype(np.float64), ref)
+    # the sim runs the same integers: its output is the deployed model's
+    import onnxruntime as ort
+
+    deployed_y = ort.InferenceSession(str(tmp_path / "out" / "model_qdq.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(sim.run({"x": x})[0], deployed_y)

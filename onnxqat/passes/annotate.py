@@ -407,7 +407,7 @@ class _Annotator:
                 continue
             if self.config.model_input_quantized or value.name in demand:
                 spec = self.act_spec(None)
-                if self.config.aimet_input_rounding and not spec.symmetric:
+                if self.config.aimet_rounding and not spec.symmetric:
                     spec = dataclasses.replace(spec, rounding="aimet")
                 self.new_group(name_of(value), spec)
             else:
@@ -748,7 +748,8 @@ class _Annotator:
         override = self.config.nodes.get(name_of(node))
         bw = max(override.param_bw if override is not None and override.param_bw is not None else self.param_bw, 8)
         return QuantSpec(bitwidth=bw, symmetric=bw >= 16, strict_symmetric=False, unsigned_symmetric=False,
-                         symmetric_scale=self.config.symmetric_scale)
+                         symmetric_scale=self.config.symmetric_scale,
+                         rounding="aimet" if self.config.aimet_rounding else "half_even")
 
     def param_spec(self, node: ir.Node, weight: ir.Value, index: int, symmetric: bool) -> QuantSpec:
         bw = self.param_bw
@@ -773,6 +774,7 @@ class _Annotator:
             pair_limit=pair_limit,
             pair_axis=pair_axis,
             symmetric_scale=self.config.symmetric_scale,
+            rounding="aimet" if self.config.aimet_rounding else "half_even",
         )
 
     def bias_problem(

@@ -4,6 +4,8 @@ Two flavours of the same graph:
 
 * ``fold_weights=False`` (the simulation): weights stay float initializers followed by
   ``[Clip] -> QuantizeLinear -> DequantizeLinear``, so the model follows its weights.
+  Weights whose spec rounds as aimet-onnx (``QuantSpec.rounding == "aimet"``) are integers
+  computed here in both flavours (:func:`aimet_quantize`; QuantizeLinear rounds half to even).
 * ``fold_weights=True`` (the deployable model): weights are stored as integer initializers
   followed by ``DequantizeLinear``; what onnxruntime fuses into integer kernels. Generated names
   are short (``q7_scale``) to keep the file small; the model's own names are kept.
@@ -39,10 +41,10 @@ from onnxqat.graph import NameScope, const_array, make_initializer, name_of, ops
 from onnxqat.ops import Reason, prelu_slope, rule
 from onnxqat.passes import TypedFunctionalPass
 from onnxqat.plan import ActivationQuantizer, IntegerForm, LinearForm, QuantPlan
-from onnxqat.qparams import Encoding, integer_form_constants, prelu_form_constants, quantize
+from onnxqat.qparams import Encoding, broadcast_shape, integer_form_constants, prelu_form_constants, quantize
 from onnxqat.runtime import release_if_mapped
 
-__all__ = ["InsertQDQPass", "bias_encoding", "bias_fits", "qdq_domain", "quantize_bias"]
+__all__ = ["InsertQDQPass", "aimet_quantize", "bias_encoding", "bias_fits", "qdq_domain", "quantize_bias"]
 
 _INT32 = np.iinfo(np.int32)
 
@@ -153,7 +155,7 @@ class _Inserter:
             self.integer_form(form)
         self.drop_unused_dequantize()
         for p in self.plan.params:
-            self.quantize_param(p.name, p.consumers, self.encodings[p.name])
+            self.quantize_param(p.name, p.consumers, self.encodings[p.name], p.spec.rounding)
         for b in self.plan.biases:
             self.quantize_bias(b.name, b.node, self.encodings[b.input_quantizer], self.encodings[b.weight_quantizer])
         int32 = {b.name for b in self.plan.biases}
@@ -355,18 +357,20 @@ class _Inserter:
         self.graph.remove(node, safe=True)
 
     # -- weights and biases ----------------------------------------------------------------------
-    def quantize_param(self, name: str, consumers: tuple[str, ...], enc: Encoding) -> None:
+    def quantize_param(self, name: str, consumers: tuple[str, ...], enc: Encoding, rounding: str = "half_even") -> None:
         value = self.values[name]
         users = [u for u in value.uses() if u.node.name in consumers]
         base = self.base(name)
         scale, zp = self.qparam_values(base, enc)
         axis = {} if enc.axis is None else {"axis": enc.axis}
         domain = self.qdq_domain(enc)
-        if self.fold:
+        if self.fold or rounding == "aimet":  # aimet's rounding: the integers are computed here, sim and deploy alike
             weight = const_array(value)
             assert weight is not None
-            q_value = make_initializer(self.graph, self.names.fresh(f"{base}_quantized"), quantize(weight, enc))
-            self.folded[name] = name_of(q_value)
+            integers = aimet_quantize(weight, enc) if rounding == "aimet" else quantize(weight, enc)
+            q_value = make_initializer(self.graph, self.names.fresh(f"{base}_quantized"), integers)
+            if self.fold:
+                self.folded[name] = name_of(q_value)
             del weight
             release_if_mapped(value.const_value)
             dq = self.node("DequantizeLinear", [q_value, scale, zp], base, domain, **axis)
@@ -446,6 +450,21 @@ class _Inserter:
             self.leading[id(source)] = lead
         last = make_initializer(self.graph, self.names.fresh(f"{base}_cols"), np.array([n], np.int64))
         return self.node("Concat", [lead, last], base, axis=0)
+
+
+def aimet_quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:
+    """aimet-onnx 2.42's quantizer (tests/fixtures/aimet/rounding): ``v = float32(x / s - offset)``
+    with AIMET's offset (``qmin - zero_point``), rounded half away from zero, clamped to the grid;
+    returned as ``enc``'s integers (``k + offset``). ``quantize`` rounds half to even instead."""
+    x = np.asarray(x, dtype=np.float32)
+    shape = broadcast_shape(enc, x.ndim)
+    scale = enc.scale.reshape(shape)
+    offset = enc.aimet_offset.reshape(shape).astype(np.float32)
+    v = (x / scale).astype(np.float32) - offset
+    low = np.floor(v)
+    k = np.where(v - low >= np.float32(0.5), low + 1, low).astype(np.float64) + offset
+    out: np.ndarray = np.clip(k, enc.qmin, enc.qmax).astype(enc.container_dtype)
+    return out
 
 
 def _per_channel(bound: np.ndarray, enc: Encoding, value: ir.Value) -> np.ndarray:
