@@ -763,6 +763,20 @@ def test_the_aimet_preset_rounds_a_model_input_as_aimet_onnx_and_deploys_so(depl
         assert (plain.run({"x": x})[0] != aimet_q).sum() > 300
 
 
+def test_aimets_weight_quantizer_rounds_by_the_same_rule():
+    """aimet-onnx's own weight quantizer output (tests/fixtures/aimet/rounding/weights.npz):
+    float32(w / s - offset) half away from zero, as its activations; not half to even."""
+    from onnxqat.passes.insert_qdq import aimet_quantize
+    from onnxqat.qparams import Encoding, quantize
+
+    z = np.load(os.path.join(FIXTURES, "rounding", "weights.npz"))
+    w, wq = z["w"], z["wq"]
+    enc = Encoding.from_aimet(bitwidth=8, is_symmetric=True, scale=z["delta"], offset=z["offset"], axis=0)
+    theirs = np.round(wq.astype(np.float64) / enc.scale.reshape(-1, 1, 1, 1).astype(np.float32))
+    np.testing.assert_array_equal(aimet_quantize(w, enc).astype(np.float64), theirs)
+    assert (quantize(w, enc).astype(np.float64) != theirs).sum() > 300
+
+
 def test_the_aimet_preset_quantizes_weights_as_aimet_onnx_rounds(tmp_path):
     """Weights on and near midpoints of their symmetric grid (offset -128): the preset's integers
     are aimet's rule (the reference checked against aimet-onnx's own outputs above), in the

@@ -13,6 +13,10 @@ uniform values over the range and a little beyond it.
 
 Writes ``rounding.npz``: ``x_<i>`` (float32 inputs), ``q_<i>`` (aimet's output for them), and
 ``encoding_<i>`` = [scale, offset, bitwidth] as aimet holds them (its encoding's delta, a double).
+
+And ``weights.npz``: a 1x1 Conv's per-channel weights on and next to midpoints of their
+symmetric grid (``(k + 0.5) / 127``, one float32 step either way or none, channel maximum 1),
+calibrated by aimet-onnx (``w``, ``delta``, ``offset``) and its weight quantizer's output ``wq``.
 """
 
 from __future__ import annotations
@@ -87,6 +91,42 @@ def main() -> None:
         out[f"x_{i}"], out[f"q_{i}"] = x, got.astype(np.float32)
         out[f"encoding_{i}"] = np.array([held.delta, held.offset, held.bw], np.float64)
     np.savez_compressed(os.path.join(args.out, "rounding.npz"), **out)
+    weights(os.path.join(args.out, "weights.npz"))
+
+
+def weights(path: str) -> None:
+    import onnx
+    from aimet_onnx import QuantizationSimModel
+    from aimet_onnx.utils import OrtInferenceSession
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k = rng.integers(-120, 120, (16, 64)).astype(np.float64)
+    w = np.zeros((16, 64, 1, 1), np.float32)
+    w[:, :, 0, 0] = (k + 0.5) / 127.0
+    w[:, 0, 0, 0] = 1.0
+    w = np.nextafter(w, w + rng.choice([-1, 0, 1], w.shape).astype(np.float32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "c",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 2, 2])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = rng.uniform(-1, 1, (4, 64, 2, 2)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = QuantizationSimModel(model, param_type="int8", activation_type="int8", config_file="default",
+                                   dummy_input={"x": x}, path=tmp)
+        sim.compute_encodings([{"x": x}])
+        encs = sim.qc_quantize_op_dict["w"].get_encodings()
+        m = onnx.ModelProto()
+        m.CopyFrom(sim.model.model)
+        node = next(n for n in m.graph.node if n.op_type == "QcQuantizeOp" and n.input[0] == "w")
+        m.graph.output.append(onnx.ValueInfoProto(name=node.output[0]))
+        os.makedirs(os.path.join(tmp, "d"))
+        session = OrtInferenceSession(m, sim.providers, session_options=sim._ort_session_options,
+                                      path=os.path.join(tmp, "d"))
+        wq = session.run([node.output[0]], {"x": x})[0]
+    np.savez(path, w=w, wq=wq, delta=np.array([e.delta for e in encs]), offset=np.array([e.offset for e in encs]))
 
 
 if __name__ == "__main__":
