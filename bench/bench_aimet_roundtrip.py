@@ -156,6 +156,63 @@ def lsb_diff(a: list[np.ndarray], b: list[np.ndarray], scales: list[float]) -> d
             "values": total}
 
 
+# --input-rounding aimet: the bench's own variant of onnxqat's graph (not onnxqat's output)
+INPUT_ROUNDING = {"mode": "onnxqat"}
+
+
+def sim_model(sim):  # type: ignore[no-untyped-def]
+    """onnxqat's simulation graph; with ``--input-rounding aimet`` every QuantizeLinear that reads a
+    model input replaced by aimet-onnx's rounding in standard ops (tests/test_aimet.py proves it
+    exact: Div, Add zero point, half away from zero as Floor + (v - Floor(v) >= 0.5), Clip,
+    QuantizeLinear(scale 1)); the DequantizeLinear after it and the rest stay."""
+    model = sim.model
+    if INPUT_ROUNDING["mode"] != "aimet":
+        return model
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inputs = {i.name for i in out.graph.input}
+    inits = {i.name: i for i in out.graph.initializer}
+    nodes = []
+    for node in out.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inputs:
+            nodes.append(node)
+            continue
+        zp = numpy_helper.to_array(inits[node.input[2]])
+        if zp.dtype != np.uint8 or zp.ndim:
+            nodes.append(node)
+            continue
+        b = node.output[0] + "::aimet_round"
+        consts = {"zp": float(zp), "half": 0.5, "lo": 0.0, "hi": 255.0, "one": 1.0}
+        for k, v in consts.items():
+            out.graph.initializer.append(helper.make_tensor(f"{b}/{k}", TensorProto.FLOAT, [], [v]))
+        out.graph.initializer.append(helper.make_tensor(f"{b}/z0", TensorProto.UINT8, [], [0]))
+        t = lambda k: f"{b}/{k}"  # noqa: E731
+        nodes += [helper.make_node("Div", [node.input[0], node.input[1]], [t("d")]),
+                  helper.make_node("Add", [t("d"), t("zp")], [t("v")]),
+                  helper.make_node("Floor", [t("v")], [t("f")]), helper.make_node("Sub", [t("v"), t("f")], [t("r")]),
+                  helper.make_node("GreaterOrEqual", [t("r"), t("half")], [t("up")]),
+                  helper.make_node("Cast", [t("up")], [t("u")], to=TensorProto.FLOAT),
+                  helper.make_node("Add", [t("f"), t("u")], [t("k")]),
+                  helper.make_node("Clip", [t("k"), t("lo"), t("hi")], [t("kc")]),
+                  helper.make_node("QuantizeLinear", [t("kc"), t("one"), t("z0")], [node.output[0]])]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def fused(sim, feed: dict) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    """onnxqat's simulation as it deploys (onnxruntime's optimizations: integer kernels)."""
+    if INPUT_ROUNDING["mode"] != "aimet":
+        return sim.run(feed)  # type: ignore[no-any-return]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(sim_model(sim).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
 def unfused(sim, feed: dict) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     """onnxqat's simulation graph run without graph optimizations: every Q/DQ pair as its own
     float op (fake quantization, as aimet-onnx simulates), not fused into integer kernels."""
@@ -163,7 +220,7 @@ def unfused(sim, feed: dict) -> list[np.ndarray]:  # type: ignore[no-untyped-def
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(sim.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(sim_model(sim).SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feed)
 
 
@@ -175,12 +232,26 @@ def quantizer_sites(model) -> dict[str, str]:  # type: ignore[no-untyped-def]
         for name in node.input:
             readers.setdefault(name, []).append(node)
     sites = {}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inputs = {i.name for i in model.graph.input}
+    ones = {i.name for i in model.graph.initializer if list(i.float_data) == [1.0] or i.raw_data == b"\x00\x00\x80?"}
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear":
             continue
         dq = [n for n in readers.get(node.output[0], []) if n.op_type == "DequantizeLinear"]
         if len(dq) == 1:
-            sites[node.input[0]] = dq[0].output[0]
+            source = node.input[0]
+            if node.input[1] in ones:  # aimet's rounding of a model input (the preset's, or --input-rounding)
+                walk = source
+                for _ in range(12):
+                    p = producer.get(walk)
+                    if p is None or not p.input:
+                        break
+                    walk = p.input[0]
+                    if walk in inputs:
+                        source = walk
+                        break
+            sites[source] = dq[0].output[0]
     return sites
 
 
@@ -198,7 +269,7 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
 
     from onnxqat.encodings import SourceGraph, same_values
 
-    model = sim.model
+    model = sim_model(sim)
     sites = quantizer_sites(model)
     params = {p.name for p in sim.plan.params}
     equal = same_values(sim.float_model, SourceGraph.of(source_path))
@@ -217,8 +288,17 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
             beyond += int((d > 1 + 1e-3).sum())
             differing += int((d > 1e-3).sum())
             total += d.size
+        in_order = list(worst)  # graph order: where the sims first part
+        first_differing = next((w for w in in_order if w[0] > 1e-3), None)
+        first_beyond = next((w for w in in_order if w[0] > 1 + 1e-3), None)
         worst.sort(reverse=True)
         return {"tensors": len(values), "tensors_beyond_1_lsb": sum(1 for w in worst if w[0] > 1 + 1e-3),
+                "first_differing": None if first_differing is None else
+                {"tensor": first_differing[1], "op": first_differing[2], "max_lsb": round(first_differing[0], 4)},
+                "first_beyond_1_lsb": None if first_beyond is None else
+                {"tensor": first_beyond[1], "op": first_beyond[2], "max_lsb": round(first_beyond[0], 4),
+                 "values_beyond_1_lsb": first_beyond[3],
+                 "tensors_before_it": in_order.index(first_beyond)},
                 "values": total, "values_differing": differing, "values_beyond_1_lsb": beyond,
                 "max_lsb": round(worst[0][0], 4) if worst else 0.0,
                 "worst": [{"tensor": t, "op": op, "max_lsb": round(m, 4), "values_beyond_1_lsb": b}
@@ -263,10 +343,19 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
     del cut.graph.output[:]
     cut.graph.output.extend(o for o in outputs if o.name not in fed)
     cut.graph.output.extend(onnx.ValueInfoProto(name=sites[t]) for t in theirs)
+    outs = {o.name for o in cut.graph.output}
+    inputs = {i.name for i in cut.graph.input}
+    pre = [t for t in theirs if t not in outs and t not in inputs]  # what each QuantizeLinear reads
+    cut.graph.output.extend(onnx.ValueInfoProto(name=t) for t in pre)
     session = ort.InferenceSession(cut.SerializeToString(), options, providers=["CPUExecutionProvider"])
     cut_feed = dict(feed)
     cut_feed.update({fed[sites[t]]: their_values[t] for t in theirs})
-    per_layer = compare(dict(zip(theirs, session.run(fetch, cut_feed))))
+    got = session.run(fetch + pre, cut_feed)
+    layer_values = dict(zip(theirs, got[:len(fetch)]))
+    per_layer = compare(layer_values)
+    before_q = dict(zip(pre, got[len(fetch):]))
+    before_q.update({t: feed[t] for t in theirs if t in feed})
+    per_layer["ties"] = ties(sim, layer_values, their_values, before_q, scale)
     unmatched = sorted(t for t in sites if t not in params and t not in theirs)
     # the model inputs, quantized by both from the same values: aimet-onnx's rounding rule checked
     rounding = {}
@@ -281,15 +370,69 @@ def layer_by_layer(sim, aimet: dict, feed: dict, source_path: str) -> dict:  # t
             "onnxqat_tensors_without_aimet_tensor": unmatched[:10]}
 
 
+def ties(sim, ours: dict, theirs: dict, before_q: dict, scale) -> dict:  # type: ignore[no-untyped-def]
+    """Per layer (each fed aimet-onnx's quantized inputs): where the values the two sims quantize
+    differently sit on onnxqat's grid. ``v = x / scale`` in float32 (as QuantizeLinear divides);
+    an *exact tie* has ``v - floor(v) == 0.5`` (QuantizeLinear rounds it to even, aimet-onnx half
+    up, so half of the ties differ), a *near tie* is within 1e-3 of one (float error of either
+    side's op, or aimet's float32 subtraction of the offset before rounding), anything else is *other*. Counts over every
+    compared tensor whose float input is known (model inputs, and every QuantizeLinear input).
+    ``differing_explained_by_aimets_rule``: differing values that aimet-onnx's rounding
+    (:func:`aimet_round`) of onnxqat's own float input
+    reproduces, i.e. the rounding rule alone; the rest had another float input (the op computed
+    differently, e.g. another onnxruntime version's kernel)."""
+    total = exact = explained = 0
+    differing = {"exact_tie": 0, "near_tie": 0, "other": 0}
+    per_tensor = []
+    for t, x in before_q.items():
+        if t not in ours:
+            continue
+        s = np.float32(scale(t))
+        v = np.asarray(x, dtype=np.float32) / s
+        frac = v - np.floor(v)
+        at_tie = frac == np.float32(0.5)
+        near = (np.abs(frac.astype(np.float64) - 0.5) < 1e-3) & ~at_tie
+        diff = np.abs(ours[t].astype(np.float64) - theirs[t].astype(np.float64)) / float(s) > 1e-3
+        if diff.shape != at_tie.shape:  # a tensor compared across a reshape
+            continue
+        total += int(v.size)
+        exact += int(at_tie.sum())
+        enc = sim.encodings[sim.plan.activation_of(t).name]
+        offset, top = np.float32(np.max(enc.aimet_offset)), (1 << enc.bitwidth) - 1
+        emulated = (aimet_round(np.asarray(x, np.float32), s, offset, top).astype(np.float64) + float(offset)) * float(s)
+        rule = diff & (np.abs(emulated - theirs[t].astype(np.float64)) <= float(s) * 1e-3)
+        explained += int(rule.sum())
+        n_exact, n_near = int((diff & at_tie).sum()), int((diff & near).sum())
+        n_other = int(diff.sum()) - n_exact - n_near
+        differing["exact_tie"] += n_exact
+        differing["near_tie"] += n_near
+        differing["other"] += n_other
+        if at_tie.any() or diff.any():
+            per_tensor.append({"tensor": t, "values": int(v.size), "exact_ties": int(at_tie.sum()),
+                               "differing": int(diff.sum()), "at_exact_tie": n_exact, "near_tie": n_near,
+                               "other": n_other})
+    per_tensor.sort(key=lambda r: (-r["differing"], -r["exact_ties"]))
+    return {"values": total, "exact_ties": exact, "differing": differing,
+            "differing_explained_by_aimets_rule": explained,
+            "tensors_with_exact_ties": sum(1 for r in per_tensor if r["exact_ties"]), "worst": per_tensor[:8]}
+
+
+def aimet_round(x: np.ndarray, scale: np.float32, offset: np.float32, top: int) -> np.ndarray:
+    """aimet-onnx 2.42's quantizer on its unsigned grid, as measured on its own outputs
+    (tests/fixtures/aimet/rounding): ``v = float32(float32(x / scale) - offset)``, rounded half away
+    from zero, clamped to [0, top]."""
+    v = (x.astype(np.float32) / np.float32(scale)).astype(np.float32) - np.float32(offset)
+    low = np.floor(v)
+    return np.clip(np.where(v - low >= np.float32(0.5), low + 1, low), 0, top)
+
+
 def aimet_rounding_check(x: np.ndarray, scale: float, offset: int, bits: int, theirs: np.ndarray,
                          ours: np.ndarray) -> dict:
-    """How many input values aimet-onnx's quantizer rounds as ``floor(x * (1/scale) - offset + 0.5)``
-    in float32 (half up on the unsigned grid; its CPU kernel: x / delta - offset, std::round) does
-    not explain, and how many of them onnxqat (QuantizeLinear: round half to even of x / scale, then
-    + zero point) puts on another step."""
+    """How many input values aimet-onnx's rounding (:func:`aimet_round`: ``x / scale - offset`` in
+    float32, then half away from zero) does not explain, and how many of them onnxqat
+    (QuantizeLinear: round half to even of x / scale, then + zero point) puts on another step."""
     x = x.astype(np.float32)
-    inv = np.float32(1.0) / np.float32(scale)
-    q = np.clip(np.floor(x * inv - np.float32(offset) + np.float32(0.5)), 0, (1 << bits) - 1)
+    q = aimet_round(x, np.float32(scale), np.float32(offset), (1 << bits) - 1)
     emulated = (q.astype(np.float64) + offset) * scale
     step = np.abs(theirs.astype(np.float64) - ours.astype(np.float64)) / scale
     return {"values": int(x.size), "not_explained_by_half_up_rule": int((np.abs(emulated - theirs) > scale / 2).sum()),
@@ -344,7 +487,7 @@ def roundtrip(key: str, python: str, calib_n: int = 32, eval_n: int = 64, layers
             warnings.simplefilter("always")
             sim.load_encodings(os.path.join(a_dir, "model.encodings"), missing="calibrate", batches=batches)
         scales = output_scales(sim)
-        result["aimet_to_onnxqat"] = {"fused": lsb_diff(sim.run(evaluation), aimet_out, scales),
+        result["aimet_to_onnxqat"] = {"fused": lsb_diff(fused(sim, evaluation), aimet_out, scales),
                                       "unfused": lsb_diff(unfused(sim, evaluation), aimet_out, scales),
                                       "load_warnings": [str(w.message)[:400] for w in caught]}
         if layers:
@@ -354,7 +497,7 @@ def roundtrip(key: str, python: str, calib_n: int = 32, eval_n: int = 64, layers
         sim.compute_encodings(batches)
         o_dir = os.path.join(tmp, "onnxqat")
         sim.export(o_dir, encodings_format="aimet-strict")
-        ours, ours_unfused, scales = sim.run(evaluation), unfused(sim, evaluation), output_scales(sim)
+        ours, ours_unfused, scales = fused(sim, evaluation), unfused(sim, evaluation), output_scales(sim)
         result["calibration"] = same_calibration(os.path.join(a_dir, "model.encodings"),
                                                  os.path.join(o_dir, "model.encodings"))
         try:
@@ -385,7 +528,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=0, metavar="N",
                    help="also compare every quantized tensor of both sims on the first N evaluation samples, "
                         "end to end and layer by layer (each layer fed the other sim's quantized inputs)")
+    p.add_argument("--input-rounding", choices=("onnxqat", "aimet"), default="onnxqat",
+                   help="aimet: replace onnxqat's QuantizeLinear of each model input by aimet-onnx's rounding "
+                        "in standard ops (a what-if of the bench, not what onnxqat builds)")
     args = p.parse_args()
+    INPUT_ROUNDING["mode"] = args.input_rounding
     if args.aimet_side:
         aimet_side(args.aimet_side)
         return
@@ -393,6 +540,7 @@ def main() -> None:
     for key in args.models:
         t0 = time.perf_counter()
         r = roundtrip(key, args.aimet_python, args.calib_samples, args.eval_samples, args.layers)
+        r["input_rounding"] = args.input_rounding
         r["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(r), flush=True)
         results.append(r)
@@ -407,8 +555,9 @@ def table(results: list[dict]) -> list[str]:
     comparison of every quantized tensor (unfused)."""
     rows = ["| model (calib / eval) | direction | strict | values | differ (unfused) | > 1 LSB (unfused) | max LSB "
             "unfused | differ (fused) | > 1 LSB (fused) | max LSB fused | per layer: max LSB, values > 1 LSB | "
-            "end to end: tensors > 1 LSB, max LSB |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+            "end to end: tensors > 1 LSB, max LSB | end to end: first tensor > 1 LSB (tensors before it) | "
+            "per layer: values differing at an exact tie / near one / other (exact ties) |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
     for r in results:
         for key, label in (("aimet_to_onnxqat", "aimet → onnxqat"), ("onnxqat_to_aimet", "onnxqat → aimet")):
             d = r[key]
@@ -417,14 +566,21 @@ def table(results: list[dict]) -> list[str]:
             if key == "aimet_to_onnxqat" and d["load_warnings"]:
                 strict = "- (warned)"
             layers = d.get("layers")
-            per = e2e = ""
+            per = e2e = first = tie = ""
             if layers:
                 p, e = layers["per_layer"], layers["end_to_end"]
                 per = f"{p['max_lsb']:g}, {p['values_beyond_1_lsb']} of {p['values']}"
                 e2e = f"{e['tensors_beyond_1_lsb']} of {e['tensors']}, {e['max_lsb']:g}"
+                fb = e.get("first_beyond_1_lsb")
+                first = "none" if fb is None else f"`{fb['tensor']}` ({fb['op']}, {fb['tensors_before_it']})"
+                t = p.get("ties")
+                if t:
+                    dd = t["differing"]
+                    tie = (f"{dd['exact_tie']} / {dd['near_tie']} / {dd['other']} ({t['exact_ties']} of {t['values']}); "
+                           f"rule explains {t['differing_explained_by_aimets_rule']}")
             rows.append(f"| {r['model']} ({r['calibration_samples']} / {r['eval_samples']}) | {label} | {strict} | "
                         f"{u['values']} | {u['values_differing']} | {u['values_beyond_1_lsb']} | {u['max_lsb']:g} | "
-                        f"{f['values_differing']} | {f['values_beyond_1_lsb']} | {f['max_lsb']:g} | {per} | {e2e} |")
+                        f"{f['values_differing']} | {f['values_beyond_1_lsb']} | {f['max_lsb']:g} | {per} | {e2e} | {first} | {tie} |")
     return rows
 
 

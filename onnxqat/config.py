@@ -79,7 +79,8 @@ class NodeOverride:
 
 # onnxqat's placement switches in ``defaults`` (see QuantSimConfig)
 _PLACEMENT_SWITCHES = ("quantize_constant_inputs", "fold_affine", "derive_rescale", "integer_forms",
-                       "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights")
+                       "tie_branching_concat_inputs", "quantize_standalone_batchnorm", "symmetric_dynamic_weights",
+                       "untie_wide_concats", "raise_weight_scales", "aimet_rounding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +100,8 @@ class QuantSimConfig:
     ``calibrate_quantized_weights`` (``defaults.calibrate_quantized_weights``): observe activation
     ranges with the weights already quantized, as aimet-onnx's ``compute_encodings`` does, instead of
     with the float weights.
-    Seven more onnxqat keys of ``defaults`` make aimet-onnx's placement (all seven set in the
-    ``aimet`` preset; the defaults keep onnxqat's own rules):
+    Ten more onnxqat keys of ``defaults`` make aimet-onnx's placement and numerics (all ten set
+    in the ``aimet`` preset; the defaults keep onnxqat's own rules):
     ``quantize_constant_inputs`` (default false): every float constant an op reads, other than its
     weights and biases, gets its own activation quantizer calibrated on its values (aimet-onnx
     treats constants and Constant-node outputs as model inputs: HardSwish's 3 and 6, Clip bounds,
@@ -115,7 +116,18 @@ class QuantSimConfig:
     computes ``x * s + shift`` and its scale ``s`` gets a weight quantizer (per tensor, at least 8
     bits, asymmetric below 16), as aimet-onnx 2.42 does; ``symmetric_dynamic_weights`` (default
     false): the quantizer of a Conv/Gemm/MatMul weight input that is no constant (attention's keys
-    and values) takes the weights' symmetry, as aimet-onnx does.
+    and values) takes the weights' symmetry, as aimet-onnx does; ``untie_wide_concats`` (default
+    true): a Concat whose inputs' calibrated ranges differ more than
+    :data:`onnxqat.pipeline.SHARED_RANGE_RATIO` gets one quantizer per input and runs in float
+    (aimet-onnx keeps every Concat tie); ``raise_weight_scales`` (default false): after
+    calibration, weight scales are raised where the int32 bias or the requantization scale of an
+    integer accelerator would overflow (:mod:`onnxqat.overflow`), as aimet-onnx 2.42 does even with
+    biases left float; ``aimet_rounding`` (default false): weights and asymmetric model inputs
+    are rounded as aimet-onnx's quantizer rounds (``float32(x / s - offset)`` half away from zero)
+    instead of half to even: weights offline (their integers are what deploys), a model input in
+    standard ops before a ``QuantizeLinear`` of scale 1 (deployed so too); normalised 8-bit images
+    sit on midpoints of the grid. Tensors computed by integer kernels stay half to even (the
+    kernels round so).
     """
 
     output_quantized: bool = True
@@ -151,6 +163,9 @@ class QuantSimConfig:
     tie_branching_concat_inputs: bool = True
     quantize_standalone_batchnorm: bool = False
     symmetric_dynamic_weights: bool = False
+    untie_wide_concats: bool = True
+    raise_weight_scales: bool = False
+    aimet_rounding: bool = False
     unused: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -227,6 +242,9 @@ class QuantSimConfig:
                 "tie_branching_concat_inputs": self.tie_branching_concat_inputs,
                 "quantize_standalone_batchnorm": self.quantize_standalone_batchnorm,
                 "symmetric_dynamic_weights": self.symmetric_dynamic_weights,
+                "untie_wide_concats": self.untie_wide_concats,
+                "raise_weight_scales": self.raise_weight_scales,
+                "aimet_rounding": self.aimet_rounding,
             },
             "params": {k: _drop_none(dataclasses.asdict(v)) for k, v in self.params.items()},
             "op_type": {},

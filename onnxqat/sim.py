@@ -194,14 +194,18 @@ class QuantizationSimModel:
         observed = self._state
         if self.config.calibrate_quantized_weights:  # aimet-onnx observes activations so
             from onnxqat.graph import require_const
-            from onnxqat.qparams import fake_quantize
+            from onnxqat.passes.insert_qdq import aimet_quantize
+            from onnxqat.qparams import dequantize, fake_quantize
 
             inits = model.graph.initializers
+            encs = self._state.encodings
             observed = pipeline.apply_weights(observed, {
-                p.name: fake_quantize(require_const(inits[p.name]), self._state.encodings[p.name])
+                p.name: dequantize(aimet_quantize(require_const(inits[p.name]), encs[p.name]), encs[p.name])
+                if p.spec.rounding == "aimet" else fake_quantize(require_const(inits[p.name]), encs[p.name])
                 for p in self._state.plan.params})
         found = pipeline.calibrate(observed, keep_first(batches), self.quant_scheme, percentile=self.percentile,
-                                   progress=progress, replan=replan, device=self.device)
+                                   progress=progress, replan=replan if self.config.untie_wide_concats else None,
+                                   device=self.device)
         for reason in found.untied.values():
             warnings.warn(reason, RuntimeWarning, stacklevel=2)
         if found.plan is self._state.plan:
@@ -213,6 +217,8 @@ class QuantizationSimModel:
         if found.candidates and kept:
             self._state, self.scheme_choice = pipeline.choose_scheme(self._state, found.candidates, kept,
                                                                      device=self.device)
+        if self.config.raise_weight_scales:  # aimet-onnx's guard against int32 bias / requantization overflow
+            self._raise_weight_scales()
         self._check_feed = kept[0] if kept else None
         if Rounding.parse(weight_rounding) is not Rounding.NONE or bias_correction:
             self.round_weights(batches, weight_rounding, bias_correction=bias_correction is not False, progress=progress)
@@ -272,8 +278,20 @@ class QuantizationSimModel:
         }
 
     def set_weights(self, values: Mapping[str, np.ndarray]) -> None:
-        """Replace float initializers (e.g. trained weights); weight encodings follow."""
+        """Replace float initializers (e.g. trained weights); weight encodings follow (raised as
+        after calibration where the config says ``raise_weight_scales``)."""
         self._state = pipeline.apply_weights(self._state, values, self.param_scheme)
+        if self.config.raise_weight_scales and self._state.calibrated:
+            self._raise_weight_scales()
+
+    def _raise_weight_scales(self) -> None:
+        from onnxqat.overflow import raise_weight_scales
+
+        raised = {name: enc for name, enc in raise_weight_scales(self.float_model, self._state.plan,
+                                                                 self._state.encodings).items()
+                  if name not in self._state.fixed}  # a weight rounding search's grid stays (aimet: frozen)
+        if raised:
+            self._state = self._state.with_encodings(raised)
 
     # -- the simulation ------------------------------------------------------------------------
     @property

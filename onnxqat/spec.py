@@ -28,11 +28,12 @@ from typing import Any, TypeVar
 
 from onnxqat.errors import ConfigError
 
-__all__ = ["MAX_BITWIDTH", "MIN_BITWIDTH", "SYMMETRIC_SCALES", "Choice", "QuantSpec"]
+__all__ = ["MAX_BITWIDTH", "MIN_BITWIDTH", "ROUNDINGS", "SYMMETRIC_SCALES", "Choice", "QuantSpec"]
 
 MIN_BITWIDTH = 4
 MAX_BITWIDTH = 16
 SYMMETRIC_SCALES = ("onnxqat", "aimet")
+ROUNDINGS = ("half_even", "aimet")
 
 
 _C = TypeVar("_C", bound="Choice")
@@ -79,6 +80,11 @@ class QuantSpec:
         symmetric_scale: Scale convention of a symmetric signed grid, ``"onnxqat"`` or
             ``"aimet"`` (see the module docstring); strict symmetric grids always use
             ``max(|min|, |max|) / (2^(b-1) - 1)``.
+        rounding: How a weight or a model input is rounded onto the grid: ``"half_even"``
+            (QuantizeLinear: ``round_half_even(x / s) + zp``) or ``"aimet"`` (aimet-onnx 2.42's
+            quantizer: ``float32(x / s - offset)`` rounded half away from zero on the unsigned grid,
+            ``offset`` = AIMET's). Other tensors are rounded inside the integer kernels that
+            produce them: always half to even.
 
     >>> QuantSpec(bitwidth=8, symmetric=True).with_axis(0).axis
     0
@@ -93,6 +99,7 @@ class QuantSpec:
     pair_limit: int | None = None
     pair_axis: int | None = None
     symmetric_scale: str = "onnxqat"
+    rounding: str = "half_even"
 
     def __post_init__(self) -> None:
         if isinstance(self.bitwidth, bool) or not isinstance(self.bitwidth, int):
@@ -112,6 +119,8 @@ class QuantSpec:
 
         if self.symmetric_scale not in SYMMETRIC_SCALES:
             raise ConfigError(f"symmetric_scale must be one of {SYMMETRIC_SCALES}, got {self.symmetric_scale!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.pair_limit is not None:
             if isinstance(self.pair_limit, bool) or not isinstance(self.pair_limit, int) or self.pair_limit < 2:
                 raise ConfigError(f"pair_limit must be an integer >= 2, got {self.pair_limit!r}")

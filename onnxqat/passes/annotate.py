@@ -48,6 +48,8 @@ stable ``rule_id`` (:data:`PLACEMENT_RULES`) and the readable detail naming the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import types
 from collections.abc import Mapping
 
@@ -404,7 +406,10 @@ class _Annotator:
             if not is_float(value) or is_constant(value):
                 continue
             if self.config.model_input_quantized or value.name in demand:
-                self.new_group(name_of(value), self.act_spec(None))
+                spec = self.act_spec(None)
+                if self.config.aimet_rounding and not spec.symmetric:
+                    spec = dataclasses.replace(spec, rounding="aimet")
+                self.new_group(name_of(value), spec)
             else:
                 self.skip(value, Reason("placement.model_input", "model input (model_input.is_input_quantized is false)"))
 
@@ -743,7 +748,8 @@ class _Annotator:
         override = self.config.nodes.get(name_of(node))
         bw = max(override.param_bw if override is not None and override.param_bw is not None else self.param_bw, 8)
         return QuantSpec(bitwidth=bw, symmetric=bw >= 16, strict_symmetric=False, unsigned_symmetric=False,
-                         symmetric_scale=self.config.symmetric_scale)
+                         symmetric_scale=self.config.symmetric_scale,
+                         rounding="aimet" if self.config.aimet_rounding else "half_even")
 
     def param_spec(self, node: ir.Node, weight: ir.Value, index: int, symmetric: bool) -> QuantSpec:
         bw = self.param_bw
@@ -768,6 +774,7 @@ class _Annotator:
             pair_limit=pair_limit,
             pair_axis=pair_axis,
             symmetric_scale=self.config.symmetric_scale,
+            rounding="aimet" if self.config.aimet_rounding else "half_even",
         )
 
     def bias_problem(

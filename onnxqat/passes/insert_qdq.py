@@ -4,6 +4,8 @@ Two flavours of the same graph:
 
 * ``fold_weights=False`` (the simulation): weights stay float initializers followed by
   ``[Clip] -> QuantizeLinear -> DequantizeLinear``, so the model follows its weights.
+  Weights whose spec rounds as aimet-onnx (``QuantSpec.rounding == "aimet"``) are integers
+  computed here in both flavours (:func:`aimet_quantize`; QuantizeLinear rounds half to even).
 * ``fold_weights=True`` (the deployable model): weights are stored as integer initializers
   followed by ``DequantizeLinear``; what onnxruntime fuses into integer kernels. Generated names
   are short (``q7_scale``) to keep the file small; the model's own names are kept.
@@ -39,10 +41,10 @@ from onnxqat.graph import NameScope, const_array, make_initializer, name_of, ops
 from onnxqat.ops import Reason, prelu_slope, rule
 from onnxqat.passes import TypedFunctionalPass
 from onnxqat.plan import ActivationQuantizer, IntegerForm, LinearForm, QuantPlan
-from onnxqat.qparams import Encoding, integer_form_constants, prelu_form_constants, quantize
+from onnxqat.qparams import Encoding, broadcast_shape, integer_form_constants, prelu_form_constants, quantize
 from onnxqat.runtime import release_if_mapped
 
-__all__ = ["InsertQDQPass", "bias_encoding", "bias_fits", "qdq_domain", "quantize_bias"]
+__all__ = ["InsertQDQPass", "aimet_quantize", "bias_encoding", "bias_fits", "qdq_domain", "quantize_bias"]
 
 _INT32 = np.iinfo(np.int32)
 
@@ -148,12 +150,12 @@ class _Inserter:
                 if q.derived_from is not None and tensor == q.name:
                     self.read_derived(q, enc, params)
                 else:
-                    self.quantize_activation(self.values[tensor], enc, params)
+                    self.quantize_activation(self.values[tensor], enc, params, q.spec.rounding)
         for form in self.plan.integer_forms:
             self.integer_form(form)
         self.drop_unused_dequantize()
         for p in self.plan.params:
-            self.quantize_param(p.name, p.consumers, self.encodings[p.name])
+            self.quantize_param(p.name, p.consumers, self.encodings[p.name], p.spec.rounding)
         for b in self.plan.biases:
             self.quantize_bias(b.name, b.node, self.encodings[b.input_quantizer], self.encodings[b.weight_quantizer])
         int32 = {b.name for b in self.plan.biases}
@@ -203,12 +205,35 @@ class _Inserter:
         return self.node("DequantizeLinear", [q, *params], base, domain, **axis)
 
     # -- activations -----------------------------------------------------------------------------
-    def quantize_activation(self, value: ir.Value, enc: Encoding, params: tuple[ir.Value, ir.Value]) -> None:
+    def aimet_round(self, x: ir.Value, enc: Encoding, params: tuple[ir.Value, ir.Value], base: str) -> ir.Value:
+        """aimet-onnx's rounding in standard ops: ``v = x / s + zp`` in float32, rounded half away
+        from zero as ``Floor(v) + (v - Floor(v) >= 0.5)`` (exact for v >= 0; below 0 both give 0
+        after the clamp), clamped to the grid, made integers by a ``QuantizeLinear`` of scale 1 and
+        dequantized as usual (tests/test_aimet.py: exact against aimet-onnx's own outputs)."""
+        scale, zp = params
+        domain = self.qdq_domain(enc)
+
+        def const(tag: str, value: float | int, dtype: Any = np.float32) -> ir.Value:
+            return make_initializer(self.graph, self.names.fresh(f"{base}_aimet_{tag}"), np.asarray(value, dtype))
+
+        v = self.node("Add", [self.node("Div", [x, scale], base), const("zp", float(enc.zero_point))], base)
+        low = self.node("Floor", [v], base)
+        up = self.node("GreaterOrEqual", [self.node("Sub", [v, low], base), const("half", 0.5)], base)
+        k = self.node("Add", [low, self.node("Cast", [up], base, to=ir.DataType.FLOAT.value)], base)
+        k = self.node("Clip", [k, const("qmin", float(enc.qmin)), const("qmax", float(enc.qmax))], base)
+        q = self.node("QuantizeLinear", [k, const("one", 1.0), const("z0", 0, enc.container_dtype)], base, domain)
+        return self.node("DequantizeLinear", [q, *params], base, domain)
+
+    def quantize_activation(self, value: ir.Value, enc: Encoding, params: tuple[ir.Value, ir.Value],
+                            rounding: str = "half_even") -> None:
         name = value.name
         assert name is not None
         users = list(value.uses())
         was_output = value.is_graph_output()
-        dq = self.qdq(value, enc, params, self.base(name))
+        if rounding == "aimet" and value.is_graph_input() and not enc.symmetric and not enc.per_channel:
+            dq = self.aimet_round(value, enc, params, self.base(name))
+        else:
+            dq = self.qdq(value, enc, params, self.base(name))
         dq.type, dq.shape = value.type, value.shape
         q_node = dq.producer()
         assert q_node is not None and q_node.inputs[0] is not None
@@ -345,18 +370,20 @@ class _Inserter:
         self.graph.remove(node, safe=True)
 
     # -- weights and biases ----------------------------------------------------------------------
-    def quantize_param(self, name: str, consumers: tuple[str, ...], enc: Encoding) -> None:
+    def quantize_param(self, name: str, consumers: tuple[str, ...], enc: Encoding, rounding: str = "half_even") -> None:
         value = self.values[name]
         users = [u for u in value.uses() if u.node.name in consumers]
         base = self.base(name)
         scale, zp = self.qparam_values(base, enc)
         axis = {} if enc.axis is None else {"axis": enc.axis}
         domain = self.qdq_domain(enc)
-        if self.fold:
+        if self.fold or rounding == "aimet":  # aimet's rounding: the integers are computed here, sim and deploy alike
             weight = const_array(value)
             assert weight is not None
-            q_value = make_initializer(self.graph, self.names.fresh(f"{base}_quantized"), quantize(weight, enc))
-            self.folded[name] = name_of(q_value)
+            integers = aimet_quantize(weight, enc) if rounding == "aimet" else quantize(weight, enc)
+            q_value = make_initializer(self.graph, self.names.fresh(f"{base}_quantized"), integers)
+            if self.fold:
+                self.folded[name] = name_of(q_value)
             del weight
             release_if_mapped(value.const_value)
             dq = self.node("DequantizeLinear", [q_value, scale, zp], base, domain, **axis)
@@ -436,6 +463,21 @@ class _Inserter:
             self.leading[id(source)] = lead
         last = make_initializer(self.graph, self.names.fresh(f"{base}_cols"), np.array([n], np.int64))
         return self.node("Concat", [lead, last], base, axis=0)
+
+
+def aimet_quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:
+    """aimet-onnx 2.42's quantizer (tests/fixtures/aimet/rounding): ``v = float32(x / s - offset)``
+    with AIMET's offset (``qmin - zero_point``), rounded half away from zero, clamped to the grid;
+    returned as ``enc``'s integers (``k + offset``). ``quantize`` rounds half to even instead."""
+    x = np.asarray(x, dtype=np.float32)
+    shape = broadcast_shape(enc, x.ndim)
+    scale = enc.scale.reshape(shape)
+    offset = enc.aimet_offset.reshape(shape).astype(np.float32)
+    v = (x / scale).astype(np.float32) - offset
+    low = np.floor(v)
+    k = np.where(v - low >= np.float32(0.5), low + 1, low).astype(np.float64) + offset
+    out: np.ndarray = np.clip(k, enc.qmin, enc.qmax).astype(enc.container_dtype)
+    return out
 
 
 def _per_channel(bound: np.ndarray, enc: Encoding, value: ir.Value) -> np.ndarray:
