@@ -23,6 +23,7 @@ from onnxqat.calibrate import runner
 from onnxqat.calibrate.observers import MinMaxObserver
 from onnxqat.calibrate.schemes import Scheme
 from onnxqat.graph import NameScope, values_by_name
+from onnxqat import runtime
 from onnxqat.runtime import Session
 
 WIDTH = 8
@@ -132,3 +133,61 @@ def test_calibration_time_grows_linearly_with_the_graph(monkeypatch):
     large = _own_calibration_seconds(20_000, monkeypatch)
     # 10x the nodes: linear is ~10x; the quadratic layout was over 100x
     assert large < 20 * small, f"2k nodes: {small:.2f} s, 20k nodes: {large:.2f} s ({large / small:.1f}x)"
+
+
+def _deployed_chain(nodes: int) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    sim = QuantizationSimModel(chain(nodes), quant_scheme="minmax")
+    sim.compute_encodings(_batch(), progress=False)
+    return sim.sim_ir(fold_weights=True), _batch()[0]
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_segmented_session_computes_what_one_session_computes(optimize):
+    """The export check's sessions are built in segments (onnxruntime's build grows about
+    quadratically with the graph): cut only at QuantizeLinear outputs, they give the very bits of
+    one session of the whole graph, fused integer kernels and reference alike."""
+    model, feed = _deployed_chain(900)
+    segmented = Session(model, optimize=optimize, max_nodes=200)
+    assert len(segmented.segments) >= 5 and segmented.session is None
+    proto = ir.to_proto(model)
+    op_of = {out: node.op_type for node in proto.graph.node for out in node.output}
+    for part, _ in segmented.segments[1:]:
+        assert part.inputs and all(op_of[name] == "QuantizeLinear" for name in part.inputs)
+        assert part.stop - part.start >= 100
+    assert sum(part.stop - part.start for part, _ in segmented.segments) == len(proto.graph.node)
+    whole = Session(model, optimize=optimize)
+    assert whole.segments == [] and segmented.output_names == whole.output_names
+    np.testing.assert_array_equal(segmented.run(feed)[0], whole.run(feed)[0])
+
+
+def test_a_graph_without_integer_cuts_is_one_session():
+    """Float tensors never cross a cut (a fusion could span it): the float chain stays whole, and
+    so does a graph under the limit."""
+    proto = chain(900)
+    assert runtime.segment_model(proto, 100) is None
+    model, _ = _deployed_chain(300)
+    assert runtime.segment_model(ir.to_proto(model), 10_000) is None
+    assert Session(proto, max_nodes=100).segments == []
+
+
+def test_the_check_run_still_names_a_failing_node_deep_in_a_segmented_graph(monkeypatch):
+    """A node that cannot run in the last segments fails the segmented check as it failed the
+    whole graph's, and the error names it."""
+    from onnxqat import deploycheck
+    from onnxqat.errors import ModelError
+
+    monkeypatch.setattr(deploycheck, "SEGMENT_NODES", 200)
+
+    model, feed = _deployed_chain(900)
+    relus = [node for node in model.graph if node.op_type == "Relu"]
+    bad = relus[-20]
+    shape = ir.Value(name="bad_shape", const_value=ir.tensor(np.array([7, -1], np.int64), name="bad_shape"))
+    model.graph.register_initializer(shape)
+    reshape = ir.Node("", "Reshape", [bad.inputs[0], shape], name="bad_reshape")
+    model.graph.insert_before(bad, reshape)
+    bad.replace_input_with(0, reshape.outputs[0])
+    reshape.outputs[0].name = "bad_reshape_out"
+    segments = runtime.segment_model(ir.to_proto(model), 200)
+    assert segments is not None and len(segments) > 5
+    with pytest.raises(ModelError, match="does not run in onnxruntime .* at node 'bad_reshape' \\(Reshape\\)"):
+        deploycheck.check_deployment(model, feed, {})
