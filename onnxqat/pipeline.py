@@ -52,7 +52,7 @@ from onnxqat.passes.fold_batchnorm import FoldAffinePass, FoldBatchNormPass, Res
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.plan import ActivationQuantizer, QuantPlan
 from onnxqat.qparams import Encoding, compute_encoding
-from onnxqat.runtime import Session, release_if_mapped
+from onnxqat.runtime import Session, release_if_mapped, serialized_once
 from onnxqat.target import Target
 
 __all__ = [
@@ -628,7 +628,8 @@ def export(
         for value in state.float_model.graph.outputs:
             q = state.effective_plan.activation_of(value.name or "")
             lsbs[value.name or ""] = float(np.max(state.encodings[q.name].scale)) if q is not None else None
-        check_deployment(deploy, check_feed, lsbs)
+        with serialized_once(deploy):  # one protobuf for the fused and the reference session
+            check_deployment(deploy, check_feed, lsbs)
     float_model = state.float_model
     if float16:
         float_model = restore_float16(float_model, float16)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from onnxqat.backend import onnxruntime as _onnxruntime
 from onnxqat.backend import providers
 
 __all__ = ["PROTO_LIMIT", "SEGMENT_NODES", "NotImplementedError_", "Session", "fits_in_proto", "model_bytes_size",
-           "release_if_mapped", "save_with_external_data", "segment_model"]
+           "release_if_mapped", "save_with_external_data", "segment_model", "serialized_once"]
 
 # Serialize in memory below this size; above it, save with external data and load by path.
 PROTO_LIMIT = 1_800_000_000
@@ -62,7 +63,17 @@ def save_with_external_data(model: ir.Model, path: str, data_name: str) -> None:
 
 def model_bytes_size(model: ir.Model) -> int:
     """Bytes held by the model's initializers (a lower bound of its serialized size)."""
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        raw = getattr(tensor, "raw", None)  # an ir.Tensor's numpy array: its nbytes (half ir's time, from the shape)
+        if isinstance(raw, np.ndarray) and raw.itemsize * 8 == tensor.dtype.bitwidth:  # not packed 4-bit
+            total += raw.nbytes
+        else:
+            total += tensor.nbytes
+    return total
 
 
 def fits_in_proto(model: ir.Model) -> bool:
@@ -178,6 +189,25 @@ def segment_model(proto: onnx.ModelProto, max_nodes: int) -> list[Segment] | Non
     return segments
 
 
+# id(model) -> (model, its protobuf, its segments by max_nodes) while serialized_once() holds it
+_PINNED: dict[int, tuple[ir.Model, onnx.ModelProto, dict[int, list[Segment] | None]]] = {}
+
+
+@contextlib.contextmanager
+def serialized_once(model: ir.Model) -> Iterator[None]:
+    """Within the block, every :class:`Session` of ``model`` (the object itself, which the block
+    must not change) reuses one protobuf of it and one cut into segments, instead of serializing
+    it per session (the export check builds a fused and a reference session of one model)."""
+    if not fits_in_proto(model) or id(model) in _PINNED:
+        yield
+        return
+    _PINNED[id(model)] = (model, ir.to_proto(model), {})
+    try:
+        yield
+    finally:
+        del _PINNED[id(model)]
+
+
 class Session:
     """An ``InferenceSession`` over an ``ir.Model``.
 
@@ -241,11 +271,21 @@ class Session:
         self._tmpdir: str | None = None
         self.segments: list[tuple[Segment, Any]] = []
         proto: onnx.ModelProto | None = None
-        if isinstance(model, onnx.ModelProto):
+        pinned = _PINNED.get(id(model))
+        if pinned is not None and pinned[0] is model:
+            proto = pinned[1]
+        elif isinstance(model, onnx.ModelProto):
             proto = model
         elif fits_in_proto(model):
             proto = ir.to_proto(model)
-        parts = segment_model(proto, max_nodes) if proto is not None and max_nodes is not None else None
+        parts = None
+        if proto is not None and max_nodes is not None:
+            if pinned is not None and pinned[0] is model:
+                if max_nodes not in pinned[2]:
+                    pinned[2][max_nodes] = segment_model(proto, max_nodes)
+                parts = pinned[2][max_nodes]
+            else:
+                parts = segment_model(proto, max_nodes)
         if parts is not None:
             built = [self._build(part.model.SerializeToString()) for part in parts]
             if not self.fused_qdq and self._optimize:  # a segment fell back: all of them run so, as one session would

@@ -191,3 +191,29 @@ def test_the_check_run_still_names_a_failing_node_deep_in_a_segmented_graph(monk
     assert segments is not None and len(segments) > 5
     with pytest.raises(ModelError, match="does not run in onnxruntime .* at node 'bad_reshape' \\(Reshape\\)"):
         deploycheck.check_deployment(model, feed, {})
+
+
+def test_sessions_of_a_pinned_model_share_one_protobuf_and_one_cut(monkeypatch):
+    model, feed = _deployed_chain(600)
+    expected = Session(model).run(feed)[0]
+    calls = {"to_proto": 0, "segment": 0}
+    to_proto, segment = ir.to_proto, runtime.segment_model
+
+    def counted_to_proto(*args, **kwargs):
+        calls["to_proto"] += 1
+        return to_proto(*args, **kwargs)
+
+    def counted_segment(*args, **kwargs):
+        calls["segment"] += 1
+        return segment(*args, **kwargs)
+
+    monkeypatch.setattr(ir, "to_proto", counted_to_proto)
+    monkeypatch.setattr(runtime, "segment_model", counted_segment)
+    with runtime.serialized_once(model):
+        fused = Session(model, max_nodes=300)
+        reference = Session(model, optimize=False, max_nodes=300)
+        other = Session(model.clone(), max_nodes=300)  # another object: serialized on its own
+    assert calls == {"to_proto": 2, "segment": 2} and fused.segments and reference.segments and other.segments
+    np.testing.assert_array_equal(fused.run(feed)[0], expected)
+    Session(model, max_nodes=300)  # outside the block: serialized again
+    assert calls == {"to_proto": 3, "segment": 3}
