@@ -135,18 +135,20 @@ def test_calibration_time_grows_linearly_with_the_graph(monkeypatch):
     assert large < 20 * small, f"2k nodes: {small:.2f} s, 20k nodes: {large:.2f} s ({large / small:.1f}x)"
 
 
-def _deployed_chain(nodes: int) -> tuple[ir.Model, dict[str, np.ndarray]]:
+def _deployed_chain(nodes: int, deploy: bool = True) -> tuple[ir.Model, dict[str, np.ndarray]]:
     sim = QuantizationSimModel(chain(nodes), quant_scheme="minmax")
     sim.compute_encodings(_batch(), progress=False)
-    return sim.sim_ir(fold_weights=True), _batch()[0]
+    return sim.sim_ir(fold_weights=deploy), _batch()[0]
 
 
 @pytest.mark.parametrize("optimize", [True, False])
-def test_segmented_session_computes_what_one_session_computes(optimize):
-    """The export check's sessions are built in segments (onnxruntime's build grows about
-    quadratically with the graph): cut only at QuantizeLinear outputs, they give the very bits of
-    one session of the whole graph, fused integer kernels and reference alike."""
-    model, feed = _deployed_chain(900)
+@pytest.mark.parametrize("deploy", [True, False])
+def test_segmented_session_computes_what_one_session_computes(optimize, deploy):
+    """The export check's sessions (deployable graph) and the auto scheme's (simulation graph)
+    are built in segments (onnxruntime's build grows about quadratically with the graph): cut
+    only at QuantizeLinear outputs, they give the very bits of one session of the whole graph,
+    fused integer kernels and reference alike."""
+    model, feed = _deployed_chain(900, deploy)
     segmented = Session(model, optimize=optimize, max_nodes=200)
     assert len(segmented.segments) >= 5 and segmented.session is None
     proto = ir.to_proto(model)
