@@ -170,6 +170,15 @@ def segment_model(proto: onnx.ModelProto, max_nodes: int) -> list[Segment] | Non
         return name in types and types[name].type.HasField("tensor_type")
 
     needed = {name for _, _, _, inputs, outputs in spans for name in (*inputs, *outputs)}
+    for node in nodes:  # a QuantizeLinear output: its zero point's type, its input's shape
+        name = node.output[0] if node.output else ""
+        if name in needed and not typed(name) and node.op_type == "QuantizeLinear" and len(node.input) == 3 \
+                and node.input[2] in initializers and not any(a.name == "output_dtype" for a in node.attribute):
+            shape = types[node.input[0]].type.tensor_type.shape if typed(node.input[0]) else None
+            made = onnx.helper.make_tensor_value_info(name, initializers[node.input[2]].data_type, None)
+            if shape is not None and types[node.input[0]].type.tensor_type.HasField("shape"):
+                made.type.tensor_type.shape.CopyFrom(shape)
+            types[name] = made
     if not all(typed(name) for name in needed):
         types.update({v.name: v for v in onnx.shape_inference.infer_shapes(proto).graph.value_info})
         if not all(typed(name) for name in needed):

@@ -219,3 +219,17 @@ def test_sessions_of_a_pinned_model_share_one_protobuf_and_one_cut(monkeypatch):
     np.testing.assert_array_equal(fused.run(feed)[0], expected)
     Session(model, max_nodes=300)  # outside the block: serialized again
     assert calls == {"to_proto": 3, "segment": 3}
+
+
+def test_segment_types_come_from_the_graph_without_shape_inference(monkeypatch):
+    """The deployable graph has no value types on QuantizeLinear outputs: the cut types them from
+    their zero point and input (onnx shape inference of the whole graph is not run)."""
+    model, _ = _deployed_chain(600)
+    proto = ir.to_proto(model)
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda *a, **k: pytest.fail("shape inference ran"))
+    segments = runtime.segment_model(proto, 300)
+    assert segments is not None and len(segments) >= 3
+    for part in segments[1:]:
+        (value,) = [v for v in part.model.graph.input if v.name == part.inputs[0]]
+        assert value.type.tensor_type.elem_type == TensorProto.UINT8
+        assert [d.dim_value for d in value.type.tensor_type.shape.dim] == [BATCH, WIDTH]
