@@ -4,12 +4,12 @@ Each size runs in a fresh child process (the onnxqat venv) that builds a chain o
 ``nodes / 3`` blocks (``--width`` x ``--width`` weights), saves it, and times what a user runs:
 
     simulate  = QuantizationSimModel(path)
-    calibrate = sim.compute_encodings([one batch of --batch rows])
+    calibrate = sim.compute_encodings([one batch of --batch rows])   (quant_scheme --scheme, minmax)
     export    = sim.export(<temp dir>)
 
 Per stage it reports wall time, the part spent building onnxruntime sessions (every
 ``InferenceSession`` construction, timed around the call) and running them, and the rest: onnxqat's
-own Python time (``own = wall - ort build - ort run``). The table ends with the log-log slope of
+own Python time (``own = wall - ort build - ort run``), and the sessions each stage built. The table ends with the log-log slope of
 each column over the sizes that finished (1.0 = linear, 2.0 = quadratic) and the local slope
 between the last two sizes. A child that exceeds ``--timeout`` is killed; the stages it finished
 are kept and the rest are shown as ``>timeout``.
@@ -45,7 +45,7 @@ CHILD = textwrap.dedent(
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes, width, batch, work = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    nodes, width, batch, work, scheme = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     blocks = max(1, nodes // 3)
     rng = np.random.default_rng(0)
     graph_nodes, inits, x = [], [], "x"
@@ -93,7 +93,7 @@ CHILD = textwrap.dedent(
         return out
 
     print(json.dumps({"nodes": 3 * blocks, "onnxqat": os.path.dirname(onnxqat.__file__)}), flush=True)
-    sim = stage("simulate", lambda: QuantizationSimModel(path))
+    sim = stage("simulate", lambda: QuantizationSimModel(path, quant_scheme=scheme))
     print(json.dumps({"plan": sim.plan.summary()}), flush=True)
     stage("calibrate", lambda: sim.compute_encodings(data, progress=False))
     out = tempfile.mkdtemp(dir=work)
@@ -102,7 +102,8 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(python: str, nodes: int, width: int, batch: int, timeout: float, code: str | None) -> dict:
+def run_child(python: str, nodes: int, width: int, batch: int, timeout: float, code: str | None,
+              scheme: str = "minmax") -> dict:
     """Results of one size: ``{"nodes", "plan", "stages": {stage: {...}}, "timeout": bool}``."""
     env = dict(os.environ)
     if code:
@@ -110,7 +111,7 @@ def run_child(python: str, nodes: int, width: int, batch: int, timeout: float, c
     result: dict = {"nodes": nodes, "stages": {}, "timeout": False, "load_start": load_average()}
     with tempfile.TemporaryDirectory(prefix="onnxqat-scaling-") as work:
         with tempfile.TemporaryFile("w+") as out:
-            proc = subprocess.Popen([python, "-c", CHILD, str(nodes), str(width), str(batch), work],
+            proc = subprocess.Popen([python, "-c", CHILD, str(nodes), str(width), str(batch), work, scheme],
                                     stdout=out, stderr=subprocess.PIPE, text=True, cwd=work, env=env)
             try:
                 _, err = proc.communicate(timeout=timeout)
@@ -146,17 +147,17 @@ def slope(points: list[tuple[float, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else None
 
 
-COLUMNS = [(stage, key) for stage in STAGES for key in ("own", "own_cpu", "ort_build")]
-LABELS = {"own": "own", "own_cpu": "own CPU", "ort_build": "ort build"}
+COLUMNS = [(stage, key) for stage in STAGES for key in ("own", "own_cpu", "ort_build", "ort_build_cpu")]
+LABELS = {"own": "own", "own_cpu": "own CPU", "ort_build": "ort build", "ort_build_cpu": "ort build CPU"}
 
 
 def table(results: list[dict], timeout: float) -> str:
     """Markdown table: per stage onnxqat's own wall and CPU seconds and onnxruntime's session
     build (wall), then totals; the last rows are log-log slopes."""
     head = ["nodes"] + [f"{stage} {LABELS[key]} (s)" for stage, key in COLUMNS]
-    head += ["total own (s)", "total own CPU (s)", "total wall (s)", "load 1-min (start/end)"]
+    head += ["total own (s)", "total own CPU (s)", "total wall (s)", "sessions", "load 1-min (start/end)"]
     rows = [head, ["---:"] * (len(head) - 1) + [":--"]]
-    series: dict[str, list[tuple[float, float]]] = {name: [] for name in head[1:-1]}
+    series: dict[str, list[tuple[float, float]]] = {name: [] for name in head[1:-2]}
     for r in results:
         row = [f"{r['nodes']:,}"]
         for (stage, key), name in zip(COLUMNS, head[1:]):
@@ -179,16 +180,17 @@ def table(results: list[dict], timeout: float) -> str:
             row.append(f"{total:.2f}" if complete else f"{total:.2f} + timeout")
             if complete:
                 series[label].append((r["nodes"], total))
+        row.append("/".join(str(s.get("sessions", "?")) for s in done))
         row.append(f"{r['load_start'].split()[0]} / {r['load_end'].split()[0]}")
         rows.append(row)
     fit = ["slope (fit)"]
     last = ["slope (last two)"]
-    for name in head[1:-1]:
+    for name in head[1:-2]:
         s = slope(series[name])
         fit.append("-" if s is None else f"{s:.2f}")
         s = slope(series[name][-2:])
         last.append("-" if s is None else f"{s:.2f}")
-    rows += [fit + [""], last + [""]]
+    rows += [fit + ["", ""], last + ["", ""]]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -198,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated graph sizes in nodes (3 per block)")
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--scheme", default="minmax",
+                        help="quant_scheme of the sim (default minmax: auto switches from histograms to min-max "
+                             "above 5000 observed tensors, so its sizes would not compare)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per size (all three stages)")
     parser.add_argument("--python", default=sys.executable, help="interpreter with onnxqat installed")
     parser.add_argument("--code", default=None, help="directory put first on the children's PYTHONPATH")
@@ -215,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     for nodes in sizes:
         progress("scaling", f"{nodes} nodes (load {load_average()})")
         t = time.perf_counter()
-        results.append(run_child(args.python, nodes, args.width, args.batch, args.timeout, args.code))
+        results.append(run_child(args.python, nodes, args.width, args.batch, args.timeout, args.code,
+                                 args.scheme))
         progress("scaling", f"{nodes} nodes done in {time.perf_counter() - t:.1f} s "
                             f"{'(timeout)' if results[-1]['timeout'] else ''}")
         if args.json:

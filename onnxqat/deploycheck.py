@@ -33,7 +33,7 @@ from onnxqat.runtime import ort
 from onnxqat.errors import ModelError
 from onnxqat.graph import remove_dead_nodes
 from onnxqat.ops import OpKind, rule
-from onnxqat.runtime import Session
+from onnxqat.runtime import SEGMENT_NODES, Session
 
 __all__ = ["GAP_LSB", "DeployCheck", "check_deployment"]
 
@@ -133,7 +133,7 @@ def check_deployment(model: ir.Model, feed: Mapping[str, np.ndarray], lsbs: Mapp
     ``lsbs``: output name -> scale of its quantizer (None for float outputs).
     """
     try:
-        fused = Session(model)
+        fused = Session(model, max_nodes=SEGMENT_NODES)  # linear build on large graphs (runtime.segment_model)
         outputs = fused.run(feed)
     except Exception as e:  # onnxruntime raises its own exception types
         message = _error_line(e)
@@ -141,7 +141,7 @@ def check_deployment(model: ir.Model, feed: Mapping[str, np.ndarray], lsbs: Mapp
         at = f" at node '{node.name}' ({node.op_type})" if node is not None else ""
         raise ModelError(f"the exported QDQ model does not run in onnxruntime {ort.__version__}{at}: {message}") from None
     try:
-        reference = Session(model, optimize=False).run(feed)
+        reference = Session(model, optimize=False, max_nodes=SEGMENT_NODES).run(feed)
     except Exception as e:
         raise ModelError(f"the exported QDQ model's reference graph does not run: {_error_line(e)}") from None
     gaps: dict[str, float | None] = {}

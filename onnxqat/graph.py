@@ -142,7 +142,9 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 
 def array_tensor(array: np.ndarray, name: str | None = None) -> ir.TensorProtocol:
     """``ir.tensor(array, name=name)``, without its isinstance checks against runtime-checkable
-    protocols for numpy arrays (they cost ~10x the tensor itself, per initializer)."""
+    protocols for numpy arrays and scalars (they cost ~10x the tensor itself, per initializer)."""
+    if isinstance(array, np.generic):  # a numpy scalar (np.float32(...)): its 0-d array, same values
+        array = np.asarray(array)
     if type(array) is np.ndarray:
         return ir.Tensor(array, name=name)
     return ir.tensor(array, name=name)

@@ -52,7 +52,7 @@ from onnxqat.passes.fold_batchnorm import FoldAffinePass, FoldBatchNormPass, Res
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.plan import ActivationQuantizer, QuantPlan
 from onnxqat.qparams import Encoding, compute_encoding
-from onnxqat.runtime import Session, release_if_mapped
+from onnxqat.runtime import SEGMENT_NODES, Session, release_if_mapped, serialized_once
 from onnxqat.target import Target
 
 __all__ = [
@@ -384,7 +384,7 @@ def choose_scheme(state: SimState, candidates: Mapping[Scheme, Mapping[str, Enco
     for scheme, encodings in candidates.items():
         candidate = state.with_encodings(encodings)
         try:
-            session = Session(lower(candidate), device=device)
+            session = Session(lower(candidate), device=device, max_nodes=SEGMENT_NODES)  # linear build
             runs = [(ref, session.run(feed)) for ref, feed in zip(reference, feeds)]
         except Exception as e:  # noqa: BLE001 - onnxruntime cannot run this QDQ model: nothing to score
             # the state keeps the fallback; the export's check run reports the failure naming the node
@@ -640,7 +640,8 @@ def export(
         for value in state.float_model.graph.outputs:
             q = state.effective_plan.activation_of(value.name or "")
             lsbs[value.name or ""] = float(np.max(state.encodings[q.name].scale)) if q is not None else None
-        check_deployment(deploy, check_feed, lsbs)
+        with serialized_once(deploy):  # one protobuf for the fused and the reference session
+            check_deployment(deploy, check_feed, lsbs)
     float_model = state.float_model
     if float16:
         float_model = restore_float16(float_model, float16)
