@@ -52,10 +52,12 @@ class LossSpec:
     """Which loss to train with, on which model output.
 
     Attributes:
-        kind: ``cross_entropy`` (integer labels), ``mse`` (float targets) or ``distill`` (match the
-            float model: soft cross-entropy on logits for classifiers, MSE otherwise).
+        kind: ``cross_entropy`` (integer labels; binary cross-entropy with labels in [0, 1] on a
+            Sigmoid output or a one-channel class axis), ``mse`` (float targets) or ``distill``
+            (match the float model: soft cross-entropy on logits for classifiers, MSE otherwise).
         output_index: Model output the loss reads. If it is produced by Softmax/LogSoftmax, the
-            logits feeding it are used for cross-entropy and distillation.
+            logits feeding it are used for cross-entropy and distillation; if by Sigmoid, the
+            logits feeding it are used for (binary) cross-entropy.
         label_key: Batch key of labels (``cross_entropy``).
         target_key: Batch key of targets (``mse``).
         temperature: Distillation temperature.
@@ -114,6 +116,9 @@ class TrainingGraph:
         range_params: Range-learning parameters per activation quantizer.
         class_axis: Class axis of the prediction (cross-entropy and distillation).
         decomposed: Node name -> op type of the nodes rewritten into differentiable ops.
+        binary: The loss is binary cross-entropy on the prediction (logits) with float labels in
+            [0, 1] of the prediction's shape.
+        sigmoid: The model output is ``Sigmoid(prediction)`` (else the prediction is the output).
     """
 
     model: ir.Model
@@ -125,6 +130,8 @@ class TrainingGraph:
     range_params: tuple[RangeParams, ...]
     class_axis: int = 1
     decomposed: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    binary: bool = False
+    sigmoid: bool = False
 
 
 def lower_for_training(
@@ -509,7 +516,11 @@ class _Lowering:
         feeds: dict[str, str] = {}
         teacher = None
         rank = source.rank
-        if self.loss.kind == "cross_entropy":
+        if self.loss.kind == "cross_entropy" and source.binary:
+            labels = self.new_input(self.loss.label_key, ir.DataType.FLOAT, logits.shape)
+            feeds[name_of(labels)] = self.loss.label_key
+            loss = b.op("ReduceMean", [_binary_cross_entropy(b, logits, labels)], "loss", keepdims=0)
+        elif self.loss.kind == "cross_entropy":
             labels = self.new_input(self.loss.label_key, ir.DataType.INT64, ir.Shape([f"d{i}" for i in range(rank - 1)]))
             feeds[name_of(labels)] = self.loss.label_key
             scores = _move_axis_to_1(b, logits, source.class_axis, rank, "loss")
@@ -636,6 +647,8 @@ class _Lowering:
             range_params=tuple(self.range_params),
             class_axis=self.source.class_axis,
             decomposed=self.decomposed,
+            binary=self.source.binary,
+            sigmoid=self.source.sigmoid,
         )
 
 
@@ -644,6 +657,22 @@ def _float_cast(node: ir.Node) -> bool:
     return to is not None and ir.DataType(to.as_int()) in (
         ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16
     )
+
+
+def _binary_cross_entropy(b: Builder, z: ir.Value, y: ir.Value) -> ir.Value:
+    """Elementwise ``-y log(sigmoid(z)) - (1 - y) log(1 - sigmoid(z))`` in a form that cannot
+    overflow: ``|z| / 2 + z (1/2 - y) + log(1 + exp(-|z|))`` (``exp`` of a non-positive number only).
+    This is ``max(z, 0) - z y + log(1 + exp(-|z|))`` with ``max(z, 0) = (z + |z|) / 2``: the
+    coefficient of ``|z|`` in the gradient, ``1/2 - sigmoid(-|z|)``, is 0 at ``z = 0``, so the
+    gradient is ``sigmoid(z) - y`` everywhere, also at ``z = 0`` exactly (where quantized logits
+    sit) whatever subgradient ``Abs`` takes there. Abs, Exp, Log, Mul and Add have gradients in
+    onnxruntime-training."""
+    a = b.op("Abs", [z], "bce")
+    soft = b.op("Log", [b.op("Add", [b.op("Exp", [b.op("Neg", [a], "bce")], "bce"), b.const(1.0, name="one")], "bce")],
+                "bce")
+    half = b.const(0.5, name="half")
+    linear = b.op("Add", [b.op("Mul", [a, half], "bce"), b.op("Mul", [z, b.op("Sub", [half, y], "bce")], "bce")], "bce")
+    return b.op("Add", [linear, soft], "bce")
 
 
 def _move_axis_to_1(b: Builder, x: ir.Value, axis: int, rank: int, base: str) -> ir.Value:
@@ -662,12 +691,17 @@ class LossSource:
         rank: Its rank.
         class_axis: Class axis for cross-entropy / distillation.
         softmax: True when the output is a Softmax/LogSoftmax of ``tensor``.
+        binary: Cross-entropy is binary, on ``tensor`` as logits: the output is a Sigmoid of
+            ``tensor``, or ``tensor`` is the output and its class axis has one channel.
+        sigmoid: True when the output is a Sigmoid of ``tensor``.
     """
 
     tensor: str
     rank: int
     class_axis: int
     softmax: bool
+    binary: bool = False
+    sigmoid: bool = False
 
 
 def _flattened_softmax(node: ir.Node | None) -> ir.Value | None:
@@ -703,7 +737,7 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
         raise ConfigError(f"output index {index} is out of range: the model has {len(outputs)} output(s)")
     output = outputs[index]
     value: ir.Value | None = output
-    softmax, axis = False, -1
+    softmax, sigmoid, axis = False, False, -1
     producer = output.producer()
     flattened = _flattened_softmax(producer) if loss.kind != "mse" else None
     if flattened is not None:
@@ -712,15 +746,20 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
         value, softmax = producer.inputs[0], True
         attr = producer.attributes.get("axis")
         axis = attr.as_int() if attr is not None else -1
+    elif (producer is not None and producer.op_type == "Sigmoid" and producer.domain in ("", "ai.onnx")
+          and loss.kind == "cross_entropy" and producer.inputs[0] is not None):
+        value, sigmoid = producer.inputs[0], True
     assert value is not None
     if not is_float(value):
         raise ModelError(f"output '{output.name}' is not a float tensor: cannot train a {loss.kind} loss on it")
     if value.shape is None:
         raise ModelError(f"the rank of '{value.name}' is unknown: cannot build a {loss.kind} loss on it")
     rank = len(value.shape)
-    if loss.kind == "cross_entropy" and rank < 2:
+    one_channel = rank >= 2 and value.shape[1] == 1 and not softmax
+    if loss.kind == "cross_entropy" and rank < 2 and not sigmoid:
         raise ModelError(
             f"output '{output.name}' has rank {rank}: cross-entropy needs [batch, classes, ...] logits"
         )
     class_axis = (axis % rank) if softmax else (1 if rank >= 2 else 0)
-    return LossSource(name_of(value), rank, class_axis, softmax)
+    binary = loss.kind == "cross_entropy" and (sigmoid or one_channel)
+    return LossSource(name_of(value), rank, class_axis, softmax, binary, sigmoid)
