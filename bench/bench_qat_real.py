@@ -678,10 +678,13 @@ def cmd_cli(args: argparse.Namespace) -> None:
                         record["steps"] = sum(steps) if steps else 0
                         qdq = os.path.join(out, "model_qdq.onnx")
                         if run["returncode"] == 0 and os.path.exists(qdq):
+                            t0 = time.time()
                             deployed = task.deployed(qdq, test, out, 2)
                             record["deployed"] = task.task_metric(deployed, test)
                             record["agreement"] = task.agreement(float_out, deployed, test)
+                            t1 = time.time()
                             record["deployed_vs_sim"] = sim_check(task, out, pbw, abw, test, deployed)
+                            record["bench_seconds"] = {"deployed_score": t1 - t0, "sim_check": time.time() - t1}
                     with open(args.results, "a") as f:
                         f.write(json.dumps(record, default=float) + "\n")
                     print("  -> " + cli_line(record, task), flush=True)
