@@ -200,5 +200,6 @@ def test_the_cli_trains_a_sigmoid_map_on_masks_and_refuses_labels_beyond_1(tmp_p
     out, err = capsys.readouterr()
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert "labels 'label' range over [0, 2]" in last and "binary cross-entropy needs labels in [0, 1]" in last
+    assert last.startswith(f"error: {bad}: labels 'label' range over [0, 2] but output 'prob' is a Sigmoid")
+    assert "binary cross-entropy needs labels in [0, 1]" in last and "plan:" not in out  # before any work
     assert not (tmp_path / "o2").exists()

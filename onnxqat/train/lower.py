@@ -34,7 +34,7 @@ from onnxqat.train.builder import CONTRIB, Builder
 from onnxqat.train.decompose import DecomposeForTrainingPass
 from onnxqat.train.options import Loss
 
-__all__ = ["LossSource", "LossSpec", "RangeParams", "TrainingGraph", "loss_source", "lower_for_training"]
+__all__ = ["LossSource", "LossSpec", "RangeParams", "TrainingGraph", "binary_output", "loss_source", "lower_for_training"]
 
 
 # Half a step minus this is how far past the grid the straight-through band reaches (float32 has
@@ -750,12 +750,13 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
           and loss.kind == "cross_entropy" and producer.inputs[0] is not None):
         value, sigmoid = producer.inputs[0], True
     assert value is not None
-    if not is_float(value):
+    if not is_float(output if sigmoid else value):  # Sigmoid keeps the type and shape
         raise ModelError(f"output '{output.name}' is not a float tensor: cannot train a {loss.kind} loss on it")
-    if value.shape is None:
+    shape = output.shape if sigmoid and value.shape is None else value.shape
+    if shape is None:
         raise ModelError(f"the rank of '{value.name}' is unknown: cannot build a {loss.kind} loss on it")
-    rank = len(value.shape)
-    one_channel = rank >= 2 and value.shape[1] == 1 and not softmax
+    rank = len(shape)
+    one_channel = rank >= 2 and shape[1] == 1 and not softmax
     if loss.kind == "cross_entropy" and rank < 2 and not sigmoid:
         raise ModelError(
             f"output '{output.name}' has rank {rank}: cross-entropy needs [batch, classes, ...] logits"
@@ -763,3 +764,14 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
     class_axis = (axis % rank) if softmax else (1 if rank >= 2 else 0)
     binary = loss.kind == "cross_entropy" and (sigmoid or one_channel)
     return LossSource(name_of(value), rank, class_axis, softmax, binary, sigmoid)
+
+
+def binary_output(model: ir.Model, output_index: int = 0) -> tuple[str, bool] | None:
+    """``(output name, is a Sigmoid)`` when cross-entropy on output ``output_index`` is binary (a
+    Sigmoid output, or one channel on axis 1), else None (also for an output no loss can use:
+    building the loss reports that)."""
+    try:
+        source = loss_source(model, LossSpec("cross_entropy", output_index))
+    except (ConfigError, ModelError):
+        return None
+    return (name_of(model.graph.outputs[output_index]), source.sigmoid) if source.binary else None

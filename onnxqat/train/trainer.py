@@ -52,7 +52,7 @@ from onnxqat.train.options import MIN_STEPS, TrainOptions, default_lr, lowest_ac
 from onnxqat.train.ort_training import training_modules
 from onnxqat.train.sessions import EvalSession, release_free_memory, session_options
 
-__all__ = ["EpochStats", "QATTrainer", "StepResult", "apply_trained"]
+__all__ = ["EpochStats", "QATTrainer", "StepResult", "apply_trained", "check_binary_labels"]
 
 _CHECKPOINT = "checkpoint.ckpt"
 
@@ -468,11 +468,8 @@ class QATTrainer:
             raise DataError(f"{where}: labels '{key}' have shape {list(labels.shape)}; binary cross-entropy needs the "
                             f"model output's shape {dims}{alt}")
         labels = labels.astype(np.float32)
-        if labels.size and not (np.isfinite(labels).all() and labels.min() >= 0 and labels.max() <= 1):
-            output = name_of(self.initial.float_model.graph.outputs[self.options.output_index])
-            what = "a Sigmoid" if self.graph.sigmoid else "one channel"
-            raise DataError(f"{where}: labels '{key}' range over [{labels.min():g}, {labels.max():g}] but output "
-                            f"'{output}' is {what}: binary cross-entropy needs labels in [0, 1]")
+        output = name_of(self.initial.float_model.graph.outputs[self.options.output_index])
+        check_binary_labels(labels, where=where, key=key, output=output, sigmoid=self.graph.sigmoid)
         return labels
 
     def _values(self, batch: Mapping[str, Any], index: int = 0) -> dict[str, np.ndarray]:
@@ -678,6 +675,18 @@ def _loss_trend(losses: Sequence[float]) -> tuple[float | None, float | None, st
         reason = (f"the training loss went from {losses[0]:.4g} at the epoch's first step to {end:.4g} at its "
                   "end (median of the last tenth)")
     return float(first.mean()), float(last.mean()), reason
+
+
+def check_binary_labels(labels: np.ndarray, *, where: str, key: str, output: str, sigmoid: bool) -> None:
+    """Labels of binary cross-entropy on ``output`` (a Sigmoid, else a one-channel output) must be
+    finite numbers in [0, 1]."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "biuf":
+        raise DataError(f"{where}: labels '{key}' must be numbers in [0, 1], got {labels.dtype}")
+    if labels.size and not (np.isfinite(labels).all() and labels.min() >= 0 and labels.max() <= 1):
+        what = "a Sigmoid" if sigmoid else "one channel"
+        raise DataError(f"{where}: labels '{key}' range over [{labels.min():g}, {labels.max():g}] but output "
+                        f"'{output}' is {what}: binary cross-entropy needs labels in [0, 1]")
 
 
 def _labels_nd(batch: Mapping[str, Any], key: str, where: str) -> np.ndarray:
