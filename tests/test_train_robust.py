@@ -277,3 +277,31 @@ def test_evaluation_shares_the_training_arena_and_close_returns_the_memory():
     # before: +19% for the evaluation, 38% of the training memory kept after close
     assert with_eval["peak"] - train_only["peak"] < 0.1 * training
     assert with_eval["closed"] - with_eval["before"] < 0.3 * training
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "distill"])
+def test_a_softmax_behind_identity_is_still_the_loss_source(loss):
+    """PaddlePaddle's text-direction classifier ends in Identity(Softmax(logits)): cross-entropy
+    and distillation must read the logits, not take the probabilities for logits (a second
+    softmax: on two classes the loss cannot go below log(1 + e^-1) = 0.313)."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["logits"], name="fc"),
+             helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1),
+             helper.make_node("Identity", ["probs"], ["out"], name="scale")]
+    model = make_model(nodes, [tensor("x", ["N", 5])], [tensor("out", ["N", 2])],
+                       {"w": (rng.normal(size=(5, 2)) * 4).astype(f32)})
+    x = rng.normal(size=(8, 5)).astype(f32)
+    sim = QuantizationSimModel(model)
+    sim.compute_encodings([{"x": x}], progress=False)
+    with sim.trainer(loss=loss, lr=1e-4) as trainer:
+        assert "Softmax" not in [n.op_type for n in trainer.graph.model.graph] or loss == "distill"
+        assert trainer.graph.teacher_source in (None, "logits")
+        labels = sim.run({"x": x})[0].argmax(-1)  # the model's own top class: a near-zero loss
+        result = trainer.step({"x": x, "label": labels})
+    assert result.prediction.shape == (8, 2)
+    logits = result.prediction.astype(np.float64)
+    assert np.abs(logits).max() > 1.5  # logits, not probabilities
+    if loss == "cross_entropy":
+        shifted = logits - logits.max(-1, keepdims=True)
+        want = np.mean(np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(8), labels])
+        assert result.loss == pytest.approx(want, rel=1e-5) and result.loss < 0.313

@@ -55,9 +55,9 @@ class LossSpec:
         kind: ``cross_entropy`` (integer labels; binary cross-entropy with labels in [0, 1] on a
             Sigmoid output or a one-channel class axis), ``mse`` (float targets) or ``distill``
             (match the float model: soft cross-entropy on logits for classifiers, MSE otherwise).
-        output_index: Model output the loss reads. If it is produced by Softmax/LogSoftmax, the
-            logits feeding it are used for cross-entropy and distillation; if by Sigmoid, the
-            logits feeding it are used for (binary) cross-entropy.
+        output_index: Model output the loss reads. If it is produced by Softmax/LogSoftmax (through
+            Identity nodes), the logits feeding it are used for cross-entropy and distillation; if
+            by Sigmoid, the logits feeding it are used for (binary) cross-entropy.
         label_key: Batch key of labels (``cross_entropy``).
         target_key: Batch key of targets (``mse``).
         temperature: Distillation temperature.
@@ -739,6 +739,9 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
     value: ir.Value | None = output
     softmax, sigmoid, axis = False, False, -1
     producer = output.producer()
+    while (producer is not None and producer.op_type == "Identity" and producer.domain in ("", "ai.onnx")
+           and loss.kind != "mse" and producer.inputs and producer.inputs[0] is not None):
+        producer = producer.inputs[0].producer()  # PaddlePaddle's cls: Identity(Softmax(logits)) is the output
     flattened = _flattened_softmax(producer) if loss.kind != "mse" else None
     if flattened is not None:
         value, softmax, axis = flattened, True, -1
