@@ -305,3 +305,25 @@ def test_a_softmax_behind_identity_is_still_the_loss_source(loss):
         shifted = logits - logits.max(-1, keepdims=True)
         want = np.mean(np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(8), labels])
         assert result.loss == pytest.approx(want, rel=1e-5) and result.loss < 0.313
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "distill"])
+def test_the_flattened_softmax_is_found_when_inference_left_the_logits_without_shape(loss):
+    """PaddleOCR's recognizer in the sim: shape inference gives the logits of Reshape(Softmax(Flatten(x,
+    axis=2)), Shape(x)) no type or shape, the concrete-shape lowering does. Both must pick the same
+    loss source (the first once took the output itself on axis 1, so distillation asked the float
+    session for a teacher tensor it had not exposed: 'Invalid output name')."""
+    from onnxqat.train.lower import LossSpec, loss_source
+
+    c, d = 7, 4
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Shape", ["a"], ["s"]), helper.make_node("Flatten", ["a"], ["f"], axis=2),
+             helper.make_node("Softmax", ["f"], ["p"], axis=-1), helper.make_node("Reshape", ["p", "s"], ["y"])]
+    model = ir.serde.deserialize_model(make_model(nodes, [tensor("x", ["N", "T", d])], [tensor("y", ["N", "T", c])],
+                                                  {"w": rng.normal(size=(d, c)).astype(f32),
+                                                   "b": rng.normal(size=(c,)).astype(f32)}))
+    a = next(v for n in model.graph for v in n.outputs if v.name == "a")
+    assert a.shape is None and a.dtype is None  # as onnx left it: no value_info
+    source = loss_source(model, LossSpec(loss))
+    assert (source.tensor, source.class_axis, source.softmax, source.rank) == ("a", 2, True, 3)

@@ -719,11 +719,13 @@ def _flattened_softmax(node: ir.Node | None) -> ir.Value | None:
         return None
     x = flatten.inputs[0]
     of = shape.producer() if shape is not None else None
-    if (x is None or x.shape is None or of is None or of.op_type != "Shape" or of.inputs[0] is not x
+    # Reshape(., Shape(x)) has x's shape: the output's rank stands in where inference left x's unknown
+    known = x.shape if x is not None and x.shape is not None else node.outputs[0].shape
+    if (x is None or known is None or of is None or of.op_type != "Shape" or of.inputs[0] is not x
             or "start" in of.attributes or "end" in of.attributes):
         return None
     along = flatten.attributes.get("axis")
-    rank = len(x.shape)
+    rank = len(known)
     if along is None or along.as_int() % rank != rank - 1:
         return None  # a softmax over several trailing axes: no single class axis
     return x
@@ -753,9 +755,13 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
           and loss.kind == "cross_entropy" and producer.inputs[0] is not None):
         value, sigmoid = producer.inputs[0], True
     assert value is not None
-    if not is_float(output if sigmoid else value):  # Sigmoid keeps the type and shape
+    # Sigmoid and the flattened softmax keep the type and shape: the output's stand in for the
+    # logits' where shape inference left them unknown (else the two lowerings of a trainer, symbolic
+    # and concrete, would disagree on the loss source)
+    like_output = sigmoid or flattened is not None
+    if not is_float(output if like_output and value.dtype is None else value):
         raise ModelError(f"output '{output.name}' is not a float tensor: cannot train a {loss.kind} loss on it")
-    shape = output.shape if sigmoid and value.shape is None else value.shape
+    shape = output.shape if like_output and value.shape is None else value.shape
     if shape is None:
         raise ModelError(f"the rank of '{value.name}' is unknown: cannot build a {loss.kind} loss on it")
     rank = len(shape)

@@ -167,6 +167,7 @@ class QATTrainer:
         self.graph: TrainingGraph = self._lower(state.float_model)
         self._signature = input_signature(state.float_model)
         self._float: EvalSession | None = None  # the float model: teacher and evaluation reference
+        self._float_exposed: set[str] = set()  # its outputs
         if work_dir is None:
             self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(prefix="onnxqat-train-")
             self.work_dir = self._tmp.name
@@ -227,10 +228,13 @@ class QATTrainer:
     def _float_session(self) -> EvalSession:
         """One session of the float model for both the distillation teacher (its ``teacher_source``
         is an extra output) and evaluation (the model outputs), built at first use."""
+        source = self.graph.teacher_source
+        if self._float is not None and source is not None and source not in self._float_exposed:
+            self._float = None  # built for another graph's teacher (the lowering before concrete shapes)
         if self._float is None:
             model = self.initial.float_model
             outputs = [name_of(v) for v in model.graph.outputs]
-            source = self.graph.teacher_source
+            self._float_exposed = {*outputs, *([source] if source is not None else [])}
             if source is not None and source not in outputs:
                 model = ExposeValuesPass([source])(model.clone()).model
             self._float = EvalSession(model, threads=self.options.threads, outputs=outputs, device=self.options.device)
