@@ -790,8 +790,8 @@ def cmd_matrix(args: argparse.Namespace) -> None:
     """Markdown rows of ``cli`` records, one per command: exit status, the --eval agreement after
     calibration and after training, the deployed task metric, deployed vs sim, time, peak."""
     print("| model | W/A | method | loss | lr | rc | steps | eval agreement PTQ -> QAT (SQNR dB) | deployed metric "
-          "(float) | deployed vs sim: max / p99.9 LSB, metric equal | wall s | tree peak MiB | load start |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "(float) | deployed vs sim: max / p99.9 LSB, metric equal | wall s | tree peak MiB | load start | commit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for line in open(args.results, encoding="utf-8"):
         r = json.loads(line)
         if r.get("kind") != "cli":
@@ -821,7 +821,7 @@ def cmd_matrix(args: argparse.Namespace) -> None:
             dep, vs = "-", " ".join(r["stderr_tail"])[-160:].replace("|", "/")
         print(f"| {r['key']} | {r['setting'][1]}/{r['setting'][3]} | {r['method']} | {r['loss']} | {lr} | {r['returncode']} | "
               f"{r['steps']} | {trend} | {dep} | {vs} | {r['seconds']:.0f} | {r['tree_peak_mib']:.0f} | "
-              f"{r['load_start'].split()[0]} |")
+              f"{r['load_start'].split()[0]} | {r['commit'][:7]} |")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
