@@ -307,12 +307,14 @@ def test_a_softmax_behind_identity_is_still_the_loss_source(loss):
         assert result.loss == pytest.approx(want, rel=1e-5) and result.loss < 0.313
 
 
+@pytest.mark.parametrize("identity", [False, True])
 @pytest.mark.parametrize("loss", ["cross_entropy", "distill"])
-def test_the_flattened_softmax_is_found_when_inference_left_the_logits_without_shape(loss):
+def test_the_flattened_softmax_is_found_when_inference_left_the_logits_without_shape(loss, identity):
     """PaddleOCR's recognizer in the sim: shape inference gives the logits of Reshape(Softmax(Flatten(x,
     axis=2)), Shape(x)) no type or shape, the concrete-shape lowering does. Both must pick the same
     loss source (the first once took the output itself on axis 1, so distillation asked the float
-    session for a teacher tensor it had not exposed: 'Invalid output name')."""
+    session for a teacher tensor it had not exposed: 'Invalid output name'). PaddlePaddle's cls:
+    an Identity after the Reshape, and only the graph output has a shape."""
     from onnxqat.train.lower import LossSpec, loss_source
 
     c, d = 7, 4
@@ -320,10 +322,14 @@ def test_the_flattened_softmax_is_found_when_inference_left_the_logits_without_s
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
              helper.make_node("Shape", ["a"], ["s"]), helper.make_node("Flatten", ["a"], ["f"], axis=2),
              helper.make_node("Softmax", ["f"], ["p"], axis=-1), helper.make_node("Reshape", ["p", "s"], ["y"])]
-    model = ir.serde.deserialize_model(make_model(nodes, [tensor("x", ["N", "T", d])], [tensor("y", ["N", "T", c])],
+    if identity:
+        nodes.append(helper.make_node("Identity", ["y"], ["out"]))
+    out = "out" if identity else "y"
+    model = ir.serde.deserialize_model(make_model(nodes, [tensor("x", ["N", "T", d])], [tensor(out, ["N", "T", c])],
                                                   {"w": rng.normal(size=(d, c)).astype(f32),
                                                    "b": rng.normal(size=(c,)).astype(f32)}))
     a = next(v for n in model.graph for v in n.outputs if v.name == "a")
-    assert a.shape is None and a.dtype is None  # as onnx left it: no value_info
+    reshaped = next(v for n in model.graph for v in n.outputs if v.name == "y")
+    assert a.shape is None and a.dtype is None and (reshaped.shape is None) == identity  # no value_info
     source = loss_source(model, LossSpec(loss))
     assert (source.tensor, source.class_axis, source.softmax, source.rank) == ("a", 2, True, 3)

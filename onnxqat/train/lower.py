@@ -704,10 +704,12 @@ class LossSource:
     sigmoid: bool = False
 
 
-def _flattened_softmax(node: ir.Node | None) -> ir.Value | None:
+def _flattened_softmax(node: ir.Node | None, output_shape: ir.Shape | None = None) -> ir.Value | None:
     """``x`` of ``Reshape(Softmax(Flatten(x, axis=r-1), axis=-1), Shape(x))``, the form onnx's
     version converter gives a Softmax over the last axis of a rank-r tensor when it upgrades a
-    model below opset 13 (PaddleOCR's recognizers: [N, T, C]); None for anything else."""
+    model below opset 13 (PaddleOCR's recognizers: [N, T, C]); None for anything else.
+    ``output_shape``: the graph output's shape (the Reshape's, through Identity nodes), for when
+    shape inference left both ``x`` and the Reshape without one."""
     if node is None or node.op_type != "Reshape" or len(node.inputs) < 2:
         return None
     inner, shape = node.inputs[0].producer() if node.inputs[0] else None, node.inputs[1]
@@ -720,7 +722,8 @@ def _flattened_softmax(node: ir.Node | None) -> ir.Value | None:
     x = flatten.inputs[0]
     of = shape.producer() if shape is not None else None
     # Reshape(., Shape(x)) has x's shape: the output's rank stands in where inference left x's unknown
-    known = x.shape if x is not None and x.shape is not None else node.outputs[0].shape
+    known = next((k for k in (x.shape if x is not None else None, node.outputs[0].shape, output_shape)
+                  if k is not None), None)
     if (x is None or known is None or of is None or of.op_type != "Shape" or of.inputs[0] is not x
             or "start" in of.attributes or "end" in of.attributes):
         return None
@@ -744,7 +747,7 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
     while (producer is not None and producer.op_type == "Identity" and producer.domain in ("", "ai.onnx")
            and loss.kind != "mse" and producer.inputs and producer.inputs[0] is not None):
         producer = producer.inputs[0].producer()  # PaddlePaddle's cls: Identity(Softmax(logits)) is the output
-    flattened = _flattened_softmax(producer) if loss.kind != "mse" else None
+    flattened = _flattened_softmax(producer, output.shape) if loss.kind != "mse" else None
     if flattened is not None:
         value, softmax, axis = flattened, True, -1
     elif producer is not None and producer.op_type in ("Softmax", "LogSoftmax") and loss.kind != "mse":
