@@ -678,10 +678,13 @@ def cmd_cli(args: argparse.Namespace) -> None:
                         record["steps"] = sum(steps) if steps else 0
                         qdq = os.path.join(out, "model_qdq.onnx")
                         if run["returncode"] == 0 and os.path.exists(qdq):
+                            t0 = time.time()
                             deployed = task.deployed(qdq, test, out, 2)
                             record["deployed"] = task.task_metric(deployed, test)
                             record["agreement"] = task.agreement(float_out, deployed, test)
+                            t1 = time.time()
                             record["deployed_vs_sim"] = sim_check(task, out, pbw, abw, test, deployed)
+                            record["bench_seconds"] = {"deployed_score": t1 - t0, "sim_check": time.time() - t1}
                     with open(args.results, "a") as f:
                         f.write(json.dumps(record, default=float) + "\n")
                     print("  -> " + cli_line(record, task), flush=True)
@@ -787,8 +790,8 @@ def cmd_matrix(args: argparse.Namespace) -> None:
     """Markdown rows of ``cli`` records, one per command: exit status, the --eval agreement after
     calibration and after training, the deployed task metric, deployed vs sim, time, peak."""
     print("| model | W/A | method | loss | lr | rc | steps | eval agreement PTQ -> QAT (SQNR dB) | deployed metric "
-          "(float) | deployed vs sim: max / p99.9 LSB, metric equal | wall s | tree peak MiB | load start |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "(float) | deployed vs sim: max / p99.9 LSB, metric equal | wall s | tree peak MiB | load start | commit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for line in open(args.results, encoding="utf-8"):
         r = json.loads(line)
         if r.get("kind") != "cli":
@@ -818,7 +821,7 @@ def cmd_matrix(args: argparse.Namespace) -> None:
             dep, vs = "-", " ".join(r["stderr_tail"])[-160:].replace("|", "/")
         print(f"| {r['key']} | {r['setting'][1]}/{r['setting'][3]} | {r['method']} | {r['loss']} | {lr} | {r['returncode']} | "
               f"{r['steps']} | {trend} | {dep} | {vs} | {r['seconds']:.0f} | {r['tree_peak_mib']:.0f} | "
-              f"{r['load_start'].split()[0]} |")
+              f"{r['load_start'].split()[0]} | {r['commit'][:7]} |")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

@@ -311,9 +311,20 @@ class _Checked:
 
         return load_model_inputs(path, self.signature, extra, optional_keys=optional, batch_axes=self.axes)
 
-    def check_labels(self, arrays: Mapping[str, np.ndarray], where: str, key: str, output_index: int) -> None:
+    def check_labels(self, arrays: Mapping[str, np.ndarray], where: str, key: str, output_index: int,
+                     binary: bool = False) -> None:
+        """Class labels in range; with ``binary``, labels of a binary cross-entropy output (Sigmoid,
+        one channel) in [0, 1] too."""
         from onnxqat.data import check_label_range, output_classes
 
+        if binary and key in arrays:
+            from onnxqat.train.lower import binary_output
+            from onnxqat.train.trainer import check_binary_labels
+
+            found = binary_output(self.model, output_index)
+            if found is not None:
+                check_binary_labels(arrays[key], where=where, key=key, output=found[0], sigmoid=found[1])
+                return
         classes = output_classes(self.model, output_index)
         labels = arrays.get(key)
         if classes is not None and labels is not None and labels.ndim == 1:
@@ -445,12 +456,12 @@ def _train(args: argparse.Namespace) -> None:
     extra = {"cross_entropy": [args.label_key], "mse": [args.target_key], "distill": []}[args.loss]
     train = checked.load(args.data, extra)
     if args.loss == "cross_entropy":
-        checked.check_labels(train, args.data, args.label_key, args.output_index)
+        checked.check_labels(train, args.data, args.label_key, args.output_index, binary=True)
     evaluation = None
     if args.eval is not None:
         arrays = checked.load(args.eval, optional=[args.label_key])
         if args.loss == "cross_entropy":
-            checked.check_labels(arrays, args.eval, args.label_key, args.output_index)
+            checked.check_labels(arrays, args.eval, args.label_key, args.output_index, binary=True)
         evaluation = list(NpzBatches(arrays, args.batch_size, batch_axes=checked.axes))  # peak: the training step
     from onnxqat.distributed import RankRows, world
 

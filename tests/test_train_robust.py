@@ -277,3 +277,59 @@ def test_evaluation_shares_the_training_arena_and_close_returns_the_memory():
     # before: +19% for the evaluation, 38% of the training memory kept after close
     assert with_eval["peak"] - train_only["peak"] < 0.1 * training
     assert with_eval["closed"] - with_eval["before"] < 0.3 * training
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "distill"])
+def test_a_softmax_behind_identity_is_still_the_loss_source(loss):
+    """PaddlePaddle's text-direction classifier ends in Identity(Softmax(logits)): cross-entropy
+    and distillation must read the logits, not take the probabilities for logits (a second
+    softmax: on two classes the loss cannot go below log(1 + e^-1) = 0.313)."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["logits"], name="fc"),
+             helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1),
+             helper.make_node("Identity", ["probs"], ["out"], name="scale")]
+    model = make_model(nodes, [tensor("x", ["N", 5])], [tensor("out", ["N", 2])],
+                       {"w": (rng.normal(size=(5, 2)) * 4).astype(f32)})
+    x = rng.normal(size=(8, 5)).astype(f32)
+    sim = QuantizationSimModel(model)
+    sim.compute_encodings([{"x": x}], progress=False)
+    with sim.trainer(loss=loss, lr=1e-4) as trainer:
+        assert "Softmax" not in [n.op_type for n in trainer.graph.model.graph] or loss == "distill"
+        assert trainer.graph.teacher_source in (None, "logits")
+        labels = sim.run({"x": x})[0].argmax(-1)  # the model's own top class: a near-zero loss
+        result = trainer.step({"x": x, "label": labels})
+    assert result.prediction.shape == (8, 2)
+    logits = result.prediction.astype(np.float64)
+    assert np.abs(logits).max() > 1.5  # logits, not probabilities
+    if loss == "cross_entropy":
+        shifted = logits - logits.max(-1, keepdims=True)
+        want = np.mean(np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(8), labels])
+        assert result.loss == pytest.approx(want, rel=1e-5) and result.loss < 0.313
+
+
+@pytest.mark.parametrize("identity", [False, True])
+@pytest.mark.parametrize("loss", ["cross_entropy", "distill"])
+def test_the_flattened_softmax_is_found_when_inference_left_the_logits_without_shape(loss, identity):
+    """PaddleOCR's recognizer in the sim: shape inference gives the logits of Reshape(Softmax(Flatten(x,
+    axis=2)), Shape(x)) no type or shape, the concrete-shape lowering does. Both must pick the same
+    loss source (the first once took the output itself on axis 1, so distillation asked the float
+    session for a teacher tensor it had not exposed: 'Invalid output name'). PaddlePaddle's cls:
+    an Identity after the Reshape, and only the graph output has a shape."""
+    from onnxqat.train.lower import LossSpec, loss_source
+
+    c, d = 7, 4
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Shape", ["a"], ["s"]), helper.make_node("Flatten", ["a"], ["f"], axis=2),
+             helper.make_node("Softmax", ["f"], ["p"], axis=-1), helper.make_node("Reshape", ["p", "s"], ["y"])]
+    if identity:
+        nodes.append(helper.make_node("Identity", ["y"], ["out"]))
+    out = "out" if identity else "y"
+    model = ir.serde.deserialize_model(make_model(nodes, [tensor("x", ["N", "T", d])], [tensor(out, ["N", "T", c])],
+                                                  {"w": rng.normal(size=(d, c)).astype(f32),
+                                                   "b": rng.normal(size=(c,)).astype(f32)}))
+    a = next(v for n in model.graph for v in n.outputs if v.name == "a")
+    reshaped = next(v for n in model.graph for v in n.outputs if v.name == "y")
+    assert a.shape is None and a.dtype is None and (reshaped.shape is None) == identity  # no value_info
+    source = loss_source(model, LossSpec(loss))
+    assert (source.tensor, source.class_axis, source.softmax, source.rank) == ("a", 2, True, 3)

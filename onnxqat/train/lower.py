@@ -34,7 +34,7 @@ from onnxqat.train.builder import CONTRIB, Builder
 from onnxqat.train.decompose import DecomposeForTrainingPass
 from onnxqat.train.options import Loss
 
-__all__ = ["LossSource", "LossSpec", "RangeParams", "TrainingGraph", "loss_source", "lower_for_training"]
+__all__ = ["LossSource", "LossSpec", "RangeParams", "TrainingGraph", "binary_output", "loss_source", "lower_for_training"]
 
 
 # Half a step minus this is how far past the grid the straight-through band reaches (float32 has
@@ -52,10 +52,12 @@ class LossSpec:
     """Which loss to train with, on which model output.
 
     Attributes:
-        kind: ``cross_entropy`` (integer labels), ``mse`` (float targets) or ``distill`` (match the
-            float model: soft cross-entropy on logits for classifiers, MSE otherwise).
-        output_index: Model output the loss reads. If it is produced by Softmax/LogSoftmax, the
-            logits feeding it are used for cross-entropy and distillation.
+        kind: ``cross_entropy`` (integer labels; binary cross-entropy with labels in [0, 1] on a
+            Sigmoid output or a one-channel class axis), ``mse`` (float targets) or ``distill``
+            (match the float model: soft cross-entropy on logits for classifiers, MSE otherwise).
+        output_index: Model output the loss reads. If it is produced by Softmax/LogSoftmax (through
+            Identity nodes), the logits feeding it are used for cross-entropy and distillation; if
+            by Sigmoid, the logits feeding it are used for (binary) cross-entropy.
         label_key: Batch key of labels (``cross_entropy``).
         target_key: Batch key of targets (``mse``).
         temperature: Distillation temperature.
@@ -114,6 +116,9 @@ class TrainingGraph:
         range_params: Range-learning parameters per activation quantizer.
         class_axis: Class axis of the prediction (cross-entropy and distillation).
         decomposed: Node name -> op type of the nodes rewritten into differentiable ops.
+        binary: The loss is binary cross-entropy on the prediction (logits) with float labels in
+            [0, 1] of the prediction's shape.
+        sigmoid: The model output is ``Sigmoid(prediction)`` (else the prediction is the output).
     """
 
     model: ir.Model
@@ -125,6 +130,8 @@ class TrainingGraph:
     range_params: tuple[RangeParams, ...]
     class_axis: int = 1
     decomposed: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    binary: bool = False
+    sigmoid: bool = False
 
 
 def lower_for_training(
@@ -509,7 +516,11 @@ class _Lowering:
         feeds: dict[str, str] = {}
         teacher = None
         rank = source.rank
-        if self.loss.kind == "cross_entropy":
+        if self.loss.kind == "cross_entropy" and source.binary:
+            labels = self.new_input(self.loss.label_key, ir.DataType.FLOAT, logits.shape)
+            feeds[name_of(labels)] = self.loss.label_key
+            loss = b.op("ReduceMean", [_binary_cross_entropy(b, logits, labels)], "loss", keepdims=0)
+        elif self.loss.kind == "cross_entropy":
             labels = self.new_input(self.loss.label_key, ir.DataType.INT64, ir.Shape([f"d{i}" for i in range(rank - 1)]))
             feeds[name_of(labels)] = self.loss.label_key
             scores = _move_axis_to_1(b, logits, source.class_axis, rank, "loss")
@@ -636,6 +647,8 @@ class _Lowering:
             range_params=tuple(self.range_params),
             class_axis=self.source.class_axis,
             decomposed=self.decomposed,
+            binary=self.source.binary,
+            sigmoid=self.source.sigmoid,
         )
 
 
@@ -644,6 +657,22 @@ def _float_cast(node: ir.Node) -> bool:
     return to is not None and ir.DataType(to.as_int()) in (
         ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16
     )
+
+
+def _binary_cross_entropy(b: Builder, z: ir.Value, y: ir.Value) -> ir.Value:
+    """Elementwise ``-y log(sigmoid(z)) - (1 - y) log(1 - sigmoid(z))`` in a form that cannot
+    overflow: ``|z| / 2 + z (1/2 - y) + log(1 + exp(-|z|))`` (``exp`` of a non-positive number only).
+    This is ``max(z, 0) - z y + log(1 + exp(-|z|))`` with ``max(z, 0) = (z + |z|) / 2``: the
+    coefficient of ``|z|`` in the gradient, ``1/2 - sigmoid(-|z|)``, is 0 at ``z = 0``, so the
+    gradient is ``sigmoid(z) - y`` everywhere, also at ``z = 0`` exactly (where quantized logits
+    sit) whatever subgradient ``Abs`` takes there. Abs, Exp, Log, Mul and Add have gradients in
+    onnxruntime-training."""
+    a = b.op("Abs", [z], "bce")
+    soft = b.op("Log", [b.op("Add", [b.op("Exp", [b.op("Neg", [a], "bce")], "bce"), b.const(1.0, name="one")], "bce")],
+                "bce")
+    half = b.const(0.5, name="half")
+    linear = b.op("Add", [b.op("Mul", [a, half], "bce"), b.op("Mul", [z, b.op("Sub", [half, y], "bce")], "bce")], "bce")
+    return b.op("Add", [linear, soft], "bce")
 
 
 def _move_axis_to_1(b: Builder, x: ir.Value, axis: int, rank: int, base: str) -> ir.Value:
@@ -662,18 +691,25 @@ class LossSource:
         rank: Its rank.
         class_axis: Class axis for cross-entropy / distillation.
         softmax: True when the output is a Softmax/LogSoftmax of ``tensor``.
+        binary: Cross-entropy is binary, on ``tensor`` as logits: the output is a Sigmoid of
+            ``tensor``, or ``tensor`` is the output and its class axis has one channel.
+        sigmoid: True when the output is a Sigmoid of ``tensor``.
     """
 
     tensor: str
     rank: int
     class_axis: int
     softmax: bool
+    binary: bool = False
+    sigmoid: bool = False
 
 
-def _flattened_softmax(node: ir.Node | None) -> ir.Value | None:
+def _flattened_softmax(node: ir.Node | None, output_shape: ir.Shape | None = None) -> ir.Value | None:
     """``x`` of ``Reshape(Softmax(Flatten(x, axis=r-1), axis=-1), Shape(x))``, the form onnx's
     version converter gives a Softmax over the last axis of a rank-r tensor when it upgrades a
-    model below opset 13 (PaddleOCR's recognizers: [N, T, C]); None for anything else."""
+    model below opset 13 (PaddleOCR's recognizers: [N, T, C]); None for anything else.
+    ``output_shape``: the graph output's shape (the Reshape's, through Identity nodes), for when
+    shape inference left both ``x`` and the Reshape without one."""
     if node is None or node.op_type != "Reshape" or len(node.inputs) < 2:
         return None
     inner, shape = node.inputs[0].producer() if node.inputs[0] else None, node.inputs[1]
@@ -685,11 +721,14 @@ def _flattened_softmax(node: ir.Node | None) -> ir.Value | None:
         return None
     x = flatten.inputs[0]
     of = shape.producer() if shape is not None else None
-    if (x is None or x.shape is None or of is None or of.op_type != "Shape" or of.inputs[0] is not x
+    # Reshape(., Shape(x)) has x's shape: the output's rank stands in where inference left x's unknown
+    known = next((k for k in (x.shape if x is not None else None, node.outputs[0].shape, output_shape)
+                  if k is not None), None)
+    if (x is None or known is None or of is None or of.op_type != "Shape" or of.inputs[0] is not x
             or "start" in of.attributes or "end" in of.attributes):
         return None
     along = flatten.attributes.get("axis")
-    rank = len(x.shape)
+    rank = len(known)
     if along is None or along.as_int() % rank != rank - 1:
         return None  # a softmax over several trailing axes: no single class axis
     return x
@@ -703,24 +742,48 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
         raise ConfigError(f"output index {index} is out of range: the model has {len(outputs)} output(s)")
     output = outputs[index]
     value: ir.Value | None = output
-    softmax, axis = False, -1
+    softmax, sigmoid, axis = False, False, -1
     producer = output.producer()
-    flattened = _flattened_softmax(producer) if loss.kind != "mse" else None
+    while (producer is not None and producer.op_type == "Identity" and producer.domain in ("", "ai.onnx")
+           and loss.kind != "mse" and producer.inputs and producer.inputs[0] is not None):
+        producer = producer.inputs[0].producer()  # PaddlePaddle's cls: Identity(Softmax(logits)) is the output
+    flattened = _flattened_softmax(producer, output.shape) if loss.kind != "mse" else None
     if flattened is not None:
         value, softmax, axis = flattened, True, -1
     elif producer is not None and producer.op_type in ("Softmax", "LogSoftmax") and loss.kind != "mse":
         value, softmax = producer.inputs[0], True
         attr = producer.attributes.get("axis")
         axis = attr.as_int() if attr is not None else -1
+    elif (producer is not None and producer.op_type == "Sigmoid" and producer.domain in ("", "ai.onnx")
+          and loss.kind == "cross_entropy" and producer.inputs[0] is not None):
+        value, sigmoid = producer.inputs[0], True
     assert value is not None
-    if not is_float(value):
+    # Sigmoid and the flattened softmax keep the type and shape: the output's stand in for the
+    # logits' where shape inference left them unknown (else the two lowerings of a trainer, symbolic
+    # and concrete, would disagree on the loss source)
+    like_output = sigmoid or flattened is not None
+    if not is_float(output if like_output and value.dtype is None else value):
         raise ModelError(f"output '{output.name}' is not a float tensor: cannot train a {loss.kind} loss on it")
-    if value.shape is None:
+    shape = output.shape if like_output and value.shape is None else value.shape
+    if shape is None:
         raise ModelError(f"the rank of '{value.name}' is unknown: cannot build a {loss.kind} loss on it")
-    rank = len(value.shape)
-    if loss.kind == "cross_entropy" and rank < 2:
+    rank = len(shape)
+    one_channel = rank >= 2 and shape[1] == 1 and not softmax
+    if loss.kind == "cross_entropy" and rank < 2 and not sigmoid:
         raise ModelError(
             f"output '{output.name}' has rank {rank}: cross-entropy needs [batch, classes, ...] logits"
         )
     class_axis = (axis % rank) if softmax else (1 if rank >= 2 else 0)
-    return LossSource(name_of(value), rank, class_axis, softmax)
+    binary = loss.kind == "cross_entropy" and (sigmoid or one_channel)
+    return LossSource(name_of(value), rank, class_axis, softmax, binary, sigmoid)
+
+
+def binary_output(model: ir.Model, output_index: int = 0) -> tuple[str, bool] | None:
+    """``(output name, is a Sigmoid)`` when cross-entropy on output ``output_index`` is binary (a
+    Sigmoid output, or one channel on axis 1), else None (also for an output no loss can use:
+    building the loss reports that)."""
+    try:
+        source = loss_source(model, LossSpec("cross_entropy", output_index))
+    except (ConfigError, ModelError):
+        return None
+    return (name_of(model.graph.outputs[output_index]), source.sigmoid) if source.binary else None

@@ -52,7 +52,7 @@ from onnxqat.train.options import MIN_STEPS, TrainOptions, default_lr, lowest_ac
 from onnxqat.train.ort_training import training_modules
 from onnxqat.train.sessions import EvalSession, release_free_memory, session_options
 
-__all__ = ["EpochStats", "QATTrainer", "StepResult", "apply_trained"]
+__all__ = ["EpochStats", "QATTrainer", "StepResult", "apply_trained", "check_binary_labels"]
 
 _CHECKPOINT = "checkpoint.ckpt"
 
@@ -64,7 +64,8 @@ class EpochStats:
     Attributes:
         epoch: 1-based epoch number.
         loss: Mean training loss.
-        train_accuracy: Top-1 on the training batches (cross-entropy with class labels), or None.
+        train_accuracy: Top-1 on the training batches (cross-entropy with class labels; binary
+            cross-entropy: the share of label elements on the right side of logit 0), or None.
         eval: Evaluation after the epoch: ``accuracy`` (with labels), ``top1_agreement`` and
             ``sqnr_db`` against the float model; empty without evaluation data.
         steps: Optimizer steps.
@@ -166,6 +167,7 @@ class QATTrainer:
         self.graph: TrainingGraph = self._lower(state.float_model)
         self._signature = input_signature(state.float_model)
         self._float: EvalSession | None = None  # the float model: teacher and evaluation reference
+        self._float_exposed: set[str] = set()  # its outputs
         if work_dir is None:
             self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(prefix="onnxqat-train-")
             self.work_dir = self._tmp.name
@@ -226,10 +228,13 @@ class QATTrainer:
     def _float_session(self) -> EvalSession:
         """One session of the float model for both the distillation teacher (its ``teacher_source``
         is an extra output) and evaluation (the model outputs), built at first use."""
+        source = self.graph.teacher_source
+        if self._float is not None and source is not None and source not in self._float_exposed:
+            self._float = None  # built for another graph's teacher (the lowering before concrete shapes)
         if self._float is None:
             model = self.initial.float_model
             outputs = [name_of(v) for v in model.graph.outputs]
-            source = self.graph.teacher_source
+            self._float_exposed = {*outputs, *([source] if source is not None else [])}
             if source is not None and source not in outputs:
                 model = ExposeValuesPass([source])(model.clone()).model
             self._float = EvalSession(model, threads=self.options.threads, outputs=outputs, device=self.options.device)
@@ -417,13 +422,59 @@ class QATTrainer:
         index = self.options.output_index
         if batches and self.options.label_key in batches[0] and self.loss.kind != "mse":
             try:
-                metrics["accuracy"], _ = accuracy(run, batches, label_key=self.options.label_key, output_index=index,
-                                                  progress=progress, desc="evaluating")
+                if self.graph.binary:
+                    metrics["accuracy"] = self._binary_accuracy(run, batches)
+                else:
+                    metrics["accuracy"], _ = accuracy(run, batches, label_key=self.options.label_key,
+                                                      output_index=index, progress=progress, desc="evaluating")
             except DataError:
                 pass  # labels that are not class labels of this output: agreement only
         found = agreement(reference, run, batches, output_index=index, progress=progress, desc="comparing")
         metrics.update({k: v for k, v in found.items() if k != "n"})
         return metrics
+
+    def _binary_accuracy(self, run: Callable[[Mapping[str, Any]], Sequence[np.ndarray]],
+                         batches: Sequence[Mapping[str, Any]]) -> float:
+        """Share of label elements the model output gets on the right side of its threshold (0.5
+        after a Sigmoid, 0 on logits), labels thresholded at 0.5: binary cross-entropy's accuracy."""
+        threshold = 0.5 if self.graph.sigmoid else 0.0
+        correct = total = 0
+        for i, batch in enumerate(batches):
+            out = np.asarray(run(batch)[self.options.output_index])
+            labels = self._binary_labels(batch, out.shape, f"evaluation data: batch {i}")
+            correct += int(np.count_nonzero((out > threshold) == (labels >= 0.5)))
+            total += labels.size
+        if total == 0:
+            raise DataError("no samples to evaluate")
+        return correct / total
+
+    def _binary_labels(self, batch: Mapping[str, Any], shape: Sequence[object], where: str) -> np.ndarray:
+        """Labels of binary cross-entropy as float32 of ``shape`` (the prediction's): numbers in [0,
+        1], of that shape or of it without its one-channel axis 1 (``[N, H, W]`` masks of a
+        ``[N, 1, H, W]`` map)."""
+        key = self.loss.label_key
+        if key not in batch:
+            raise DataError(f"{where}: no label array '{key}' (got {sorted(map(str, batch))})")
+        labels = np.asarray(batch[key])
+        if labels.dtype.kind not in "biuf":
+            raise DataError(f"{where}: labels '{key}' must be numbers in [0, 1], got {labels.dtype}")
+        shape = tuple(shape)
+        squeezed = shape[:1] + shape[2:] if len(shape) >= 2 and shape[1] == 1 else None
+
+        def fits(want: tuple[object, ...]) -> bool:
+            return len(want) == labels.ndim and all(not isinstance(w, int) or w == g for w, g in zip(want, labels.shape))
+
+        if squeezed is not None and not fits(shape) and fits(squeezed):
+            labels = labels.reshape(labels.shape[:1] + (1,) + labels.shape[1:])
+        elif not fits(shape):
+            dims = [d if isinstance(d, int) else "?" for d in shape]
+            alt = f" or {[d if isinstance(d, int) else '?' for d in squeezed]}" if squeezed is not None else ""
+            raise DataError(f"{where}: labels '{key}' have shape {list(labels.shape)}; binary cross-entropy needs the "
+                            f"model output's shape {dims}{alt}")
+        labels = labels.astype(np.float32)
+        output = name_of(self.initial.float_model.graph.outputs[self.options.output_index])
+        check_binary_labels(labels, where=where, key=key, output=output, sigmoid=self.graph.sigmoid)
+        return labels
 
     def _values(self, batch: Mapping[str, Any], index: int = 0) -> dict[str, np.ndarray]:
         """Every input of the training graph for one batch (model inputs, labels, targets, teacher)."""
@@ -434,7 +485,11 @@ class QATTrainer:
         for graph_input, key in self.graph.feeds.items():
             if key in feed:
                 continue
-            if key == self.loss.label_key and self.loss.kind == "cross_entropy":
+            if key == self.loss.label_key and self.loss.kind == "cross_entropy" and self.graph.binary:
+                prediction = self.graph.model.graph.outputs[1].shape
+                dims: Sequence[object] = tuple(prediction) if prediction is not None else (n,)
+                extra[graph_input] = self._binary_labels(batch, dims, where)
+            elif key == self.loss.label_key and self.loss.kind == "cross_entropy":
                 labels = (check_labels(batch, key, n, where) if self._labels_rank() == 1
                           else _labels_nd(batch, key, where))
                 extra[graph_input] = labels.astype(np.int64)
@@ -449,7 +504,7 @@ class QATTrainer:
         return values
 
     def _check_labels_range(self, values: Mapping[str, np.ndarray]) -> None:
-        if self.loss.kind != "cross_entropy":
+        if self.loss.kind != "cross_entropy" or self.graph.binary:
             return
         label_input = next((g for g, k in self.graph.feeds.items() if k == self.loss.label_key), None)
         prediction = self.graph.model.graph.outputs[1]
@@ -500,7 +555,7 @@ class QATTrainer:
     def _train_epoch(self, batches: Iterable[Mapping[str, Any]], epoch: int,
                      progress: bool | None) -> tuple[float, float | None, int, int, tuple[float | None, float | None, str | None]]:
         self._module.train()
-        total_loss, total, correct, steps, skipped = 0.0, 0, 0, 0, 0
+        total_loss, total, correct, steps, skipped, elements = 0.0, 0, 0, 0, 0, 0
         losses: list[float] = []
         sync = distributed.GradientSync(self._state, self.graph.trainable) if distributed.world().size > 1 else None
 
@@ -534,14 +589,20 @@ class QATTrainer:
             total += n
             steps += 1
             losses.append(loss)
-            if labels is not None and labels.ndim == 1:
+            if labels is not None and self.graph.binary:
+                correct += int(np.count_nonzero((np.asarray(prediction) > 0) == (labels >= 0.5)))
+                elements += labels.size
+            elif labels is not None and labels.ndim == 1:
                 correct += int((np.asarray(prediction).reshape(len(labels), -1).argmax(-1) == labels).sum())
         if sync is not None:
             sync.finish()
         if steps == 0:
             raise DataError("training data: no batch of the training graph's shape")
         trend = _loss_trend(losses)
-        train_acc = correct / total if self.loss.kind == "cross_entropy" and self._labels_rank() == 1 else None
+        if self.graph.binary:  # share of label elements on the right side of logit 0
+            train_acc = correct / elements if elements else None
+        else:
+            train_acc = correct / total if self.loss.kind == "cross_entropy" and self._labels_rank() == 1 else None
         return total_loss / total, train_acc, steps, skipped, trend
 
     def compute_gradients(self, batch: Mapping[str, Any]) -> tuple[float, dict[str, np.ndarray]]:
@@ -618,6 +679,18 @@ def _loss_trend(losses: Sequence[float]) -> tuple[float | None, float | None, st
         reason = (f"the training loss went from {losses[0]:.4g} at the epoch's first step to {end:.4g} at its "
                   "end (median of the last tenth)")
     return float(first.mean()), float(last.mean()), reason
+
+
+def check_binary_labels(labels: np.ndarray, *, where: str, key: str, output: str, sigmoid: bool) -> None:
+    """Labels of binary cross-entropy on ``output`` (a Sigmoid, else a one-channel output) must be
+    finite numbers in [0, 1]."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "biuf":
+        raise DataError(f"{where}: labels '{key}' must be numbers in [0, 1], got {labels.dtype}")
+    if labels.size and not (np.isfinite(labels).all() and labels.min() >= 0 and labels.max() <= 1):
+        what = "a Sigmoid" if sigmoid else "one channel"
+        raise DataError(f"{where}: labels '{key}' range over [{labels.min():g}, {labels.max():g}] but output "
+                        f"'{output}' is {what}: binary cross-entropy needs labels in [0, 1]")
 
 
 def _labels_nd(batch: Mapping[str, Any], key: str, where: str) -> np.ndarray:
