@@ -62,7 +62,10 @@ class _SubParser(_Parser):
 def _add_sim_options(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
     p.add_argument("--param-bw", type=int, default=8, help="weight bitwidth, 4-16")
     p.add_argument("--activation-bw", type=int, default=8, help="activation bitwidth, 4-16")
-    p.add_argument("--per-channel", action="store_true", help="per-channel weight quantization")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-channel weight quantization (default: the config's; the onnxruntime preset "
+                        "quantizes weights per channel, whose integer kernels take per-channel scales; "
+                        "the aimet preset per tensor, as aimet-onnx's default config)")
     p.add_argument(
         "--scheme", choices=["auto", "minmax", "percentile", "sqnr", "meanminmax"], default="auto",
         help="activation calibration scheme; auto: whichever of minmax, percentile and sqnr brings the "
@@ -340,7 +343,7 @@ def _calibrated_sim(args: argparse.Namespace, checked: _Checked) -> Quantization
         param_bw=args.param_bw,
         activation_bw=args.activation_bw,
         quant_scheme=args.scheme,
-        per_channel=True if args.per_channel else None,
+        per_channel=args.per_channel,
         config=args.config,
         target=args.target,
         fix_inputs=checked.fixed,
