@@ -790,12 +790,10 @@ def test_the_aimet_preset_quantizes_weights_as_aimet_onnx_rounds(tmp_path):
 
     from onnxqat.passes.insert_qdq import aimet_quantize
 
+    # the fixture's weights: on and one float32 ulp beside their grid's midpoints, max|w| = 1 per
+    # channel (scale 1/127), as bench/peers/make_aimet_rounding_fixture.py made them
+    w = np.load(os.path.join(FIXTURES, "rounding", "weights.npz"))["w"]
     rng = np.random.default_rng(0)
-    k = rng.integers(-120, 120, (16, 64)).astype(np.float64)
-    w = np.zeros((16, 64, 1, 1), np.float32)
-    w[:, :, 0, 0] = (k + 0.5) / 127.0
-    w[:, 0, 0, 0] = 1.0  # max|w| = 1 per channel: scale = 1/127
-    w = np.nextafter(w, w + rng.choice([-1, 0, 1], w.shape).astype(np.float32)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "c",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 2, 2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 2, 2])],
