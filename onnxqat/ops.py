@@ -39,7 +39,10 @@ __all__ = [
     "Reason",
     "WeightSlot",
     "channel_axis",
+    "UNALIGNED_DEPTHWISE",
+    "FloatKernelRule",
     "constant_operand",
+    "float_kernel",
     "integer_form",
     "is_depthwise",
     "kernel_problem",
@@ -349,6 +352,47 @@ def saturates_u8s8(node: ir.Node) -> bool:
     """
     r = rule(node.op_type, node.domain)
     return r.u8s8_gemm and not is_depthwise(node)
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatKernelRule:
+    """A node whose integer kernel is slower than float on a target (:attr:`onnxqat.target.Target.float_kernels`).
+
+    Its weight stays float, so onnxruntime does not fuse ``DQ -> op -> Q`` and runs the float
+    kernel between the Q/DQ pairs; its input and output activations stay quantized (the sim
+    runs that same graph: float op on the dequantized input, quantized output).
+
+    Attributes:
+        rule_id: The ``kernel.*`` id of the :class:`Reason` given to the float weight and bias.
+        op_type: The op type it applies to.
+        applies: Whether a node of that type takes the slow kernel.
+        reason: Why (the measurement behind the rule), shown in the placement reasons.
+    """
+
+    rule_id: str
+    op_type: str
+    applies: Callable[[ir.Node], bool]
+    reason: str
+
+
+def _unaligned_depthwise(node: ir.Node) -> bool:
+    return is_depthwise(node) and _int_attr(node, "group", 1) % 16 != 0
+
+
+UNALIGNED_DEPTHWISE = FloatKernelRule(
+    "kernel.depthwise_unaligned", "Conv", _unaligned_depthwise,
+    "onnxruntime's x86 QLinearConv takes its symmetric depthwise kernel only for channel counts that are "
+    "multiples of 16, else a generic kernel (measured 5.8x its float Conv on PP-LCNet's depthwise layers): "
+    "weight kept float, the Conv runs in float between its input's DQ and its output's Q")
+
+
+def float_kernel(node: ir.Node, rules: tuple[FloatKernelRule, ...]) -> Reason | None:
+    """Why ``node`` runs its float kernel on a target with these rules (its weight left float), or None."""
+    for found in rules:
+        if node.op_type == found.op_type and node.domain in ("", "ai.onnx") and found.applies(node):
+            channels = f" ({_int_attr(node, 'group', 1)} channels)" if node.op_type == "Conv" else ""
+            return Reason(found.rule_id, f"{node.op_type} '{node.name}'{channels}: {found.reason}")
+    return None
 
 
 def kernel_problem(node: ir.Node) -> Reason | None:

@@ -15,14 +15,19 @@ A target states what is exact there:
   same-sign magnitudes of the channel when that is above ``max|w| / 127``. This is exact for every
   pairing the kernel may use and keeps more precision than 7-bit weights (measured 1.0-3.4 dB
   weight SQNR on the demo and PaddleOCR models). Depthwise convolutions use an exact kernel and
-  keep the full grid.
-* ``x86-vnni``: ``vpdpbusd`` accumulates in 32 bits: full-range int8 weights are exact.
+  keep the full grid. A depthwise convolution whose channel count is not a multiple of 16 runs
+  in float (:data:`onnxqat.ops.UNALIGNED_DEPTHWISE`: onnxruntime's generic integer depthwise
+  kernel is several times slower than its float Conv), between quantized activations.
+* ``x86-vnni``: ``vpdpbusd`` accumulates in 32 bits: full-range int8 weights are exact. The same
+  onnxruntime depthwise kernel choice as ``x86-avx2`` (unaligned depthwise convolutions in float).
 * ``arm64``: widening multiplies / dot-product instructions accumulate in 32 bits.
 * ``htp``: Qualcomm HTP via QNN/SNPE (float model + encodings): 32-bit accumulation; the default
   placement is AIMET's (every op output quantized).
 
 >>> TARGETS["x86-avx2"].pair_limit, TARGETS["x86-vnni"].pair_limit
 (128, None)
+>>> [r.rule_id for r in TARGETS["x86-avx2"].float_kernels], TARGETS["arm64"].float_kernels
+(['kernel.depthwise_unaligned'], ())
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import types
 from collections.abc import Mapping
 
 from onnxqat.errors import ConfigError
+from onnxqat.ops import UNALIGNED_DEPTHWISE, FloatKernelRule
 
 __all__ = ["TARGETS", "Target", "detect_target", "resolve_target"]
 
@@ -47,19 +53,22 @@ class Target:
         pair_limit: Largest ``|q_i| + |q_j|`` of two same-sign 8-bit weights of one output channel
             that the U8S8 GEMM kernels add without saturation, or None when they accumulate exactly.
         default_config: Placement preset used when the user gives no config.
+        float_kernels: Nodes whose integer kernel there is slower than float: their weights stay
+            float, so they run their float kernel between quantized activations.
     """
 
     name: str
     description: str
     pair_limit: int | None
     default_config: str
+    float_kernels: tuple[FloatKernelRule, ...] = ()
 
 
 TARGETS: Mapping[str, Target] = types.MappingProxyType({
     t.name: t for t in (
         Target("x86-avx2", "x86 without VNNI: U8S8 kernels add weight pairs in saturating 16-bit lanes; "
-               "8-bit weights kept pair-safe", 128, "onnxruntime"),
-        Target("x86-vnni", "x86 with VNNI: 32-bit integer accumulation", None, "onnxruntime"),
+               "8-bit weights kept pair-safe", 128, "onnxruntime", (UNALIGNED_DEPTHWISE,)),
+        Target("x86-vnni", "x86 with VNNI: 32-bit integer accumulation", None, "onnxruntime", (UNALIGNED_DEPTHWISE,)),
         Target("arm64", "ARM64: 32-bit integer accumulation", None, "onnxruntime"),
         Target("htp", "Qualcomm HTP (QNN/SNPE): 32-bit accumulation, every op output quantized", None, "aimet"),
     )

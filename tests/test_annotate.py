@@ -32,7 +32,7 @@ def groups(plan):
 
 def test_tiny_cnn_placement():
     cfg = load_config("onnxruntime").with_overrides(per_channel_quantization=True)
-    model, plan = plan_for(tiny_cnn(), cfg)
+    model, plan = plan_for(tiny_cnn(), cfg, target="arm64")  # x86 keeps the 4-channel depthwise conv float
     assert groups(plan) == {"x": {"x"}, "r1": {"r1"}, "c2": {"c2"}, "r2": {"r2", "p", "flat"}, "y": {"y"}}
     assert rule_ids(plan)["bn1"] == rule_ids(plan)["a"] == "placement.supergroup_interior"
     axes = {p.name: p.spec.axis for p in plan.params}
@@ -40,6 +40,8 @@ def test_tiny_cnn_placement():
     assert all(p.spec.symmetric for p in plan.params)
     biases = {b.name: (b.input_quantizer, b.weight_quantizer) for b in plan.biases}
     assert biases == {"b1": ("x", "w1"), "bf": ("r2", "wf")}
+    _, x86 = plan_for(tiny_cnn(), cfg, target="x86-avx2")
+    assert {p.name for p in x86.params} == {"w1", "wf"} and x86.skipped["w2"].rule_id == "kernel.depthwise_unaligned"
 
 
 def test_every_float_tensor_is_quantized_or_explained():

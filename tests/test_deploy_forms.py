@@ -514,3 +514,50 @@ def test_training_graph_lowers_prelu_on_n_c_as_deployed():
     prediction = sim.trainer(loss="mse", target_key="t", lr=1e-3).predict({"x": x, "t": np.zeros((64, 4), f32)})
     gap = np.abs(prediction - sim.run({"x": x})[0]) / output_lsb(sim)
     assert gap.max() <= 2 + 1e-5 and np.mean(gap <= 1 + 1e-5) > 0.99
+
+
+def depthwise_model(channels):
+    """1x1 conv to ``channels``, a 3x3 depthwise conv, 1x1 conv back (MobileNet's block)."""
+    nodes = [conv("expand", "x", "w1", "e"), conv("dw", "e", "wd", "d", group=channels, pads=[1, 1, 1, 1]),
+             conv("project", "d", "w2", "y")]
+    return make_model(nodes, [tensor("x", ["N", 4, 8, 8])], [tensor("y", ["N", 4, 8, 8])],
+                      {"w1": weights(channels, 4, 1, 1), "wd": weights(channels, 1, 3, 3), "w2": weights(4, channels, 1, 1)},
+                      opset=13)
+
+
+@pytest.mark.parametrize("channels, unaligned", [(24, True), (40, True), (32, False), (48, False)])
+@pytest.mark.parametrize("target", ["x86-avx2", "x86-vnni"])
+def test_unaligned_depthwise_conv_keeps_its_weight_float_on_x86(channels, unaligned, target):
+    x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
+    sim = calibrated(depthwise_model(channels), x, target=target)
+    assert (sim.plan.param("wd") is None) is unaligned
+    assert sim.plan.param("w1") is not None and sim.plan.param("w2") is not None
+    reason = sim.plan.skipped.get("wd")
+    assert (reason is not None and reason.rule_id == "kernel.depthwise_unaligned") is unaligned
+    # the depthwise conv's input and output stay quantized either way
+    assert sim.plan.activation_of("e") is not None and sim.plan.activation_of("d") is not None
+
+
+@pytest.mark.parametrize("target", ["arm64", "htp"])
+def test_unaligned_depthwise_conv_is_integer_off_x86(target):
+    x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
+    sim = calibrated(depthwise_model(24), x, target=target)
+    assert sim.plan.param("wd") is not None
+
+
+@pytest.mark.parametrize("channels, unaligned", [(24, True), (32, False)])
+def test_unaligned_depthwise_conv_deploys_as_a_float_conv_and_matches_the_sim(deploy_python, tmp_path, channels,
+                                                                             unaligned):
+    x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
+    sim = calibrated(depthwise_model(channels), x, target="x86-avx2")
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    float_convs = ops.get("Conv", 0) + ops.get("FusedConv", 0)
+    # onnxruntime >= 1.21 would quantize a float weight between Q/DQ itself (int8 per tensor):
+    # the float conv must survive its optimizations
+    assert ops.get("QLinearConv", 0) == (2 if unaligned else 3)
+    assert float_convs == (1 if unaligned else 0)
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    (simulated,) = sim.run({"x": x})
+    np.testing.assert_array_equal(got, simulated)

@@ -83,13 +83,14 @@ def test_per_tensor_weights_take_the_largest_channel_need():
 def test_annotation_limits_only_saturating_kernels():
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="dense", pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["a", "w2"], ["b"], name="depthwise", pads=[1, 1, 1, 1], group=4),
+             helper.make_node("Conv", ["a", "w2"], ["b"], name="depthwise", pads=[1, 1, 1, 1], group=16),
              helper.make_node("Flatten", ["b"], ["f"]),
              helper.make_node("Gemm", ["f", "w3"], ["y"], name="fc", transB=1)]
+    # 16 channels: x86 targets keep a depthwise conv of other channel counts float (kernel.depthwise_unaligned)
     model = make_model(nodes, [tensor("x", ["N", 3, 4, 4])], [tensor("y", ["N", 2])],
-                       {"w1": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
-                        "w2": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
-                        "w3": rng.normal(size=(2, 64)).astype(np.float32)})
+                       {"w1": rng.normal(size=(16, 3, 3, 3)).astype(np.float32),
+                        "w2": rng.normal(size=(16, 1, 3, 3)).astype(np.float32),
+                        "w3": rng.normal(size=(2, 256)).astype(np.float32)})
     avx2 = QuantizationSimModel(model, target="x86-avx2", per_channel=True).plan
     assert {p.name: p.spec.pair_limit for p in avx2.params} == {"w1": 128, "w2": None, "w3": 128}
     assert {p.name: p.spec.pair_axis for p in avx2.params}["w3"] == 0

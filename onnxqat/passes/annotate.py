@@ -5,7 +5,12 @@ Reads the float model, writes nothing; returns a :class:`QuantPlan`. The rules, 
 1. Excluded nodes (by name or op type) get no quantizers.
 2. Weights (constant weight inputs of Conv, ConvTranspose, Gemm, MatMul) get param quantizers,
    per channel on the output-channel axis of each op when configured. Constant biases of nodes
-   whose data input and weight are quantized become int32 with the derived scale.
+   whose data input and weight are quantized become int32 with the derived scale. A node whose
+   integer kernel is slower than float on the target (:attr:`onnxqat.target.Target.float_kernels`,
+   e.g. a depthwise Conv of a channel count that is not a multiple of 16 on x86) keeps its weight
+   and bias float: onnxruntime runs its float kernel between its quantized input and output. Like
+   the integer forms of rule 8 this is a deploy form for onnxruntime: with the config's
+   ``integer_forms`` false (the ``aimet`` preset, aimet-onnx's placement) the weight is quantized.
 3. Model inputs are quantized when ``model_input.is_input_quantized``.
 4. An op output inside a supergroup (e.g. Conv followed by Relu, the only consumer) is left float;
    the supergroup's last output carries the quantizer. AIMET's ``MatmulAdd`` graph pass, when the
@@ -701,6 +706,13 @@ class _Annotator:
             weight = node.inputs[index]
             assert weight is not None
             if not is_float(weight):
+                continue
+            slow = ops.float_kernel(node, self.target.float_kernels) if self.config.integer_forms else None
+            if slow is not None:
+                self.skip(weight, slow)
+                bias = node.inputs[slot.bias] if slot.bias is not None and len(node.inputs) > slot.bias else None
+                if bias is not None:
+                    self.skip(bias, slow)
                 continue
             quantize, symmetric = self.config.param_rule(node.op_type, "weight")
             if not quantize:

@@ -25,6 +25,14 @@ consumers read the input's integers with the derived scale. Integer forms replac
 and the Add of its bias with ``[Reshape to 2-D] -> Gemm(x, W, DQ(int32 bias)) -> [Reshape back]``,
 which onnxruntime runs as QGemm (the Q/DQ pairs move across the reshapes). Both flavours get
 exactly the same activation graph, so the simulation runs what is deployed.
+
+A Conv/ConvTranspose/Gemm whose weight stays float (:attr:`onnxqat.target.Target.float_kernels`,
+weights the config does not quantize) between quantized activations reads its input through a
+DequantizeLinear of its own with the scale and zero point repeated per channel (axis 1): the same
+values, but onnxruntime >= 1.21's ``WeightBiasQuantization`` transformer, which quantizes the
+float weight of a node whose input comes from a per-tensor DequantizeLinear (int8 per tensor,
+so onnxruntime fuses it into QLinearConv) leaves it alone, and the node runs its float kernel as
+in the simulation.
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ from onnxqat.runtime import release_if_mapped
 __all__ = ["InsertQDQPass", "aimet_quantize", "bias_encoding", "bias_fits", "qdq_domain", "quantize_bias"]
 
 _INT32 = np.iinfo(np.int32)
+# Op types whose float weight onnxruntime >= 1.21 quantizes itself when the input comes from a
+# per-tensor DequantizeLinear (its WeightBiasQuantization transformer).
+_SELF_QUANTIZED = ("Conv", "ConvTranspose", "Gemm")
 
 
 def qdq_domain(model: ir.Model, enc: Encoding) -> str:
@@ -155,6 +166,7 @@ class _Inserter:
             self.quantize_param(p.name, p.consumers, self.encodings[p.name], p.spec.rounding)
         for b in self.plan.biases:
             self.quantize_bias(b.name, b.node, self.encodings[b.input_quantizer], self.encodings[b.weight_quantizer])
+        self.keep_float_weights()
         int32 = {b.name for b in self.plan.biases}
         for linear in self.plan.linear_forms:
             if linear.bias in int32:  # else (overflow) it stays MatMul + a float Add
@@ -414,6 +426,34 @@ class _Inserter:
                 use.node.replace_input_with(use.idx, dq)
         if not value.uses():
             self.graph.initializers.pop(name)
+
+    def keep_float_weights(self) -> None:
+        """A node onnxruntime would quantize itself (float weight, input from a per-tensor DQ)
+        reads its input through a per-channel DQ of the same integers (see the module notes)."""
+        for node in list(self.graph):
+            if node.op_type not in _SELF_QUANTIZED or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+                continue
+            x, w = node.inputs[0], node.inputs[1]
+            dq = x.producer() if x is not None else None
+            if (w is None or w.const_value is None or w.producer() is not None or w.const_value.dtype != ir.DataType.FLOAT
+                    or dq is None or dq.op_type != "DequantizeLinear" or "axis" in dq.attributes or len(dq.inputs) < 3):
+                continue
+            assert x is not None
+            channels = x.shape[1] if x.shape is not None and len(x.shape) >= 2 else None
+            scale, zp = (const_array(v) for v in dq.inputs[1:3])
+            integers = dq.inputs[0]
+            if not isinstance(channels, int) or scale is None or zp is None or scale.size != 1 or integers is None:
+                continue
+            base = self.base(name_of(x))
+            wide_scale = make_initializer(self.graph, self.names.fresh(f"{base}_scale_c"),
+                                          np.full([channels], scale.reshape(()), scale.dtype))
+            wide_zp = make_initializer(self.graph, self.names.fresh(f"{base}_zero_point_c"),
+                                       np.full([channels], zp.reshape(()), zp.dtype))
+            read = self.node("DequantizeLinear", [integers, wide_scale, wide_zp], base, dq.domain, axis=1)
+            read.type, read.shape = x.type, x.shape
+            node.replace_input_with(0, read)
+            if not x.uses() and not x.is_graph_output():
+                self.graph.remove(dq, safe=True)  # onnxruntime would keep it (and lay out a transpose for it)
 
     def linear_form(self, form: LinearForm) -> None:
         """MatMul + Add(int32 bias) as one Gemm, reshaped to 2-D and back when the input is not."""
