@@ -130,12 +130,18 @@ class _HistogramFetcher:
         self.model, self.session, self.observers, self.device = model, session, observers, device
         self.fetches = [(name, target) for name, target in stats.fetches if isinstance(target, str)]
         self.names = [name for name, _ in self.fetches]
+        # pieces along axis 0 are valid feeds only where no input fixes that axis (a model exported
+        # for batch 4 takes only 4 rows)
+        self.splittable = not any(
+            v.shape is not None and len(v.shape) > 0 and isinstance(v.shape[0], int) and v.name in session.input_names
+            for v in model.graph.inputs
+        )
         self.per_sample: float | None = None  # fetched bytes per sample, from the first run
         self.bounds: tuple[_StatisticsModel, Session] | None = None  # built when a batch is first split
 
     def observe(self, feed: Mapping[str, np.ndarray]) -> None:
         n = _rows(feed)
-        if n is None or n <= 1:
+        if n is None or n <= 1 or not self.splittable:
             self._whole(feed, n)
             return
         if self.per_sample is None:  # one sample's run tells the bytes per sample (its outputs are dropped)
