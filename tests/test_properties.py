@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -205,3 +206,29 @@ def test_deployable_model_agrees_with_simulation_within_one_lsb(case):
         return
     lsb = float(sim.encodings[out.name].scale)
     assert np.abs(deployed - simulated).max() <= lsb * 1.0001
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_strip_gives_back_a_float_weight_conv_that_reads_its_input_per_channel(per_channel):
+    """The case hypothesis found: x feeds a Relu and a 2-channel depthwise Conv, which on x86 keeps a
+    float weight and reads x's integers through its own per-channel DequantizeLinear (the same grid
+    repeated); both DequantizeLinear of x's one QuantizeLinear give x back."""
+    w = np.array([0.06, -0.07], np.float32).reshape(2, 1, 1, 1)
+    shape = ["N", 2, 4, 4]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["relu0"]), helper.make_node("Conv", ["x", "w1"], ["conv2"], group=2)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("relu0", "conv2")],
+        [numpy_helper.from_array(w, "w1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    sim = QuantizationSimModel(model, per_channel=per_channel, target="x86-avx2")
+    sim.compute_encodings([{"x": np.random.default_rng(0).normal(size=(4, 2, 4, 4)).astype(np.float32)}], progress=False)
+    sim_model = sim.sim_ir()
+    reads = [n for n in sim_model.graph if n.op_type == "DequantizeLinear" and n.inputs[0] is not None
+             and n.inputs[0].producer() is not None and n.inputs[0].producer().op_type == "QuantizeLinear"
+             and n.inputs[0].producer().inputs[0].name == "x"]
+    assert len(reads) == 2  # the per-tensor one and the Conv's per-channel one
+    result = StripQDQPass()(sim_model)
+    assert not {n.op_type for n in result.model.graph} & {"QuantizeLinear", "DequantizeLinear"}
+    assert result.kept == ()

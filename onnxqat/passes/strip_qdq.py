@@ -76,7 +76,11 @@ def _quantized_source(dq: ir.Node) -> ir.Value | None:
     """The float tensor a Q->DQ pair quantizes (past its grid clamp), or None."""
     q_out = dq.inputs[0]
     q = q_out.producer() if q_out is not None else None
-    if q is None or q_out is None or q.op_type != "QuantizeLinear" or q.domain not in _QDQ_DOMAINS or not _single_use(q_out, dq):
+    if q is None or q_out is None or q.op_type != "QuantizeLinear" or q.domain not in _QDQ_DOMAINS:
+        return None
+    # several DequantizeLinear may read one QuantizeLinear (a per-tensor one, and a per-channel
+    # read of the same grid before a float-weight Conv): each gives back the float tensor
+    if q_out.is_graph_output() or any(u.node.op_type != "DequantizeLinear" for u in q_out.uses()):
         return None
     if not _same_params(q, dq):
         return None
@@ -96,13 +100,21 @@ def _quantized_source(dq: ir.Node) -> ir.Value | None:
 
 
 def _same_params(q: ir.Node, dq: ir.Node) -> bool:
+    """The same grid: equal scale and zero point, or q's per-tensor ones repeated per channel."""
+    repeated = False
     for a, b in zip(q.inputs[1:3], dq.inputs[1:3]):
         if a is b:
             continue
         va, vb = const_array(a), const_array(b)
-        if va is None or vb is None or not np.array_equal(va, vb):
+        if va is None or vb is None:
             return False
-    return _axis(q) == _axis(dq)
+        if np.array_equal(va, vb):
+            continue
+        if np.ndim(va) == 0 and np.ndim(vb) == 1 and va.dtype == vb.dtype and bool(np.all(vb == va)):
+            repeated = True
+            continue
+        return False
+    return repeated or _axis(q) == _axis(dq)
 
 
 def _axis(node: ir.Node) -> int:
