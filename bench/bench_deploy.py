@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,28 @@ def bench_one(key: str, args: argparse.Namespace, work: str) -> dict:
     return row
 
 
+def bench_rows(keys: list[str], one: Callable[[str], dict], json_path: str | None, *, load: bool = False) -> list[dict]:
+    """``one(key)`` for every key; a model the zoo cannot fetch is a skipped row and any other
+    failure an error row (a benchmark row, not a crash). Each row is printed and appended to
+    ``json_path`` as a JSON line as soon as it is measured."""
+    rows = []
+    for key in keys:
+        try:
+            row = one(key)
+        except zoo.ZooUnavailable as e:
+            row = {"key": key, "skipped": str(e)}
+        except Exception as e:  # noqa: BLE001 - report and go on
+            row = {"key": key, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        if load:
+            row["load"] = os.getloadavg()[0]
+        rows.append(row)
+        print(json.dumps(row, default=float), flush=True)
+        if json_path:
+            with open(json_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, default=float) + "\n")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", nargs="*", default=DEFAULT_KEYS)
@@ -140,21 +163,8 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="append result rows (JSON lines) here")
     args = parser.parse_args()
     print(f"# load {os.getloadavg()}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="onnxqat-bench-deploy-") as work:
-        for key in args.keys:
-            try:
-                row = bench_one(key, args, work)
-            except zoo.ZooUnavailable as e:
-                row = {"key": key, "skipped": str(e)}
-            except Exception as e:  # a benchmark row, not a crash: report and go on
-                row = {"key": key, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-            row["load"] = os.getloadavg()[0]
-            rows.append(row)
-            print(json.dumps(row, default=float), flush=True)
-            if args.json:
-                with open(args.json, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row, default=float) + "\n")
+        rows = bench_rows(args.keys, lambda key: bench_one(key, args, work), args.json, load=True)
     print("\n| model | float | sim | deployed | reference | fused-sim LSB | float ms | QDQ ms | speed-up | DQ / float ops left "
           "| load |")
     print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")

@@ -14,7 +14,6 @@ baseline and current sessions timed interleaved (rounds of 3 runs, medians, one 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import zoo  # noqa: E402
 from deployrt import DeployedSession  # noqa: E402
 
-from bench_deploy import deploy_python, graph_row, interleaved_ms, lsb_gap, output_lsbs  # noqa: E402
+from bench_deploy import bench_rows, deploy_python, graph_row, interleaved_ms, lsb_gap, output_lsbs  # noqa: E402
 from bench_forms import export  # noqa: E402
 from onnxqat import QuantizationSimModel  # noqa: E402
 
@@ -78,18 +77,8 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="append result rows (JSON lines) here")
     args = parser.parse_args()
     print(f"# load {os.getloadavg()}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="onnxqat-bench-float-kernels-") as work:
-        for key in args.keys:
-            try:
-                row = bench_one(key, args, work)
-            except Exception as e:  # a benchmark row, not a crash
-                row = {"key": key, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-            rows.append(row)
-            print(json.dumps(row, default=float), flush=True)
-            if args.json:
-                with open(args.json, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row, default=float) + "\n")
+        rows = bench_rows(args.keys, lambda key: bench_one(key, args, work), args.json)
     print("\n| model | threads | float ms | baseline ms | current ms | current / baseline speed | load |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

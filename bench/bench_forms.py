@@ -13,7 +13,6 @@ optimized graph still runs in float (DequantizeLinear nodes, float compute nodes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import zoo  # noqa: E402
 from deployrt import DeployedSession  # noqa: E402
 
-from bench_deploy import deploy_python, graph_row, interleaved_ms  # noqa: E402
+from bench_deploy import bench_rows, deploy_python, graph_row, interleaved_ms  # noqa: E402
 
 _EXPORT = r"""
 import sys
@@ -91,23 +90,13 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="append result rows (JSON lines) here")
     args = parser.parse_args()
     print(f"# load {os.getloadavg()}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="onnxqat-bench-forms-") as work:
-        for key in args.keys:
-            try:
-                row = bench_one(key, args, work)
-            except Exception as e:  # a benchmark row, not a crash
-                row = {"key": key, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-            rows.append(row)
-            print(json.dumps(row, default=float), flush=True)
-            if args.json:
-                with open(args.json, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row, default=float) + "\n")
+        rows = bench_rows(args.keys, lambda key: bench_one(key, args, work), args.json)
     print("\n| model | form | metric | agreement with float | DQ left | float ops left | ms (float ms) | speed-up | load |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        if "error" in r:
-            print(f"| {r['key']} | {r['error']} | | | | | | | |")
+        if "error" in r or "skipped" in r:
+            print(f"| {r['key']} | {r.get('error') or r['skipped']} | | | | | | | |")
             continue
         metric = zoo.MODELS[r["key"]].metric
         for name in ("baseline", "current"):
