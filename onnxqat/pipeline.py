@@ -288,8 +288,6 @@ def calibrate(
                       "(--scheme percentile or sqnr forces histograms)", RuntimeWarning, stacklevel=3)
         scheme = Scheme.MINMAX
     batches = distributed.own_batches(batches)  # under MPI: every N-th batch, observers merged below
-    if scheme.needs_histogram:
-        batches = _within_budget(state.float_model, observed, batches)
     observers = collect_statistics(state.float_model, observed, batches, scheme,
                                    progress=progress if distributed.is_root() else False, device=device)
     observers = distributed.merge_observers(observers)
@@ -400,49 +398,6 @@ def choose_scheme(state: SimState, candidates: Mapping[Scheme, Mapping[str, Enco
     order = list(scores)
     best = max(order, key=lambda s: (agreement[s] or 0.0, scores[s], -order.index(s)))
     return states[best], SchemeChoice(best, scores, agreement if axes else {})
-
-
-# Histogram calibration fetches every observed tensor of a run; batches are split so those stay
-# within this many bytes (ViT-S at batch 64 fetched 15 GB at once; they are held twice, as
-# onnxruntime outputs and as their numpy copies).
-FETCH_BUDGET = 512 << 20
-
-
-def _within_budget(model: ir.Model, plan: QuantPlan, batches: Iterable[Mapping[str, np.ndarray]],
-                   budget: int | None = None) -> Iterable[Mapping[str, np.ndarray]]:
-    """The batches, split along axis 0 into pieces whose fetched tensors fit ``budget`` bytes.
-
-    The bytes per sample come from the shapes of a one-sample profiled run (:mod:`onnxqat.passes.shapes`).
-    """
-    from onnxqat.data import input_signature, validate_feed
-    from onnxqat.passes.shapes import ConcreteShapesPass
-
-    budget = FETCH_BUDGET if budget is None else budget
-    signature = input_signature(model)
-    observed = {t for q in plan.activations for t in q.tensors}
-    per_sample: float | None = None
-    for batch in batches:
-        feed = validate_feed(batch, signature, where="calibration data")
-        n = next((len(v) for v in feed.values() if np.ndim(v)), 1)
-        if any(np.ndim(v) and len(v) != n for v in feed.values()):
-            # an input whose samples are not on axis 0 (a recurrent state [layers, B, H]): a split
-            # along axis 0 would pair the wrong rows, so the batch is fetched whole
-            yield batch
-            continue
-        if per_sample is None:
-            one = {k: (v[:1] if np.ndim(v) and len(v) == n else v) for k, v in feed.items()}
-            probe = model.clone()
-            ConcreteShapesPass(one)(probe)
-            per_sample = float(sum(
-                4 * int(np.prod(v.shape.numpy())) for node in probe.graph for v in node.outputs
-                if v.name in observed and v.shape is not None and all(isinstance(d, int) for d in v.shape)
-            )) or 1.0
-        step = max(1, int(budget // per_sample))
-        if n <= step:
-            yield batch
-            continue
-        for start in range(0, n, step):
-            yield {k: (v[start:start + step] if np.ndim(v) and len(v) == n else v) for k, v in batch.items()}
 
 
 def _untie(state: SimState, observers: Mapping[str, Any]) -> dict[str, str]:
