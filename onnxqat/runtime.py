@@ -232,10 +232,9 @@ class Session:
             default order every such tensor lives to the end of the run, and onnxruntime's
             memory planning on the first run grows quadratically with their number. Results
             are the same in either order.
-        share_constants: Keep onnxruntime's ConstantSharing optimization, which merges
-            initializers holding the same single value. It changes no value, and its time grows
-            about quadratically with the graph (half the session build of a 30k-node chain);
-            sessions run once, such as calibration's, can go without it.
+        skip_optimizers: Names of onnxruntime graph optimizers not to apply (its
+            ``disabled_optimizers``). For sessions run a few times whose build would cost more
+            than the optimizers save, such as calibration's (see its reasons there).
         device: "cpu", or "cuda" for onnxruntime's CUDA provider (an error when the installed
             runtime has none; see :func:`onnxqat.backend.providers`).
         spin: Let idle intra-op threads spin between runs (onnxruntime's default). Off for
@@ -256,7 +255,7 @@ class Session:
         optimize: bool = True,
         threads: int | None = None,
         follow_node_order: bool = False,
-        share_constants: bool = True,
+        skip_optimizers: Sequence[str] = (),
         device: str = "cpu",
         spin: bool = True,
         max_nodes: int | None = None,
@@ -275,7 +274,7 @@ class Session:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._options = options
         self._optimize = optimize
-        self._disabled = [] if share_constants else ["ConstantSharing"]
+        self._disabled = list(skip_optimizers)
         self.fused_qdq = optimize
         self._tmpdir: str | None = None
         self.segments: list[tuple[Segment, Any]] = []
