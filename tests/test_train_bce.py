@@ -203,3 +203,45 @@ def test_the_cli_trains_a_sigmoid_map_on_masks_and_refuses_labels_beyond_1(tmp_p
     assert last.startswith(f"error: {bad}: labels 'label' range over [0, 2] but output 'prob' is a Sigmoid")
     assert "binary cross-entropy needs labels in [0, 1]" in last and "plan:" not in out  # before any work
     assert not (tmp_path / "o2").exists()
+
+
+def test_distillation_on_a_sigmoid_map_is_the_bernoulli_kl_on_the_logits():
+    """``distill`` on a Sigmoid output: ``T^2 mean(KL(Bernoulli(sigmoid(t / T)) || Bernoulli(sigmoid(s / T))))``
+    on the float model's logits ``t`` and the quantized logits ``s`` (numpy float64 reference), and
+    training on it lowers it."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(7)
+    batches = [{"x": rng.normal(size=(4, 3, 6, 6)).astype(f32)} for _ in range(4)]
+    model = sigmoid_map()
+    logits_model = make_model([model.graph.node[0]], [tensor("x", ["N", 3, 6, 6])], [tensor("logits", ["N", 1, 6, 6])],
+                              {i.name: onnx_array(i) for i in model.graph.initializer})
+    float_logits = ort.InferenceSession(logits_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sim = QuantizationSimModel(model, param_bw=4, activation_bw=4)
+    sim.compute_encodings(batches, progress=False)
+    temperature = 2.0
+
+    def reference(s, t):
+        p = 1 / (1 + np.exp(-np.asarray(t, np.float64) / temperature))
+        return temperature ** 2 * (np_bce(np.asarray(s, np.float64) / temperature, p)
+                                   - np_bce(np.asarray(t, np.float64) / temperature, p)).mean()
+
+    with sim.trainer(loss="distill", lr=3e-2, temperature=temperature) as trainer:
+        assert trainer.graph.sigmoid and not trainer.graph.binary
+        assert trainer.graph.teacher_source == "logits"
+        result = trainer.step(batches[0])
+        t = float_logits.run(None, batches[0])[0]
+        assert result.loss == pytest.approx(reference(result.prediction, t), rel=1e-5, abs=1e-7)
+        assert result.loss > 0
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            history = trainer.fit(batches, epochs=6, progress=False)
+    assert history[-1].loss < history[0].loss
+
+
+def onnx_array(initializer):
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(initializer)

@@ -54,10 +54,11 @@ class LossSpec:
     Attributes:
         kind: ``cross_entropy`` (integer labels; binary cross-entropy with labels in [0, 1] on a
             Sigmoid output or a one-channel class axis), ``mse`` (float targets) or ``distill``
-            (match the float model: soft cross-entropy on logits for classifiers, MSE otherwise).
+            (match the float model: soft cross-entropy on logits for classifiers, the Bernoulli
+            KL divergence on the logits of a Sigmoid output, MSE otherwise).
         output_index: Model output the loss reads. If it is produced by Softmax/LogSoftmax (through
             Identity nodes), the logits feeding it are used for cross-entropy and distillation; if
-            by Sigmoid, the logits feeding it are used for (binary) cross-entropy.
+            by Sigmoid, the logits feeding it are used for (binary) cross-entropy and distillation.
         label_key: Batch key of labels (``cross_entropy``).
         target_key: Batch key of targets (``mse``).
         temperature: Distillation temperature.
@@ -542,6 +543,18 @@ class _Lowering:
                 per_sample = b.reduce_sum(gap, source.class_axis, "loss")
                 loss = b.op("Mul", [b.op("ReduceMean", [per_sample], "loss", keepdims=0),
                                     b.const(float(self.loss.temperature) ** 2, name="t2")], "loss")
+            elif source.sigmoid:
+                # T^2 * KL(Bernoulli(sigmoid(teacher / T)) || Bernoulli(sigmoid(student / T))) per
+                # element: the binary cross-entropies of both logits against the teacher's
+                # probabilities, in their stable form; averaged over all elements
+                temp = b.const(float(self.loss.temperature), name="temperature")
+                student = b.op("Div", [logits, temp], "loss")
+                teacher_logits = b.op("Div", [teacher_value, temp], "loss")
+                target = b.op("Sigmoid", [teacher_logits], "loss")
+                gap = b.op("Sub", [_binary_cross_entropy(b, student, target),
+                                   _binary_cross_entropy(b, teacher_logits, target)], "loss")
+                loss = b.op("Mul", [b.op("ReduceMean", [gap], "loss", keepdims=0),
+                                    b.const(float(self.loss.temperature) ** 2, name="t2")], "loss")
             else:
                 diff = b.op("Sub", [logits, teacher_value], "loss")
                 loss = b.op("ReduceMean", [b.op("Mul", [diff, diff], "loss")], "loss", keepdims=0)
@@ -755,7 +768,7 @@ def loss_source(model: ir.Model, loss: LossSpec) -> LossSource:
         attr = producer.attributes.get("axis")
         axis = attr.as_int() if attr is not None else -1
     elif (producer is not None and producer.op_type == "Sigmoid" and producer.domain in ("", "ai.onnx")
-          and loss.kind == "cross_entropy" and producer.inputs[0] is not None):
+          and loss.kind in ("cross_entropy", "distill") and producer.inputs[0] is not None):
         value, sigmoid = producer.inputs[0], True
     assert value is not None
     # Sigmoid and the flattened softmax keep the type and shape: the output's stand in for the
