@@ -269,7 +269,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                     for mode in args.modes.split(","):
                         for micro in (micros if has_micro else [None]):
                             spec = {"kind": "train", "key": key, "mode": mode, "variant": variant,
-                                    "setting": args.setting, "batches": args.batches, "commit": commit[:12], "rep": rep}
+                                    "setting": args.setting, "batches": args.batches, "commit": commit[:12], "rep": rep,
+                                    "timed": args.timed}
                             if micro is not None:
                                 spec["micro"] = micro
                             specs.append((spec, src))
@@ -323,6 +324,7 @@ def main() -> None:
     r.add_argument("--modes", default="float,fixed", help="float (quantized=False), fixed, rl")
     r.add_argument("--variants", default="base,noenv,nopattern")
     r.add_argument("--batches", type=int, default=4)
+    r.add_argument("--timed", type=int, default=4, help="warm steps timed one by one after the epoch")
     r.add_argument("--micros", default="-", help="micro_batch values, comma-separated: 0 automatic, - not passed "
                                                  "(commits without the option)")
     r.add_argument("--reps", type=int, default=1)

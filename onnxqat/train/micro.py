@@ -41,11 +41,13 @@ __all__ = ["MIN_BUDGET", "MemoryEstimate", "TRAIN_BUDGET", "choose_micro_batch",
            "piece_sizes", "saved_bytes", "take_rows"]
 
 # The kept activations of a training run may take this many times the float inference estimate
-# at the user's batch. The training process holds more than that: Python and onnxruntime, the
-# simulation, the float model's session, weights with their gradients and optimizer moments, the
-# backward's temporaries (on open-nsfw about 1.7 float inferences besides the kept activations),
-# so 1.5 keeps the process near 3x float inference at the same batch (BENCHMARKS.md, "Micro-batches").
-TRAIN_BUDGET = 1.5
+# at the user's batch. The training process holds more than them: Python and onnxruntime, the
+# simulation, the float model's session, weights with gradients and optimizer moments (measured
+# on open-nsfw W4A8: 462 MiB at no samples, 1.7x its float inference process at batch 16), and the
+# backward's temporaries (each sample cost 45 MiB, 2.7x its kept estimate). 1.2 keeps the process
+# under 3x float inference at the same batch on open-nsfw and the PP-OCR recognizer (BENCHMARKS.md,
+# "Micro-batches"); 1.5 gave open-nsfw 8 samples a run and 3.1x.
+TRAIN_BUDGET = 1.2
 
 # A step estimated under this is not split whatever the budget: on small models the process's
 # fixed memory (Python, onnxruntime, the sessions) dominates and smaller runs only cost time.
@@ -137,7 +139,7 @@ def choose_micro_batch(batch: int, inference: int, kept: MemoryEstimate, budget:
     more (at least 1), evened out over the pieces (:func:`piece_sizes`).
 
     >>> MiB = 1 << 20
-    >>> choose_micro_batch(16, 100 * MiB, MemoryEstimate(data=20 * MiB, fixed=50 * MiB))  # 50 + 20 m <= 150: 5, evened to 4 x 4
+    >>> choose_micro_batch(16, 100 * MiB, MemoryEstimate(data=20 * MiB, fixed=50 * MiB), budget=1.5)  # 50 + 20 m <= 150: 5, evened to 4 x 4
     4
     >>> choose_micro_batch(16, 100 * MiB, MemoryEstimate(data=2 * MiB, fixed=50 * MiB))
     16

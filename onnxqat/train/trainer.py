@@ -15,6 +15,11 @@ it), in a folder the trainer owns. The artifacts are generated and one step is r
 process first (:mod:`onnxqat.train.canary`), so a crash of the training runtime becomes an error
 naming the node. Batches of another shape than the first are skipped when they are only shorter
 (the usual last partial batch; counted in the epoch's stats) and refused otherwise.
+
+An optimizer batch may run as several smaller training runs (``micro_batch``;
+:mod:`onnxqat.train.micro`): the graph and the canary then have the micro-batch's shape, the
+gradients of the runs add up to the batch's, and each step's loss and accuracy are still those of
+the whole batch.
 """
 
 from __future__ import annotations
