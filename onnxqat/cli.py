@@ -486,8 +486,19 @@ def _train(args: argparse.Namespace) -> None:
             print(f"lr: {trainer.options.lr:g} (the default at this activation bitwidth; --lr to change)")
         if evaluation is not None:
             print("calibrated (PTQ) " + _metrics_line(trainer.evaluate(evaluation)), flush=True)
+        told: list[int] = []
+
+        def on_epoch(stats: Any) -> None:
+            micro = trainer.micro_batch
+            if not told and micro is not None and micro < args.batch_size:
+                told.append(micro)
+                how = "--micro-batch" if args.micro_batch else "chosen from a memory estimate; --micro-batch to change"
+                print(f"micro-batches: {micro} samples a run, gradients of each --batch-size {args.batch_size} "
+                      f"step added up ({how})")
+            print(stats.line(), flush=True)
+
         trainer.fit(batches, epochs=args.epochs, eval_batches=evaluation, checkpoint_dir=args.checkpoint_dir,
-                    on_epoch=lambda stats: print(stats.line(), flush=True))
+                    on_epoch=on_epoch)
     _export(sim, args)
 
 

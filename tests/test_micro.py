@@ -163,3 +163,15 @@ def test_pieces_and_padding():
     assert piece["x"].tolist() == [3, 4] and piece["k"] is b["k"] and piece["s"] == 7
     padded = micro.pad_rows(piece, 2, 5)
     assert padded["x"].tolist() == [3, 4, 3, 4, 3]
+
+
+def test_cli_trains_in_micro_batches_and_says_so(cli, tiny_model_path, tmp_path):
+    rng = np.random.default_rng(2)
+    data, calib = tmp_path / "train.npz", tmp_path / "calib.npz"
+    np.savez(data, x=rng.normal(size=(24, 3, 8, 8)).astype(np.float32), label=rng.integers(0, 5, 24))
+    np.savez(calib, x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
+    proc = cli("train", tiny_model_path, "--data", data, "--calib", calib, "--output-dir", tmp_path / "out",
+               "--epochs", "1", "--batch-size", "8", "--micro-batch", "3", check=True)
+    lines = proc.stdout.strip().splitlines()
+    assert "micro-batches: 3 samples a run, gradients of each --batch-size 8 step added up (--micro-batch)" in lines
+    assert any(line.startswith("epoch 1 ") and "steps=3" in line for line in lines), proc.stdout

@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = ["MIN_BUDGET", "MemoryEstimate", "TRAIN_BUDGET", "choose_micro_batch", "inference_bytes", "pad_rows",
-           "piece_sizes", "saved_bytes", "take_rows"]
+           "forward_bytes", "piece_sizes", "saved_bytes", "take_rows"]
 
 # The kept activations of a training run may take this many times the float inference estimate
 # at the user's batch. The training process holds more than them: Python and onnxruntime, the
@@ -107,6 +107,12 @@ class MemoryEstimate:
     def at(self, rows: int) -> int:
         """Estimated bytes at ``rows`` samples per run."""
         return self.fixed + self.data * rows
+
+
+def forward_bytes(forward: ir.Model) -> MemoryEstimate:
+    """Every value the forward graph (shapes of one sample) computes: a bound of what a training
+    step keeps (:func:`saved_bytes`) that needs no gradient graph."""
+    return saved_bytes(forward, [("", [v.name or "" for node in forward.graph for v in node.outputs])])
 
 
 def saved_bytes(forward: ir.Model, gradient_nodes: Iterable[tuple[str, Sequence[str]]]) -> MemoryEstimate:

@@ -54,7 +54,8 @@ from onnxqat.plan import QuantPlan
 from onnxqat.progress import Progress
 from onnxqat.train.canary import gradient_nodes, locate_crash, run_canary
 from onnxqat.train.lower import LossSpec, RangeParams, TrainingGraph, lower_for_training
-from onnxqat.train.micro import choose_micro_batch, inference_bytes, pad_rows, piece_sizes, saved_bytes, take_rows
+from onnxqat.train.micro import (choose_micro_batch, forward_bytes, inference_bytes, pad_rows, piece_sizes, saved_bytes,
+                                 take_rows)
 from onnxqat.train.options import MIN_STEPS, TrainOptions, default_lr, lowest_activation_bitwidth
 from onnxqat.train.ort_training import training_modules
 from onnxqat.train.sessions import EvalSession, release_free_memory, session_options
@@ -322,6 +323,9 @@ class QATTrainer:
         out = graph.model.graph.outputs[1].shape
         if out is None or not len(out) or out[0] != 1:
             return rows  # the loss output's axis 0 is not the samples': not split
+        inference = inference_bytes(concrete, rows)
+        if choose_micro_batch(rows, inference, forward_bytes(graph.model)) == rows:
+            return rows  # even every forward value of the batch fits: no gradient graph needed
         folder = self._path("estimate")
         os.makedirs(folder, exist_ok=True)
         result = run_canary(folder, ir.to_proto(graph.model).SerializeToString(), graph.trainable,
@@ -330,7 +334,7 @@ class QATTrainer:
             return rows
         kept = saved_bytes(graph.model, gradient_nodes(folder))
         shutil.rmtree(folder, ignore_errors=True)
-        return choose_micro_batch(rows, inference_bytes(concrete, rows), kept)
+        return choose_micro_batch(rows, inference, kept)
 
     def _canary_error(self, result: Mapping[str, Any], unresolved: Sequence[str]) -> str:
         if result.get("signal"):
