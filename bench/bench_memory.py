@@ -204,12 +204,16 @@ def worker_train(spec: dict) -> dict:
     train = _Batches(os.path.join(DATA, key, "train"), spec["batches"])
     options = dict(loss="distill", range_learning=spec["mode"] == "rl", threads=2, output_index=0, lr=1e-5,
                    quantized=spec["mode"] != "float")
+    if spec.get("micro") is not None:  # micro_batch (0: automatic); commits before it have no such option
+        options["micro_batch"] = spec["micro"]
     with sim.trainer(**options) as trainer:
         t = time.time()
         trainer.fit(train, epochs=1, progress=False)
         out["fit_s"] = time.time() - t
         out["epoch_s"] = trainer.history[0].seconds
         out["steps"] = trainer.history[0].steps
+        out["loss"] = trainer.history[0].loss
+        out["micro_batch"] = getattr(trainer, "micro_batch", None)
         out["train_only_mib"] = _hwm_mib()
         out["canary_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
         first = next(iter(train))
@@ -250,17 +254,27 @@ def cmd_calib(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Training cells of every ref (comma-separated, alternating per rep) x mode x variant x micro
+    size; micro sizes go only to refs that have the option (``onnxqat/train/micro.py``)."""
     os.makedirs(WORK, exist_ok=True)
-    src, commit = snapshot(args.ref)
+    refs = [snapshot(r) for r in args.ref.split(",")]
+    micros = [None if m == "-" else int(m) for m in args.micros.split(",")]
     for key in args.models.split(","):
-        specs = [{"kind": "train", "key": key, "mode": "infer", "setting": args.setting, "commit": commit[:12]}]
+        specs = [({"kind": "train", "key": key, "mode": "infer", "setting": args.setting, "commit": refs[0][1][:12]},
+                  refs[0][0])]
         for rep in range(args.reps):
-            variants = args.variants.split(",")
-            for variant in variants if rep % 2 == 0 else variants[::-1]:
-                for mode in args.modes.split(","):
-                    specs.append({"kind": "train", "key": key, "mode": mode, "variant": variant, "setting": args.setting,
-                                  "batches": args.batches, "commit": commit[:12], "rep": rep})
-        for spec in specs:
+            for src, commit in refs if rep % 2 == 0 else refs[::-1]:
+                has_micro = os.path.exists(os.path.join(src, "onnxqat", "train", "micro.py"))
+                for variant in args.variants.split(","):
+                    for mode in args.modes.split(","):
+                        for micro in (micros if has_micro else [None]):
+                            spec = {"kind": "train", "key": key, "mode": mode, "variant": variant,
+                                    "setting": args.setting, "batches": args.batches, "commit": commit[:12], "rep": rep,
+                                    "timed": args.timed}
+                            if micro is not None:
+                                spec["micro"] = micro
+                            specs.append((spec, src))
+        for spec, src in specs:
             result = run_child(spec, src)
             with open(args.results, "a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -304,12 +318,15 @@ def main() -> None:
     c.add_argument("--reps", type=int, default=2)
     c.add_argument("--results", default=os.path.join(WORK, "calib.jsonl"))
     r = sub.add_parser("train")
-    r.add_argument("--ref", default="HEAD")
+    r.add_argument("--ref", default="HEAD", help="commit(s), comma-separated: measured alternately")
     r.add_argument("--models", default="opennsfw")
     r.add_argument("--setting", default="w4a8", choices=sorted(SETTINGS))
     r.add_argument("--modes", default="float,fixed", help="float (quantized=False), fixed, rl")
     r.add_argument("--variants", default="base,noenv,nopattern")
     r.add_argument("--batches", type=int, default=4)
+    r.add_argument("--timed", type=int, default=4, help="warm steps timed one by one after the epoch")
+    r.add_argument("--micros", default="-", help="micro_batch values, comma-separated: 0 automatic, - not passed "
+                                                 "(commits without the option)")
     r.add_argument("--reps", type=int, default=1)
     r.add_argument("--results", default=os.path.join(WORK, "train.jsonl"))
     t = sub.add_parser("table")

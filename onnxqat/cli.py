@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--freeze", action="append", default=[], metavar="NAME",
                    help="initializer or node whose parameters stay fixed (repeatable)")
     t.add_argument("--train-last-n", type=int, default=None, help="train only the last N layers with weights")
+    t.add_argument("--micro-batch", type=int, default=0, metavar="N",
+                   help="samples per training run: each --batch-size batch runs in pieces of at most N, gradients "
+                        "added up exactly (the same steps and updates); 0 (default): the largest size within a "
+                        "memory estimate (about 3x float inference at --batch-size)")
     t.add_argument("--eval", default=None,
                    help="npz scored after calibration and each epoch: agreement with the float model "
                         "(top-1, SQNR), and accuracy when it holds labels")
@@ -211,7 +215,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     from onnxqat.spec import MAX_BITWIDTH, MIN_BITWIDTH
 
     for name, low in (("batch_size", 1), ("epochs", 1), ("max_samples", 1), ("eval_samples", 1),
-                      ("train_last_n", 1), ("keep_16bit", 0), ("seed", 0), ("top_k", 1), ("patience", 1)):
+                      ("train_last_n", 1), ("micro_batch", 0), ("keep_16bit", 0), ("seed", 0), ("top_k", 1), ("patience", 1)):
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
@@ -449,7 +453,7 @@ def _train(args: argparse.Namespace) -> None:
     _check_numbers(args)
     options = {"loss": args.loss, "optimizer": args.optimizer, "lr": args.lr, "range_learning": args.range_learning,
                "output_index": args.output_index, "label_key": args.label_key, "target_key": args.target_key,
-               "freeze": tuple(args.freeze), "train_last_n": args.train_last_n}
+               "freeze": tuple(args.freeze), "train_last_n": args.train_last_n, "micro_batch": args.micro_batch}
     TrainOptions(**options)  # every training option checked before any work
     inputs = _inputs(args, "model", "data", "calib", "eval")
     _check_outputs(args, inputs, _export_names(args.prefix), args.checkpoint_dir)
@@ -482,8 +486,19 @@ def _train(args: argparse.Namespace) -> None:
             print(f"lr: {trainer.options.lr:g} (the default at this activation bitwidth; --lr to change)")
         if evaluation is not None:
             print("calibrated (PTQ) " + _metrics_line(trainer.evaluate(evaluation)), flush=True)
+        told: list[int] = []
+
+        def on_epoch(stats: Any) -> None:
+            micro = trainer.micro_batch
+            if not told and micro is not None and micro < args.batch_size:
+                told.append(micro)
+                how = "--micro-batch" if args.micro_batch else "chosen from a memory estimate; --micro-batch to change"
+                print(f"micro-batches: {micro} samples a run, gradients of each --batch-size {args.batch_size} "
+                      f"step added up ({how})")
+            print(stats.line(), flush=True)
+
         trainer.fit(batches, epochs=args.epochs, eval_batches=evaluation, checkpoint_dir=args.checkpoint_dir,
-                    on_epoch=lambda stats: print(stats.line(), flush=True))
+                    on_epoch=on_epoch)
     _export(sim, args)
 
 

@@ -111,7 +111,8 @@ def worker(job: str, out: str) -> None:
         result["initial"] = {k: sim.float_model.graph.initializers[k].const_value.numpy().tolist()
                              for k in sim.float_model.graph.initializers}
         ckpt = os.path.join(os.path.dirname(out), "ckpt")
-        with sim.trainer(loss="cross_entropy", lr=1e-3, threads=1) as trainer:
+        micro = {"micro_batch": 6} if job == "train-micro" else {}  # pieces 6, 6, 4 per rank; 6 x 5 + 2 alone
+        with sim.trainer(loss="cross_entropy", lr=1e-3, threads=1, **micro) as trainer:
             if job == "train-die":  # rank 1 is killed after epoch 1: its checkpoint stays good
                 def die(stats) -> None:  # type: ignore[no-untyped-def]
                     if w.rank == 1 and stats.epoch == 1:
@@ -198,8 +199,11 @@ def _both(job: str, tmp_path) -> tuple[dict, dict]:  # type: ignore[no-untyped-d
 
 
 @needs_mpi
-def test_two_ranks_of_16_train_like_one_process_of_32(tmp_path):
-    one, two = _both("train", tmp_path)
+@pytest.mark.parametrize("job", ["train", "train-micro"])
+def test_two_ranks_of_16_train_like_one_process_of_32(tmp_path, job):
+    """Also in micro-batches within each rank (the gradients of a rank's pieces add up before the
+    all-reduce averages the ranks)."""
+    one, two = _both(job, tmp_path)
     assert one["weights"].keys() == two["weights"].keys()
     moved = 0.0
     for name, w1 in one["weights"].items():

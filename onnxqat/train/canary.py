@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CanaryResult", "locate_crash", "run_canary"]
+__all__ = ["CanaryResult", "gradient_nodes", "locate_crash", "run_canary"]
 
 _SPEC = "canary.json"
 _BATCH = "batch.npz"
@@ -44,13 +44,16 @@ def run_canary(
     weight_decay: float,
     batch: Mapping[str, np.ndarray],
     threads: int | None = None,
+    *,
+    step: bool = True,
 ) -> CanaryResult:
-    """Generate the artifacts in ``work_dir`` and run one step on ``batch``, in a child process."""
+    """Generate the artifacts in ``work_dir`` and run one step on ``batch`` (``step=False``: the
+    artifacts only), in a child process."""
     with open(os.path.join(work_dir, _FORWARD), "wb") as f:
         f.write(forward)
     with open(os.path.join(work_dir, _SPEC), "w", encoding="utf-8") as f:
         json.dump({"requires_grad": list(requires_grad), "optimizer": optimizer, "weight_decay": weight_decay,
-                   "threads": threads}, f)
+                   "threads": threads, "step": step}, f)
     np.savez(os.path.join(work_dir, _BATCH), **{k: np.asarray(v) for k, v in batch.items()})  # type: ignore[arg-type]  # numpy's stub: **arrays might fill allow_pickle
     proc = _child("run", work_dir)
     result = _read_result(work_dir)
@@ -84,6 +87,14 @@ def locate_crash(work_dir: str) -> tuple[int, str, str] | None:
     info = _child("describe", work_dir, str(hi - 1)).stdout.strip().splitlines()
     name, op_type = (info[-1].split("\t") + ["?", "?"])[:2] if info else ("?", "?")
     return hi - 1, name, op_type
+
+
+def gradient_nodes(work_dir: str) -> list[tuple[str, list[str]]]:
+    """``(name, input names)`` of every node of the training graph generated in ``work_dir``."""
+    import onnx
+
+    model = onnx.load(os.path.join(work_dir, "training_model.onnx"), load_external_data=False)
+    return [(node.name, list(node.input)) for node in model.graph.node]
 
 
 # -- parent helpers ----------------------------------------------------------------------------
@@ -152,6 +163,9 @@ def _child_run(work_dir: str) -> int:
     except Exception as e:  # onnxruntime raises plain RuntimeErrors/ValidationErrors here
         _write_result(work_dir, ok=False, stage="artifacts", error=_ort_message(e))
         return 3
+    if not spec.get("step", True):
+        _write_result(work_dir, ok=True, stage="done", loss=None)
+        return 0
     _write_result(work_dir, ok=False, stage="step")
     try:
         state = api.CheckpointState.load_checkpoint(os.path.join(work_dir, "checkpoint"))

@@ -120,6 +120,9 @@ class TrainingGraph:
         binary: The loss is binary cross-entropy on the prediction (logits) with float labels in
             [0, 1] of the prediction's shape.
         sigmoid: The model output is ``Sigmoid(prediction)`` (else the prediction is the output).
+        weight_input: Graph input of the per-sample loss weights (shape ``[N]``, axis 0 of the
+            prediction): the loss is ``sum_i w_i * mean(loss of sample i)``; ``1/N`` each is the
+            mean over the batch, padding rows of a micro-batch get 0.
     """
 
     model: ir.Model
@@ -133,6 +136,7 @@ class TrainingGraph:
     decomposed: Mapping[str, str] = dataclasses.field(default_factory=dict)
     binary: bool = False
     sigmoid: bool = False
+    weight_input: str = ""
 
 
 def lower_for_training(
@@ -182,6 +186,7 @@ class _Lowering:
         self.range_params: list[RangeParams] = []
         self.stats: set[str] = set()
         self.decomposed: dict[str, str] = {}
+        self.weight_input = ""
         self.source = loss_source(float_model, loss)
 
     # -- activations -----------------------------------------------------------------------------
@@ -517,20 +522,26 @@ class _Lowering:
         feeds: dict[str, str] = {}
         teacher = None
         rank = source.rank
+        # the loss is a weighted sum of per-sample means, weights fed per batch (1/N each for the
+        # mean over a batch of N; 1/N and 0 for the rows of a micro-batch and its padding)
+        weight = self.new_input("sample_weight", ir.DataType.FLOAT,
+                                ir.Shape([logits.shape[0] if logits.shape is not None and len(logits.shape) else "batch"]))
+        self.weight_input = name_of(weight)
         if self.loss.kind == "cross_entropy" and source.binary:
             labels = self.new_input(self.loss.label_key, ir.DataType.FLOAT, logits.shape)
             feeds[name_of(labels)] = self.loss.label_key
-            loss = b.op("ReduceMean", [_binary_cross_entropy(b, logits, labels)], "loss", keepdims=0)
+            loss = self.weighted_mean(_binary_cross_entropy(b, logits, labels), rank, weight)
         elif self.loss.kind == "cross_entropy":
             labels = self.new_input(self.loss.label_key, ir.DataType.INT64, ir.Shape([f"d{i}" for i in range(rank - 1)]))
             feeds[name_of(labels)] = self.loss.label_key
             scores = _move_axis_to_1(b, logits, source.class_axis, rank, "loss")
-            loss = b.op("SoftmaxCrossEntropyLoss", [scores, labels], "loss", outputs=2, reduction="mean")
+            elements = b.op("SoftmaxCrossEntropyLoss", [scores, labels], "loss", outputs=2, reduction="none")
+            loss = self.weighted_mean(elements, rank - 1, weight)
         elif self.loss.kind == "mse":
             target = self.new_input(self.loss.target_key, logits.dtype, logits.shape)
             feeds[name_of(target)] = self.loss.target_key
             diff = b.op("Sub", [logits, target], "loss")
-            loss = b.op("ReduceMean", [b.op("Mul", [diff, diff], "loss")], "loss", keepdims=0)
+            loss = self.weighted_mean(b.op("Mul", [diff, diff], "loss"), rank, weight)
         else:
             teacher_value = self.new_input("teacher", logits.dtype, logits.shape)
             teacher = teacher_value.name
@@ -541,7 +552,7 @@ class _Lowering:
                 teacher_log = b.op("LogSoftmax", [b.op("Div", [teacher_value, temp], "loss")], "loss", axis=source.class_axis)
                 gap = b.op("Mul", [b.op("Exp", [teacher_log], "loss"), b.op("Sub", [teacher_log, student], "loss")], "loss")
                 per_sample = b.reduce_sum(gap, source.class_axis, "loss")
-                loss = b.op("Mul", [b.op("ReduceMean", [per_sample], "loss", keepdims=0),
+                loss = b.op("Mul", [self.weighted_mean(per_sample, rank - 1, weight),
                                     b.const(float(self.loss.temperature) ** 2, name="t2")], "loss")
             elif source.sigmoid:
                 # T^2 * KL(Bernoulli(sigmoid(teacher / T)) || Bernoulli(sigmoid(student / T))) per
@@ -557,7 +568,7 @@ class _Lowering:
                                     b.const(float(self.loss.temperature) ** 2, name="t2")], "loss")
             else:
                 diff = b.op("Sub", [logits, teacher_value], "loss")
-                loss = b.op("ReduceMean", [b.op("Mul", [diff, diff], "loss")], "loss", keepdims=0)
+                loss = self.weighted_mean(b.op("Mul", [diff, diff], "loss"), rank, weight)
         loss.dtype = ir.DataType.FLOAT
         loss.shape = ir.Shape([])
         graph = self.model.graph
@@ -569,6 +580,18 @@ class _Lowering:
             prediction.type, prediction.shape = logits.type, logits.shape
         graph.outputs.append(prediction)
         return loss, prediction, feeds, teacher
+
+    def weighted_mean(self, elements: ir.Value, rank: int, weight: ir.Value) -> ir.Value:
+        """``sum_i weight_i * mean(elements[i])``: the mean over each sample's elements (axis 0 is
+        the sample), weighted per sample; the mean over the batch when every weight is 1/N."""
+        b = self.b
+        if rank > 1:
+            axes = list(range(1, rank))
+            if b.opset >= 18:
+                elements = b.op("ReduceMean", [elements, b.const(np.asarray(axes), np.int64, "axes")], "loss", keepdims=0)
+            else:
+                elements = b.op("ReduceMean", [elements], "loss", axes=axes, keepdims=0)
+        return b.op("ReduceSum", [b.op("Mul", [elements, weight], "loss")], "loss", keepdims=0)
 
     def new_input(self, name: str, dtype: ir.DataType | None, shape: ir.Shape | None) -> ir.Value:
         value = ir.Value(name=self.b.names.fresh(name), type=ir.TensorType(dtype or ir.DataType.FLOAT), shape=shape)
@@ -645,7 +668,7 @@ class _Lowering:
         remove_dead_nodes(self.model.graph)
         self.model.graph.sort()
         for value in self.model.graph.inputs:
-            if value.name not in feeds and value.name != teacher:
+            if value.name not in feeds and value.name not in (teacher, self.weight_input):
                 feeds[name_of(value)] = name_of(value)
         trainable = self.trainable(loss)
         if not trainable:
@@ -662,6 +685,7 @@ class _Lowering:
             decomposed=self.decomposed,
             binary=self.source.binary,
             sigmoid=self.source.sigmoid,
+            weight_input=self.weight_input,
         )
 
 

@@ -69,6 +69,11 @@ class TrainOptions:
         threads: onnxruntime intra-op threads (None: onnxruntime's choice).
         quantized: False trains the float model without any quantizer (a baseline for benchmarks).
         device: ``cpu``, or ``cuda`` (onnxruntime-training's CUDA provider, in a GPU build).
+        micro_batch: Samples per training run: each optimizer batch runs in pieces of at most this
+            many samples whose gradients add up exactly to the batch's (the same steps and updates;
+            :mod:`onnxqat.train.micro`). None or 0 (default): chosen from a memory estimate, the
+            largest size whose training step stays within :data:`~onnxqat.train.micro.TRAIN_BUDGET`
+            times float inference at the batch.
     """
 
     loss: Loss = Loss.CROSS_ENTROPY
@@ -86,6 +91,7 @@ class TrainOptions:
     threads: int | None = None
     quantized: bool = True
     device: str = "cpu"
+    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", Loss.parse(self.loss, "loss"))
@@ -101,9 +107,13 @@ class TrainOptions:
         object.__setattr__(self, "freeze", tuple(self.freeze))
         if not all(isinstance(n, str) for n in self.freeze):
             raise ConfigError("freeze must be a list of initializer or node names")
-        for name, value, low in (("train_last_n", self.train_last_n, 1), ("threads", self.threads, 1)):
+        if self.micro_batch == 0 and not isinstance(self.micro_batch, bool):
+            object.__setattr__(self, "micro_batch", None)  # 0: chosen from memory, as None
+        for name, value, low in (("train_last_n", self.train_last_n, 1), ("threads", self.threads, 1),
+                                 ("micro_batch", self.micro_batch, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+                low_text = "0 (0: automatic)" if name == "micro_batch" else str(low)
+                raise ConfigError(f"{name} must be an integer >= {low_text}, got {value!r}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if isinstance(self.output_index, bool) or not isinstance(self.output_index, int):

@@ -15,6 +15,11 @@ it), in a folder the trainer owns. The artifacts are generated and one step is r
 process first (:mod:`onnxqat.train.canary`), so a crash of the training runtime becomes an error
 naming the node. Batches of another shape than the first are skipped when they are only shorter
 (the usual last partial batch; counted in the epoch's stats) and refused otherwise.
+
+An optimizer batch may run as several smaller training runs (``micro_batch``;
+:mod:`onnxqat.train.micro`): the graph and the canary then have the micro-batch's shape, the
+gradients of the runs add up to the batch's, and each step's loss and accuracy are still those of
+the whole batch.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -38,7 +44,7 @@ from onnxqat import distributed, pipeline
 from onnxqat.backend import providers, require_training
 from onnxqat.calibrate.schemes import Scheme
 from onnxqat.data import count_batches, input_signature, validate_feed
-from onnxqat.errors import ConfigError, DataError, ModelError, OutputError
+from onnxqat.errors import ConfigError, DataError, ModelError, OnnxQatError, OutputError
 from onnxqat.evaluate import accuracy, agreement, check_labels
 from onnxqat.graph import name_of
 from onnxqat.passes.expose import ExposeValuesPass
@@ -46,8 +52,10 @@ from onnxqat.passes.shapes import ConcreteShapesPass
 from onnxqat.pipeline import SimState
 from onnxqat.plan import QuantPlan
 from onnxqat.progress import Progress
-from onnxqat.train.canary import locate_crash, run_canary
+from onnxqat.train.canary import gradient_nodes, locate_crash, run_canary
 from onnxqat.train.lower import LossSpec, RangeParams, TrainingGraph, lower_for_training
+from onnxqat.train.micro import (choose_micro_batch, forward_bytes, inference_bytes, pad_rows, piece_sizes, saved_bytes,
+                                 take_rows)
 from onnxqat.train.options import MIN_STEPS, TrainOptions, default_lr, lowest_activation_bitwidth
 from onnxqat.train.ort_training import training_modules
 from onnxqat.train.sessions import EvalSession, release_free_memory, session_options
@@ -178,7 +186,9 @@ class QATTrainer:
                 os.makedirs(self.work_dir, exist_ok=True)
             except OSError as e:
                 raise OutputError(f"{self.work_dir}: cannot create the training folder: {e.strerror or e}") from None
-        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None  # of an optimizer batch
+        self.micro_batch: int | None = None  # samples per training run, set when the graph is built
+        self._axes: dict[str, int | None] = {}
         self._state: Any = None
         self._module: Any = None
         self._optimizer: Any = None
@@ -248,22 +258,83 @@ class QATTrainer:
         return self._module is not None
 
     def _build(self, batch: Mapping[str, Any]) -> None:
-        """Training graph with the shapes of ``batch``; artifacts and one step in a child first."""
+        """Training graph with the shapes of ``batch`` (of one micro-batch of it); artifacts and one
+        step in a child first."""
         feed = validate_feed(batch, self._signature, where="training data: batch 0")
+        rows = self._rows(feed)
+        micro = self._micro_size(batch, feed, rows)
+        first = batch if micro == rows else take_rows(batch, rows, 0, micro)
+        graph, unresolved, _ = self._lower_concrete(validate_feed(first, self._signature, where="training data: batch 0"))
+        out = graph.model.graph.outputs[1].shape
+        if micro < rows and (out is None or not len(out) or out[0] != micro):
+            raise ConfigError(f"micro_batch {micro}: the loss output's axis 0 is not the batch axis (shape "
+                              f"{list(out) if out is not None else '?'} for {micro} samples); use micro_batch >= the "
+                              "batch size")
+        self.graph = graph
+        self.micro_batch = micro
+        self._shapes = {name: tuple(np.shape(v)) for name, v in feed.items()}
+        values = self._values(first, rows=rows) if micro < rows else self._values(first)
+        result = run_canary(self.work_dir, ir.to_proto(graph.model).SerializeToString(), graph.trainable,
+                            self.options.optimizer.value, self.options.weight_decay, values, self.options.threads)
+        if not result["ok"]:
+            self._shapes = None
+            raise ModelError(self._canary_error(result, unresolved))
+        self._open(self._path("checkpoint"))
+
+    def _lower_concrete(self, feed: Mapping[str, np.ndarray]) -> tuple[TrainingGraph, Sequence[str], ir.Model]:
+        """The training graph with the shapes of ``feed``, the tensors left symbolic, and the
+        float model with those shapes."""
         concrete = self.initial.float_model.clone()
         found = ConcreteShapesPass(feed)(concrete)
         graph = self._lower(concrete)
         if graph.trainable != self.graph.trainable:  # the same graph, with static shapes
             raise ModelError("the training graph with concrete shapes trains other tensors than without; "
                              "report this model")
-        self.graph = graph
-        values = self._values(batch)
-        result = run_canary(self.work_dir, ir.to_proto(graph.model).SerializeToString(), graph.trainable,
-                            self.options.optimizer.value, self.options.weight_decay, values, self.options.threads)
+        return graph, found.unresolved, concrete
+
+    @staticmethod
+    def _rows(feed: Mapping[str, np.ndarray]) -> int:
+        first = next(iter(feed.values()), None)
+        return int(first.shape[0]) if first is not None and first.ndim else 1
+
+    def _micro_size(self, batch: Mapping[str, Any], feed: Mapping[str, np.ndarray], rows: int) -> int:
+        """Samples per training run for optimizer batches of ``rows`` (options.micro_batch, else
+        the memory estimate of :mod:`onnxqat.train.micro`); ``rows`` when the batch cannot be split
+        on axis 0 (an input without ``rows`` rows there, a batch axis other than 0)."""
+        wanted = self.options.micro_batch
+        if wanted is not None and wanted >= rows:
+            return rows
+        splittable = rows > 1 and all(np.ndim(v) and np.shape(v)[0] == rows for v in feed.values()) and \
+            all(axis == 0 for axis in self._axes.values())
+        if not splittable:
+            if wanted is not None:
+                raise ConfigError(f"micro_batch {wanted}: the training batches cannot be split on axis 0 (every model "
+                                  f"input needs its {rows} samples there); use micro_batch >= the batch size")
+            return rows
+        if wanted is not None:
+            return piece_sizes(rows, wanted)[0]
+        # the estimate, per sample: the training graph of one sample, its gradient graph generated
+        # in a child (no step is run), and the float model's inference at one sample
+        one = validate_feed(take_rows(batch, rows, 0, 1), self._signature, where="training data: batch 0")
+        try:
+            graph, _, concrete = self._lower_concrete(one)
+        except OnnxQatError:
+            return rows  # reported by the build at the whole batch
+        out = graph.model.graph.outputs[1].shape
+        if out is None or not len(out) or out[0] != 1:
+            return rows  # the loss output's axis 0 is not the samples': not split
+        inference = inference_bytes(concrete, rows)
+        if choose_micro_batch(rows, inference, forward_bytes(graph.model)) == rows:
+            return rows  # even every forward value of the batch fits: no gradient graph needed
+        folder = self._path("estimate")
+        os.makedirs(folder, exist_ok=True)
+        result = run_canary(folder, ir.to_proto(graph.model).SerializeToString(), graph.trainable,
+                            self.options.optimizer.value, self.options.weight_decay, {}, self.options.threads, step=False)
         if not result["ok"]:
-            raise ModelError(self._canary_error(result, found.unresolved))
-        self._shapes = {name: tuple(np.shape(v)) for name, v in feed.items()}
-        self._open(self._path("checkpoint"))
+            return rows
+        kept = saved_bytes(graph.model, gradient_nodes(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+        return choose_micro_batch(rows, inference, kept)
 
     def _canary_error(self, result: Mapping[str, Any], unresolved: Sequence[str]) -> str:
         if result.get("signal"):
@@ -377,6 +448,7 @@ class QATTrainer:
             raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
         folder = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
         if self._module is None:
+            self._axes = dict(getattr(train_batches, "axes", None) or {})
             first = next(iter(train_batches), None)
             if first is None:
                 raise DataError("training data: no batches")
@@ -476,8 +548,12 @@ class QATTrainer:
         check_binary_labels(labels, where=where, key=key, output=output, sigmoid=self.graph.sigmoid)
         return labels
 
-    def _values(self, batch: Mapping[str, Any], index: int = 0) -> dict[str, np.ndarray]:
-        """Every input of the training graph for one batch (model inputs, labels, targets, teacher)."""
+    def _values(self, batch: Mapping[str, Any], index: int = 0, *, rows: int | None = None,
+                real: int | None = None) -> dict[str, np.ndarray]:
+        """Every input of the training graph for one run (model inputs, labels, targets, teacher,
+        sample weights): a whole batch (``rows`` None: every sample weighted ``1/N``), or a piece
+        of an optimizer batch of ``rows`` samples whose first ``real`` rows are samples (weighted
+        ``1/rows``) and the rest padding (weighted 0)."""
         where = f"training data: batch {index}"
         feed = validate_feed(batch, self._signature, where=where)
         n = next(iter(feed.values())).shape[0] if feed else 0
@@ -499,6 +575,13 @@ class QATTrainer:
                 extra[graph_input] = np.asarray(batch[key], dtype=np.float32)
         if self.graph.teacher_input is not None and self.graph.teacher_source is not None:
             extra[self.graph.teacher_input] = self._float_session().run(feed, [self.graph.teacher_source])[0]
+        if self.graph.weight_input:
+            shape = next(v.shape for v in self.graph.model.graph.inputs if v.name == self.graph.weight_input)
+            size = shape[0] if shape is not None and isinstance(shape[0], int) else n
+            weight = np.full(size, 1.0 / size if rows is None else 1.0 / rows, np.float32)
+            if rows is not None and real is not None:
+                weight[real:] = 0.0
+            extra[self.graph.weight_input] = weight
         values = {**feed, **extra}
         self._check_labels_range(values)
         return values
@@ -516,19 +599,53 @@ class QATTrainer:
             raise DataError(f"training data: labels '{self.loss.label_key}' range over [{int(labels.min())}, "
                             f"{int(labels.max())}] but the model output has {classes} classes")
 
-    def _feed(self, batch: Mapping[str, Any], index: int) -> tuple[list[np.ndarray], np.ndarray | None] | None:
-        values = self._values(batch, index)
+    def _feed(self, batch: Mapping[str, Any], index: int) -> list[tuple[list[np.ndarray], np.ndarray | None, int]] | None:
+        """The training runs of one optimizer batch: ``(inputs, labels, real rows)`` per piece of
+        :attr:`micro_batch` samples (one run when it is the batch size), labels and real rows
+        without the padding; None for a batch shorter than the training graph's (skipped)."""
+        feed = validate_feed(batch, self._signature, where=f"training data: batch {index}")
         if self._shapes is not None:
             for name, shape in self._shapes.items():
-                got = np.shape(values[name])
+                got = np.shape(feed[name])
                 if got != shape:
                     if len(got) == len(shape) and got[1:] == shape[1:] and got[0] < shape[0]:
                         return None  # a shorter (last) batch: the training graph has a fixed batch size
                     raise DataError(f"training data: batch {index}: input '{name}' has shape {list(got)}, the "
                                     f"training graph was built for {list(shape)} (all batches need one shape)")
+        rows = self._rows(feed)
         label_input = next((g for g, k in self.graph.feeds.items() if k == self.loss.label_key), None)
-        labels = values.get(label_input) if label_input is not None else None
-        return [values[name] for name in self._inputs], labels
+        micro = self.micro_batch if self.micro_batch is not None else rows
+        if micro >= rows:
+            values = self._values(batch, index)
+            labels = values.get(label_input) if label_input is not None else None
+            return [([values[name] for name in self._inputs], labels, rows)]
+        runs = []
+        start = 0
+        for size in piece_sizes(rows, micro):
+            piece = pad_rows(take_rows(batch, rows, start, start + size), size, micro)
+            values = self._values(piece, index, rows=rows, real=size)
+            labels = values.get(label_input) if label_input is not None else None
+            runs.append(([values[name] for name in self._inputs], labels[:size] if labels is not None else None, size))
+            start += size
+        return runs
+
+    def _run(self, runs: Sequence[tuple[list[np.ndarray], np.ndarray | None, int]]) -> tuple[float, np.ndarray]:
+        """Forward and backward of every run of one optimizer batch (gradients add up in the
+        runtime's buffers): the batch's loss (the runs' sum) and prediction (padding left out)."""
+        loss = 0.0
+        predictions = []
+        for inputs, _, real in runs:
+            part, prediction = self._module(*inputs)
+            loss += float(part)
+            predictions.append(np.asarray(prediction)[:real] if len(runs) > 1 else np.asarray(prediction))
+        return loss, predictions[0] if len(predictions) == 1 else np.concatenate(predictions)
+
+    @staticmethod
+    def _labels_of(runs: Sequence[tuple[list[np.ndarray], np.ndarray | None, int]]) -> np.ndarray | None:
+        labels = [r[1] for r in runs]
+        if any(label is None for label in labels):
+            return None
+        return labels[0] if len(labels) == 1 else np.concatenate([np.asarray(label) for label in labels])
 
     def _labels_rank(self) -> int:
         return max(1, self._source_rank() - 1)
@@ -544,13 +661,12 @@ class QATTrainer:
         if fed is None:
             raise DataError(f"batch: shorter than the training graph's batch shape {self._shapes}")
         self._module.train()
-        loss, prediction = self._module(*fed[0])
-        loss = float(loss)
+        loss, prediction = self._run(fed)
         if not math.isfinite(loss):
             raise DataError(f"training diverged: loss is {loss}; lower the learning rate")
         self._optimizer.step()
         self._module.lazy_reset_grad()
-        return StepResult(loss, np.asarray(prediction))
+        return StepResult(loss, prediction)
 
     def _train_epoch(self, batches: Iterable[Mapping[str, Any]], epoch: int,
                      progress: bool | None) -> tuple[float, float | None, int, int, tuple[float | None, float | None, str | None]]:
@@ -570,12 +686,11 @@ class QATTrainer:
                 if sync is not None:
                     sync.step(None)
                 continue
-            inputs, labels = fed
-            loss, prediction = self._module(*inputs)
-            loss = float(loss)
+            loss, prediction = self._run(fed)
+            labels = self._labels_of(fed)
             if not math.isfinite(loss):
                 raise DataError(f"training diverged: loss is {loss} at epoch {epoch + 1}, batch {i}; lower the learning rate")
-            n = len(inputs[0]) if np.ndim(inputs[0]) else 1
+            n = sum(real for _, _, real in fed)
             if sync is not None:  # gradients averaged over the ranks in place; the loss is their mean
                 mean = sync.step(loss, n)
                 if mean is None:  # some rank had a short batch: no rank steps
@@ -612,7 +727,7 @@ class QATTrainer:
         if fed is None:
             raise DataError("batch: shorter than the training graph's batch shape")
         self._module.train()
-        loss, _ = self._module(*fed[0])
+        loss, _ = self._run(fed)
         grads = {name: np.array(self._state.parameters[name].grad) for name in self.graph.trainable}
         self._module.lazy_reset_grad()
         return float(loss), grads
@@ -624,8 +739,8 @@ class QATTrainer:
         if fed is None:
             raise DataError("batch: shorter than the training graph's batch shape")
         self._module.eval()
-        _, prediction = self._module(*fed[0])
-        return np.asarray(prediction)
+        _, prediction = self._run(fed)
+        return prediction
 
     # -- results -----------------------------------------------------------------------------------
     def trained_parameters(self) -> dict[str, np.ndarray]:
