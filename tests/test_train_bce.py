@@ -239,6 +239,12 @@ def test_distillation_on_a_sigmoid_map_is_the_bernoulli_kl_on_the_logits():
             warnings.simplefilter("ignore")
             history = trainer.fit(batches, epochs=6, progress=False)
     assert history[-1].loss < history[0].loss
+    # in micro-batches of 3 (a piece of 3, then 1 row padded to 3 at weight 0), from the same start:
+    # the same first step
+    fresh = QuantizationSimModel(model, param_bw=4, activation_bw=4)
+    fresh.compute_encodings(batches, progress=False)
+    with fresh.trainer(loss="distill", lr=3e-2, temperature=temperature, micro_batch=3) as trainer:
+        assert trainer.step(batches[0]).loss == pytest.approx(result.loss, rel=1e-5)
 
 
 def onnx_array(initializer):

@@ -557,14 +557,14 @@ class _Lowering:
             elif source.sigmoid:
                 # T^2 * KL(Bernoulli(sigmoid(teacher / T)) || Bernoulli(sigmoid(student / T))) per
                 # element: the binary cross-entropies of both logits against the teacher's
-                # probabilities, in their stable form; averaged over all elements
+                # probabilities, in their stable form; averaged over all elements (per sample, then weighted)
                 temp = b.const(float(self.loss.temperature), name="temperature")
                 student = b.op("Div", [logits, temp], "loss")
                 teacher_logits = b.op("Div", [teacher_value, temp], "loss")
                 target = b.op("Sigmoid", [teacher_logits], "loss")
                 gap = b.op("Sub", [_binary_cross_entropy(b, student, target),
                                    _binary_cross_entropy(b, teacher_logits, target)], "loss")
-                loss = b.op("Mul", [b.op("ReduceMean", [gap], "loss", keepdims=0),
+                loss = b.op("Mul", [self.weighted_mean(gap, rank, weight),
                                     b.const(float(self.loss.temperature) ** 2, name="t2")], "loss")
             else:
                 diff = b.op("Sub", [logits, teacher_value], "loss")
