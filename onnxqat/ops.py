@@ -39,7 +39,9 @@ __all__ = [
     "Reason",
     "WeightSlot",
     "channel_axis",
+    "PAD_DEPTHWISE",
     "UNALIGNED_DEPTHWISE",
+    "ChannelPadRule",
     "FloatKernelRule",
     "constant_operand",
     "float_kernel",
@@ -384,6 +386,29 @@ UNALIGNED_DEPTHWISE = FloatKernelRule(
     "onnxruntime's x86 QLinearConv takes its symmetric depthwise kernel only for channel counts that are "
     "multiples of 16, else a generic kernel (measured 5.8x its float Conv on PP-LCNet's depthwise layers): "
     "weight kept float, the Conv runs in float between its input's DQ and its output's Q")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelPadRule:
+    """Depthwise convolutions padded to a channel multiple at their producers on a target
+    (:attr:`onnxqat.target.Target.pad_depthwise`, :mod:`onnxqat.passes.pad_channels`).
+
+    Attributes:
+        rule_id: Stable id (the prefix of the ``pad.*`` reasons of the convolutions left unpadded).
+        multiple: The channel multiple the target's integer depthwise kernel needs.
+        reason: Why (the measurement behind the rule).
+    """
+
+    rule_id: str
+    multiple: int
+    reason: str
+
+
+PAD_DEPTHWISE = ChannelPadRule(
+    "pad.depthwise", 16,
+    "onnxruntime's x86 QLinearConv takes its symmetric depthwise kernel only for channel counts that are "
+    "multiples of 16: zero filters in the producing convolutions and zero weights in the reading ones give "
+    "the depthwise convolution 16k channels, every real channel unchanged, no Pad or Slice")
 
 
 def float_kernel(node: ir.Node, rules: tuple[FloatKernelRule, ...]) -> Reason | None:

@@ -38,7 +38,7 @@ import types
 from collections.abc import Mapping
 
 from onnxqat.errors import ConfigError
-from onnxqat.ops import UNALIGNED_DEPTHWISE, FloatKernelRule
+from onnxqat.ops import PAD_DEPTHWISE, UNALIGNED_DEPTHWISE, ChannelPadRule, FloatKernelRule
 
 __all__ = ["TARGETS", "Target", "detect_target", "resolve_target"]
 
@@ -55,6 +55,8 @@ class Target:
         default_config: Placement preset used when the user gives no config.
         float_kernels: Nodes whose integer kernel there is slower than float: their weights stay
             float, so they run their float kernel between quantized activations.
+        pad_depthwise: Depthwise convolutions padded to the rule's channel multiple when the model is
+            prepared (before ``float_kernels`` apply: a padded one no longer takes the slow kernel).
     """
 
     name: str
@@ -62,13 +64,15 @@ class Target:
     pair_limit: int | None
     default_config: str
     float_kernels: tuple[FloatKernelRule, ...] = ()
+    pad_depthwise: ChannelPadRule | None = None
 
 
 TARGETS: Mapping[str, Target] = types.MappingProxyType({
     t.name: t for t in (
         Target("x86-avx2", "x86 without VNNI: U8S8 kernels add weight pairs in saturating 16-bit lanes; "
-               "8-bit weights kept pair-safe", 128, "onnxruntime", (UNALIGNED_DEPTHWISE,)),
-        Target("x86-vnni", "x86 with VNNI: 32-bit integer accumulation", None, "onnxruntime", (UNALIGNED_DEPTHWISE,)),
+               "8-bit weights kept pair-safe", 128, "onnxruntime", (UNALIGNED_DEPTHWISE,), PAD_DEPTHWISE),
+        Target("x86-vnni", "x86 with VNNI: 32-bit integer accumulation", None, "onnxruntime", (UNALIGNED_DEPTHWISE,),
+               PAD_DEPTHWISE),
         Target("arm64", "ARM64: 32-bit integer accumulation", None, "onnxruntime"),
         Target("htp", "Qualcomm HTP (QNN/SNPE): 32-bit accumulation, every op output quantized", None, "aimet"),
     )
