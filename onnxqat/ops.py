@@ -40,6 +40,8 @@ __all__ = [
     "WeightSlot",
     "channel_axis",
     "PAD_DEPTHWISE",
+    "POOLED_LINEAR",
+    "LayoutRule",
     "UNALIGNED_DEPTHWISE",
     "ChannelPadRule",
     "FloatKernelRule",
@@ -409,6 +411,28 @@ PAD_DEPTHWISE = ChannelPadRule(
     "onnxruntime's x86 QLinearConv takes its symmetric depthwise kernel only for channel counts that are "
     "multiples of 16: zero filters in the producing convolutions and zero weights in the reading ones give "
     "the depthwise convolution 16k channels, every real channel unchanged, no Pad or Slice")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutRule:
+    """A rewrite of the prepared graph into an equivalent one that a target's runtime lays out
+    better (:attr:`onnxqat.target.Target.layout_rules`).
+
+    Attributes:
+        rule_id: Stable id.
+        reason: Why (the measurement behind the rule).
+    """
+
+    rule_id: str
+    reason: str
+
+
+POOLED_LINEAR = LayoutRule(
+    "layout.pooled_linear",
+    "a Linear on a [N, C, 1, 1] tensor reshaped to [N, C] runs as a 1x1 Conv and a reshape "
+    "(:mod:`onnxqat.passes.pooled_linear`): onnxruntime's channels-last integer chain then reaches the "
+    "pooled result, where a 2-D Linear left a transpose and channels-first ops (PaddleOCR's classifier: "
+    "its uint8 MaxPool 10x slower) in the last block")
 
 
 def float_kernel(node: ir.Node, rules: tuple[FloatKernelRule, ...]) -> Reason | None:

@@ -41,7 +41,7 @@ from onnxqat.encodings import (ENCODINGS_FORMATS, MISSING, Binding, ParsedEncodi
 from onnxqat.errors import ConfigError, EncodingsError, ModelError
 from onnxqat.graph import const_array, name_of
 from onnxqat.io import load_model, save_model
-from onnxqat.ops import ChannelPadRule, Reason
+from onnxqat.ops import POOLED_LINEAR, ChannelPadRule, LayoutRule, Reason
 from onnxqat.outputs import transaction
 from onnxqat.passes.annotate import annotate
 from onnxqat.passes.canonicalize import canonical_passes
@@ -51,6 +51,7 @@ from onnxqat.passes.float16 import Float16Record, Float16ToFloat32Pass, cast_int
 from onnxqat.passes.fold_batchnorm import FoldAffinePass, FoldBatchNormPass, RescaleBatchNormPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
 from onnxqat.passes.pad_channels import PadDepthwiseChannelsPass
+from onnxqat.passes.pooled_linear import PooledLinearAsConvPass
 from onnxqat.plan import ActivationQuantizer, QuantPlan
 from onnxqat.qparams import Encoding, compute_encoding
 from onnxqat.runtime import SEGMENT_NODES, Session, release_if_mapped, serialized_once
@@ -97,7 +98,8 @@ class Prepared:
 
 def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
             fix_inputs: Mapping[str, Any] | None = None, fold_affine: bool = True,
-            rescale_batchnorm: bool = False, pad_depthwise: ChannelPadRule | None = None) -> Prepared:
+            rescale_batchnorm: bool = False, pad_depthwise: ChannelPadRule | None = None,
+            layout_rules: Sequence[LayoutRule] = ()) -> Prepared:
     """Load (if a path) and canonicalise a model; the caller's object or file is never modified.
 
     ``fold_affine`` (with ``fold_batchnorm``) also folds a Mul/Add of constants after a Conv/Gemm
@@ -106,7 +108,9 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
     (:class:`~onnxqat.passes.fold_batchnorm.RescaleBatchNormPass`, the ``aimet`` preset).
 
     ``pad_depthwise`` (the target's :attr:`~onnxqat.target.Target.pad_depthwise`) pads depthwise
-    convolutions to its channel multiple at their producers (:mod:`onnxqat.passes.pad_channels`).
+    convolutions to its channel multiple at their producers (:mod:`onnxqat.passes.pad_channels`);
+    ``layout_rules`` (the target's) rewrite the graph into an equivalent one its runtime lays out
+    better (:data:`onnxqat.ops.POOLED_LINEAR`: :mod:`onnxqat.passes.pooled_linear`).
 
     ``fix_inputs`` makes those inputs constants and folds the control flow that then has a
     constant condition (:mod:`onnxqat.passes.fix_inputs`).
@@ -145,6 +149,8 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
                 break
     if rescale_batchnorm:
         RescaleBatchNormPass()(model)
+    if POOLED_LINEAR in layout_rules:
+        PooledLinearAsConvPass()(model)
     unpadded: Mapping[str, Reason] = {}
     if pad_depthwise is not None:
         unpadded = PadDepthwiseChannelsPass(pad_depthwise.multiple)(model).unpadded

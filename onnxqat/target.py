@@ -38,7 +38,7 @@ import types
 from collections.abc import Mapping
 
 from onnxqat.errors import ConfigError
-from onnxqat.ops import PAD_DEPTHWISE, UNALIGNED_DEPTHWISE, ChannelPadRule, FloatKernelRule
+from onnxqat.ops import PAD_DEPTHWISE, POOLED_LINEAR, UNALIGNED_DEPTHWISE, ChannelPadRule, FloatKernelRule, LayoutRule
 
 __all__ = ["TARGETS", "Target", "detect_target", "resolve_target"]
 
@@ -57,6 +57,8 @@ class Target:
             float, so they run their float kernel between quantized activations.
         pad_depthwise: Depthwise convolutions padded to the rule's channel multiple when the model is
             prepared (before ``float_kernels`` apply: a padded one no longer takes the slow kernel).
+        layout_rules: Rewrites applied when the model is prepared, into an equivalent graph the
+            runtime lays out better (:class:`onnxqat.ops.LayoutRule`).
     """
 
     name: str
@@ -65,14 +67,16 @@ class Target:
     default_config: str
     float_kernels: tuple[FloatKernelRule, ...] = ()
     pad_depthwise: ChannelPadRule | None = None
+    layout_rules: tuple[LayoutRule, ...] = ()
 
 
 TARGETS: Mapping[str, Target] = types.MappingProxyType({
     t.name: t for t in (
         Target("x86-avx2", "x86 without VNNI: U8S8 kernels add weight pairs in saturating 16-bit lanes; "
-               "8-bit weights kept pair-safe", 128, "onnxruntime", (UNALIGNED_DEPTHWISE,), PAD_DEPTHWISE),
+               "8-bit weights kept pair-safe", 128, "onnxruntime", (UNALIGNED_DEPTHWISE,), PAD_DEPTHWISE,
+               (POOLED_LINEAR,)),
         Target("x86-vnni", "x86 with VNNI: 32-bit integer accumulation", None, "onnxruntime", (UNALIGNED_DEPTHWISE,),
-               PAD_DEPTHWISE),
+               PAD_DEPTHWISE, (POOLED_LINEAR,)),
         Target("arm64", "ARM64: 32-bit integer accumulation", None, "onnxruntime"),
         Target("htp", "Qualcomm HTP (QNN/SNPE): 32-bit accumulation, every op output quantized", None, "aimet"),
     )

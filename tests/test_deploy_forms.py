@@ -677,3 +677,65 @@ def test_depthwise_region_that_cannot_be_padded_keeps_its_reason_and_the_float_r
     x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
     sim = calibrated(_blocked(kind), x, target="x86-avx2")
     assert sim.plan.skipped["wd"].rule_id == "kernel.depthwise_unaligned"
+
+
+def pooled_head(flatten="shape", linear="matmul", k=5):
+    """conv -> HardSwish -> MaxPool 2x2 -> GlobalAveragePool -> [N, 16] -> Linear -> Softmax, the
+    classifier head of PP-OCR's direction classifier; the reshape is computed from the pooled
+    tensor's shape (``Concat(Shape(g)[:1], [16])``) or a Flatten."""
+    nodes = [conv("conv1", "x", "w1", "c1", pads=[1, 1, 1, 1]), conv("conv2", "c1", "w2", "c2"),
+             helper.make_node("HardSwish", ["c2"], ["h"], name="hs"),
+             helper.make_node("MaxPool", ["h"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap")]
+    inits = {"w1": weights(16, 3, 3, 3), "w2": weights(16, 16, 1, 1), "fw": weights(16, k), "fb": weights(k)}
+    if flatten == "shape":
+        inits.update(start=np.array([0], np.int64), end=np.array([1], np.int64), cols=np.array([16], np.int64))
+        nodes += [helper.make_node("Shape", ["g"], ["gs"], name="shape"),
+                  helper.make_node("Slice", ["gs", "start", "end"], ["n"], name="batch"),
+                  helper.make_node("Concat", ["n", "cols"], ["rows"], name="rows", axis=0),
+                  helper.make_node("Reshape", ["g", "rows"], ["f"], name="flat")]
+    elif flatten == "rank3":
+        inits["rows"] = np.array([1, -1, 16], np.int64)
+        nodes.append(helper.make_node("Reshape", ["g", "rows"], ["f"], name="flat"))
+    else:
+        nodes.append(helper.make_node("Flatten", ["g"], ["f"], name="flat"))
+    if linear == "matmul":
+        nodes += [helper.make_node("MatMul", ["f", "fw"], ["l"], name="fc"), helper.make_node("Add", ["l", "fb"], ["lb"], name="fc_bias")]
+    else:
+        inits["fw"] = np.ascontiguousarray(inits["fw"].T)
+        nodes.append(helper.make_node("Gemm", ["f", "fw", "fb"], ["lb"], name="fc", transB=1))
+    nodes.append(helper.make_node("Softmax", ["lb"], ["y"], name="softmax", axis=-1))
+    out = tensor("y", [1, "N", k]) if flatten == "rank3" else tensor("y", ["N", k])
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [out], inits, opset=14)
+
+
+@pytest.mark.parametrize("flatten, linear", [("shape", "matmul"), ("flatten", "gemm"), ("flatten", "matmul")])
+def test_linear_on_a_pooled_tensor_becomes_a_1x1_conv_on_x86(flatten, linear):
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32)
+    model = pooled_head(flatten, linear)
+    sim = calibrated(model, x, target="x86-avx2")
+    ops = [n.op_type for n in sim.float_model.graph]
+    assert "MatMul" not in ops and "Gemm" not in ops and ops.count("Conv") == 3 and "Shape" not in ops, ops
+    np.testing.assert_allclose(Session(sim.float_model).run({"x": x})[0], float_run(model, x), rtol=1e-5, atol=1e-6)
+    arm = calibrated(model, x, target="arm64")
+    assert [n.op_type for n in arm.float_model.graph].count("Conv") == 2
+
+
+def test_linear_on_a_pooled_tensor_reshaped_to_rank_3_is_left_as_it_is():
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32)
+    sim = calibrated(pooled_head("rank3"), x, target="x86-avx2")
+    assert "MatMul" in [n.op_type for n in sim.float_model.graph]
+
+
+@pytest.mark.parametrize("target, max_pool", [("x86-avx2", "NhwcMaxPool"), ("arm64", "MaxPool")])
+def test_pooled_linear_as_conv_keeps_the_head_channels_last_and_matches_the_sim(deploy_python, tmp_path, target,
+                                                                                 max_pool):
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32)
+    sim = calibrated(pooled_head(), x, target=target)
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    # onnxruntime runs the uint8 MaxPool channels-last only when the chain after it is channels-last too
+    assert ops.get(max_pool) == 1, ops
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    np.testing.assert_array_equal(got, sim.run({"x": x})[0])
