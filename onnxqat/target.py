@@ -15,11 +15,15 @@ A target states what is exact there:
   same-sign magnitudes of the channel when that is above ``max|w| / 127``. This is exact for every
   pairing the kernel may use and keeps more precision than 7-bit weights (measured 1.0-3.4 dB
   weight SQNR on the demo and PaddleOCR models). Depthwise convolutions use an exact kernel and
-  keep the full grid. A depthwise convolution whose channel count is not a multiple of 16 runs
-  in float (:data:`onnxqat.ops.UNALIGNED_DEPTHWISE`: onnxruntime's generic integer depthwise
-  kernel is several times slower than its float Conv), between quantized activations.
+  keep the full grid. A depthwise convolution whose channel count is not a multiple of 16 is
+  padded to the next multiple when the model is prepared (:data:`onnxqat.ops.PAD_DEPTHWISE`:
+  onnxruntime's generic integer depthwise kernel is several times slower than its symmetric one);
+  one that cannot be padded runs in float (:data:`onnxqat.ops.UNALIGNED_DEPTHWISE`), between
+  quantized activations. A Linear on a pooled ``[N, C, 1, 1]`` tensor is prepared as a 1x1 Conv
+  (:data:`onnxqat.ops.POOLED_LINEAR`).
 * ``x86-vnni``: ``vpdpbusd`` accumulates in 32 bits: full-range int8 weights are exact. The same
-  onnxruntime depthwise kernel choice as ``x86-avx2`` (unaligned depthwise convolutions in float).
+  onnxruntime depthwise kernel choice and layout as ``x86-avx2`` (the same padding, float and
+  layout rules).
 * ``arm64``: widening multiplies / dot-product instructions accumulate in 32 bits.
 * ``htp``: Qualcomm HTP via QNN/SNPE (float model + encodings): 32-bit accumulation; the default
   placement is AIMET's (every op output quantized).

@@ -739,3 +739,16 @@ def test_pooled_linear_as_conv_keeps_the_head_channels_last_and_matches_the_sim(
     with DeployedSession(deploy_python, qdq) as deployed:
         (got,) = deployed.run({"x": x})
     np.testing.assert_array_equal(got, sim.run({"x": x})[0])
+
+
+@pytest.mark.parametrize("build", ["se_block", "pooled_head"])
+def test_sim_rebuilt_from_a_padded_or_rewritten_export_equals_the_sim(tmp_path, build):
+    """The exported model.onnx is the prepared graph: preparing it again changes nothing, so its
+    encodings load onto the same quantizers and the rebuilt sim computes the same integers."""
+    model, x = (se_block(40), rng.normal(size=(8, 4, 8, 8))) if build == "se_block" else \
+        (pooled_head(), rng.normal(size=(8, 3, 8, 8)))
+    x = x.astype(f32)
+    sim = calibrated(model, x, target="x86-avx2")
+    paths = sim.export(tmp_path)
+    rebuilt = QuantizationSimModel(paths["float"], per_channel=True, target="x86-avx2").load_encodings(paths["encodings"])
+    np.testing.assert_array_equal(rebuilt.run({"x": x})[0], sim.run({"x": x})[0])

@@ -11,6 +11,10 @@ channel reads, so every real channel computes what it computed before, in float 
 alike; the graph has no Pad or Slice. The padded graph is the one the sim calibrates and runs, and
 the one deployed.
 
+Calibration observes the padded tensors whole: the extra channels' values (zero, or an
+activation of zero, e.g. a squeeze-excitation gate of 0.5) are inside a min-max range that holds
+zero, and count as a few more samples in a histogram (a percentile moves a little).
+
 A region is padded only when every op in it is per channel (see ``_PER_CHANNEL``) with scalar
 constants, it reaches no graph input or output, and its boundary Convs have constant weights that
 nothing else reads. Otherwise it is left as it is, with its reason (``pad.*`` rule ids), and the
