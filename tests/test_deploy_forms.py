@@ -657,6 +657,9 @@ def _blocked(kind):
         nodes += [helper.make_node("Relu", ["d"], ["dr"], name="relu"), helper.make_node("Mul", ["dr", "k"], ["dk"], name="scale"),
                   conv("project", "dk", "w2", "y")]
         inits["k"] = weights(1, c, 1, 1)
+    elif kind == "divisor":
+        nodes += [helper.make_node("Sigmoid", ["d"], ["dr"], name="gate"), helper.make_node("Div", ["e", "dr"], ["dk"], name="ratio"),
+                  conv("project", "dk", "w2", "y")]
     elif kind == "shared_weight":
         nodes += [conv("project", "d", "w2", "y"), conv("expand2", "x", "w1", "e2")]
     model = make_model(nodes, [tensor("x", ["N", 4, 8, 8])],
@@ -665,7 +668,7 @@ def _blocked(kind):
     return model
 
 
-@pytest.mark.parametrize("kind, rule_id", [("concat", "pad.op"), ("channel_constant", "pad.constant"),
+@pytest.mark.parametrize("kind, rule_id", [("concat", "pad.op"), ("channel_constant", "pad.constant"), ("divisor", "pad.op"),
                                            ("shared_weight", "pad.weight_shared")])
 def test_depthwise_region_that_cannot_be_padded_keeps_its_reason_and_the_float_rule(kind, rule_id):
     from onnxqat import pipeline

@@ -135,6 +135,10 @@ def channel_region(node: ir.Node) -> ChannelRegion | Reason:
             depthwise[id(op)] = op
             data = [op.inputs[0]]
         elif op.op_type in _PER_CHANNEL and op.domain in ("", "ai.onnx"):
+            if sum(1 for v in op.outputs if v.uses() or v.is_graph_output()) > 1:
+                return Reason("pad.op", f"{label}: {op.op_type} '{op.name}' has a second output (indices of the padded shape)")
+            if op.op_type == "Div" and const_array(op.inputs[1]) is None:
+                return Reason("pad.op", f"{label}: Div '{op.name}' divides by a tensor (the extra channels would divide by zero)")
             inner[id(op)] = op
             data = []
             for v in op.inputs:
