@@ -11,9 +11,12 @@ channel reads, so every real channel computes what it computed before, in float 
 alike; the graph has no Pad or Slice. The padded graph is the one the sim calibrates and runs, and
 the one deployed.
 
-Calibration observes the padded tensors whole: the extra channels' values (zero, or an
-activation of zero, e.g. a squeeze-excitation gate of 0.5) are inside a min-max range that holds
-zero, and count as a few more samples in a histogram (a percentile moves a little).
+Calibration observes the padded tensors whole: zeros are inside every min-max range already;
+an activation of zero (a squeeze-excitation gate of 0.5, ``x + 3`` = 3 inside a decomposed
+HardSwish) widens a range only where the real channels do not reach it; in a histogram the extra
+values count as more samples (a percentile moves a little). In training the zero weights see
+zero gradients wherever the extra channels that reach them are zero (the Convs reading a region
+read ``HardSwish(0)``, ``0 x gate``: zero in PP-LCNet and MobileNetV3 blocks).
 
 A region is padded only when every op in it is per channel (see ``_PER_CHANNEL``) with scalar
 constants, it reaches no graph input or output, and its boundary Convs have constant weights that
