@@ -1,7 +1,7 @@
 """A Linear on a globally pooled tensor as a 1x1 Conv (:data:`onnxqat.ops.POOLED_LINEAR`).
 
 ``GlobalAveragePool -> Reshape/Flatten to [N, C] -> MatMul(W) [+ Add(b)]`` (or ``Gemm``) becomes
-``GlobalAveragePool -> Conv(W^T as [K, C, 1, 1], b) -> Reshape to [N, K]``: the same products and
+``GlobalAveragePool -> Conv(W^T as [K, C, 1, 1], b) -> Flatten``: the same products and
 sums per output (the Conv of a 1x1 image is the matrix product), on a 4-D tensor. onnxruntime's
 CPU provider runs its integer convolutions channels-last and moves the layout transposes along
 the per-channel ops between them until they cancel; a chain that ends in a 2-D Linear keeps a
@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxqat.graph import NameScope, const_array, make_initializer, remove_dead_nodes
+from onnxqat.graph import NameScope, const_array, make_initializer, name_of, remove_dead_nodes
 from onnxqat.passes import TypedInPlacePass
 
 __all__ = ["PooledLinearAsConvPass", "PooledLinearAsConvResult"]
@@ -57,8 +57,9 @@ def _attr(node: ir.Node, name: str, default: float) -> float:
     return float(attr.as_float()) if attr.type == ir.AttributeType.FLOAT else float(attr.as_int())
 
 
-def _linear(node: ir.Node, channels: int) -> tuple[np.ndarray, np.ndarray | None, list[ir.Node]] | None:
-    """``(weight [C, K], bias [K] or None, nodes of the Linear)`` of a Linear reading input 0, or None."""
+def _linear(node: ir.Node, channels: int) -> tuple[np.ndarray, np.ndarray | None, list[ir.Node], list[ir.Value]] | None:
+    """``(weight [C, K], bias [K] or None, nodes of the Linear, their weight and bias values)`` of a
+    Linear reading input 0, or None."""
     if node.domain not in ("", "ai.onnx"):
         return None
     if node.op_type == "Gemm":
@@ -71,7 +72,8 @@ def _linear(node: ir.Node, channels: int) -> tuple[np.ndarray, np.ndarray | None
         bias = _own(node.inputs[2], node) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if len(node.inputs) > 2 and node.inputs[2] is not None and (bias is None or bias.shape != (weight.shape[1],)):
             return None
-        return (weight, bias, [node]) if weight.shape[0] == channels else None
+        kept = [v for v in node.inputs[1:3] if v is not None]
+        return (weight, bias, [node], kept) if weight.shape[0] == channels else None
     if node.op_type != "MatMul" or len(node.inputs) != 2:
         return None
     weight = _own(node.inputs[1], node)
@@ -82,8 +84,8 @@ def _linear(node: ir.Node, channels: int) -> tuple[np.ndarray, np.ndarray | None
         other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
         bias = _own(other, add)
         if bias is not None and bias.shape == (weight.shape[1],) and bias.dtype == weight.dtype:
-            return weight, bias, [node, add]
-    return weight, None, [node]
+            return weight, bias, [node, add], [v for v in (node.inputs[1], other) if v is not None]
+    return weight, None, [node], [v for v in node.inputs[1:2] if v is not None]
 
 
 def _rank(flat: ir.Node) -> int | None:
@@ -129,7 +131,7 @@ class PooledLinearAsConvPass(TypedInPlacePass[PooledLinearAsConvResult]):
             found = _linear(user, channels) if user is not None and user.inputs[0] is flat.outputs[0] else None
             if found is None:
                 continue
-            weight, bias, nodes = found
+            weight, bias, nodes, kept = found
             last = nodes[-1].outputs[0]
             base = nodes[0].name or "linear"
             k = weight.shape[1]
@@ -141,16 +143,22 @@ class PooledLinearAsConvPass(TypedInPlacePass[PooledLinearAsConvResult]):
             conv.outputs[0].name = names.fresh(f"{base}_conv_out")
             conv.outputs[0].shape = ir.Shape([pooled.shape[0] if pooled.shape is not None else None, k, 1, 1])
             conv.outputs[0].type = last.type
-            shape = make_initializer(graph, names.fresh(f"{base}_rows"), np.array([0, -1], np.int64))
-            reshape = ir.node("Reshape", [conv.outputs[0], shape], name=names.fresh(f"{base}_reshape"))
-            graph.insert_after(nodes[-1], [conv, reshape])
-            out = reshape.outputs[0]
+            # Flatten, not Reshape: no constant input, so the Conv stays the model's last weighted node
+            flatten = ir.node("Flatten", [conv.outputs[0]], attributes={"axis": 1}, name=names.fresh(f"{base}_flatten"))
+            graph.insert_after(nodes[-1], [conv, flatten])
+            out = flatten.outputs[0]
             out.type, out.shape = last.type, last.shape
             name = last.name
             key = nodes[-1].name or nodes[-1].op_type
             last.replace_all_uses_with(out, replace_graph_outputs=True)
             graph.remove([*reversed(nodes), flat], safe=True)
             out.name = name
+            # the Conv's weight and bias take the Linear's names (configs, freeze lists and weights() name them)
+            for old, new in zip(kept, conv.inputs[1:]):
+                assert new is not None
+                old_name = old.name
+                graph.initializers.pop(name_of(old))
+                new.name = old_name
             result.rewritten[key] = conv.name or ""
             result.modified = True
         if result.modified:
