@@ -429,7 +429,7 @@ class LayoutRule:
 
 POOLED_LINEAR = LayoutRule(
     "layout.pooled_linear",
-    "a Linear on a [N, C, 1, 1] tensor reshaped to [N, C] runs as a 1x1 Conv and a reshape "
+    "a Linear on a global pooling's [N, C, 1, 1] output reshaped to [N, C] runs as a 1x1 Conv and a Flatten "
     "(:mod:`onnxqat.passes.pooled_linear`): onnxruntime's channels-last integer chain then reaches the "
     "pooled result, where a 2-D Linear left a transpose and channels-first ops (PaddleOCR's classifier: "
     "its uint8 MaxPool 10x slower) in the last block")
