@@ -39,7 +39,11 @@ __all__ = [
     "Reason",
     "WeightSlot",
     "channel_axis",
+    "PAD_DEPTHWISE",
+    "POOLED_LINEAR",
+    "LayoutRule",
     "UNALIGNED_DEPTHWISE",
+    "ChannelPadRule",
     "FloatKernelRule",
     "constant_operand",
     "float_kernel",
@@ -384,6 +388,51 @@ UNALIGNED_DEPTHWISE = FloatKernelRule(
     "onnxruntime's x86 QLinearConv takes its symmetric depthwise kernel only for channel counts that are "
     "multiples of 16, else a generic kernel (measured 5.8x its float Conv on PP-LCNet's depthwise layers): "
     "weight kept float, the Conv runs in float between its input's DQ and its output's Q")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelPadRule:
+    """Depthwise convolutions padded to a channel multiple at their producers on a target
+    (:attr:`onnxqat.target.Target.pad_depthwise`, :mod:`onnxqat.passes.pad_channels`).
+
+    Attributes:
+        rule_id: Stable id (the prefix of the ``pad.*`` reasons of the convolutions left unpadded).
+        multiple: The channel multiple the target's integer depthwise kernel needs.
+        reason: Why (the measurement behind the rule).
+    """
+
+    rule_id: str
+    multiple: int
+    reason: str
+
+
+PAD_DEPTHWISE = ChannelPadRule(
+    "pad.depthwise", 16,
+    "onnxruntime's x86 QLinearConv takes its symmetric depthwise kernel only for channel counts that are "
+    "multiples of 16: zero filters in the producing convolutions and zero weights in the reading ones give "
+    "the depthwise convolution 16k channels, every real channel unchanged, no Pad or Slice")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutRule:
+    """A rewrite of the prepared graph into an equivalent one that a target's runtime lays out
+    better (:attr:`onnxqat.target.Target.layout_rules`).
+
+    Attributes:
+        rule_id: Stable id.
+        reason: Why (the measurement behind the rule).
+    """
+
+    rule_id: str
+    reason: str
+
+
+POOLED_LINEAR = LayoutRule(
+    "layout.pooled_linear",
+    "a Linear on a global pooling's [N, C, 1, 1] output reshaped to [N, C] runs as a 1x1 Conv and a Flatten "
+    "(:mod:`onnxqat.passes.pooled_linear`): onnxruntime's channels-last integer chain then reaches the "
+    "pooled result, where a 2-D Linear left a transpose and channels-first ops (PaddleOCR's classifier: "
+    "its uint8 MaxPool 10x slower) in the last block")
 
 
 def float_kernel(node: ir.Node, rules: tuple[FloatKernelRule, ...]) -> Reason | None:

@@ -41,7 +41,7 @@ from onnxqat.encodings import (ENCODINGS_FORMATS, MISSING, Binding, ParsedEncodi
 from onnxqat.errors import ConfigError, EncodingsError, ModelError
 from onnxqat.graph import const_array, name_of
 from onnxqat.io import load_model, save_model
-from onnxqat.ops import Reason
+from onnxqat.ops import POOLED_LINEAR, ChannelPadRule, LayoutRule, Reason
 from onnxqat.outputs import transaction
 from onnxqat.passes.annotate import annotate
 from onnxqat.passes.canonicalize import canonical_passes
@@ -50,6 +50,8 @@ from onnxqat.passes.fix_inputs import FixInputsPass
 from onnxqat.passes.float16 import Float16Record, Float16ToFloat32Pass, cast_interface, restore_float16
 from onnxqat.passes.fold_batchnorm import FoldAffinePass, FoldBatchNormPass, RescaleBatchNormPass
 from onnxqat.passes.insert_qdq import InsertQDQPass, bias_encoding, bias_fits
+from onnxqat.passes.pad_channels import PadDepthwiseChannelsPass
+from onnxqat.passes.pooled_linear import PooledLinearAsConvPass
 from onnxqat.plan import ActivationQuantizer, QuantPlan
 from onnxqat.qparams import Encoding, compute_encoding
 from onnxqat.runtime import SEGMENT_NODES, Session, release_if_mapped, serialized_once
@@ -84,22 +86,31 @@ class Prepared:
         model: Float32 model, opset >= 13, Constant nodes as initializers, BatchNorm folded.
         float16: The float16 interface of the original model (empty for float32 models).
         unfolded_batchnorm: Each BatchNormalization left unfolded -> why (empty when folding is off).
+        unpadded_depthwise: Each depthwise Conv of a channel count not a multiple of the target's
+            that was not padded -> why (empty when padding is off).
     """
 
     model: ir.Model
     float16: Float16Record
     unfolded_batchnorm: Mapping[str, Reason] = dataclasses.field(default_factory=dict)
+    unpadded_depthwise: Mapping[str, Reason] = dataclasses.field(default_factory=dict)
 
 
 def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
             fix_inputs: Mapping[str, Any] | None = None, fold_affine: bool = True,
-            rescale_batchnorm: bool = False) -> Prepared:
+            rescale_batchnorm: bool = False, pad_depthwise: ChannelPadRule | None = None,
+            layout_rules: Sequence[LayoutRule] = ()) -> Prepared:
     """Load (if a path) and canonicalise a model; the caller's object or file is never modified.
 
     ``fold_affine`` (with ``fold_batchnorm``) also folds a Mul/Add of constants after a Conv/Gemm
     into it (:class:`~onnxqat.passes.fold_batchnorm.FoldAffinePass`; the ``aimet`` preset does not).
     ``rescale_batchnorm`` writes each BatchNormalization left as scale and shift
     (:class:`~onnxqat.passes.fold_batchnorm.RescaleBatchNormPass`, the ``aimet`` preset).
+
+    ``pad_depthwise`` (the target's :attr:`~onnxqat.target.Target.pad_depthwise`) pads depthwise
+    convolutions to its channel multiple at their producers (:mod:`onnxqat.passes.pad_channels`);
+    ``layout_rules`` (the target's) rewrite the graph into an equivalent one its runtime lays out
+    better (:data:`onnxqat.ops.POOLED_LINEAR`: :mod:`onnxqat.passes.pooled_linear`).
 
     ``fix_inputs`` makes those inputs constants and folds the control flow that then has a
     constant condition (:mod:`onnxqat.passes.fix_inputs`).
@@ -138,7 +149,12 @@ def prepare(source: ModelSource, *, fold_batchnorm: bool = True,
                 break
     if rescale_batchnorm:
         RescaleBatchNormPass()(model)
-    return Prepared(model, to_float32.record, unfolded)
+    if POOLED_LINEAR in layout_rules:
+        PooledLinearAsConvPass()(model)
+    unpadded: Mapping[str, Reason] = {}
+    if pad_depthwise is not None:
+        unpadded = PadDepthwiseChannelsPass(pad_depthwise.multiple)(model).unpadded
+    return Prepared(model, to_float32.record, unfolded, unpadded)
 
 
 def make_plan(model: ir.Model, config: QuantSimConfig, *, param_bw: int = 8, activation_bw: int = 8,

@@ -116,7 +116,9 @@ class QuantizationSimModel:
         self._source = model  # its tensor names: encodings made for it (AIMET's) name them
         prepared = pipeline.prepare(model, fold_batchnorm=fold_batchnorm, fix_inputs=fix_inputs,
                                     fold_affine=cfg.fold_affine,
-                                    rescale_batchnorm=cfg.quantize_standalone_batchnorm)
+                                    rescale_batchnorm=cfg.quantize_standalone_batchnorm,
+                                    pad_depthwise=self.target.pad_depthwise if cfg.integer_forms else None,
+                                    layout_rules=self.target.layout_rules if cfg.integer_forms else ())
         self.float16 = prepared.float16
         # config names that match nothing are errors here too, not only in the CLI (which checks
         # them before loading); against the simulated graph, whose nodes the rules apply to

@@ -15,11 +15,15 @@ A target states what is exact there:
   same-sign magnitudes of the channel when that is above ``max|w| / 127``. This is exact for every
   pairing the kernel may use and keeps more precision than 7-bit weights (measured 1.0-3.4 dB
   weight SQNR on the demo and PaddleOCR models). Depthwise convolutions use an exact kernel and
-  keep the full grid. A depthwise convolution whose channel count is not a multiple of 16 runs
-  in float (:data:`onnxqat.ops.UNALIGNED_DEPTHWISE`: onnxruntime's generic integer depthwise
-  kernel is several times slower than its float Conv), between quantized activations.
+  keep the full grid. A depthwise convolution whose channel count is not a multiple of 16 is
+  padded to the next multiple when the model is prepared (:data:`onnxqat.ops.PAD_DEPTHWISE`:
+  onnxruntime's generic integer depthwise kernel is several times slower than its symmetric one);
+  one that cannot be padded runs in float (:data:`onnxqat.ops.UNALIGNED_DEPTHWISE`), between
+  quantized activations. A Linear on a pooled ``[N, C, 1, 1]`` tensor is prepared as a 1x1 Conv
+  (:data:`onnxqat.ops.POOLED_LINEAR`).
 * ``x86-vnni``: ``vpdpbusd`` accumulates in 32 bits: full-range int8 weights are exact. The same
-  onnxruntime depthwise kernel choice as ``x86-avx2`` (unaligned depthwise convolutions in float).
+  onnxruntime depthwise kernel choice and layout as ``x86-avx2`` (the same padding, float and
+  layout rules).
 * ``arm64``: widening multiplies / dot-product instructions accumulate in 32 bits.
 * ``htp``: Qualcomm HTP via QNN/SNPE (float model + encodings): 32-bit accumulation; the default
   placement is AIMET's (every op output quantized).
@@ -38,7 +42,7 @@ import types
 from collections.abc import Mapping
 
 from onnxqat.errors import ConfigError
-from onnxqat.ops import UNALIGNED_DEPTHWISE, FloatKernelRule
+from onnxqat.ops import PAD_DEPTHWISE, POOLED_LINEAR, UNALIGNED_DEPTHWISE, ChannelPadRule, FloatKernelRule, LayoutRule
 
 __all__ = ["TARGETS", "Target", "detect_target", "resolve_target"]
 
@@ -55,6 +59,10 @@ class Target:
         default_config: Placement preset used when the user gives no config.
         float_kernels: Nodes whose integer kernel there is slower than float: their weights stay
             float, so they run their float kernel between quantized activations.
+        pad_depthwise: Depthwise convolutions padded to the rule's channel multiple when the model is
+            prepared (before ``float_kernels`` apply: a padded one no longer takes the slow kernel).
+        layout_rules: Rewrites applied when the model is prepared, into an equivalent graph the
+            runtime lays out better (:class:`onnxqat.ops.LayoutRule`).
     """
 
     name: str
@@ -62,13 +70,17 @@ class Target:
     pair_limit: int | None
     default_config: str
     float_kernels: tuple[FloatKernelRule, ...] = ()
+    pad_depthwise: ChannelPadRule | None = None
+    layout_rules: tuple[LayoutRule, ...] = ()
 
 
 TARGETS: Mapping[str, Target] = types.MappingProxyType({
     t.name: t for t in (
         Target("x86-avx2", "x86 without VNNI: U8S8 kernels add weight pairs in saturating 16-bit lanes; "
-               "8-bit weights kept pair-safe", 128, "onnxruntime", (UNALIGNED_DEPTHWISE,)),
-        Target("x86-vnni", "x86 with VNNI: 32-bit integer accumulation", None, "onnxruntime", (UNALIGNED_DEPTHWISE,)),
+               "8-bit weights kept pair-safe", 128, "onnxruntime", (UNALIGNED_DEPTHWISE,), PAD_DEPTHWISE,
+               (POOLED_LINEAR,)),
+        Target("x86-vnni", "x86 with VNNI: 32-bit integer accumulation", None, "onnxruntime", (UNALIGNED_DEPTHWISE,),
+               PAD_DEPTHWISE, (POOLED_LINEAR,)),
         Target("arm64", "ARM64: 32-bit integer accumulation", None, "onnxruntime"),
         Target("htp", "Qualcomm HTP (QNN/SNPE): 32-bit accumulation, every op output quantized", None, "aimet"),
     )

@@ -516,13 +516,35 @@ def test_training_graph_lowers_prelu_on_n_c_as_deployed():
     assert gap.max() <= 2 + 1e-5 and np.mean(gap <= 1 + 1e-5) > 0.99
 
 
-def depthwise_model(channels):
-    """1x1 conv to ``channels``, a 3x3 depthwise conv, 1x1 conv back (MobileNet's block)."""
+def depthwise_model(channels, paddable=False):
+    """1x1 conv to ``channels``, a 3x3 depthwise conv, 1x1 conv back (MobileNet's block). Unless
+    ``paddable``, the depthwise output is also a graph output, so its channels cannot be padded."""
     nodes = [conv("expand", "x", "w1", "e"), conv("dw", "e", "wd", "d", group=channels, pads=[1, 1, 1, 1]),
              conv("project", "d", "w2", "y")]
-    return make_model(nodes, [tensor("x", ["N", 4, 8, 8])], [tensor("y", ["N", 4, 8, 8])],
+    outputs = [tensor("y", ["N", 4, 8, 8])] + ([] if paddable else [tensor("d", ["N", channels, 8, 8])])
+    return make_model(nodes, [tensor("x", ["N", 4, 8, 8])], outputs,
                       {"w1": weights(channels, 4, 1, 1), "wd": weights(channels, 1, 3, 3), "w2": weights(4, channels, 1, 1)},
                       opset=13)
+
+
+def se_block(channels):
+    """PP-LCNet's block: 1x1 expand, HardSwish, 3x3 depthwise, HardSwish, squeeze-excitation
+    (GlobalAveragePool, 1x1, Relu, 1x1, HardSigmoid, Mul), 1x1 project."""
+    squeeze = 8
+    nodes = [conv("expand", "x", "w1", "e"), helper.make_node("HardSwish", ["e"], ["eh"], name="hs1"),
+             helper.make_node("Conv", ["eh", "wd", "bd"], ["d"], name="dw", group=channels, pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["d"], ["dh"], name="hs2"),
+             helper.make_node("GlobalAveragePool", ["dh"], ["g"], name="gap"),
+             helper.make_node("Conv", ["g", "ws1", "bs1"], ["s1"], name="se1"),
+             helper.make_node("Relu", ["s1"], ["s1r"], name="se_relu"),
+             helper.make_node("Conv", ["s1r", "ws2", "bs2"], ["s2"], name="se2"),
+             helper.make_node("HardSigmoid", ["s2"], ["gate"], name="se_gate", alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["dh", "gate"], ["m"], name="se_mul"),
+             conv("project", "m", "w2", "y")]
+    inits = {"w1": weights(channels, 4, 1, 1), "wd": weights(channels, 1, 3, 3), "bd": weights(channels),
+             "ws1": weights(squeeze, channels, 1, 1), "bs1": weights(squeeze), "ws2": weights(channels, squeeze, 1, 1),
+             "bs2": weights(channels), "w2": weights(4, channels, 1, 1)}
+    return make_model(nodes, [tensor("x", ["N", 4, 8, 8])], [tensor("y", ["N", 4, 8, 8])], inits, opset=14)
 
 
 @pytest.mark.parametrize("channels, unaligned", [(24, True), (40, True), (32, False), (48, False)])
@@ -548,6 +570,7 @@ def test_unaligned_depthwise_conv_is_integer_off_x86(target):
 @pytest.mark.parametrize("channels, unaligned", [(24, True), (32, False)])
 def test_unaligned_depthwise_conv_deploys_as_a_float_conv_and_matches_the_sim(deploy_python, tmp_path, channels,
                                                                              unaligned):
+    """A region that cannot be padded (the depthwise output is a graph output) runs the float rule."""
     x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
     sim = calibrated(depthwise_model(channels), x, target="x86-avx2")
     qdq = sim.export(tmp_path)["qdq"]
@@ -558,6 +581,177 @@ def test_unaligned_depthwise_conv_deploys_as_a_float_conv_and_matches_the_sim(de
     assert ops.get("QLinearConv", 0) == (2 if unaligned else 3)
     assert float_convs == (1 if unaligned else 0)
     with DeployedSession(deploy_python, qdq) as deployed:
+        got = deployed.run({"x": x})
+    for a, b in zip(got, sim.run({"x": x})):
+        np.testing.assert_array_equal(a, b)
+
+
+def _initializer(sim, name):
+    return sim.float_model.graph.initializers[name].const_value.numpy()
+
+
+@pytest.mark.parametrize("channels, padded", [(24, 32), (40, 48), (8, 16)])
+@pytest.mark.parametrize("target", ["x86-avx2", "x86-vnni"])
+def test_unaligned_depthwise_conv_is_padded_at_its_producers_on_x86(channels, padded, target):
+    x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
+    model = depthwise_model(channels, paddable=True)
+    sim = calibrated(model, x, target=target)
+    # zero filters in the producer, zero weights in the reader, the depthwise conv on 16k channels
+    w1, wd, w2 = (_initializer(sim, n) for n in ("w1", "wd", "w2"))
+    assert w1.shape == (padded, 4, 1, 1) and wd.shape == (padded, 1, 3, 3) and w2.shape == (4, padded, 1, 1)
+    assert not w1[channels:].any() and not wd[channels:].any() and not w2[:, channels:].any()
+    dw = next(n for n in sim.float_model.graph if n.name == "dw")
+    assert dw.attributes["group"].as_int() == padded
+    # every weight integer, the float rule not needed
+    assert all(sim.plan.param(n) is not None for n in ("w1", "wd", "w2")) and "wd" not in sim.plan.skipped
+    # the padded float model computes the original one (float32 sums in another order)
+    np.testing.assert_allclose(Session(sim.float_model).run({"x": x})[0], float_run(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["arm64", "htp"])
+def test_depthwise_conv_is_not_padded_off_x86(target):
+    x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
+    sim = calibrated(depthwise_model(24, paddable=True), x, target=target)
+    assert _initializer(sim, "wd").shape == (24, 1, 3, 3) and sim.plan.param("wd") is not None
+
+
+def test_depthwise_conv_is_not_padded_with_the_aimet_preset():
+    x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
+    sim = calibrated(depthwise_model(24, paddable=True), x, target="x86-avx2", config="aimet")
+    assert _initializer(sim, "wd").shape == (24, 1, 3, 3)
+
+
+def test_squeeze_excitation_block_is_padded_and_computes_the_float_block():
+    x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
+    model = se_block(40)
+    sim = calibrated(model, x, target="x86-avx2")
+    shapes = {n: _initializer(sim, n).shape for n in ("w1", "wd", "bd", "ws1", "ws2", "bs2", "w2")}
+    assert shapes == {"w1": (48, 4, 1, 1), "wd": (48, 1, 3, 3), "bd": (48,), "ws1": (8, 48, 1, 1), "ws2": (48, 8, 1, 1),
+                      "bs2": (48,), "w2": (4, 48, 1, 1)}
+    np.testing.assert_allclose(Session(sim.float_model).run({"x": x})[0], float_run(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", ["depthwise", "se_block"])
+def test_padded_depthwise_block_deploys_on_integer_kernels_and_matches_the_sim(deploy_python, tmp_path, build):
+    x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
+    model = depthwise_model(24, paddable=True) if build == "depthwise" else se_block(40)
+    sim = calibrated(model, x, target="x86-avx2")
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    assert ops.get("QLinearConv", 0) == (3 if build == "depthwise" else 5), ops
+    assert ops.get("Conv", 0) + ops.get("FusedConv", 0) == 0, ops
+    with DeployedSession(deploy_python, qdq) as deployed:
         (got,) = deployed.run({"x": x})
-    (simulated,) = sim.run({"x": x})
-    np.testing.assert_array_equal(got, simulated)
+    np.testing.assert_array_equal(got, sim.run({"x": x})[0])
+
+
+def _blocked(kind):
+    """depthwise_model(24) with its region closed off by ``kind``."""
+    c = 24
+    nodes = [conv("expand", "x", "w1", "e"), conv("dw", "e", "wd", "d", group=c, pads=[1, 1, 1, 1])]
+    inits = {"w1": weights(c, 4, 1, 1), "wd": weights(c, 1, 3, 3), "w2": weights(4, c, 1, 1)}
+    if kind == "concat":
+        nodes += [helper.make_node("Concat", ["d", "e"], ["cat"], name="cat", axis=1), conv("project", "cat", "w2", "y")]
+        inits["w2"] = weights(4, 2 * c, 1, 1)
+    elif kind == "channel_constant":
+        nodes += [helper.make_node("Relu", ["d"], ["dr"], name="relu"), helper.make_node("Mul", ["dr", "k"], ["dk"], name="scale"),
+                  conv("project", "dk", "w2", "y")]
+        inits["k"] = weights(1, c, 1, 1)
+    elif kind == "divisor":
+        nodes += [helper.make_node("Sigmoid", ["d"], ["dr"], name="gate"), helper.make_node("Div", ["e", "dr"], ["dk"], name="ratio"),
+                  conv("project", "dk", "w2", "y")]
+    elif kind == "shared_weight":
+        nodes += [conv("project", "d", "w2", "y"), conv("expand2", "x", "w1", "e2")]
+    model = make_model(nodes, [tensor("x", ["N", 4, 8, 8])],
+                       [tensor("y", ["N", 4, 8, 8])] + ([tensor("e2", ["N", c, 8, 8])] if kind == "shared_weight" else []),
+                       inits, opset=13)
+    return model
+
+
+@pytest.mark.parametrize("kind, rule_id", [("concat", "pad.op"), ("channel_constant", "pad.constant"), ("divisor", "pad.op"),
+                                           ("shared_weight", "pad.weight_shared")])
+def test_depthwise_region_that_cannot_be_padded_keeps_its_reason_and_the_float_rule(kind, rule_id):
+    from onnxqat import pipeline
+    from onnxqat.ops import PAD_DEPTHWISE
+
+    prepared = pipeline.prepare(_blocked(kind), pad_depthwise=PAD_DEPTHWISE)
+    assert prepared.unpadded_depthwise["dw"].rule_id == rule_id, prepared.unpadded_depthwise
+    assert prepared.model.graph.initializers["wd"].const_value.shape[0] == 24
+    x = rng.normal(size=(8, 4, 8, 8)).astype(f32)
+    sim = calibrated(_blocked(kind), x, target="x86-avx2")
+    assert sim.plan.skipped["wd"].rule_id == "kernel.depthwise_unaligned"
+
+
+def pooled_head(flatten="shape", linear="matmul", k=5):
+    """conv -> HardSwish -> MaxPool 2x2 -> GlobalAveragePool -> [N, 16] -> Linear -> Softmax, the
+    classifier head of PP-OCR's direction classifier; the reshape is computed from the pooled
+    tensor's shape (``Concat(Shape(g)[:1], [16])``) or a Flatten."""
+    nodes = [conv("conv1", "x", "w1", "c1", pads=[1, 1, 1, 1]), conv("conv2", "c1", "w2", "c2"),
+             helper.make_node("HardSwish", ["c2"], ["h"], name="hs"),
+             helper.make_node("MaxPool", ["h"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap")]
+    inits = {"w1": weights(16, 3, 3, 3), "w2": weights(16, 16, 1, 1), "fw": weights(16, k), "fb": weights(k)}
+    if flatten == "shape":
+        inits.update(start=np.array([0], np.int64), end=np.array([1], np.int64), cols=np.array([16], np.int64))
+        nodes += [helper.make_node("Shape", ["g"], ["gs"], name="shape"),
+                  helper.make_node("Slice", ["gs", "start", "end"], ["n"], name="batch"),
+                  helper.make_node("Concat", ["n", "cols"], ["rows"], name="rows", axis=0),
+                  helper.make_node("Reshape", ["g", "rows"], ["f"], name="flat")]
+    elif flatten == "rank3":
+        inits["rows"] = np.array([1, -1, 16], np.int64)
+        nodes.append(helper.make_node("Reshape", ["g", "rows"], ["f"], name="flat"))
+    else:
+        nodes.append(helper.make_node("Flatten", ["g"], ["f"], name="flat"))
+    if linear == "matmul":
+        nodes += [helper.make_node("MatMul", ["f", "fw"], ["l"], name="fc"), helper.make_node("Add", ["l", "fb"], ["lb"], name="fc_bias")]
+    else:
+        inits["fw"] = np.ascontiguousarray(inits["fw"].T)
+        nodes.append(helper.make_node("Gemm", ["f", "fw", "fb"], ["lb"], name="fc", transB=1))
+    nodes.append(helper.make_node("Softmax", ["lb"], ["y"], name="softmax", axis=-1))
+    out = tensor("y", [1, "N", k]) if flatten == "rank3" else tensor("y", ["N", k])
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [out], inits, opset=14)
+
+
+@pytest.mark.parametrize("flatten, linear", [("shape", "matmul"), ("flatten", "gemm"), ("flatten", "matmul")])
+def test_linear_on_a_pooled_tensor_becomes_a_1x1_conv_on_x86(flatten, linear):
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32)
+    model = pooled_head(flatten, linear)
+    sim = calibrated(model, x, target="x86-avx2")
+    ops = [n.op_type for n in sim.float_model.graph]
+    assert "MatMul" not in ops and "Gemm" not in ops and ops.count("Conv") == 3 and "Shape" not in ops, ops
+    np.testing.assert_allclose(Session(sim.float_model).run({"x": x})[0], float_run(model, x), rtol=1e-5, atol=1e-6)
+    arm = calibrated(model, x, target="arm64")
+    assert [n.op_type for n in arm.float_model.graph].count("Conv") == 2
+
+
+def test_linear_on_a_pooled_tensor_reshaped_to_rank_3_is_left_as_it_is():
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32)
+    sim = calibrated(pooled_head("rank3"), x, target="x86-avx2")
+    assert "MatMul" in [n.op_type for n in sim.float_model.graph]
+
+
+@pytest.mark.parametrize("target, max_pool", [("x86-avx2", "NhwcMaxPool"), ("arm64", "MaxPool")])
+def test_pooled_linear_as_conv_keeps_the_head_channels_last_and_matches_the_sim(deploy_python, tmp_path, target,
+                                                                                 max_pool):
+    x = rng.normal(size=(8, 3, 8, 8)).astype(f32)
+    sim = calibrated(pooled_head(), x, target=target)
+    qdq = sim.export(tmp_path)["qdq"]
+    ops = optimized_op_counts(deploy_python, qdq)
+    # onnxruntime runs the uint8 MaxPool channels-last only when the chain after it is channels-last too
+    assert ops.get(max_pool) == 1, ops
+    with DeployedSession(deploy_python, qdq) as deployed:
+        (got,) = deployed.run({"x": x})
+    np.testing.assert_array_equal(got, sim.run({"x": x})[0])
+
+
+@pytest.mark.parametrize("build", ["se_block", "pooled_head"])
+def test_sim_rebuilt_from_a_padded_or_rewritten_export_equals_the_sim(tmp_path, build):
+    """The exported model.onnx is the prepared graph: preparing it again changes nothing, so its
+    encodings load onto the same quantizers and the rebuilt sim computes the same integers."""
+    model, x = (se_block(40), rng.normal(size=(8, 4, 8, 8))) if build == "se_block" else \
+        (pooled_head(), rng.normal(size=(8, 3, 8, 8)))
+    x = x.astype(f32)
+    sim = calibrated(model, x, target="x86-avx2")
+    paths = sim.export(tmp_path)
+    rebuilt = QuantizationSimModel(paths["float"], per_channel=True, target="x86-avx2").load_encodings(paths["encodings"])
+    np.testing.assert_array_equal(rebuilt.run({"x": x})[0], sim.run({"x": x})[0])
