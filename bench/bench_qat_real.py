@@ -633,6 +633,7 @@ def cmd_cli(args: argparse.Namespace) -> None:
     load, and the task metric of ``model_qdq.onnx`` run by plain onnxruntime on the test split.
     """
     src, commit = snapshot(args.ref)
+    sys.path.insert(0, src)  # sim_check's sim in this process: the measured commit's onnxqat, as the CLI's
     onnxqat = [sys.executable, "-c", "import sys; from onnxqat.cli import main; sys.exit(main())"]
     for key in _split(args.models):
         task = Task(key)
