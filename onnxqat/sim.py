@@ -425,7 +425,8 @@ class QuantizationSimModel:
             notes.append(f"{len(found.missing)} quantizer(s) had no encoding in the file and were calibrated: "
                          f"{list(found.missing[:5])}")
         if found.unused:
-            notes.append(f"{len(found.unused)} entr(y/ies) name tensors onnxqat does not quantize, not applied: "
+            notes.append(f"{len(found.unused)} entr(y/ies) name tensors onnxqat does not quantize "
+                         "(or whose grid it derives from another quantizer's, and the file's differs), not applied: "
                          f"{list(found.unused[:5])}")
         if notes:
             warnings.warn(f"{where}: " + "; ".join(notes), UserWarning, stacklevel=2)

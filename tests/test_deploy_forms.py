@@ -755,3 +755,28 @@ def test_sim_rebuilt_from_a_padded_or_rewritten_export_equals_the_sim(tmp_path, 
     paths = sim.export(tmp_path)
     rebuilt = QuantizationSimModel(paths["float"], per_channel=True, target="x86-avx2").load_encodings(paths["encodings"])
     np.testing.assert_array_equal(rebuilt.run({"x": x})[0], sim.run({"x": x})[0])
+
+
+def test_exported_encodings_of_derived_quantizers_load_without_a_warning(tmp_path):
+    """export writes an entry for every quantized tensor, derived ones (hs = m / 6, hs2 = hs * 2)
+    included; a sim of the exported model takes those entries (they are its derived grids) and
+    reports only an entry that is not."""
+    import json
+    import warnings
+
+    x = np.random.default_rng(5).normal(size=(16, 3, 8, 8)).astype(f32) * 2
+    sim = calibrated(written_out_hard_swish(), x)  # last in this file: the module's rng draws of the other tests stay
+    paths = sim.export(tmp_path)
+    doc = json.load(open(paths["encodings"]))
+    assert {"hs", "hs2"} <= {e["name"] for e in doc["activation_encodings"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = QuantizationSimModel(paths["float"], per_channel=True).load_encodings(paths["encodings"])
+    for name in ("m", "hs", "hs2"):
+        assert again.encodings[name].equals(sim.encodings[name]), name
+    for e in doc["activation_encodings"]:
+        if e["name"] == "hs2":
+            e["scale"] = [2 * s for s in e["scale"]]  # not hs's grid times 2
+    with pytest.warns(UserWarning, match=r"1 entr\(y/ies\).*not applied: \['hs2'\]"):
+        other = QuantizationSimModel(paths["float"], per_channel=True).load_encodings(doc)
+    assert other.encodings["hs2"].equals(sim.encodings["hs2"])  # the derived grid, not the file's
