@@ -787,25 +787,34 @@ def cmd_runs(args: argparse.Namespace) -> None:
               f"{r['load_start'].split()[0]}-{r['load_end'].split()[0]} |")
 
 
+def _cli_records(path: str):
+    """``(record, task metric key)`` of each ``cli`` record in ``path``."""
+    for line in open(path, encoding="utf-8"):
+        r = json.loads(line)
+        if r.get("kind") == "cli":
+            yield r, "accuracy" if r["key"] == DEMO else zoo.MODELS[r["key"]].metric
+
+
+def _lr_text(r: dict) -> str:
+    """The learning rate of a ``cli`` record: the one asked for, or the CLI's default it printed."""
+    chosen = next((ln.split()[1] for ln in r["info_lines"] if ln.startswith("lr:")), "?")
+    return "-" if r["method"] == "ptq" else (f"{r['lr_arg']:g}" if r.get("lr_arg") is not None else f"{chosen} (default)")
+
+
 def cmd_matrix(args: argparse.Namespace) -> None:
     """Markdown rows of ``cli`` records, one per command: exit status, the --eval agreement after
     calibration and after training, the deployed task metric, deployed vs sim, time, peak."""
     print("| model | W/A | method | loss | lr | rc | steps | eval agreement PTQ -> QAT (SQNR dB) | deployed metric "
           "(float) | deployed vs sim: max / p99.9 LSB, metric equal | wall s | tree peak MiB | load start | commit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for line in open(args.results, encoding="utf-8"):
-        r = json.loads(line)
-        if r.get("kind") != "cli":
-            continue
-        task_metric = "accuracy" if r["key"] == DEMO else zoo.MODELS[r["key"]].metric
+    for r, task_metric in _cli_records(args.results):
 
         def pick(text: str, key: str) -> str:
             found = re.search(rf"{key}=([-\d.]+)", text)
             return found.group(1) if found else "?"
 
         ptq = next((ln for ln in r["info_lines"] if ln.startswith("calibrated")), "")
-        chosen = next((ln.split()[1] for ln in r["info_lines"] if ln.startswith("lr:")), "?")
-        lr = "-" if r["method"] == "ptq" else (f"{r['lr_arg']:g}" if r.get("lr_arg") is not None else f"{chosen} (default)")
+        lr = _lr_text(r)
         last = r["epoch_lines"][-1] if r["epoch_lines"] else ""
         trend = (f"{pick(ptq, 'eval_agreement')} -> {pick(last, 'eval_agreement')} "
                  f"({pick(ptq, 'eval_sqnr_db')} -> {pick(last, 'eval_sqnr_db')})") if last else "-"
@@ -831,14 +840,9 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
     print("| model | W/A | method | loss | lr | steps (batch) | float | deployed (plain onnxruntime) | sim | "
           "agreement with float | epochs s | wall s | tree peak MiB | load start | commit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for line in open(args.results, encoding="utf-8"):
-        r = json.loads(line)
-        if r.get("kind") != "cli":
-            continue
-        metric = "accuracy" if r["key"] == DEMO else zoo.MODELS[r["key"]].metric
+    for r, metric in _cli_records(args.results):
         agree = "top1" if r["key"] == DEMO else zoo.MODELS[r["key"]].agree
-        chosen = next((ln.split()[1] for ln in r["info_lines"] if ln.startswith("lr:")), "?")
-        lr = "-" if r["method"] == "ptq" else (f"{r['lr_arg']:g}" if r.get("lr_arg") is not None else f"{chosen} (default)")
+        lr = _lr_text(r)
         steps = "-" if r["method"] == "ptq" else f"{r['steps']} ({r.get('bs_arg') or 32})"
         if "deployed" in r:
             dep = f"{r['deployed'][metric]:.3f}"
