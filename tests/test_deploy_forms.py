@@ -719,6 +719,8 @@ def test_linear_on_a_pooled_tensor_becomes_a_1x1_conv_on_x86(flatten, linear):
     sim = calibrated(model, x, target="x86-avx2")
     ops = [n.op_type for n in sim.float_model.graph]
     assert "MatMul" not in ops and "Gemm" not in ops and ops.count("Conv") == 3 and "Shape" not in ops, ops
+    # the Conv keeps the Linear's node name: configs and mixed-precision files name the user's nodes
+    assert [n.name for n in sim.float_model.graph if n.op_type == "Conv"][-1] == "fc"
     np.testing.assert_allclose(Session(sim.float_model).run({"x": x})[0], float_run(model, x), rtol=1e-5, atol=1e-6)
     arm = calibrated(model, x, target="arm64")
     assert [n.op_type for n in arm.float_model.graph].count("Conv") == 2

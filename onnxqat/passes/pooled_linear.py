@@ -164,6 +164,8 @@ class PooledLinearAsConvPass(TypedInPlacePass[PooledLinearAsConvResult]):
                 old_name = old.name
                 graph.initializers.pop(name_of(old))
                 new.name = old_name
+            if nodes[0].name:  # the Conv takes the Linear's node name too (configs name nodes of the user's model)
+                conv.name = nodes[0].name
             result.rewritten[key] = conv.name or ""
             result.modified = True
         if result.modified:
