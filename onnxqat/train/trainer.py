@@ -549,13 +549,15 @@ class QATTrainer:
         return labels
 
     def _values(self, batch: Mapping[str, Any], index: int = 0, *, rows: int | None = None,
-                real: int | None = None) -> dict[str, np.ndarray]:
+                real: int | None = None, feed: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Every input of the training graph for one run (model inputs, labels, targets, teacher,
         sample weights): a whole batch (``rows`` None: every sample weighted ``1/N``), or a piece
         of an optimizer batch of ``rows`` samples whose first ``real`` rows are samples (weighted
-        ``1/rows``) and the rest padding (weighted 0)."""
+        ``1/rows``) and the rest padding (weighted 0). ``feed``: the model inputs of ``batch``
+        already validated."""
         where = f"training data: batch {index}"
-        feed = validate_feed(batch, self._signature, where=where)
+        if feed is None:
+            feed = validate_feed(batch, self._signature, where=where)
         n = next(iter(feed.values())).shape[0] if feed else 0
         extra: dict[str, np.ndarray] = {}
         for graph_input, key in self.graph.feeds.items():
@@ -616,7 +618,7 @@ class QATTrainer:
         label_input = next((g for g, k in self.graph.feeds.items() if k == self.loss.label_key), None)
         micro = self.micro_batch if self.micro_batch is not None else rows
         if micro >= rows:
-            values = self._values(batch, index)
+            values = self._values(batch, index, feed=feed)
             labels = values.get(label_input) if label_input is not None else None
             return [([values[name] for name in self._inputs], labels, rows)]
         runs = []
